@@ -1,0 +1,90 @@
+"""The one dataset interface every data source yields.
+
+Images are kept in memory as ``uint8`` tensors of shape (N, C, H, W): on a 2-core CPU, decoding
+and DataLoader workers would compete with training for the same cores, so every source decodes
+(and resizes/crops) once at load time and the trainer slices tensors.
+
+Labels index into ``RetrievalData.classes``, one global list of class (identity) names shared by
+all three splits, so that a query model trained on one dataset can be matched row by row to the
+classifier of a gallery model trained on another (BCT needs this to know which classes the gallery
+has seen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SPLITS = ("train", "query", "gallery")
+
+
+class DataError(ValueError):
+    """Bad input data: the message is one line that names the problem."""
+
+
+@dataclass
+class Split:
+    """One role of a retrieval dataset: ``train``, ``query`` or ``gallery``."""
+
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,), indices into RetrievalData.classes
+    sources: list[str] | None = None  # provenance per item (file path, "fashion-mnist:test:17", ...)
+    role: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.role} images must be a uint8 (N, C, H, W) tensor, got "
+                            f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"{self.role}: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
+        if self.sources is not None and len(self.sources) != len(self.labels):
+            raise DataError(f"{self.role}: {len(self.labels)} items but {len(self.sources)} sources")
+        self.labels = self.labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """(float image in [0, 1], label): the map-style Dataset view of the split."""
+        return self.images[i].float().div_(255.0), int(self.labels[i])
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        sources = None if self.sources is None else [self.sources[i] for i in index.tolist()]
+        return Split(self.images[index], self.labels[index], sources, self.role)
+
+
+@dataclass
+class RetrievalData:
+    """A retrieval dataset: train / query / gallery splits plus what a model needs to read it."""
+
+    name: str  # the spec it was created from, e.g. "fashion-mnist" or "csv:/data/m.csv"
+    train: Split
+    query: Split
+    gallery: Split
+    classes: list[str]  # global class names; labels of every split index into this list
+    protocol: str = "closed"  # "closed": test classes seen in training; "open": disjoint
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for unreadable items
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def split(self, role: str) -> Split:
+        if role not in SPLITS:
+            raise DataError(f"unknown split {role!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, role)
+
+    def summary(self) -> str:
+        n_train_classes = int(self.train.labels.unique().numel()) if len(self.train) else 0
+        return (f"{self.name} [{self.protocol}-set] train {len(self.train)} ({n_train_classes} classes), "
+                f"query {len(self.query)}, gallery {len(self.gallery)}, "
+                f"{self.channels}x{self.image_size}x{self.image_size}"
+                + (f", skipped {len(self.skipped)} unreadable" if self.skipped else ""))

@@ -1,0 +1,35 @@
+"""Preprocessing and batched embedding, shared by training, evaluation, indexing and search."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    x = images.float().div_(255.0)
+    c = x.shape[1]
+    m = torch.tensor(list(mean) * (c if len(mean) == 1 else 1), dtype=x.dtype).view(1, c, 1, 1)
+    s = torch.tensor(list(std) * (c if len(std) == 1 else 1), dtype=x.dtype).view(1, c, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+@torch.inference_mode()
+def embed_images(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 batch_size: int = 512, channels_last: bool = True) -> torch.Tensor:
+    """Embeddings (N, D) of uint8 images, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize_images(images[start:start + batch_size], mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float())
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, getattr(model, "embed_dim", 0))
+    return torch.cat(out)

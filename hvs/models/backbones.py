@@ -1,0 +1,132 @@
+"""Backbones for small inputs (28-64 px): ResNet gallery models and the off-the-shelf query models.
+
+Every backbone maps (N, C, H, W) to pooled features (N, num_features); `EmbeddingModel` adds the
+embedding head. ImageNet architectures downsample 32x, which leaves nothing of a 28 px image, so
+each one here loses one stride-2 step at the stem (total stride 16): the layout the CMP-NAS paper's
+query models keep at their own input size, scaled down. Weights are always random: nothing is
+downloaded (`pretrained=False` everywhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(cin, cout, 3, stride), _conv_bn(cout, cout, 3, 1, act=False))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else _conv_bn(cin, cout, 1, stride, act=False))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) in the CIFAR layout (He et al. 2016, sec. 4.2): 3 stages, stride-1 stem.
+
+    ``width`` scales the stage widths (16, 32, 64); ResNet-8 at width 1.5 (24/48/96 channels) is
+    the ~42 MFLOPs paragon that trains at ~420 img/s on 2 CPU cores.
+    """
+
+    def __init__(self, depth: int = 8, width: float = 1.0, in_chans: int = 1) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        widths = [max(8, int(round(w * width))) for w in (16, 32, 64)]
+        layers: list[nn.Module] = [_conv_bn(in_chans, widths[0])]
+        cin = widths[0]
+        for stage, cout in enumerate(widths):
+            for i in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision ResNet-18/34/50 with a small-input stem: a 3x3 stride-1 conv before the max-pool
+    (total stride 16 instead of 32). For width scaling use the CIFAR-layout ResNets."""
+
+    def __init__(self, arch: str = "resnet18", in_chans: int = 1) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        net.conv1 = nn.Conv2d(in_chans, net.conv1.out_channels, 3, 1, 1, bias=False)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PlainCNN(nn.Module):
+    """A plain conv-BN-ReLU stack with max-pooling: the hand-picked tiny query net baseline."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), in_chans: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for i, cout in enumerate(widths):
+            layers.append(_conv_bn(cin, cout))
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+class TimmBackbone(nn.Module):
+    """A timm architecture (random init) whose stem stride is reduced from 2 to 1."""
+
+    def __init__(self, arch: str, in_chans: int = 1, **kwargs) -> None:
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        stem = self.net.conv_stem
+        stem.stride = (1, 1)
+        # MobileNetV3 has a conv head after pooling: its output width is head_hidden_size.
+        self.num_features = getattr(self.net, "head_hidden_size", None) or self.net.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ShuffleNetV2(nn.Module):
+    """torchvision ShuffleNetV2 (random init) with a stride-1 first conv (the max-pool stays)."""
+
+    def __init__(self, width: str = "x1_0", in_chans: int = 1) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, f"shufflenet_v2_{width}")(weights=None)
+        first = net.conv1[0]
+        net.conv1[0] = nn.Conv2d(in_chans, first.out_channels, 3, 1, 1, bias=False)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,52 @@
+"""Query-side cost: FLOPs, parameters and measured CPU latency.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 x multiply-accumulates of
+convolutions and matmuls) at the deployed input size. On CPUs, FLOPs predict latency poorly
+(depthwise-heavy nets run ~10 GFLOP/s here, dense convs ~100), so latency is measured as well.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass for a single image of shape (C, H, W)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_shape)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
+                    warmup: int = 5, repeats: int = 20, min_seconds: float = 0.3) -> float:
+    """Median wall time in milliseconds of one forward pass of a batch, in eval mode on the CPU.
+
+    Repeats until both ``repeats`` runs and ``min_seconds`` have passed, so tiny models are timed
+    over enough calls to rise above timer noise."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape)
+    for _ in range(warmup):
+        model(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 10_000):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return 1000.0 * statistics.median(times)

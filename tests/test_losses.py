@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvs.losses import (BCTLoss, CrossModelContrastive, L2Regression, MarginHead, margin_logits, parse_compat,
+                        synthesize_gallery_classifier)
+
+
+def test_margin_logits_against_definitions():
+    cos = torch.tensor([[0.5, 0.2, -0.1], [0.1, 0.9, 0.3]])
+    y = torch.tensor([0, 1])
+    assert torch.allclose(margin_logits(cos, y, "normface", 10.0, 0.3), 10 * cos)
+    cf = margin_logits(cos, y, "cosface", 10.0, 0.3)
+    assert torch.allclose(cf[0], 10 * torch.tensor([0.2, 0.2, -0.1]))
+    assert torch.allclose(cf[1], 10 * torch.tensor([0.1, 0.6, 0.3]))
+    af = margin_logits(cos, y, "arcface", 10.0, 0.3)
+    assert math.isclose(float(af[0, 0]), 10 * math.cos(math.acos(0.5) + 0.3), rel_tol=1e-5)
+    assert math.isclose(float(af[1, 1]), 10 * math.cos(math.acos(0.9) + 0.3), rel_tol=1e-5)
+    assert torch.allclose(af[0, 1:], 10 * cos[0, 1:])
+    with pytest.raises(ValueError, match="unknown margin loss"):
+        margin_logits(cos, y, "sphereface", 1.0, 0.1)
+
+
+def test_margin_head_cross_entropy():
+    head = MarginHead(4, 3, "normface", scale=5.0)
+    emb = F.normalize(torch.randn(6, 4), dim=-1)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = F.cross_entropy(5.0 * emb @ F.normalize(head.weight, dim=-1).t(), y)
+    assert torch.allclose(head(emb, y), expected)
+
+
+def test_bct_loss_is_low_only_in_the_gallery_space():
+    torch.manual_seed(0)
+    w = F.normalize(torch.randn(5, 8), dim=-1)
+    y = torch.arange(5)
+    bct = BCTLoss(w, "cosface", 16.0, 0.1)
+    aligned = bct(w[y], y)  # query embeddings exactly at the gallery class centres
+    rotated = bct(torch.roll(w, 1, dims=1)[y], y)  # same geometry, another space
+    assert aligned < 0.05 < rotated
+
+
+def test_synthesized_rows_for_unseen_classes():
+    g_weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    rows, synth = synthesize_gallery_classifier(
+        g_weight, ["a", "b"], ["b", "new", "a"], lambda c: torch.tensor([3.0, 4.0]))
+    assert synth == ["new"]
+    assert torch.allclose(rows, torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]))
+
+
+def test_l2_and_contrastive():
+    q = F.normalize(torch.randn(4, 8), dim=-1)
+    assert float(L2Regression()(q, None, ref_emb=q)) == 0.0
+    y = torch.tensor([0, 0, 1, 1])
+    con = CrossModelContrastive(0.1)
+    matched = con(q, y, ref_emb=q, ref_labels=y)
+    assert matched < con(q, y, ref_emb=-q, ref_labels=y)
+    with pytest.raises(ValueError, match="gallery embeddings"):
+        L2Regression()(q, y)
+
+
+def test_parse_compat():
+    assert parse_compat(["bct", "l2=0.5"]) == [("bct", 1.0), ("l2", 0.5)]
+    assert parse_compat("none") == []
+    assert parse_compat("bct,contrastive=2") == [("bct", 1.0), ("contrastive", 2.0)]
+    with pytest.raises(ValueError, match="unknown compatibility loss 'kd'"):
+        parse_compat(["kd"])
+    with pytest.raises(ValueError, match="must be a number"):
+        parse_compat(["bct=high"])
