@@ -19,10 +19,15 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 @torch.inference_mode()
 def embed_images(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 batch_size: int = 512, channels_last: bool = True) -> torch.Tensor:
-    """Embeddings (N, D) of uint8 images, in eval mode, batch by batch."""
+                 batch_size: int = 256, channels_last: bool = True) -> torch.Tensor:
+    """Embeddings (N, D) of uint8 images, in eval mode, batch by batch.
+
+    ``channels_last`` converts the model (in place) and the inputs to NHWC: 2-3.5x faster convs on
+    this CPU (measured: ResNet-8 2,300 vs 660 img/s at batch 256)."""
     was_training = model.training
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = normalize_images(images[start:start + batch_size], mean, std)

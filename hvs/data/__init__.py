@@ -1,0 +1,33 @@
+"""Retrieval datasets for hvs: one :class:`RetrievalData` (train / query / gallery) per source.
+
+>>> from hvs.data import create_dataset, list_sources
+>>> list_sources()
+['csv', 'deepfashion2', 'fashion-mnist', 'imagefolder', 'synthetic']
+>>> data = create_dataset("synthetic:classes=4,size=16", protocol="open")
+>>> data.summary()  # doctest: +ELLIPSIS
+'synthetic:classes=4,size=16 [open-set] train 128 (2 classes), query 16, gallery 16, 1x16x16'
+
+Sources are picked by an explicit prefix (see :mod:`hvs.data.registry`):
+
+=======================  ===================================================================
+``fashion-mnist[:DIR]``  the four IDX ``.gz`` files (Debian ``dataset-fashion-mnist``)
+``imagefolder:DIR``      ``DIR/<class>/<image>``, classes sorted
+``csv:FILE``             manifest with columns ``path,label[,split][,bbox]``
+``deepfashion2:DIR``     consumer-to-shop retrieval from the released JSON annotations
+``synthetic[:K=V,...]``  procedural patterns generated in memory
+=======================  ===================================================================
+"""
+
+from .base import SPLITS, DataError, RetrievalData, Split
+from .images import ImageError, channel_stats, load_image, to_float
+from .registry import (DataWarning, create_dataset, list_sources, parse_spec, register_source,
+                       source_info, validate)
+
+# importing the source modules registers them
+from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, synthetic  # noqa: E402,F401
+
+__all__ = [
+    "SPLITS", "DataError", "DataWarning", "ImageError", "RetrievalData", "Split",
+    "channel_stats", "create_dataset", "list_sources", "load_image", "parse_spec",
+    "register_source", "source_info", "to_float", "validate",
+]

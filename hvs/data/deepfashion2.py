@@ -1,0 +1,230 @@
+"""DeepFashion2 consumer-to-shop retrieval (Ge et al., CVPR 2019): ``deepfashion2:DIR``.
+
+Reads the dataset in its released layout, ``DIR/train/image/000001.jpg`` with
+``DIR/train/annos/000001.json`` (same for ``validation/``). Each JSON has image-level ``source``
+(``"user"`` = consumer photo, ``"shop"`` = catalogue photo) and ``pair_id``, and one key per
+clothing item (``item1``, ``item2``, …; like the official COCO converter, every key other than
+``source``/``pair_id`` is an item) with ``bounding_box`` ``[x1, y1, x2, y2]`` (top-left origin,
+as the converter uses it), ``style``, ``category_id`` and ``category_name``.
+
+Each item is cropped by its box (clipped to the image) and resized to ``image_size`` (default
+64, shorter side + center crop). The identity of an item is ``f"{pair_id}:{style}"`` for
+``style > 0`` — the dataset's definition of a positive pair is a user item and a shop item with
+the same ``pair_id`` and the same ``style > 0``; ``style == 0`` items cannot form pairs.
+
+* train = every ``style > 0`` item of ``train/`` (user and shop photos alike);
+* query = ``user`` items with ``style > 0`` from ``validation/``;
+* gallery = *all* ``shop`` items of ``validation/``: a ``style == 0`` item gets its own class
+  ``f"distractor:{image_id}:{item}"``, so it is retrieved only as a wrong answer, as in the
+  official evaluation (its gallery lists every shop item).
+
+This is the simpler "ground-truth boxes" protocol (retrieval only, no detection). The official
+split keeps train and validation ``pair_id``s apart, so the protocol is always ``open``. Without
+``validation/``, a seeded ``holdout`` fraction of the train ``pair_id``s that have at least one
+user/shop positive pair is held out as query/gallery instead.
+
+Source kwargs: ``holdout`` (default 0.2), ``limit`` (read at most this many images per folder,
+in file-name order — the full train set is 390k images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import DataError, RetrievalData, Split
+from .images import ImageError, channel_stats, crop_resize, open_image
+from .registry import register_source
+from .splits import check_nonempty
+
+DEFAULT_SIZE = 64
+IMAGE_LEVEL_KEYS = ("source", "pair_id")
+
+
+@dataclass
+class Item:
+    """One clothing item of one image, before cropping."""
+
+    folder: str  # "train" / "validation"
+    image_id: str  # file stem, e.g. "000001"
+    item: str  # "item1", ...
+    source: str  # "user" / "shop"
+    pair_id: int
+    style: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+
+    @property
+    def identity(self) -> str:
+        if self.style > 0:
+            return f"{self.pair_id}:{self.style}"
+        return f"distractor:{self.image_id}:{self.item}"
+
+
+def _image_path(root: str, folder: str, image_id: str) -> str | None:
+    base = os.path.join(root, folder, "image", image_id)
+    for ext in (".jpg", ".jpeg", ".png", ".JPG"):
+        if os.path.exists(base + ext):
+            return base + ext
+    return None
+
+
+def read_annotations(root: str, folder: str, *, strict: bool = False, limit: int | None = None
+                     ) -> tuple[list[Item], list[str]]:
+    """Parse ``root/folder/annos/*.json`` into :class:`Item` records; returns (items, skipped)."""
+    annos = os.path.join(root, folder, "annos")
+    if not os.path.isdir(annos):
+        raise DataError(f"deepfashion2:{root}: missing folder {folder}/annos")
+    files = sorted(f for f in os.listdir(annos) if f.endswith(".json") and not f.startswith("."))
+    if limit is not None:
+        files = files[:limit]
+    items: list[Item] = []
+    skipped: list[str] = []
+
+    def bad(where: str, reason: str) -> None:
+        msg = f"{where}: {reason}"
+        if strict:
+            raise DataError(msg)
+        skipped.append(msg)
+
+    for fname in files:
+        path = os.path.join(annos, fname)
+        image_id = fname[:-len(".json")]
+        try:
+            with open(path, encoding="utf-8") as f:
+                anno = json.load(f)
+            source = anno["source"]
+            pair_id = int(anno["pair_id"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            bad(path, f"unreadable annotation ({type(err).__name__}: {' '.join(str(err).split())})")
+            continue
+        except (KeyError, TypeError, ValueError) as err:
+            bad(path, f"annotation lacks a valid 'source'/'pair_id' ({type(err).__name__}: {err})")
+            continue
+        if source not in ("user", "shop"):
+            bad(path, f"source must be 'user' or 'shop', got {source!r}")
+            continue
+        for key in sorted((k for k in anno if k not in IMAGE_LEVEL_KEYS), key=_item_order):
+            it = anno[key]
+            try:
+                box = tuple(float(v) for v in it["bounding_box"])
+                if len(box) != 4:
+                    raise ValueError(f"bounding_box has {len(box)} numbers")
+                items.append(Item(folder, image_id, key, source, pair_id, int(it["style"]),
+                                  int(it.get("category_id", 0)), box))  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError) as err:
+                bad(f"{path}#{key}", f"malformed item ({type(err).__name__}: {err})")
+    return items, skipped
+
+
+def _item_order(key: str) -> tuple[int, str]:
+    """item2 before item10."""
+    digits = key[4:] if key.startswith("item") else ""
+    return (int(digits), key) if digits.isdigit() else (1 << 30, key)
+
+
+def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict: bool = False
+               ) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Crop every item (each image decoded once); returns (images, kept indices, skipped)."""
+    out = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
+    kept: list[int] = []
+    skipped: list[str] = []
+    by_image: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        by_image.setdefault((it.folder, it.image_id), []).append(i)
+
+    def bad(msg: str) -> None:
+        if strict:
+            raise ImageError(msg)
+        skipped.append(msg)
+
+    for (folder, image_id), idx in by_image.items():
+        path = _image_path(root, folder, image_id)
+        if path is None:
+            bad(f"{os.path.join(root, folder, 'image', image_id)}.jpg: image file not found")
+            continue
+        try:
+            img, scale = open_image(path, channels, size=size, bboxes=[items[i].bbox for i in idx])
+        except ImageError as err:
+            bad(str(err))
+            continue
+        for i in idx:
+            try:
+                out[len(kept)] = crop_resize(img, size, items[i].bbox, scale=scale,
+                                             name=f"{path}#{items[i].item}")
+            except ImageError as err:
+                bad(str(err))
+                continue
+            kept.append(i)
+    return out[: len(kept)].clone(), kept, skipped
+
+
+def _identity_key(name: str) -> tuple:
+    pair, _, style = name.partition(":")
+    return (0, int(pair), int(style)) if pair.isdigit() and style.isdigit() else (1, name)
+
+
+@register_source("deepfashion2", arg="DIR", arg_required=True,
+                 help="DeepFashion2 consumer-to-shop retrieval (train/ + validation/ folders)")
+def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = None,
+                 channels: int | None = None, strict: bool = False, seed: int = 0,
+                 holdout: float = 0.2, limit: int | None = None) -> RetrievalData:
+    """Items cropped by their boxes; identity ``pair_id:style``; always the open protocol."""
+    name = f"deepfashion2:{arg}"
+    root = os.path.abspath(os.path.expanduser(arg))
+    if not os.path.isdir(root):
+        raise DataError(f"{name}: no such directory")
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise DataError(f"{name}: missing folder train/ (expected train/image + train/annos)")
+    size, channels = image_size or DEFAULT_SIZE, channels or 3
+    train_items, skipped = read_annotations(root, "train", strict=strict, limit=limit)
+
+    if os.path.isdir(os.path.join(root, "validation")):
+        val_items, val_skipped = read_annotations(root, "validation", strict=strict, limit=limit)
+        skipped += val_skipped
+    else:  # carve an open-set test part out of train, by pair_id
+        if not 0.0 < holdout < 1.0:
+            raise DataError(f"{name}: holdout must be in (0, 1), got {holdout}")
+        user = {(it.pair_id, it.style) for it in train_items if it.source == "user" and it.style > 0}
+        shop = {(it.pair_id, it.style) for it in train_items if it.source == "shop" and it.style > 0}
+        eligible = sorted({p for p, _ in user & shop})
+        all_pairs = {it.pair_id for it in train_items}
+        if not eligible or len(all_pairs) < 2:
+            raise DataError(f"{name}: no validation/ folder and too few pair_ids in train/ to hold "
+                            f"out a query/gallery part (need >= 2, one with a user and a shop "
+                            f"item of the same style > 0)")
+        n_hold = min(max(1, math.floor(holdout * len(eligible) + 0.5)), len(all_pairs) - 1)
+        perm = np.random.default_rng(seed).permutation(len(eligible))
+        held = {eligible[i] for i in perm[:n_hold]}
+        val_items = [it for it in train_items if it.pair_id in held]
+        train_items = [it for it in train_items if it.pair_id not in held]
+
+    train_items = [it for it in train_items if it.style > 0]
+    query_items = [it for it in val_items if it.source == "user" and it.style > 0]
+    gallery_items = [it for it in val_items if it.source == "shop"]
+
+    train_ids = sorted({it.identity for it in train_items}, key=_identity_key)
+    test_ids = sorted({it.identity for it in query_items + gallery_items} - set(train_ids),
+                      key=_identity_key)
+    classes = train_ids + test_ids
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    def split(items: list[Item], role: str) -> Split:
+        images, kept, bad = crop_items(root, items, size, channels, strict=strict)
+        skipped.extend(bad)
+        kept_items = [items[i] for i in kept]
+        return Split(images, torch.tensor([class_index[it.identity] for it in kept_items],
+                                          dtype=torch.long),
+                     [f"{os.path.relpath(_image_path(root, it.folder, it.image_id) or '', root)}"
+                      f"#{it.item}" for it in kept_items], role)
+
+    train, query, gallery = (split(train_items, "train"), split(query_items, "query"),
+                             split(gallery_items, "gallery"))
+    check_nonempty(name, train=train, query=query, gallery=gallery)
+    mean, std = channel_stats(train.images)
+    return RetrievalData(name, train, query, gallery, classes, "open", mean, std, skipped)

@@ -1,0 +1,82 @@
+"""torchvision ``ImageFolder`` layout: ``imagefolder:DIR`` with ``DIR/<class>/<image>``.
+
+The layout used by timm, ml-fct and openBCT: each sub-folder of ``DIR`` is a class (sorted by
+name → label index), and the image files anywhere below it (walked recursively, as torchvision
+does) are its samples. Files whose ending is not an image type (``README.txt``) and hidden files
+are ignored; image files that fail to decode are skipped and listed in ``RetrievalData.skipped``
+(or raise with ``strict=True``).
+
+Images are decoded once, as RGB (``channels=3``, default) or grayscale, resized to
+``image_size`` (default 64) by shorter-side resize + center crop. The split rules are in
+:mod:`hvs.data.splits` (closed: 60/20/20 per class; open: half the classes train).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .base import DataError, RetrievalData
+from .images import IMG_EXTENSIONS, BBox, load_images
+from .registry import register_source
+from .splits import build, check_protocol, split_by_protocol
+
+DEFAULT_SIZE = 64
+ROLE_IDS = {"train": 0, "query": 1, "gallery": 2}
+
+
+def is_image_file(fname: str) -> bool:
+    return not fname.startswith(".") and fname.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(classes, [(path, label), ...])`` of an ImageFolder tree, classes and files sorted."""
+    if not os.path.isdir(root):
+        raise DataError(f"imagefolder:{root}: no such directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    files: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, fnames in os.walk(os.path.join(root, cls), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [(os.path.join(dirpath, f), label) for f in sorted(fnames) if is_image_file(f)]
+    if not files:
+        raise DataError(f"imagefolder:{root}: no images found (expected DIR/<class>/<image> with "
+                        f"endings {' '.join(IMG_EXTENSIONS)})")
+    return classes, files
+
+
+def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequence[int],
+               classes: list[str], *, protocol: str, size: int, channels: int, strict: bool,
+               seed: int, roles: Sequence[str] | None = None, names: Sequence[str] | None = None,
+               sources: Sequence[str] | None = None) -> RetrievalData:
+    """Decode ``items`` (path, bbox) and split them into a :class:`RetrievalData`.
+
+    ``roles`` (one of train/query/gallery per item) fixes the split; without it the split
+    follows ``protocol``. Failures are reported under ``names`` (default: the paths).
+    """
+    check_protocol(protocol)
+    images, kept, skipped = load_images(items, size, channels, strict=strict, names=names)
+    kept_t = torch.as_tensor(kept, dtype=torch.long)
+    lab = torch.as_tensor(list(labels), dtype=torch.long)[kept_t]
+    src = [(sources or [p for p, _ in items])[i] for i in kept]
+    if roles is None:
+        index = split_by_protocol(lab, protocol, seed)
+    else:
+        role_t = torch.as_tensor([ROLE_IDS[roles[i]] for i in kept], dtype=torch.long)
+        index = tuple(torch.nonzero(role_t == r).flatten() for r in range(3))
+    return build(name, images, lab, src, classes, index, protocol, skipped)
+
+
+@register_source("imagefolder", arg="DIR", arg_required=True,
+                 help="torchvision ImageFolder tree DIR/<class>/<image>")
+def imagefolder(arg: str, *, protocol: str = "closed", image_size: int | None = None,
+                channels: int | None = None, strict: bool = False, seed: int = 0
+                ) -> RetrievalData:
+    """Images in ``DIR/<class>/...``; classes sorted; split by ``protocol`` with ``seed``."""
+    root = os.path.abspath(os.path.expanduser(arg))
+    classes, files = scan_folder(root)
+    return from_files(f"imagefolder:{arg}", [(p, None) for p, _ in files], [l for _, l in files],
+                      classes, protocol=protocol, size=image_size or DEFAULT_SIZE,
+                      channels=channels or 3, strict=strict, seed=seed)

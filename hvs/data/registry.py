@@ -1,0 +1,153 @@
+"""Data-source registry: ``create_dataset("name:ARG")`` → :class:`RetrievalData`.
+
+Sources are chosen by an explicit prefix, as timm's ``hf-hub:`` / ``local-dir:`` choose where a
+model comes from: ``fashion-mnist``, ``imagefolder:DIR``, ``csv:FILE``, ``deepfashion2:DIR``,
+``synthetic:KEY=VAL,...``. A bare path is never guessed at (a folder of images and a folder of
+DeepFashion2 annotations look alike); an unknown prefix fails with the list of valid ones.
+
+A source is a function ``fn(arg, *, protocol, image_size, channels, strict, seed, **kwargs)``
+registered with :func:`register_source`. :func:`create_dataset` checks the contract on what it
+returns (non-empty splits, labels inside ``classes``, one image shape, closed-set classes seen
+in training) so that a new source cannot hand the trainer an inconsistent dataset.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .base import SPLITS, DataError, RetrievalData
+from .splits import check_nonempty, check_protocol
+
+SourceFn = Callable[..., RetrievalData]
+
+
+class DataWarning(UserWarning):
+    """Something was skipped while reading a dataset; the details are in ``.skipped``."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    fn: SourceFn
+    arg: str  # what follows "name:" in a spec, e.g. "DIR"; "" when the source takes none
+    arg_required: bool
+    help: str
+
+    @property
+    def usage(self) -> str:
+        if not self.arg:
+            return self.name
+        return f"{self.name}:{self.arg}" if self.arg_required else f"{self.name}[:{self.arg}]"
+
+
+_SOURCES: dict[str, SourceInfo] = {}
+
+
+def register_source(name: str, fn: SourceFn | None = None, *, arg: str = "",
+                    arg_required: bool = False, help: str = "", overwrite: bool = False):
+    """Register ``fn`` as the source ``name``; usable as a decorator.
+
+    ``arg`` names what may follow ``name:`` in a spec (``"DIR"``, ``"FILE"``; empty if nothing)
+    and ``arg_required`` whether it must. ``fn`` is called as
+    ``fn(arg_or_None, protocol=..., image_size=..., channels=..., strict=..., seed=..., **kw)``.
+    """
+    if not name or ":" in name:
+        raise ValueError(f"source name must be non-empty and contain no ':', got {name!r}")
+
+    def deco(f: SourceFn) -> SourceFn:
+        if name in _SOURCES and not overwrite and _SOURCES[name].fn is not f:
+            raise ValueError(f"data source {name!r} is already registered")
+        doc = help or ((f.__doc__ or "").strip().splitlines() or [""])[0]
+        _SOURCES[name] = SourceInfo(name, f, arg, arg_required, doc)
+        return f
+
+    return deco if fn is None else deco(fn)
+
+
+def list_sources() -> list[str]:
+    """Names of the registered data sources, sorted."""
+    return sorted(_SOURCES)
+
+
+def source_info(name: str) -> SourceInfo:
+    if name not in _SOURCES:
+        valid = ", ".join(_SOURCES[n].usage for n in list_sources())
+        hint = " (pick a prefix, e.g. imagefolder:DIR or csv:FILE)" if ("/" in name or "\\" in name
+                                                                         or name.startswith(".")) else ""
+        raise DataError(f"unknown data source {name!r}{hint}; valid: {valid}")
+    return _SOURCES[name]
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"name"`` → ``("name", None)``; ``"name:ARG"`` → ``("name", "ARG")`` (split at the first
+    colon, so ARG may itself contain colons)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty data spec; valid: {', '.join(list_sources())}")
+    name, sep, arg = spec.strip().partition(":")
+    return name, (arg if sep else None)
+
+
+def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | None = None,
+                   channels: int | None = None, strict: bool = False, seed: int = 0,
+                   **source_kwargs) -> RetrievalData:
+    """Load the dataset named by ``spec`` (``"name"`` or ``"name:ARG"``).
+
+    ``protocol``: ``"closed"`` (query/gallery classes are seen in training) or ``"open"``
+    (disjoint classes); DeepFashion2 is always open. ``image_size``/``channels``: output shape
+    (each source has its default). ``strict``: an unreadable item raises :class:`DataError`
+    instead of being skipped and listed in ``RetrievalData.skipped``. ``seed``: every random
+    split is a function of it. Remaining keyword arguments go to the source.
+    """
+    check_protocol(protocol)
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    name, arg = parse_spec(spec)
+    info = source_info(name)
+    if arg is not None and not info.arg:
+        raise DataError(f"data source {name!r} takes no argument, got {spec!r}")
+    if arg is None and info.arg_required:
+        raise DataError(f"data source {name!r} needs an argument: {info.usage}")
+    data = info.fn(arg, protocol=protocol, image_size=image_size, channels=channels,
+                   strict=strict, seed=seed, **source_kwargs)
+    data.name = spec
+    validate(data)
+    if data.skipped:
+        warnings.warn(f"{spec}: skipped {len(data.skipped)} item(s) that could not be used, e.g. "
+                      f"{data.skipped[0]} (all listed in RetrievalData.skipped)", DataWarning,
+                      stacklevel=2)
+    return data
+
+
+def validate(data: RetrievalData) -> None:
+    """Check the dataset contract; raises :class:`DataError` naming the first violation."""
+    check_protocol(data.protocol)
+    splits = {role: data.split(role) for role in SPLITS}
+    check_nonempty(data.name, **splits)
+    shape = tuple(data.train.images.shape[1:])
+    n_classes = len(data.classes)
+    for role, split in splits.items():
+        if tuple(split.images.shape[1:]) != shape:
+            raise DataError(f"{data.name}: {role} images are {tuple(split.images.shape[1:])}, "
+                            f"train images {shape}")
+        lo, hi = int(split.labels.min()), int(split.labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise DataError(f"{data.name}: {role} labels span {lo}..{hi} but there are "
+                            f"{n_classes} classes")
+    if len(data.mean) != shape[0] or len(data.std) != shape[0]:
+        raise DataError(f"{data.name}: mean/std need {shape[0]} values per channel")
+    seen = set(data.train.labels.unique().tolist())
+    test = set(torch.cat([data.query.labels, data.gallery.labels]).unique().tolist())
+    if data.protocol == "closed" and not test <= seen:
+        unseen = sorted(test - seen)
+        raise DataError(f"{data.name}: closed protocol but {len(unseen)} query/gallery class(es) "
+                        f"have no training images, e.g. {data.classes[unseen[0]]!r} "
+                        f"(use protocol='open')")
+    if data.protocol == "open" and test & seen:
+        warnings.warn(f"{data.name}: open protocol but {len(test & seen)} query/gallery class(es) "
+                      f"also occur in training", DataWarning, stacklevel=3)

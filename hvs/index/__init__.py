@@ -1,0 +1,46 @@
+"""Gallery indexes: embed the gallery once with the big model, search it with the small one.
+
+    from hvs.index import open_index, build_index
+
+    index = open_index("faiss:runs/gallery_idx", create=True, dim=256, factory="HNSW32",
+                       meta={"gallery_model": {"name": "...", "fingerprint": "sha256:..."}})
+    ids = index.add(gallery_embeddings, labels=labels, sources=paths)
+    scores, ids = index.search(query_embeddings, k=10)   # cosine similarity, (q, k) each
+    index.records(ids[0])                                # [{"id", "label", "source"}, ...]
+
+Specs always carry a backend prefix (a bare path is an error): ``faiss:DIR`` (the default choice:
+a folder searched in-process; any FAISS factory string) or ``milvus:URI`` (a Milvus Lite ``.db``
+file or an ``http(s)://`` Milvus server; ``Flat`` only; needs ``pip install pymilvus milvus-lite``).
+Both implement :class:`GalleryIndex` and behave the same: vectors are L2-normalised on add and on
+search, ids are stable int64, removal is real, and results are -1/-inf padded to k.
+``build_index`` embeds a gallery in resumable shards and writes the index in one step.
+"""
+
+from __future__ import annotations
+
+from .base import GalleryIndex, IndexStoreError, backend_class, list_backends, parse_spec, register_backend
+from .build import build_index
+
+register_backend("faiss", "hvs.index.faiss_backend:FaissGalleryIndex")
+register_backend("milvus", "hvs.index.milvus_backend:MilvusGalleryIndex")
+
+
+def open_index(spec: str, *, create: bool = False, dim: int | None = None, factory: str = "Flat",
+               meta: dict | None = None) -> GalleryIndex:
+    """Open the gallery index at ``spec`` (``faiss:DIR`` or ``milvus:URI``).
+
+    With ``create=True`` a new, empty index is made (``dim`` required; ``factory`` is a FAISS
+    factory string such as ``"Flat"``, ``"HNSW32"``, ``"IVF64,Flat"``, ``"IVF16,PQ8"``; ``meta`` is
+    merged into the sidecar, by convention ``gallery_model`` and ``preprocessing``); it is an
+    error if one already exists there. Without it, the index must exist and is validated.
+    """
+    prefix, location = parse_spec(spec)
+    cls = backend_class(prefix)
+    if create:
+        if dim is None:
+            raise IndexStoreError(f"creating index {spec} needs dim=")
+        return cls.create(location, dim, factory, meta)
+    return cls.open(location)
+
+
+__all__ = ["GalleryIndex", "IndexStoreError", "build_index", "list_backends", "open_index", "register_backend"]

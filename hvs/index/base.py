@@ -1,0 +1,305 @@
+"""The one gallery-index interface every backend implements, plus what they share.
+
+A gallery index answers "which gallery items are nearest to these query embeddings?". In
+heterogeneous visual search the two sides come from different models: the big ``gallery_model``
+embeds the gallery once, offline, into an index; the small ``query_model`` embeds each query
+online. Training makes the two embedding spaces compatible, so search is a plain inner product.
+
+Conventions every backend keeps (and the tests check on each one):
+
+* **Cosine similarity as inner product.** Vectors are L2-normalised on ``add`` *and* on
+  ``search``, so the score is the cosine similarity in [-1, 1] whatever scale a model emits.
+  The metric stored in the sidecar is therefore always ``"ip"`` with ``normalised: true``.
+  Zero, NaN or infinite embeddings are rejected (a zero vector has no direction to rank by).
+* **Stable int64 ids.** Each item keeps the id it was added with, across reopen, removal of other
+  items and rebuilds. When ``add`` gets no ids it assigns ``next_id, next_id + 1, ...``, where
+  ``next_id`` is one past the largest id ever added (a high-water mark kept in the sidecar), so a
+  removed id is never handed to a different image. Ids must be non-negative: -1 is the padding id.
+* **Padding.** ``search`` always returns (q, k) arrays; with fewer than k items the tail is
+  padded with id -1 and score -inf.
+* **Real removal.** ``remove`` deletes the vectors: the count drops and they are never returned.
+* **Self-describing sidecar** (``meta``): dim, metric, normalisation, factory string, count,
+  next_id, created/updated times, hvs version, plus whatever the caller passes in ``meta`` at
+  creation: by convention ``gallery_model`` (name and weights fingerprint of the model that made
+  the vectors) and ``preprocessing``, so a search service can refuse a mismatched query model.
+
+Backends register by spec prefix (``faiss:DIR``, ``milvus:URI``): see ``hvs.index.open_index``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+METRIC = "ip"
+# Keys hvs writes into the sidecar itself; a caller's ``meta`` may repeat them only with the
+# same value (e.g. a config that records dim), never override them.
+RESERVED_META = ("format", "backend", "dim", "metric", "normalised", "factory", "count", "next_id",
+                 "created", "updated", "hvs_version", "search_params")
+MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
+
+
+class IndexStoreError(ValueError):
+    """A gallery-index problem: bad spec, bad input, missing or corrupt files, lock held.
+
+    The message is one line that names the problem (and the index it happened in).
+    """
+
+
+def hvs_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("hvs")
+    except Exception:  # not installed (running from a checkout)
+        return str(getattr(sys.modules.get("hvs"), "__version__", "0+unknown"))
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def one_line(e: BaseException | str, limit: int = 300) -> str:
+    """First meaningful line of an exception message (FAISS errors carry C++ file/line noise)."""
+    text = str(getattr(e, "message", None) or e).strip()  # pymilvus keeps the useful part in .message
+    # FAISS: "Error in <signature> at <file>:<line>: <the actual message>"
+    if text.startswith("Error in ") and ": " in text:
+        text = text.rsplit(": ", 1)[-1] if "Error: '" not in text else text.split("Error: ", 1)[-1]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: prefix -> "module:Class", imported on first use so that ``import hvs.index`` stays light
+# and optional backends (pymilvus) are only needed by whoever uses them.
+_BACKENDS: dict[str, str] = {}
+
+
+def register_backend(prefix: str, target: str) -> None:
+    """Register a backend class (``"package.module:ClassName"``) under a spec prefix."""
+    _BACKENDS[prefix] = target
+
+
+def list_backends() -> list[str]:
+    """Registered spec prefixes, e.g. ``["faiss", "milvus"]``."""
+    return sorted(_BACKENDS)
+
+
+def _valid_specs() -> str:
+    examples = {"faiss": "faiss:DIR", "milvus": "milvus:URI"}
+    return ", ".join(examples.get(p, f"{p}:...") for p in list_backends())
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``"prefix:location"``; a bare path is an error, never a guess (STYLE 3)."""
+    if not isinstance(spec, str) or not spec:
+        raise IndexStoreError(f"index spec must be a non-empty string like {_valid_specs()}, got {spec!r}")
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in _BACKENDS:
+        raise IndexStoreError(f"index spec {spec!r} has no known backend prefix; use one of: {_valid_specs()}")
+    if not rest:
+        raise IndexStoreError(f"index spec {spec!r} names no location after '{prefix}:'")
+    return prefix, rest
+
+
+def backend_class(prefix: str) -> type["GalleryIndex"]:
+    module, _, name = _BACKENDS[prefix].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks shared by every backend.
+def as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
+    """(n, dim) float32 array from a numpy array / torch tensor / nested list, checked, normalised."""
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise IndexStoreError(f"{what} must be a 2-D (n, dim) array, got shape {x.shape}")
+    if x.shape[1] != dim:
+        raise IndexStoreError(f"dimension mismatch: index has dim {dim}, {what} have dim {x.shape[1]}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise IndexStoreError(f"{what} must be floating point, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size and not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise IndexStoreError(f"{what} contain NaN or inf in {len(bad)} row(s), first at row {int(bad[0])}")
+    return l2_normalise(x, what)
+
+
+def l2_normalise(x: np.ndarray, what: str) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if x.size and (norms == 0).any():
+        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+        raise IndexStoreError(f"{what} contain an all-zero row (row {row}), which cannot be L2-normalised")
+    return x / norms if x.size else x
+
+
+def as_ids(ids: Any, n: int | None = None, what: str = "ids") -> np.ndarray:
+    if hasattr(ids, "detach"):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1:
+        raise IndexStoreError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise IndexStoreError(f"{what} must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if n is not None and arr.shape[0] != n:
+        raise IndexStoreError(f"{n} embeddings but {arr.shape[0]} {what}")
+    if arr.size and arr.min() < 0:
+        raise IndexStoreError(f"{what} must be non-negative (-1 is the padding id), got {int(arr.min())}")
+    return arr
+
+
+def check_new_ids(ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise IndexStoreError(f"duplicate id {int(uniq[counts > 1][0])} within one add() call")
+
+
+def as_texts(values: Sequence[str | None] | None, n: int, what: str) -> list[str | None]:
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise IndexStoreError(f"{n} embeddings but {len(values)} {what}")
+    out: list[str | None] = []
+    for v in values:
+        if v is not None and not isinstance(v, str):
+            v = str(v)
+        if v is not None and len(v.encode("utf-8")) > MAX_TEXT:
+            raise IndexStoreError(f"a {what[:-1]} is longer than {MAX_TEXT} bytes: {v[:40]!r}...")
+        out.append(v)
+    return out
+
+
+def check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise IndexStoreError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def padded(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((q, k), -np.inf, dtype=np.float32), np.full((q, k), -1, dtype=np.int64)
+
+
+def merge_user_meta(base: dict, user: dict | None) -> dict:
+    """Sidecar = hvs' own keys + the caller's (reserved keys may only repeat the same value)."""
+    out = dict(base)
+    for key, value in (user or {}).items():
+        if key in RESERVED_META and key in base and base[key] != value:
+            raise IndexStoreError(f"meta[{key!r}] = {value!r} conflicts with the index's {key} {base[key]!r}")
+        if key not in RESERVED_META:
+            out[key] = value
+    return out
+
+
+def check_meta(meta: Any, where: str) -> dict:
+    """The sidecar keys every backend relies on are present with sane values."""
+    if not isinstance(meta, dict):
+        raise IndexStoreError(f"{where}: sidecar is not a JSON object")
+    for key in ("dim", "metric", "factory", "count", "next_id"):
+        if key not in meta:
+            raise IndexStoreError(f"{where}: sidecar has no {key!r}")
+    if not isinstance(meta["dim"], int) or meta["dim"] < 1:
+        raise IndexStoreError(f"{where}: sidecar dim {meta['dim']!r} is not a positive integer")
+    if meta["metric"] != METRIC or meta.get("normalised") is not True:
+        raise IndexStoreError(f"{where}: sidecar metric {meta['metric']!r}/normalised "
+                              f"{meta.get('normalised')!r} is not 'ip'/true")
+    if not isinstance(meta["count"], int) or not isinstance(meta["next_id"], int):
+        raise IndexStoreError(f"{where}: sidecar count/next_id are not integers")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+class GalleryIndex(abc.ABC):
+    """A persistent id -> (vector, label, source) store with inner-product top-k search.
+
+    Open one with ``hvs.index.open_index(spec)``. Usable as a context manager; ``close()`` releases
+    locks and connections. Every mutating call is persisted before it returns.
+    """
+
+    prefix: str = ""  # registry prefix of the backend
+    spec: str
+    dim: int
+
+    # -- construction (called by open_index) ------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def check_creatable(cls, location: str) -> None:
+        """Raise IndexStoreError if an index (or anything that blocks creating one) is there."""
+
+    @classmethod
+    def check_factory(cls, dim: int, factory: str) -> None:
+        """Raise IndexStoreError if this backend cannot build ``factory`` at ``dim``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, location: str) -> "GalleryIndex":
+        """Open an existing index, validating it; raise IndexStoreError if missing or corrupt."""
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, location: str, dim: int, factory: str, meta: dict | None,
+               initial: tuple[np.ndarray, np.ndarray, list, list] | None = None) -> "GalleryIndex":
+        """Create a new index; ``initial`` = (vectors, ids, labels, sources) written in one step."""
+
+    # -- the interface ------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def meta(self) -> dict:
+        """A copy of the sidecar."""
+
+    @abc.abstractmethod
+    def add(self, embeddings: np.ndarray, ids: np.ndarray | None = None,
+            labels: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> np.ndarray:
+        """Add (n, dim) embeddings (L2-normalised here); return their int64 ids.
+
+        Ids are assigned from the sidecar's ``next_id`` when not given; an id already in the
+        index (or repeated in ``ids``) is an error, never an overwrite.
+        """
+
+    @abc.abstractmethod
+    def remove(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete these ids (unknown ids are ignored); return how many were removed."""
+
+    @abc.abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine similarity: (scores (q, k) float32, ids (q, k) int64), -inf/-1 padded."""
+
+    @abc.abstractmethod
+    def records(self, ids: Sequence[int] | np.ndarray) -> list[dict]:
+        """``[{"id", "label", "source"}, ...]`` in the order asked; an unknown id is an error."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def info(self) -> dict:
+        """A JSON-able summary: spec, backend, count, and the sidecar."""
+        return {"spec": self.spec, "backend": self.prefix, "count": len(self), "dim": self.dim,
+                "meta": self.meta}
+
+    def __enter__(self) -> "GalleryIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        try:
+            n = len(self)
+        except Exception:
+            n = "?"
+        return f"{type(self).__name__}({self.spec!r}, dim={self.dim}, count={n})"
+

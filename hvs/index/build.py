@@ -1,0 +1,269 @@
+"""Resumable gallery indexing: embed in shards, survive a kill, write the index in one step.
+
+Embedding a large gallery with the big ``gallery_model`` is the slow part of indexing (hours on
+a CPU), so ``build_index`` never loses finished work:
+
+1. The gallery is cut into shards of ``shard_size`` items (item ``i`` gets id ``i``: its position
+   in the gallery, so search results map straight back to the dataset).
+2. Each finished shard is saved atomically (temp file, fsync, ``os.replace``) as
+   ``WORK/shards/shard_00000.npy`` (raw float32 embeddings) and ``shard_00000.ids.npy`` (their
+   int64 ids; written last, so its presence marks the shard complete).
+3. A build killed midway and started again with the same arguments finds the finished shards
+   and does not embed them again. ``WORK/build.json`` records what "the same arguments" means
+   (spec, item count, shard size, factory, fingerprints of labels, sources and the
+   ``gallery_model``/``preprocessing`` entries of ``meta``); a different build refuses to reuse
+   the shards rather than silently mixing two models' vectors.
+4. When every shard is done the index is created and filled in one atomic step (for
+   ``faiss:DIR`` a single version commit), the sidecar gets a ``build_report`` and the work
+   folder is deleted.
+
+The helper is model-agnostic: ``embed_fn`` maps a uint8 (B, C, H, W) batch to a float32 (B, dim)
+array, so the CLI passes any gallery model (and its preprocessing) in a closure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec
+
+MANIFEST = "build.json"
+MAX_LISTED_SKIPS = 20
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def default_work_dir(prefix: str, location: str) -> Path:
+    """``DIR.build`` beside a FAISS folder, ``FILE.db.build`` beside a Milvus Lite file."""
+    target = location.partition("#")[0] if prefix == "milvus" else location
+    if "://" in target:
+        raise IndexStoreError(f"building {prefix}:{location} needs work_dir= (a local folder for the shards)")
+    suffix = "" if "#" not in location else "-" + location.partition("#")[2]
+    return Path(target.rstrip("/") + suffix + ".build")
+
+
+def _first(item: Any) -> Any:
+    """The image part of a ``(image(s), label(s), ...)`` tuple, or the item itself."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class _Images:
+    """Uniform batched access to a uint8 tensor, a sequence of (C, H, W) items, or a loader."""
+
+    def __init__(self, images: Any, n: int, batch_size: int):
+        self.n, self.batch_size, self.images = n, batch_size, images
+        if hasattr(images, "shape"):  # one (N, C, H, W) tensor
+            if len(images.shape) != 4 or str(getattr(images, "dtype", "")) not in ("torch.uint8", "uint8"):
+                raise IndexStoreError(f"images must be a uint8 (N, C, H, W) tensor, got "
+                                      f"{getattr(images, 'dtype', '?')} {tuple(images.shape)}")
+            self.mode = "tensor"
+        elif hasattr(images, "__len__") and hasattr(images, "__getitem__"):
+            # A Dataset-like sequence of (C, H, W) items (or (item, label) pairs), unless its
+            # elements are themselves (B, C, H, W) batches: then it is a pre-batched loader.
+            first = _first(images[0]) if len(images) else None
+            self.mode = "stream" if first is not None and len(first.shape) == 4 else "items"
+        else:
+            self.mode = "stream"
+        self.random_access = self.mode != "stream"
+        if self.random_access and len(images) != n:
+            raise IndexStoreError(f"{len(images)} images but {n} labels")
+        self._stream = None if self.random_access else iter(images)
+        self._buffer: Any = None  # leftover items of a loader batch that straddles two shards
+        self._pos = 0
+
+    def _slice(self, start: int, stop: int):
+        if self.mode == "tensor":
+            return self.images[start:stop]
+        import torch
+        return torch.stack([torch.as_tensor(_first(self.images[i])) for i in range(start, stop)])
+
+    def _pull(self, m: int):
+        """Next ``m`` items of a loader as one tensor (batches may straddle the boundary)."""
+        import torch
+        parts, have = [], 0
+        while have < m:
+            if self._buffer is None:
+                try:
+                    batch = next(self._stream)
+                except StopIteration:
+                    raise IndexStoreError(f"images ran out after {self._pos + have} of {self.n} items") from None
+                self._buffer = _first(batch)
+            take = min(m - have, len(self._buffer))
+            parts.append(self._buffer[:take])
+            self._buffer = self._buffer[take:] if take < len(self._buffer) else None
+            have += take
+        self._pos += m
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def skip(self, start: int, stop: int) -> None:
+        """Pass over items whose shard is already embedded (a loader still has to yield them)."""
+        if not self.random_access:
+            for s in range(start, stop, self.batch_size):
+                self._pull(min(self.batch_size, stop - s))
+
+    def batches(self, start: int, stop: int) -> Iterable[tuple[int, Any]]:
+        for s in range(start, stop, self.batch_size):
+            e = min(stop, s + self.batch_size)
+            yield s, (self._slice(s, e) if self.random_access else self._pull(e - s))
+
+
+def _shard_paths(work: Path, i: int) -> tuple[Path, Path]:
+    return work / "shards" / f"shard_{i:05d}.npy", work / "shards" / f"shard_{i:05d}.ids.npy"
+
+
+def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
+    """A finished shard's (embeddings, ids), or None if it is missing or not valid."""
+    vec_path, ids_path = _shard_paths(work, i)
+    if not ids_path.exists() or not vec_path.exists():
+        return None
+    try:
+        ids = np.load(ids_path, allow_pickle=False)
+        vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
+    except Exception:
+        return None
+    ok = (ids.dtype == np.int64 and ids.ndim == 1 and vectors.dtype == np.float32 and vectors.ndim == 2
+          and vectors.shape[0] == ids.shape[0] and (dim is None or vectors.shape[1] == dim)
+          and (ids.size == 0 or (ids.min() >= start and ids.max() < stop)))
+    return (vectors, ids) if ok else None
+
+
+def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence[str] | None,
+                embed_fn: Callable[[Any], np.ndarray], *, factory: str = "Flat", meta: dict,
+                batch_size: int = 256, shard_size: int = 4096, work_dir: str | os.PathLike | None = None,
+                progress: bool = True, skip_bad: bool = False) -> GalleryIndex:
+    """Embed a gallery with ``embed_fn`` and write it as a new index at ``spec``; resumable.
+
+    ``images``: a uint8 (N, C, H, W) tensor, a sequence of (C, H, W) uint8 tensors, or an iterable
+    (DataLoader) of uint8 batches (or tuples whose first element is the batch); ``labels`` and
+    ``sources`` have one entry per image, and item ``i`` gets id ``i``. ``embed_fn`` is called on
+    batches of at most ``batch_size`` and must return (B, dim) floats. ``meta`` goes into the
+    sidecar (``gallery_model``, ``preprocessing``) together with ``build_report``: items embedded
+    by this call, shards and items reused from an interrupted run, and items skipped.
+
+    An embedding with NaN/inf is an error naming the item, unless ``skip_bad=True``, which leaves
+    such items out (listed in the report). ``work_dir`` defaults to ``DIR.build`` beside a FAISS
+    folder (``FILE.db.build`` for Milvus Lite); rerun with the same arguments to resume.
+    """
+    prefix, location = parse_spec(spec)
+    cls = backend_class(prefix)
+    cls.check_creatable(location)  # fail before hours of embedding, not after
+    n = len(labels)
+    sources = [None] * n if sources is None else list(sources)
+    if len(sources) != n:
+        raise IndexStoreError(f"{n} labels but {len(sources)} sources")
+    if shard_size < 1 or batch_size < 1:
+        raise IndexStoreError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+    if meta is None or not isinstance(meta, dict):
+        raise IndexStoreError("build_index needs meta= (a dict; record gallery_model and preprocessing in it)")
+    source = _Images(images, n, batch_size)
+
+    work = Path(work_dir) if work_dir is not None else default_work_dir(prefix, location)
+    manifest = {"spec": spec, "n": n, "shard_size": shard_size, "factory": factory,
+                "labels": _sha(list(labels)), "sources": _sha(sources),
+                "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")])}
+    manifest_path = work / MANIFEST
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        diff = [key for key in manifest if old.get(key) != manifest[key]]
+        if diff:
+            raise IndexStoreError(f"work dir {work} belongs to a different build ({diff[0]}: {old.get(diff[0])!r} "
+                                  f"vs {manifest[diff[0]]!r}); delete it or pass another work_dir")
+        dim = old.get("dim")
+    else:
+        (work / "shards").mkdir(parents=True, exist_ok=True)
+        _write_manifest(manifest_path, manifest)
+        dim = None
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+
+    from tqdm.auto import tqdm
+
+    n_shards = math.ceil(n / shard_size)
+    report = {"n_items": n, "n_shards": n_shards, "shard_size": shard_size, "n_embedded": 0,
+              "n_reused_shards": 0, "n_reused_items": 0, "n_skipped": 0, "skipped": []}
+    done = [_load_shard(work, i, i * shard_size, min(n, (i + 1) * shard_size), dim) for i in range(n_shards)]
+    reused_items = sum(min(n, (i + 1) * shard_size) - i * shard_size for i, d in enumerate(done) if d is not None)
+    bar = tqdm(total=n, initial=reused_items, disable=not progress, desc=f"embed gallery -> {spec}", unit="img")
+    try:
+        for i in range(n_shards):
+            start, stop = i * shard_size, min(n, (i + 1) * shard_size)
+            if done[i] is not None:
+                source.skip(start, stop)
+                report["n_reused_shards"] += 1
+                report["n_reused_items"] += stop - start
+                continue
+            parts = []
+            for s, batch in source.batches(start, stop):
+                out = embed_fn(batch)
+                if hasattr(out, "detach"):
+                    out = out.detach().cpu().numpy()
+                out = np.asarray(out, dtype=np.float32)
+                if out.ndim != 2 or out.shape[0] != len(batch):
+                    raise IndexStoreError(f"embed_fn returned shape {out.shape} for a batch of {len(batch)} images")
+                if dim is None:
+                    dim = int(out.shape[1])
+                    cls.check_factory(dim, factory)
+                    _write_manifest(manifest_path, dict(manifest, dim=dim))
+                elif out.shape[1] != dim:
+                    raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}")
+                parts.append(out)
+                report["n_embedded"] += len(out)
+                bar.update(len(out))
+            vectors = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float32)
+            ids = np.arange(start, stop, dtype=np.int64)
+            good = np.isfinite(vectors).all(axis=1) & (np.abs(vectors).sum(axis=1) > 0)
+            if not good.all():
+                first = int(ids[~good][0])
+                if not skip_bad:
+                    raise IndexStoreError(f"embedding of item {first} ({sources[first] or labels[first]}) is NaN, "
+                                          "inf or zero; pass skip_bad=True to leave such items out")
+                vectors, ids = vectors[good], ids[good]
+            vec_path, ids_path = _shard_paths(work, i)
+            _save_atomic(vec_path, vectors)
+            _save_atomic(ids_path, ids)  # last: its presence marks the shard finished
+            done[i] = (vectors, ids)
+    finally:
+        bar.close()
+
+    ids = np.concatenate([d[1] for d in done]) if done else np.zeros(0, np.int64)
+    present = np.zeros(n, bool)
+    present[ids] = True
+    missing = np.flatnonzero(~present)
+    report["n_skipped"] = int(missing.size)
+    report["skipped"] = [f"{int(j)}: {sources[j] or labels[j]}" for j in missing[:MAX_LISTED_SKIPS]]
+    if dim is None:
+        raise IndexStoreError(f"no images to index for {spec}")
+    vectors = np.concatenate([np.asarray(d[0], dtype=np.float32) for d in done])
+    index_labels = [labels[j] for j in ids.tolist()]
+    index_sources = [sources[j] for j in ids.tolist()]
+    index = cls.create(location, dim, factory, dict(meta, build_report=report),
+                       initial=(vectors, ids, index_labels, index_sources))
+    shutil.rmtree(work, ignore_errors=True)
+    return index

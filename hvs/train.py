@@ -1,0 +1,336 @@
+"""One trainer for both roles: the gallery (paragon) model and compatible query models.
+
+Gallery model::
+
+    hvs train --data fashion-mnist --model resnet8 --epochs 5 --out runs/gallery
+
+Query model, compatible with that gallery model (BCT influence loss, optionally composed with
+feature regression and cross-model contrastive terms)::
+
+    hvs train --data fashion-mnist --model cnn-tiny --gallery runs/gallery --compat bct --out runs/q-bct
+    hvs train ... --compat bct=1 --compat l2=0.5
+
+An interrupted run continues from its last finished epoch with ``--resume`` (same command).
+
+Why the loop looks the way it does: images live in memory as uint8 tensors and batches are sliced
+(no DataLoader workers competing for 2 cores); augmentation is done on whole batches; shuffling and
+augmentation draw from a generator seeded by (seed, epoch), so a resumed run replays exactly what
+an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .data import RetrievalData, create_dataset
+from .embed import embed_images, normalize_images
+from .losses import (BCTLoss, CrossModelContrastive, L2Regression, MarginHead, parse_compat,
+                     synthesize_gallery_classifier)
+from .models import create_model
+
+STATE = "state.pt"
+LOG = "log.csv"
+TRAIN_CONFIG = "train_config.json"
+
+
+class TrainError(ValueError):
+    """A training job that cannot start as asked (one-line message)."""
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: str = "fashion-mnist"
+    protocol: str = "closed"
+    image_size: int | None = None
+    model: str = "resnet8"
+    model_kwargs: dict = field(default_factory=dict)
+    embed_dim: int = 128
+    gallery: str | None = None  # folder of the frozen gallery model: makes this a query model
+    compat: list[str] = field(default_factory=list)  # e.g. ["bct"], ["bct=1", "l2=0.5"]
+    loss: str = "cosface"  # normface | cosface | arcface
+    scale: float = 16.0
+    margin: float = 0.2
+    epochs: int = 5
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.3
+    augment: str = "crop,flip"  # comma list of crop, flip; "none"
+    train_subset: int | None = None  # use only the first N (shuffled) training images
+    seed: int = 0
+    data_seed: int = 0  # fixes the query/gallery split independently of the training seed
+    threads: int | None = None
+    channels_last: bool = True
+    force: bool = False  # allow a gallery model whose preprocessing differs
+    strict: bool = False  # unreadable images are an error instead of skipped
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Keys that may differ between an interrupted run and its resumption.
+_RESUME_FREE = {"threads", "out", "force", "strict"}
+
+
+def _augment(x: torch.Tensor, kinds: set[str], gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pad`` px (zero padding) and horizontal flip, per sample."""
+    n, c, h, w = x.shape
+    if "crop" in kinds:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+        bi = torch.arange(n)[:, None, None, None]
+        ci = torch.arange(c)[None, :, None, None]
+        x = padded[bi, ci, rows, cols]
+    if "flip" in kinds:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class _Hooks:
+    """Test seam: called after each finished epoch (a test raises here to simulate a kill)."""
+
+    after_epoch: Callable[[int], None] = staticmethod(lambda epoch: None)
+
+
+hooks = _Hooks()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          data: RetrievalData | None = None, log: Callable[[str], None] = print) -> ckpt.ModelCard:
+    """Train a model as configured; returns the card of the finished model folder ``cfg.out``."""
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    compat = parse_compat(cfg.compat)
+    if compat and not cfg.gallery:
+        raise TrainError("compatibility losses need a frozen gallery model: pass --gallery DIR")
+    aug = {a for a in cfg.augment.split(",") if a and a != "none"}
+    if aug - {"crop", "flip"}:
+        raise TrainError(f"unknown augmentation(s) {sorted(aug - {'crop', 'flip'})}; use crop, flip or none")
+
+    # The run folder: refuse to overwrite, resume only a matching configuration.
+    state_path = out / STATE
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if (out / TRAIN_CONFIG).is_file():
+            old = json.loads((out / TRAIN_CONFIG).read_text())
+            diff = sorted(k for k in asdict(cfg) if k not in _RESUME_FREE and old.get(k) != asdict(cfg)[k])
+            if diff:
+                raise TrainError(f"cannot resume {out}: configuration differs in {', '.join(diff)}")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
+
+    if data is None:
+        data = create_dataset(cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed,
+                              strict=cfg.strict)
+    log(data.summary())
+    train_split = data.train
+    if len(train_split) == 0:
+        raise TrainError(f"{cfg.data}: the train split is empty")
+
+    # Classifier rows = the training classes in sorted order of their global label.
+    train_labels = train_split.labels
+    class_ids = torch.unique(train_labels)
+    row_of = torch.full((len(data.classes),), -1, dtype=torch.long)
+    row_of[class_ids] = torch.arange(len(class_ids))
+    targets_all = row_of[train_labels]
+    classes = [data.classes[i] for i in class_ids.tolist()]
+
+    order = torch.arange(len(train_split))
+    if cfg.train_subset and cfg.train_subset < len(order):
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(cfg.data_seed))[:cfg.train_subset]
+    images, targets = train_split.images[order], targets_all[order]
+    n = images.shape[0]
+    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the last partial batch (BatchNorm)
+    batch = min(cfg.batch_size, n)
+
+    # Frozen gallery model and the compatibility losses built on it.
+    gallery_model, gallery_card, compat_losses = None, None, []
+    if cfg.gallery:
+        gallery_model, gallery_card = ckpt.load_model(cfg.gallery)
+        for p in gallery_model.parameters():
+            p.requires_grad_(False)
+        if gallery_card.embed_dim != cfg.embed_dim:
+            raise TrainError(f"query embed_dim {cfg.embed_dim} differs from the gallery model's "
+                             f"{gallery_card.embed_dim}: compatible embeddings must share one space")
+        if (gallery_card.in_chans, gallery_card.image_size) != (data.channels, data.image_size) and not cfg.force:
+            raise TrainError(f"gallery model expects {gallery_card.in_chans}x{gallery_card.image_size}px input, the "
+                             f"data is {data.channels}x{data.image_size}px (pass --force to ignore)")
+        for name, weight in compat:
+            if name == "bct":
+                g_weight = ckpt.load_classifier(cfg.gallery)
+
+                def class_mean(row: int) -> torch.Tensor:
+                    sel = images[targets == row]
+                    return embed_images(gallery_model, sel, gallery_card.mean, gallery_card.std).mean(0)
+
+                rows, synthesized = synthesize_gallery_classifier(g_weight, gallery_card.classes, classes, class_mean)
+                if synthesized:
+                    log(f"bct: {len(synthesized)} of {len(classes)} classes unseen by the gallery model; "
+                        "their classifier rows are their mean gallery embeddings")
+                compat_losses.append((name, weight, BCTLoss(rows, cfg.loss, cfg.scale, cfg.margin)))
+            elif name == "l2":
+                compat_losses.append((name, weight, L2Regression()))
+            elif name == "contrastive":
+                compat_losses.append((name, weight, CrossModelContrastive()))
+    needs_ref = any(loss.needs_ref for _, _, loss in compat_losses)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **cfg.model_kwargs)
+    head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters()) + list(head.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise TrainError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+        log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        head.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "own": 0.0, "acc": 0.0, **{name: 0.0 for name, _, _ in compat_losses}}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for step in bar:
+            idx = perm[step * batch:(step + 1) * batch]
+            x = normalize_images(images[idx], data.mean, data.std)
+            if aug:
+                x = _augment(x, aug, gen)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = targets[idx]
+            emb = model(x)
+            own = head(emb, y)
+            loss = own
+            ref = None
+            if needs_ref:
+                with torch.no_grad():
+                    ref = gallery_model(x)
+            for name, weight, fn in compat_losses:
+                term = fn(emb, y, ref_emb=ref, ref_labels=y)
+                sums[name] += term.item()
+                loss = loss + weight * term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss became {float(loss)} at epoch {epoch + 1} step {step}; lower --lr")
+            sums["loss"] += loss.item()
+            sums["own"] += own.item()
+            with torch.no_grad():
+                sums["acc"] += float((head.cosine(emb).argmax(1) == y).float().mean())
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **{k: round(v / steps_per_epoch, 5) for k, v in sums.items()},
+               "lr": round(sched.get_last_lr()[0], 6), "seconds": round(seconds, 2),
+               "images_per_s": round(steps_per_epoch * batch / seconds, 1)}
+        history.append(row)
+        log("  ".join(f"{k}={v}" for k, v in row.items()))
+        _write_log(out / LOG, history)
+        ckpt.atomic_torch_save(state_path, {
+            "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)})
+        hooks.after_epoch(epoch)
+
+    model = model.to(memory_format=torch.contiguous_format)
+    card = ckpt.ModelCard(
+        model=cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, image_size=data.image_size,
+        mean=list(data.mean), std=list(data.std), role="query" if cfg.gallery else "gallery",
+        model_kwargs=dict(cfg.model_kwargs), classes=classes, compat=[list(c) for c in compat],
+        compatible_with=None if gallery_card is None else {
+            "fingerprint": gallery_card.fingerprint, "model": gallery_card.model,
+            "path": str(Path(cfg.gallery).resolve())},
+        extra={"data": cfg.data, "protocol": data.protocol, "epochs": cfg.epochs,
+               "final": history[-1] if history else {}})
+    # Contiguous copies: safetensors refuses non-contiguous (channels_last) tensors.
+    model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    ckpt.save_model_folder(out, model, card, classifier=head.weight.detach())
+    log(f"saved {card.role} model {cfg.model} to {out} (fingerprint {card.fingerprint})")
+    return card
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    keys = list(history[0].keys())
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    ckpt.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Config = dataclass defaults <- optional YAML/JSON file <- command-line flags."""
+    merged: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        else:
+            loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise TrainError(f"{path}: a config file must hold a mapping of options")
+        merged.update(loaded)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    if "out" not in merged:
+        raise TrainError("no output folder: pass --out DIR")
+    return TrainConfig.from_dict(merged)

@@ -1,0 +1,477 @@
+"""Gallery index: one behavioural suite run on every backend, plus FAISS file-format guarantees.
+
+The shared tests take the ``spec`` fixture, parametrized over ``faiss:DIR`` and ``milvus:FILE.db``
+(Milvus Lite); milvus cases are skipped, with the install hint, when pymilvus is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hvs.index.build as build_mod
+import hvs.index.faiss_backend as faiss_backend
+from hvs.index import IndexStoreError, build_index, list_backends, open_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:
+    import pymilvus  # noqa: F401
+    HAVE_MILVUS = True
+except ImportError:
+    HAVE_MILVUS = False
+
+BACKENDS = [
+    "faiss",
+    pytest.param("milvus", marks=pytest.mark.skipif(not HAVE_MILVUS, reason="pymilvus not installed: "
+                                                    "pip install pymilvus milvus-lite")),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS' OpenMP threads spin-wait: on a shared 2-core CI machine two of them run several
+    times slower than one, and these indexes are small."""
+    import faiss
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(params=BACKENDS)
+def spec(request, tmp_path) -> str:
+    return f"faiss:{tmp_path / 'idx'}" if request.param == "faiss" else f"milvus:{tmp_path / 'g.db'}"
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(gallery: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):
+    sims = queries @ gallery.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), ids[order]
+
+
+def clustered(rng: np.random.Generator, n: int, d: int, centers: int = 32, noise: float = 1.0):
+    c = unit(rng, centers, d)
+    x = c[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, d)).astype(np.float32) / np.sqrt(d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared behavioural suite.
+def test_specs_need_a_known_prefix(tmp_path):
+    assert list_backends() == ["faiss", "milvus"]
+    with pytest.raises(IndexStoreError, match="faiss:DIR, milvus:URI"):
+        open_index(str(tmp_path))
+    with pytest.raises(IndexStoreError, match="no known backend prefix"):
+        open_index(f"annoy:{tmp_path}")
+
+
+def test_flat_search_equals_brute_force(spec):
+    rng = np.random.default_rng(0)
+    gallery, queries = unit(rng, 300, 32), unit(rng, 20, 32)
+    with open_index(spec, create=True, dim=32) as index:
+        ids = index.add(gallery * 3.0)  # scale must not matter: vectors are normalised on add
+        np.testing.assert_array_equal(ids, np.arange(300))
+        scores, got = index.search(queries * 0.5, k=10)
+    want_scores, want_ids = brute_force(gallery, ids, queries, 10)
+    assert scores.dtype == np.float32 and got.dtype == np.int64 and got.shape == (20, 10)
+    np.testing.assert_array_equal(got, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_ids_labels_stable_across_reopen(spec):
+    rng = np.random.default_rng(1)
+    x, y = unit(rng, 40, 16), unit(rng, 5, 16)
+    with open_index(spec, create=True, dim=16, meta={"gallery_model": {"name": "g", "fingerprint": "abc"}}) as index:
+        auto = index.add(x, labels=[f"c{i % 4}" for i in range(40)], sources=[f"img{i}.jpg" for i in range(40)])
+        index.add(y, ids=np.array([100, 101, 102, 103, 104]), labels=list("abcde"))
+        assert index.remove([3, 101]) == 2
+    with open_index(spec) as index:
+        assert len(index) == 43
+        assert index.records([5, 100, 102]) == [
+            {"id": 5, "label": "c1", "source": "img5.jpg"},
+            {"id": 100, "label": "a", "source": None},
+            {"id": 102, "label": "c", "source": None},
+        ]
+        _, ids = index.search(x[10:12], k=1)
+        np.testing.assert_array_equal(ids[:, 0], auto[10:12])
+        # next auto id is one past the largest id ever added, so removed ids are never reused
+        np.testing.assert_array_equal(index.add(unit(rng, 2, 16)), [105, 106])
+        meta = index.meta
+        assert meta["gallery_model"] == {"name": "g", "fingerprint": "abc"}
+        for key, value in {"dim": 16, "metric": "ip", "normalised": True, "factory": "Flat", "count": 45}.items():
+            assert meta[key] == value, key
+        assert {"created", "updated", "hvs_version"} <= set(meta)
+        assert index.info()["count"] == 45
+
+
+def test_remove_is_real(spec):
+    rng = np.random.default_rng(2)
+    x = unit(rng, 30, 8)
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(x)
+        assert index.remove(np.arange(0, 30, 2)) == 15
+        assert index.remove([0, 2, 999]) == 0  # already gone / never there
+        assert len(index) == 15
+        scores, ids = index.search(x, k=20)  # every vector, including the removed ones, as a query
+        assert not np.isin(ids, np.arange(0, 30, 2)).any()
+        assert (ids == -1).sum(axis=1).tolist() == [5] * 30
+        with pytest.raises(IndexStoreError, match="not in index"):
+            index.records([4])
+    with open_index(spec) as index:
+        assert len(index) == 15 and index.meta["count"] == 15
+
+
+def test_padding_when_k_exceeds_count(spec):
+    rng = np.random.default_rng(3)
+    with open_index(spec, create=True, dim=8) as index:
+        scores, ids = index.search(unit(rng, 2, 8), k=4)  # empty index
+        assert (ids == -1).all() and np.isneginf(scores).all()
+        index.add(unit(rng, 3, 8))
+        scores, ids = index.search(unit(rng, 2, 8), k=5)
+    assert ids.shape == scores.shape == (2, 5)
+    assert (ids[:, :3] >= 0).all() and (ids[:, 3:] == -1).all()
+    assert np.isfinite(scores[:, :3]).all() and np.isneginf(scores[:, 3:]).all()
+    assert (np.diff(scores[:, :3], axis=1) <= 1e-6).all()  # best first
+
+
+def test_bad_inputs_are_one_line_errors(spec):
+    rng = np.random.default_rng(4)
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(rng, 4, 8))
+        with pytest.raises(IndexStoreError, match="index has dim 8, embeddings have dim 6"):
+            index.add(unit(rng, 2, 6))
+        with pytest.raises(IndexStoreError, match="index has dim 8, queries have dim 9"):
+            index.search(unit(rng, 2, 9), k=1)
+        bad = unit(rng, 3, 8)
+        bad[1, 2] = np.nan
+        with pytest.raises(IndexStoreError, match="NaN or inf in 1 row"):
+            index.add(bad)
+        bad[1, 2] = np.inf
+        with pytest.raises(IndexStoreError, match="NaN or inf"):
+            index.search(bad, k=1)
+        with pytest.raises(IndexStoreError, match="all-zero row"):
+            index.add(np.zeros((1, 8), np.float32))
+        with pytest.raises(IndexStoreError, match="id 2 is already in index"):
+            index.add(unit(rng, 2, 8), ids=[10, 2])
+        with pytest.raises(IndexStoreError, match="duplicate id 7"):
+            index.add(unit(rng, 2, 8), ids=[7, 7])
+        with pytest.raises(IndexStoreError, match="non-negative"):
+            index.add(unit(rng, 1, 8), ids=[-1])
+        with pytest.raises(IndexStoreError, match="2 embeddings but 1 labels"):
+            index.add(unit(rng, 2, 8), labels=["a"])
+        with pytest.raises(IndexStoreError, match="k must be a positive integer"):
+            index.search(unit(rng, 1, 8), k=0)
+        assert len(index) == 4  # nothing above changed the index
+    with pytest.raises(IndexStoreError, match="already exists"):
+        open_index(spec, create=True, dim=8)
+
+
+def test_missing_index_and_unknown_factory(spec, tmp_path):
+    with pytest.raises(IndexStoreError, match="no index at"):
+        open_index(spec)
+    with pytest.raises(IndexStoreError, match="factory"):
+        open_index(spec, create=True, dim=8, factory="Bogus42")
+    with pytest.raises(IndexStoreError, match="needs dim"):
+        open_index(spec, create=True)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 1, 4, 4), dtype=np.uint8))
+
+
+class CountingEmbed:
+    """A deterministic 'gallery model' that counts what it embeds and can be told to crash."""
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.proj = np.random.default_rng(42).standard_normal((16, 8)).astype(np.float32)
+        self.calls = self.items = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("killed mid-build (simulated)")
+        self.items += len(batch)
+        return batch.reshape(len(batch), -1).float().numpy() @ self.proj + 0.01
+
+
+def test_resumable_build_reuses_finished_shards(spec, tmp_path):
+    n, images = 50, _images(50)
+    labels, sources = [f"c{i % 3}" for i in range(n)], [f"img{i}.png" for i in range(n)]
+    kwargs = dict(meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16,
+                  work_dir=tmp_path / "work", progress=False)
+    crashing = CountingEmbed(fail_on_call=6)  # shards 0-1 take calls 1-4; dies inside shard 2
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_index(spec, images, labels, sources, crashing, **kwargs)
+    assert crashing.items == 40
+    assert sorted(p.name for p in (tmp_path / "work" / "shards").iterdir()) == [
+        "shard_00000.ids.npy", "shard_00000.npy", "shard_00001.ids.npy", "shard_00001.npy"]
+    with pytest.raises(IndexStoreError, match="no index at"):
+        open_index(spec)  # nothing half-built is visible
+    with pytest.raises(IndexStoreError, match="different build"):
+        build_index(spec, images, labels, sources, CountingEmbed(), **dict(kwargs, shard_size=8))
+
+    resumed = CountingEmbed()
+    index = build_index(spec, images, labels, sources, resumed, **kwargs)
+    assert resumed.items == n - 32 and resumed.calls == 3  # shard 2 (2 batches) + shard 3 (1)
+    report = index.meta["build_report"]
+    assert (report["n_embedded"], report["n_reused_shards"], report["n_reused_items"], report["n_skipped"]) == \
+        (18, 2, 32, 0)
+    assert not (tmp_path / "work").exists()
+    full = CountingEmbed()(images)
+    want_scores, want_ids = brute_force(full / np.linalg.norm(full, axis=1, keepdims=True), np.arange(n),
+                                        full[:5] / np.linalg.norm(full[:5], axis=1, keepdims=True), 5)
+    scores, ids = index.search(full[:5], k=5)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert index.records([7]) == [{"id": 7, "label": "c1", "source": "img7.png"}]
+    index.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# FAISS: approximate indexes, training, file format, atomicity, locking.
+@pytest.mark.parametrize("factory,min_recall", [("HNSW32", 0.9), ("IVF64,Flat", 0.75), ("IVF16,PQ8", 0.4)])
+def test_faiss_ann_recall(tmp_path, factory, min_recall):
+    rng = np.random.default_rng(5)
+    gallery, queries = clustered(rng, 4000, 32), clustered(rng, 200, 32)
+    with open_index(f"faiss:{tmp_path / 'ann'}", create=True, dim=32, factory=factory) as index:
+        ids = index.add(gallery)
+        _, got = index.search(queries, k=10)
+        _, want = brute_force(gallery, ids, queries, 10)
+        recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got.tolist(), want.tolist())])
+        assert recall >= min_recall, f"{factory} recall@10 {recall:.3f}"
+        assert index.remove(ids[:100]) == 100  # HNSW: rebuilt from the kept vectors
+        _, after = index.search(gallery[:100], k=10)
+        assert not np.isin(after, ids[:100]).any() and len(index) == 3900
+    with open_index(f"faiss:{tmp_path / 'ann'}") as index:
+        assert len(index) == 3900 and index.meta["factory"] == factory
+
+
+def test_faiss_training_needs_enough_vectors(tmp_path):
+    rng = np.random.default_rng(6)
+    with open_index(f"faiss:{tmp_path / 'pq'}", create=True, dim=16, factory="IVF16,PQ8") as index:
+        with pytest.raises(IndexStoreError, match="needs at least 256 vectors to train, got 100"):
+            index.add(unit(rng, 100, 16))
+        assert len(index) == 0
+    with pytest.raises(IndexStoreError, match="IDMap"):
+        open_index(f"faiss:{tmp_path / 'x'}", create=True, dim=16, factory="IDMap2,Flat")
+    with pytest.raises(IndexStoreError, match="invalid FAISS factory 'PQ5'"):
+        open_index(f"faiss:{tmp_path / 'y'}", create=True, dim=16, factory="PQ5")  # 5 does not divide 16
+
+
+def test_faiss_rebuild_with_new_factory(tmp_path):
+    rng = np.random.default_rng(7)
+    x = clustered(rng, 1000, 16)
+    with open_index(f"faiss:{tmp_path / 'r'}", create=True, dim=16) as index:
+        index.add(x, labels=[str(i) for i in range(1000)])
+        index.rebuild("IVF8,Flat")
+        assert index.meta["factory"] == "IVF8,Flat" and index.meta["search_params"] == {"nprobe": 8}
+        _, ids = index.search(x[:5], k=1)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(5))
+    with open_index(f"faiss:{tmp_path / 'r'}") as index:
+        assert index.records([999])[0]["label"] == "999"
+
+
+def _open_fails(spec: str, match: str) -> None:
+    with pytest.raises(IndexStoreError, match=match) as info:
+        open_index(spec)
+    assert "\n" not in str(info.value)
+
+
+def _version_dir(root: Path) -> Path:
+    return root / (root / "CURRENT").read_text().strip()
+
+
+def test_faiss_open_validates_files(tmp_path):
+    root = tmp_path / "v"
+    with open_index(f"faiss:{root}", create=True, dim=8) as index:
+        index.add(unit(np.random.default_rng(8), 10, 8))
+    meta_path = _version_dir(root) / "meta.json"
+    good = meta_path.read_text()
+
+    meta_path.write_text(good[:40])
+    _open_fails(f"faiss:{root}", "meta.json is not valid JSON")
+    meta_path.write_text(json.dumps(dict(json.loads(good), count=11)))
+    _open_fails(f"faiss:{root}", "meta.json says count 11 but index.faiss holds 10 vectors")
+    meta_path.write_text(json.dumps(dict(json.loads(good), dim=9)))
+    _open_fails(f"faiss:{root}", "meta.json says dim 9 but index.faiss has dim 8")
+    meta_path.write_text(good)
+    (_version_dir(root) / "index.faiss").write_bytes(b"garbage")
+    _open_fails(f"faiss:{root}", "index.faiss is unreadable")
+    (_version_dir(root) / "ids.jsonl").unlink()
+    _open_fails(f"faiss:{root}", "incomplete: v000002/ids.jsonl is missing")
+    (root / "CURRENT").unlink()
+    _open_fails(f"faiss:{root}", "not an hvs index")
+
+
+def test_faiss_atomic_save_survives_a_crash(tmp_path, monkeypatch):
+    root = tmp_path / "a"
+    rng = np.random.default_rng(9)
+    x = unit(rng, 20, 8)
+    index = open_index(f"faiss:{root}", create=True, dim=8)
+    index.add(x, labels=[f"old{i}" for i in range(20)])
+
+    def crash(path, *args):  # half-writes ids.jsonl, then the "machine dies"
+        Path(path).write_text('{"id": 0, "lab')
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(faiss_backend, "_write_idmap", crash)
+    with pytest.raises(OSError, match="simulated"):
+        index.add(unit(rng, 5, 8), labels=["new"] * 5)
+    assert len(index) == 20  # the writer's memory was rolled back to what is on disk
+    with open_index(f"faiss:{root}") as reader:
+        assert len(reader) == 20 and reader.records([19])[0]["label"] == "old19"
+        np.testing.assert_array_equal(reader.search(x[:3], k=1)[1][:, 0], [0, 1, 2])
+    monkeypatch.undo()
+
+    def crash_before_switch(root_, version):  # new version folder complete, CURRENT not yet moved
+        raise OSError("power cut (simulated)")
+
+    monkeypatch.setattr(faiss_backend, "_write_current", crash_before_switch)
+    with pytest.raises(OSError, match="simulated"):
+        index.remove([0, 1])
+    with open_index(f"faiss:{root}") as reader:
+        assert len(reader) == 20
+    monkeypatch.undo()
+
+    assert index.remove([0, 1]) == 2  # the next commit succeeds and clears the debris
+    index.close()
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["CURRENT", "v000002", "v000003", "writer.lock"], names
+    with open_index(f"faiss:{root}") as reader:
+        assert len(reader) == 18
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, numpy as np
+    from hvs.index import open_index
+    index = open_index(sys.argv[1])
+    index.add(np.ones((1, 8), np.float32))  # the first write takes the writer lock
+    print("locked", flush=True)
+    sys.stdin.readline()
+    index.close()
+""")
+
+
+def test_faiss_single_writer_lock(tmp_path):
+    root = tmp_path / "l"
+    spec = f"faiss:{root}"
+    open_index(spec, create=True, dim=8).close()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, spec], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        index = open_index(spec)  # readers need no lock ...
+        with pytest.raises(IndexStoreError, match=rf"index {root} is locked by another writer \(pid {holder.pid}\)"):
+            index.add(np.ones((1, 8), np.float32))  # ... writers do
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    assert len(index) == 1  # a reader keeps the snapshot it opened ...
+    other = open_index(spec)
+    other.add(np.full((1, 8), 3.0, np.float32))  # ... while the lock is free again and someone commits
+    other.close()
+    assert len(index) == 1
+    index.add(np.full((1, 8), 2.0, np.float32))  # writing reloads the newer commit first: nothing is lost
+    assert len(index) == 3
+    np.testing.assert_array_equal(np.sort(index.search(np.ones((1, 8)), k=3)[1][0]), [0, 1, 2])
+    index.close()
+
+
+def test_build_crash_between_shard_files_redoes_only_that_shard(tmp_path, monkeypatch):
+    images, labels = _images(40), [str(i) for i in range(40)]
+    real_save = build_mod._save_atomic
+
+    def save_then_die(path, array):  # shard 1's vectors reach disk, its ids (the marker) never do
+        if path.name == "shard_00001.ids.npy":
+            raise OSError("killed (simulated)")
+        real_save(path, array)
+
+    monkeypatch.setattr(build_mod, "_save_atomic", save_then_die)
+    kwargs = dict(meta={}, batch_size=10, shard_size=20, progress=False)
+    with pytest.raises(OSError, match="simulated"):
+        build_index(f"faiss:{tmp_path / 'c'}", images, labels, None, CountingEmbed(), **kwargs)
+    monkeypatch.undo()
+    resumed = CountingEmbed()
+    index = build_index(f"faiss:{tmp_path / 'c'}", images, labels, None, resumed, **kwargs)
+    assert resumed.items == 20 and index.meta["build_report"]["n_reused_shards"] == 1
+    assert len(index) == 40 and not (tmp_path / "c.build").exists()
+    index.close()
+
+
+def test_build_from_a_loader_matches_tensor(tmp_path):
+    n, images = 37, _images(37, seed=3)
+    labels = [str(i) for i in range(n)]
+    loader = [(images[i:i + 5], None) for i in range(0, n, 5)]  # (batch, labels) straddling shards
+    embed = CountingEmbed()
+    a = build_index(f"faiss:{tmp_path / 'a'}", images, labels, None, embed, meta={}, shard_size=10,
+                    batch_size=4, progress=False)
+    b = build_index(f"faiss:{tmp_path / 'b'}", loader, labels, None, embed, meta={}, shard_size=10,
+                    batch_size=4, progress=False)
+    q = np.random.default_rng(0).standard_normal((4, 8))
+    for x, y in zip(a.search(q, 6), b.search(q, 6)):
+        np.testing.assert_array_equal(x, y)
+    assert not (tmp_path / "a.build").exists()
+    a.close(), b.close()
+
+
+def test_build_rejects_nan_embeddings_unless_skipped(tmp_path):
+    images = _images(12)
+    embed = CountingEmbed()
+
+    def bad(batch):
+        out = embed(batch)
+        out[0, 0] = np.nan  # the first item of every batch
+        return out
+
+    with pytest.raises(IndexStoreError, match=r"embedding of item 0 \(img0\) is NaN"):
+        build_index(f"faiss:{tmp_path / 'n'}", images, list("abcdefghijkl"), [f"img{i}" for i in range(12)], bad,
+                    meta={}, batch_size=4, shard_size=8, progress=False)
+    index = build_index(f"faiss:{tmp_path / 'n'}", images, list("abcdefghijkl"), [f"img{i}" for i in range(12)],
+                        bad, meta={}, batch_size=4, shard_size=8, progress=False, skip_bad=True)
+    report = index.meta["build_report"]
+    assert report["n_skipped"] == 3 and report["skipped"] == ["0: img0", "4: img4", "8: img8"]
+    assert len(index) == 9 and index.meta["count"] == 9
+    index.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Milvus: the sidecar lives in a second collection.
+@pytest.mark.skipif(not HAVE_MILVUS, reason="pymilvus not installed: pip install pymilvus milvus-lite")
+def test_milvus_sidecar_disagreement_and_recount(tmp_path):
+    from hvs.index import milvus_backend
+
+    spec = f"milvus:{tmp_path / 'm.db'}#shoes"
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(np.random.default_rng(10), 6, 8))
+        client, meta = index._client, index.meta
+        milvus_backend._write_meta(client, "shoes", dict(meta, count=4))
+    with pytest.raises(IndexStoreError, match="sidecar says count 4 but the collection holds 6"):
+        open_index(spec)
+    assert milvus_backend.recount(spec)["count"] == 6
+    with open_index(spec) as index:
+        assert len(index) == 6
+        index._client.upsert("shoes_hvs_meta", [{"id": 0, "vector": [0.0, 0.0], "json": "{oops"}])
+    with pytest.raises(IndexStoreError, match="sidecar is not valid JSON"):
+        open_index(spec)
+    with pytest.raises(IndexStoreError, match="must be a local file ending in .db"):
+        open_index(f"milvus:{tmp_path / 'x.sqlite'}")
+
+
+def test_missing_pymilvus_gives_an_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # makes `import pymilvus` raise ImportError
+    with pytest.raises(IndexStoreError, match="pip install pymilvus milvus-lite"):
+        open_index(f"milvus:{tmp_path / 'g.db'}", create=True, dim=8)

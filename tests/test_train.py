@@ -1,0 +1,119 @@
+"""The trainer: resumable, refuses bad jobs, records compatibility."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hvs import checkpoint as ckpt
+from hvs.data import create_dataset
+from hvs.train import TrainConfig, TrainError, hooks, load_config, train
+
+SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return create_dataset(SPEC)
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), data=SPEC, model="cnn-nano", embed_dim=16, epochs=3, batch_size=32, lr=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(_):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, data, monkeypatch):
+    full = train(_cfg(tmp_path / "full"), progress=False, data=data, log=quiet)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second(epoch):
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(hooks, "after_epoch", kill_after_second)
+    with pytest.raises(Killed):
+        train(_cfg(tmp_path / "cut"), progress=False, data=data, log=quiet)
+    assert not (tmp_path / "cut" / ckpt.CONFIG).exists()  # no finished model folder yet
+    assert len((tmp_path / "cut" / "log.csv").read_text().strip().splitlines()) == 1 + 2
+    monkeypatch.setattr(hooks, "after_epoch", lambda epoch: None)
+
+    logs = []
+    resumed = train(_cfg(tmp_path / "cut"), resume=True, progress=False, data=data, log=logs.append)
+    assert any("resuming" in line and "after epoch 2" in line for line in logs)
+    assert sum(line.startswith("epoch=") for line in logs) == 1  # only the last epoch was run again
+    assert resumed.fingerprint == full.fingerprint  # bit-identical weights
+    assert len((tmp_path / "cut" / "log.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+def test_refuses_to_overwrite_and_to_resume_another_config(tmp_path, data):
+    train(_cfg(tmp_path / "run", epochs=1), progress=False, data=data, log=quiet)
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        train(_cfg(tmp_path / "run", epochs=1), progress=False, data=data, log=quiet)
+    with pytest.raises(TrainError, match="configuration differs in lr"):
+        train(_cfg(tmp_path / "run", epochs=1, lr=0.5), resume=True, progress=False, data=data, log=quiet)
+
+
+def test_model_folder_is_self_describing_and_safe(tmp_path, data):
+    card = train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
+    folder = tmp_path / "g"
+    config = json.loads((folder / ckpt.CONFIG).read_text())
+    assert config["model"] == "cnn-nano" and config["role"] == "gallery" and config["fingerprint"] == card.fingerprint
+    assert config["classes"] == data.classes and config["image_size"] == 12
+    assert load_file(str(folder / ckpt.CLASSIFIER))["weight"].shape == (6, 16)
+    torch.load(folder / "state.pt", weights_only=True)  # resumable state loads without pickle code
+    json.loads((folder / "train_config.json").read_text())
+    model, _ = ckpt.load_model(folder)
+    assert model(torch.zeros(1, 1, 12, 12)).shape == (1, 16)
+
+
+def test_query_model_records_its_gallery(tmp_path, data):
+    g = train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
+    q = train(_cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct", "l2=0.5", "contrastive=0.1"]),
+              progress=False, data=data, log=quiet)
+    assert q.role == "query" and q.compatible_with["fingerprint"] == g.fingerprint
+    assert q.compat == [["bct", 1.0], ["l2", 0.5], ["contrastive", 0.1]]
+    log = (tmp_path / "q" / "log.csv").read_text().splitlines()[0]
+    assert "bct" in log and "l2" in log and "contrastive" in log
+
+
+def test_bct_synthesizes_rows_for_classes_the_gallery_never_saw(tmp_path):
+    # the gallery model trains on half the classes (open protocol); the query model on all of them
+    g_data = create_dataset(SPEC, protocol="open")
+    q_data = create_dataset(SPEC)
+    train(_cfg(tmp_path / "g", epochs=1), progress=False, data=g_data, log=quiet)
+    logs = []
+    train(_cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"]), progress=False, data=q_data,
+          log=logs.append)
+    assert any("3 of 6 classes unseen by the gallery model" in line for line in logs)
+
+
+def test_bad_jobs_are_one_line_errors(tmp_path, data):
+    with pytest.raises(TrainError, match="need a frozen gallery model"):
+        train(_cfg(tmp_path / "a", compat=["bct"]), progress=False, data=data, log=quiet)
+    train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
+    with pytest.raises(TrainError, match="embed_dim 8 differs from the gallery model's 16"):
+        train(_cfg(tmp_path / "b", gallery=str(tmp_path / "g"), compat=["bct"], embed_dim=8), progress=False,
+              data=data, log=quiet)
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        train(_cfg(tmp_path / "c", gallery=str(tmp_path / "nope"), compat=["bct"]), progress=False, data=data,
+              log=quiet)
+    with pytest.raises(TrainError, match="unknown augmentation"):
+        train(_cfg(tmp_path / "d", augment="rotate"), progress=False, data=data, log=quiet)
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: cnn-tiny\nepochs: 7\nlr: 0.2\n")
+    cfg = load_config(path, {"out": "x", "lr": 0.01, "epochs": None})
+    assert (cfg.model, cfg.epochs, cfg.lr) == ("cnn-tiny", 7, 0.01)
+    path.write_text("modle: cnn-tiny\n")
+    with pytest.raises(TrainError, match="unknown training option.*modle"):
+        load_config(path, {"out": "x"})
