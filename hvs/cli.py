@@ -144,7 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-subset", type=int)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    # Feature commands live in their own modules (hvs/cli_<feature>.py, each with add_parser(sub)).
+    import importlib
+
+    for feature in _FEATURES:
+        try:
+            module = importlib.import_module(f"hvs.cli_{feature}")
+        except ModuleNotFoundError as e:
+            if e.name != f"hvs.cli_{feature}":
+                raise
+            continue
+        module.add_parser(sub)
     return p
+
+
+_FEATURES = ("index", "export", "serve", "nas")
 
 
 def main(argv: list[str] | None = None) -> int:

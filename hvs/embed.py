@@ -7,14 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
-def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
-    x = images.float().div_(255.0)
-    c = x.shape[1]
-    m = torch.tensor(list(mean) * (c if len(mean) == 1 else 1), dtype=x.dtype).view(1, c, 1, 1)
-    s = torch.tensor(list(std) * (c if len(std) == 1 else 1), dtype=x.dtype).view(1, c, 1, 1)
-    return x.sub_(m).div_(s)
+from .data.images import to_float as normalize_images  # one preprocessing for every caller
 
 
 @torch.inference_mode()

@@ -1,0 +1,150 @@
+"""``hvs index build|add|remove|info`` and ``hvs search``: thin wrappers over hvs.search / hvs.index.
+
+    hvs index build --gallery-model runs/gallery --data fashion-mnist --out faiss:runs/index [--factory HNSW32]
+    hvs index add --index faiss:runs/index --gallery-model runs/gallery --label Bag new_bag.png
+    hvs index remove --index faiss:runs/index 17 42
+    hvs index info --index faiss:runs/index
+    hvs search --index faiss:runs/index --query-model runs/query-bct photo.png [-k 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def _spec(value: str) -> str:
+    # index specs carry their backend prefix; a bare folder is accepted here as the default backend
+    return value if ":" in value.split("/")[0] else f"faiss:{value}"
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .search import build_gallery_index
+
+    index = build_gallery_index(args.gallery_model, args.data, _spec(args.out), split=args.split,
+                                factory=args.factory, protocol=args.protocol, batch_size=args.batch_size,
+                                shard_size=args.shard_size, progress=not args.no_progress, strict=args.strict)
+    report = index.meta.get("build_report", {})
+    print(f"built {_spec(args.out)}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
+          + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, list)))
+    skipped = report.get("skipped") or index.meta.get("data", {}).get("skipped") or []
+    for item in skipped:
+        print(f"skipped: {item}")
+    index.close()
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .embed import embed_images
+    from .index import open_index
+    from .search import SearchError
+    import torch
+
+    from .data.images import load_image
+
+    index = open_index(_spec(args.index))
+    try:
+        model, card = load_model(args.gallery_model)
+        expected = (index.meta.get("gallery_model") or {}).get("fingerprint")
+        if expected and card.fingerprint != expected:
+            raise SearchError(f"{args.gallery_model} (fingerprint {card.fingerprint}) is not the gallery model "
+                              f"that built this index ({expected})")
+        images = torch.stack([load_image(p, card.image_size, card.in_chans) for p in args.images])
+        emb = embed_images(model, images, card.mean, card.std).numpy()
+        labels = args.label * len(args.images) if len(args.label) == 1 else args.label
+        if len(labels) != len(args.images):
+            raise SearchError(f"{len(args.images)} images but {len(labels)} labels: give one --label, or one per image")
+        ids = index.add(emb, labels=labels, sources=[str(p) for p in args.images])
+        print(f"added ids {', '.join(str(int(i)) for i in ids)}; index now holds {len(index)}")
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from .index import open_index
+
+    index = open_index(_spec(args.index))
+    try:
+        n = index.remove(np.asarray(args.ids, dtype=np.int64))
+        print(f"removed {n}; index now holds {len(index)}")
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .index import open_index
+
+    index = open_index(_spec(args.index))
+    try:
+        print(json.dumps(index.info(), indent=2, default=str))
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import Searcher
+
+    searcher = Searcher(_spec(args.index), args.query_model, force=args.force)
+    try:
+        if searcher.warning:
+            print(f"warning: {searcher.warning}")
+        results = searcher.search_files(args.images, k=args.k)
+        if args.json:
+            print(json.dumps([{"query": str(p), "results": r} for p, r in zip(args.images, results)], indent=2))
+        else:
+            for path, hits in zip(args.images, results):
+                print(f"{path}:")
+                for rank, hit in enumerate(hits, 1):
+                    print(f"  {rank:>3}. id {hit['id']:<8} score {hit['score']:.4f}  {hit['label']}  {hit['source']}")
+    finally:
+        searcher.index.close()
+    return 0
+
+
+def add_parser(sub) -> None:
+    ix = sub.add_parser("index", help="build and maintain a persistent gallery index")
+    isub = ix.add_subparsers(dest="index_command", required=True)
+
+    b = isub.add_parser("build", help="embed a dataset split with the gallery model into a new index")
+    b.add_argument("--gallery-model", required=True)
+    b.add_argument("--data", default="fashion-mnist")
+    b.add_argument("--split", default="gallery", choices=["train", "query", "gallery"])
+    b.add_argument("--protocol", default="closed", choices=["closed", "open"])
+    b.add_argument("--out", required=True, help="faiss:DIR (default backend) or milvus:URI")
+    b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF256,Flat, IVF256,PQ16, ...")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
+    b.add_argument("--strict", action="store_true", help="an unreadable image is an error, not skipped")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=cmd_build)
+
+    a = isub.add_parser("add", help="embed images with the gallery model and add them")
+    a.add_argument("--index", required=True)
+    a.add_argument("--gallery-model", required=True)
+    a.add_argument("--label", action="append", required=True, help="label for every image, or one per image")
+    a.add_argument("images", nargs="+")
+    a.set_defaults(fn=cmd_add)
+
+    r = isub.add_parser("remove", help="remove items by id (really removed, ids never reused)")
+    r.add_argument("--index", required=True)
+    r.add_argument("ids", nargs="+", type=int)
+    r.set_defaults(fn=cmd_remove)
+
+    i = isub.add_parser("info", help="print the index sidecar")
+    i.add_argument("--index", required=True)
+    i.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("search", help="search an index with query images embedded by the query model")
+    s.add_argument("--index", required=True)
+    s.add_argument("--query-model", required=True, help="query model folder (or exported .onnx file)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--force", action="store_true", help="search with a query model made for another gallery model")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(fn=cmd_search)
