@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_FEATURES = ("index", "export", "serve", "nas")
+_FEATURES = ("index", "export", "serve", "nas", "data")
 
 
 def main(argv: list[str] | None = None) -> int:

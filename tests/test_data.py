@@ -584,11 +584,18 @@ def every_source(tmp_path):
         "csv": f"csv:{write_csv(tmp_path / 'm.csv', rows)}",
         "deepfashion2": f"deepfashion2:{make_deepfashion2(tmp_path / 'df2')}",
         "synthetic": "synthetic:classes=4,train_per_class=4,test_per_class=4",
+        "kanji-fonts": f"kanji-fonts:{tmp_path / 'kf'},limit=12,max_faces=2",
     }
 
 
 @pytest.mark.parametrize("source", sorted(n for n in _SOURCES if n != "tiny-test"))
 def test_every_registered_source_meets_the_contract(source, every_source):
+    if source == "kanji-fonts":
+        from hvs.data import kanji_fonts
+
+        kinds = {face.kind for face in kanji_fonts.discover_faces()[0]}
+        if not {kanji_fonts.PRINT, kanji_fonts.HANDWRITING} <= kinds:
+            pytest.skip("kanji-fonts needs one print and one handwriting CJK font installed (make setup)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         d = create_dataset(every_source[source], image_size=12, channels=3)

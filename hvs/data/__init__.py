@@ -15,6 +15,7 @@ Sources are picked by an explicit prefix (see :mod:`hvs.data.registry`):
 ``csv:FILE``             manifest with columns ``path,label[,split][,bbox]``
 ``deepfashion2:DIR``     consumer-to-shop retrieval from the released JSON annotations
 ``synthetic[:K=V,...]``  procedural patterns generated in memory
+``kanji-fonts[:DIR]``    JIS level-1 kanji rendered from print (gallery) / handwriting (query) fonts
 =======================  ===================================================================
 """
 
@@ -24,7 +25,7 @@ from .registry import (DataWarning, create_dataset, list_sources, parse_spec, re
                        source_info, validate)
 
 # importing the source modules registers them
-from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, synthetic  # noqa: E402,F401
+from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, kanji_fonts, synthetic  # noqa: E402,F401
 
 __all__ = [
     "SPLITS", "DataError", "DataWarning", "ImageError", "RetrievalData", "Split",
