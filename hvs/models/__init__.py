@@ -101,3 +101,4 @@ register_model("cnn-small", "query", "plain CNN 32/64/128, ~8 MFLOPs at 28 px")(
     lambda in_chans=1: bb.PlainCNN((32, 64, 128), in_chans))
 register_model("cnn-nano", "query", "plain CNN 8/16/32, ~0.5 MFLOPs at 28 px")(
     lambda in_chans=1: bb.PlainCNN((8, 16, 32), in_chans))
+from . import ofa  # noqa: E402,F401

@@ -1,0 +1,292 @@
+"""Pieces shared by supernet training, search and export: the supernet folder, the validation
+split carved from the training classes, BatchNorm re-calibration and the BCT classifier rows.
+
+A supernet folder (written by :func:`hvs.nas.train.train_supernet`)::
+
+    config.json            SupernetCard: how to rebuild the supernet, preprocessing, classes,
+                           the gallery model it was trained against, epochs done, fingerprint
+    supernet.safetensors   the supernet's weights (largest weights of every layer)
+    head.safetensors       the margin-softmax classifier shared by all sub-networks
+    state.pt               optimizer / scheduler / history for --resume
+    log.csv                one row per epoch
+    latency_table_*.json   per-layer CPU latencies measured by the search (reused)
+
+Why the validation split: CMP-NAS scores candidates by retrieval accuracy, and scoring on the
+test split would tune the architecture on the test set. So a few images per *training* class
+are held out of supernet training and split into a val-query and a val-gallery side
+(:func:`carve_validation`); the supernet never trains on them, and search re-creates the same
+split from the same data spec and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..data import RetrievalData, create_dataset
+from ..embed import embed_images, normalize_images
+from ..losses import synthesize_gallery_classifier
+from ..models.ofa import OFAMobileNetV3Supernet
+
+CONFIG = "config.json"
+WEIGHTS = "supernet.safetensors"
+HEAD = "head.safetensors"
+STATE = "state.pt"
+LOG = "log.csv"
+
+
+class NASError(ValueError):
+    """A NAS job that cannot run as asked (one-line message)."""
+
+
+@dataclass
+class SupernetCard:
+    """What ``config.json`` of a supernet folder holds."""
+
+    supernet: dict  # OFAMobileNetV3Supernet(**supernet)
+    embed_dim: int
+    in_chans: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str]  # head row order
+    data: str
+    protocol: str = "closed"
+    data_seed: int = 0
+    val_fraction: float = 0.1
+    val_max_per_class: int = 50
+    gallery: dict | None = None  # {"fingerprint", "model", "path"} of the frozen gallery model (BCT)
+    bct_weight: float = 0.0
+    loss: str = "cosface"
+    scale: float = 16.0
+    margin: float = 0.2
+    epochs: int = 0
+    epochs_done: int = 0
+    fingerprint: str = ""  # of supernet.safetensors
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "compatibility-aware" if self.gallery and self.bct_weight > 0 else "plain"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SupernetCard":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def save_supernet(folder: str | os.PathLike, model: OFAMobileNetV3Supernet, head_weight: torch.Tensor,
+                  card: SupernetCard) -> SupernetCard:
+    """Weights first, then config.json (a folder with a config.json is complete)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_save_tensors(folder / WEIGHTS, model.state_dict())
+    ckpt.atomic_save_tensors(folder / HEAD, {"weight": head_weight})
+    card.fingerprint = ckpt.file_fingerprint(folder / WEIGHTS)
+    ckpt.atomic_write_json(folder / CONFIG, {"format": "hvs-ofa-supernet", **asdict(card)})
+    return card
+
+
+def read_supernet_card(folder: str | os.PathLike) -> SupernetCard:
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise NASError(f"{folder} is not a supernet folder (no {CONFIG}; run `hvs nas train-supernet` first)")
+    raw = json.loads((folder / CONFIG).read_text())
+    if raw.get("format") != "hvs-ofa-supernet":
+        raise NASError(f"{folder} holds a model folder, not a supernet (no \"format\": \"hvs-ofa-supernet\")")
+    return SupernetCard.from_dict(raw)
+
+
+def load_supernet(folder: str | os.PathLike) -> tuple[OFAMobileNetV3Supernet, torch.Tensor, SupernetCard]:
+    """(supernet in eval mode, head weight, card); checks the weights against the fingerprint."""
+    folder = Path(folder)
+    card = read_supernet_card(folder)
+    if card.fingerprint and ckpt.file_fingerprint(folder / WEIGHTS) != card.fingerprint:
+        raise NASError(f"{folder / WEIGHTS}: weights do not match the fingerprint in {CONFIG} (corrupt or replaced)")
+    model = OFAMobileNetV3Supernet(**card.supernet)
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    head = load_file(str(folder / HEAD))["weight"]
+    return model.eval(), head, card
+
+
+# ------------------------------------------------------------------------------------------
+# Data: training targets and the validation split carved from the training classes
+# ------------------------------------------------------------------------------------------
+
+def carve_validation(labels: torch.Tensor, fraction: float = 0.1, max_per_class: int = 50, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, val_query, val_gallery) indices into ``labels``.
+
+    Per class, a seeded shuffle holds out ``min(round(fraction * n), max_per_class)`` images
+    (at least 2 when the class has >= 4, so it can have a query and a positive), half val-query
+    (rounded down), half val-gallery; the rest trains. Classes with < 4 images only train."""
+    if not 0 <= fraction < 1:
+        raise NASError(f"validation fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    lab = labels.numpy()
+    train, vq, vg = [], [], []
+    for c in np.unique(lab):
+        idx = rng.permutation(np.flatnonzero(lab == c))
+        n = len(idx)
+        n_val = min(int(math.floor(fraction * n + 0.5)), max_per_class) if fraction > 0 else 0
+        if n >= 4 and fraction > 0:
+            n_val = max(2, n_val)
+        elif n < 4:
+            n_val = 0
+        n_q = n_val // 2
+        vq.append(idx[:n_q])
+        vg.append(idx[n_q:n_val])
+        train.append(idx[n_val:])
+    return tuple(torch.from_numpy(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)).long()
+                 for p in (train, vq, vg))
+
+
+@dataclass
+class NASData:
+    """Training targets (classifier rows) and the carved validation split, all uint8 in memory."""
+
+    data: RetrievalData
+    classes: list[str]  # classifier rows: training classes in the order of their global label
+    train_images: torch.Tensor
+    train_targets: torch.Tensor  # row indices
+    val_query_images: torch.Tensor
+    val_query_labels: torch.Tensor
+    val_gallery_images: torch.Tensor
+    val_gallery_labels: torch.Tensor
+
+    def bn_subset(self, n: int, seed: int = 0) -> torch.Tensor:
+        """A fixed seeded subset of ``n`` training images for BatchNorm re-calibration."""
+        if n >= len(self.train_images):
+            return self.train_images
+        perm = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))
+        return self.train_images[perm[:n]]
+
+
+def prepare_data(data: RetrievalData, val_fraction: float = 0.1, val_max_per_class: int = 50,
+                 seed: int = 0) -> NASData:
+    """Rows = the training classes in sorted order of their global label (as hvs.train does)."""
+    labels = data.train.labels
+    if len(labels) == 0:
+        raise NASError(f"{data.name}: the train split is empty")
+    class_ids = torch.unique(labels)
+    row_of = torch.full((len(data.classes),), -1, dtype=torch.long)
+    row_of[class_ids] = torch.arange(len(class_ids))
+    tr, vq, vg = carve_validation(labels, val_fraction, val_max_per_class, seed)
+    return NASData(data, [data.classes[i] for i in class_ids.tolist()], data.train.images[tr], row_of[labels[tr]],
+                   data.train.images[vq], labels[vq], data.train.images[vg], labels[vg])
+
+
+def load_data(spec: str | RetrievalData, protocol: str = "closed", image_size: int | None = None, seed: int = 0
+              ) -> RetrievalData:
+    if isinstance(spec, RetrievalData):
+        return spec
+    return create_dataset(spec, protocol=protocol, image_size=image_size, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm re-calibration and the BCT rows
+# ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                   batch_size: int = 256,
+                   channels_last: bool = True) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``images`` (uint8), in place.
+
+    A sub-network's activations differ from the mixture the shared running statistics were
+    averaged over during supernet training, so OFA resets them on ~2k training images before
+    any accuracy is measured. Statistics are the exact average over the batches (momentum None).
+    Returns the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    # a batch of 1 cannot give BatchNorm1d statistics: fold a trailing singleton into the previous batch
+    starts = list(range(0, len(images), batch_size))
+    if len(starts) > 1 and len(images) - starts[-1] < 2:
+        starts.pop()
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(images)
+        x = normalize_images(images[start:end], mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        model(x)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    return model.eval()
+
+
+def gallery_rows(gallery: str | os.PathLike, classes: list[str], images: torch.Tensor, targets: torch.Tensor,
+                 log: Callable[[str], None] = print) -> tuple[torch.Tensor, nn.Module, ckpt.ModelCard]:
+    """The frozen gallery classifier aligned to ``classes`` (BCT; unseen classes get their mean
+    gallery embedding), plus the gallery model and card."""
+    model, card = ckpt.load_model(gallery)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weight = ckpt.load_classifier(gallery)
+
+    def class_mean(row: int) -> torch.Tensor:
+        return embed_images(model, images[targets == row], card.mean, card.std).mean(0)
+
+    rows, synthesized = synthesize_gallery_classifier(weight, card.classes, classes, class_mean)
+    if synthesized:
+        log(f"bct: {len(synthesized)} of {len(classes)} classes unseen by the gallery model; "
+            "their classifier rows are their mean gallery embeddings")
+    return rows, model, card
+
+
+def gallery_ref(card: ckpt.ModelCard, path: str | os.PathLike) -> dict[str, str]:
+    return {"fingerprint": card.fingerprint, "model": card.model, "path": str(Path(path).resolve())}
+
+
+def parse_flops(text: str | float | int) -> float:
+    """``"5M"``, ``"0.5G"``, ``"800k"``, ``"5e6"`` -> FLOPs."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower().removesuffix("flops").strip()
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(s[-1:], 1.0)
+    try:
+        value = float(s[:-1] if mult != 1.0 else s) * mult
+    except ValueError:
+        raise NASError(f"cannot read FLOPs {text!r}; write e.g. 5M, 0.5G or 5e6") from None
+    if value <= 0:
+        raise NASError(f"a FLOPs budget must be positive, got {text!r}")
+    return value
+
+
+def load_mapping(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A YAML or JSON file of options (a mapping), or {} for None."""
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        loaded = yaml.safe_load(text) or {}
+    else:
+        loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise NASError(f"{path}: a config file must hold a mapping of options")
+    return loaded
+
+
+def config_from_dict(cls, d: dict[str, Any], what: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise NASError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return cls(**d)

@@ -1,0 +1,214 @@
+"""Sub-networks out of the supernet as ordinary model folders (CMP-NAS steps 5 and 6).
+
+* :func:`export_subnet`: the searched arch becomes a **query model** folder (``ofa-mbv3`` with
+  the arch in its ``model_kwargs``; role "query"; ``compatible_with`` = the gallery model's
+  fingerprint; classifier = the supernet's shared head), usable by ``hvs evaluate``,
+  ``hvs index`` and ``hvs search``. Its BatchNorm statistics are re-estimated on training
+  images first (Once-for-All, Cai et al. 2020). Optionally it is fine-tuned with the BCT loss
+  (Shen et al. 2020) against the frozen gallery classifier, which is CMP-NAS's last step.
+* :func:`inherit`: **weight inheritance**, the first way to compatibility in the CMP-NAS paper
+  (Duggal et al. 2021): the gallery model is the supernet's largest sub-network, the query
+  model a smaller one with the *same* shared weights and no further training. ``hvs evaluate``
+  on the pair measures how compatible weight sharing alone makes them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..data import RetrievalData
+from ..embed import normalize_images
+from ..losses import BCTLoss, MarginHead
+from ..models import EmbeddingModel
+from ..models.ofa import OFAMobileNetV3Supernet, load_arch
+from ..train import _augment, _lr_lambda
+from .common import (NASError, SupernetCard, gallery_ref, gallery_rows, load_data, load_supernet, prepare_data,
+                     recalibrate_bn)
+from .search import Budget, check_feasible, sample_under_budget
+
+
+def _fresh(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise NASError(f"{out} already holds files; choose another output folder")
+    return out
+
+
+def finetune(model: EmbeddingModel, head: MarginHead, images: torch.Tensor, targets: torch.Tensor,
+             mean: Sequence[float], std: Sequence[float], *,
+             epochs: int, lr: float = 0.01, batch_size: int = 256, weight_decay: float = 5e-4, momentum: float = 0.9,
+             augment: str = "crop,flip", bct: BCTLoss | None = None, bct_weight: float = 1.0, seed: int = 0,
+             progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Fine-tune a static query model: own margin softmax + ``bct_weight`` x BCT, SGD with a
+    cosine schedule, the trainer's batch augmentation. Returns one log row per epoch."""
+    from tqdm import tqdm
+
+    aug = {a for a in augment.split(",") if a and a != "none"}
+    n = len(images)
+    batch = min(batch_size, n)
+    steps = max(1, n // batch_size)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(epochs * steps, 0))
+    rows = []
+    for epoch in range(epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        sums = {"loss": 0.0, "own": 0.0, "bct": 0.0}
+        t0 = time.perf_counter()
+        for step in tqdm(range(steps), desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            idx = perm[step * batch:(step + 1) * batch]
+            x = normalize_images(images[idx], mean, std)
+            if aug:
+                x = _augment(x, aug, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = targets[idx]
+            emb = model(x)
+            own = head(emb, y)
+            loss = own
+            if bct is not None:
+                term = bct(emb, y)
+                sums["bct"] += term.item()
+                loss = loss + bct_weight * term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not torch.isfinite(loss):
+                raise NASError(f"fine-tuning loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+            sums["loss"] += loss.item()
+            sums["own"] += own.item()
+        row = {"epoch": epoch + 1, **{k: round(v / steps, 5) for k, v in sums.items()},
+               "seconds": round(time.perf_counter() - t0, 2)}
+        rows.append(row)
+        log("fine-tune  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
+def _nas_extra(card: SupernetCard, supernet_dir: str | os.PathLike, flops: int, **more: Any) -> dict:
+    return {"data": card.data, "protocol": card.protocol,
+            "nas": {"supernet": str(Path(supernet_dir).resolve()), "supernet_fingerprint": card.fingerprint,
+                    "supernet_kind": card.kind, "arch_key": more.pop("key"), "flops": flops, **more}}
+
+
+def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.PathLike, *,
+                  gallery: str | os.PathLike, data: str | RetrievalData | None = None, finetune_epochs: int = 0,
+                  lr: float = 0.01, batch_size: int = 256, bct_weight: float | None = None, bn_images: int = 2000,
+                  seed: int = 0, force: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> ckpt.ModelCard:
+    """Extract ``arch`` (a dict, inline JSON, or a JSON file such as a search's best.json) as a
+    query model folder compatible with ``gallery``; fine-tune it first if ``finetune_epochs``."""
+    out = _fresh(out)
+    model, head_w, card = load_supernet(supernet)
+    arch = model.space.validate(load_arch(arch) if isinstance(arch, str) else arch)
+    g_card = ckpt.read_card(gallery)
+    if g_card.embed_dim != card.embed_dim:
+        raise NASError(f"the supernet embeds {card.embed_dim}-d vectors but the gallery model {g_card.embed_dim}-d")
+    if (g_card.in_chans, g_card.image_size) != (card.in_chans, card.image_size):
+        raise NASError(f"the gallery model reads {g_card.in_chans}x{g_card.image_size}px images, the supernet "
+                       f"{card.in_chans}x{card.image_size}px")
+    trained_for = (card.gallery or {}).get("fingerprint")
+    if trained_for != g_card.fingerprint and finetune_epochs <= 0:
+        why = (f"was trained for gallery fingerprint {trained_for}" if trained_for
+               else "was trained without a gallery model")
+        msg = f"the supernet {why}, not {g_card.fingerprint}"
+        if not force:
+            raise NASError(f"{msg}: fine-tune with --finetune-epochs N, use `hvs nas inherit`, or pass --force")
+        log(f"warning: {msg} (forced)")
+
+    data = load_data(data if data is not None else card.data, card.protocol, card.image_size, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    if nd.classes != card.classes:
+        raise NASError(f"{data.name}: its training classes differ from the supernet's ({len(nd.classes)} vs "
+                       f"{len(card.classes)})")
+    model.set_active_subnet(arch)
+    sub = recalibrate_bn(model.get_active_subnet(), nd.bn_subset(bn_images, seed), card.mean, card.std)
+    flops = model.flops(arch, card.image_size)
+    head = MarginHead(card.embed_dim, len(card.classes), card.loss, card.scale, card.margin)
+    head.weight.data.copy_(head_w)
+    compat = [["bct", card.bct_weight]] if card.bct_weight > 0 and trained_for == g_card.fingerprint else []
+    history: list[dict] = []
+    if finetune_epochs > 0:
+        w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
+                                                                                else bct_weight)
+        full = prepare_data(data, 0.0, 0, card.data_seed)  # fine-tuning may use every training image
+        bct = None
+        if w > 0:
+            rows, _, _ = gallery_rows(gallery, full.classes, full.train_images, full.train_targets, log)
+            bct = BCTLoss(rows, card.loss, card.scale, card.margin)
+            compat = [["bct", w]]
+        torch.manual_seed(seed)
+        history = finetune(sub, head, full.train_images, full.train_targets, card.mean, card.std,
+                           epochs=finetune_epochs, lr=lr, batch_size=batch_size, bct=bct, bct_weight=w, seed=seed,
+                           progress=progress, log=log)
+        sub.eval()
+    mcard = ckpt.ModelCard(
+        model="ofa-mbv3", embed_dim=card.embed_dim, in_chans=card.in_chans, image_size=card.image_size,
+        mean=list(card.mean), std=list(card.std), role="query", model_kwargs=model.subnet_kwargs(arch),
+        classes=list(card.classes), compatible_with=gallery_ref(g_card, gallery), compat=compat,
+        extra=_nas_extra(card, supernet, flops, key=model.space.key(arch), finetune_epochs=finetune_epochs,
+                         finetune=history[-1] if history else None, bn_images=min(bn_images, len(nd.train_images))))
+    ckpt.save_model_folder(out, sub, mcard, classifier=head.weight.detach())
+    log(f"saved query model ofa-mbv3 [{model.space.key(arch)}] {flops / 1e6:.3f} MFLOPs to {out} "
+        f"(fingerprint {mcard.fingerprint}, compatible with gallery {g_card.fingerprint})")
+    return mcard
+
+
+def largest_under_budget(supernet: OFAMobileNetV3Supernet, image_size: int, flops: float, samples: int = 200,
+                         seed: int = 0, max_tries: int = 1000) -> dict:
+    """The sub-network with the most FLOPs among ``samples`` seeded random ones under ``flops``
+    (the minimum sub-network when it is the only one that fits)."""
+    budget = Budget("flops", float(flops), lambda a: float(supernet.flops(a, image_size)))
+    check_feasible(supernet.space, budget)
+    rng = random.Random(seed)
+    best = supernet.space.min_arch()
+    for _ in range(samples):
+        arch = sample_under_budget(supernet.space, rng, budget, max_tries)
+        if budget.cost(arch) > budget.cost(best):
+            best = arch
+    return best
+
+
+def inherit(supernet: str | os.PathLike, out_gallery: str | os.PathLike, out_query: str | os.PathLike, *,
+            arch: dict | str | None = None, flops: float | None = None, data: str | RetrievalData | None = None,
+            samples: int = 200, bn_images: int = 2000, seed: int = 0,
+            log: Callable[[str], None] = print) -> tuple[ckpt.ModelCard, ckpt.ModelCard]:
+    """Weight inheritance: export the largest sub-network as the gallery model and ``arch`` (or
+    the largest of ``samples`` random sub-networks under ``flops``) as its query model."""
+    if (arch is None) == (flops is None):
+        raise NASError("give the query sub-network as --arch or a budget as --flops (one of them)")
+    out_gallery, out_query = _fresh(out_gallery), _fresh(out_query)
+    model, head_w, card = load_supernet(supernet)
+    if arch is not None:
+        arch = model.space.validate(load_arch(arch) if isinstance(arch, str) else arch)
+    else:
+        arch = largest_under_budget(model, card.image_size, flops, samples, seed)
+    data = load_data(data if data is not None else card.data, card.protocol, card.image_size, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    bn = nd.bn_subset(bn_images, seed)
+    cards = []
+    for role, a, folder in (("gallery", model.max_arch(), out_gallery), ("query", arch, out_query)):
+        model.set_active_subnet(a)
+        sub = recalibrate_bn(model.get_active_subnet(), bn, card.mean, card.std)
+        flops_a = model.flops(a, card.image_size)
+        mcard = ckpt.ModelCard(
+            model="ofa-mbv3", embed_dim=card.embed_dim, in_chans=card.in_chans, image_size=card.image_size,
+            mean=list(card.mean), std=list(card.std), role=role, model_kwargs=model.subnet_kwargs(a),
+            classes=list(card.classes),
+            compatible_with=None if role == "gallery" else gallery_ref(cards[0], out_gallery),
+            extra={**_nas_extra(card, supernet, flops_a, key=model.space.key(a)),
+                   "compatibility": "weight-inheritance"})
+        ckpt.save_model_folder(folder, sub, mcard, classifier=head_w)
+        log(f"saved {role} model ofa-mbv3 [{model.space.key(a)}] {flops_a / 1e6:.3f} MFLOPs to {folder} "
+            f"(fingerprint {mcard.fingerprint})")
+        cards.append(mcard)
+    return cards[0], cards[1]

@@ -1,0 +1,390 @@
+"""CMP-NAS: the OFA supernet (hvs.models.ofa), search (hvs.nas.search), training, export, inheritance.
+
+Everything runs on narrow supernets and tiny synthetic data; torch runs on one thread here (on a
+shared 2-core machine two threads are ~10x slower for these tiny tensors)."""
+
+import json
+import random
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from hvs import checkpoint as ckpt
+from hvs.cli import main
+from hvs.models import create_model
+from hvs.models.cost import count_flops
+from hvs.models.ofa import ArchError, ArchSpace, OFAMobileNetV3Supernet, make_divisible
+from hvs.nas import (Budget, LatencyTable, NASError, carve_validation, compare_latency, phase_plan, random_search,
+                     regularized_evolution)
+from hvs.nas import train as nas_train
+
+TINY = {"stem_width": 8, "first_width": 8, "stage_widths": [8, 16, 24], "stage_strides": [2, 2, 1],
+        "stage_acts": ["relu", "h_swish", "h_swish"], "stage_se": [False, True, True], "final_width": 48,
+        "feature_width": 64}
+DATA = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _supernet(**kw) -> OFAMobileNetV3Supernet:
+    net = OFAMobileNetV3Supernet(embed_dim=16, in_chans=1, **{**TINY, **kw})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.5, 0.5, generator=g)
+            for name, p in m.named_parameters(recurse=False):
+                if name.startswith("matrix_"):
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The supernet
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{}, {"kernel_transform": True, "width_mult_list": [0.5, 1.0],
+                                     "resolution_list": [10, 12, 16]}])
+def test_extracted_subnet_equals_active_supernet(kw):
+    net = _supernet(**kw)
+    x = torch.randn(3, 1, 12, 12)
+    rng = random.Random(0)
+    archs = [net.max_arch(), net.min_arch()] + [net.space.sample(rng) for _ in range(5)]
+    for arch in archs:
+        net.set_active_subnet(arch)
+        with torch.no_grad():
+            expected = net(x)
+            got = net.get_active_subnet().eval()(x)
+        assert got.shape == (3, 16)
+        assert torch.allclose(expected, got, atol=1e-5), net.space.key(arch)
+    assert net.training is False
+
+
+def test_extraction_copies_weights():
+    net = _supernet()
+    net.set_active_subnet(net.min_arch())
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        before = net(x)
+        sub = net.get_active_subnet()
+        for p in sub.parameters():
+            p.zero_()
+        assert torch.equal(net(x), before)  # the sub-network owns copies, not views
+
+
+def test_random_subnets_respect_the_choices():
+    choices = {"ks_list": [3, 5], "expand_list": [2, 3], "depth_list": [1, 3]}
+    net = _supernet(**choices)
+    rng = random.Random(3)
+    seen = {"k": set(), "e": set(), "d": set()}
+    for _ in range(12):
+        arch = net.sample_active_subnet(rng)
+        assert set(arch["ks"]) <= {3, 5} and set(arch["e"]) <= {2, 3} and set(arch["d"]) <= {1, 3}
+        sub = net.get_active_subnet()
+        blocks = list(sub.backbone.blocks.items())[1:]  # block 0: the fixed first layer
+        assert len(blocks) == sum(arch["d"])
+        for (name, block), (s, i, slot) in zip(blocks, net.space.active_layers(arch)):
+            assert int(name) == 1 + slot
+            k = block.depth_conv.conv.kernel_size[0]
+            cin = block.inverted_bottleneck.conv.in_channels
+            mid = block.depth_conv.conv.in_channels
+            assert k == arch["ks"][slot] and mid == make_divisible(round(cin * arch["e"][slot]), 8)
+            seen["k"].add(k)
+            seen["e"].add(arch["e"][slot])
+        for s, d in enumerate(arch["d"]):
+            seen["d"].add(d)
+            assert sum(1 for _, _, slot in net.space.active_layers(arch) if slot // 3 == s) == d
+    assert seen == {"k": {3, 5}, "e": {2, 3}, "d": {1, 3}}
+
+
+@pytest.mark.parametrize("kw", [{}, {"width_mult_list": [0.5, 1.0], "resolution_list": [8, 12, 16]}])
+def test_analytic_flops_equal_flop_counter(kw):
+    net = _supernet(**kw)
+    rng = random.Random(1)
+    for arch in [net.max_arch(), net.min_arch()] + [net.space.sample(rng) for _ in range(6)]:
+        net.set_active_subnet(arch)
+        assert net.flops(arch, 12) == count_flops(net.get_active_subnet(), (1, 12, 12)), net.space.key(arch)
+
+
+def test_arch_round_trips_through_json_and_model_folders(tmp_path):
+    net = _supernet(width_mult_list=[0.5, 1.0])
+    arch = net.sample_active_subnet(7)
+    again = json.loads(json.dumps(arch))
+    assert again == arch and net.space.key(again) == net.space.key(arch)
+    sub = net.get_active_subnet().eval()
+    kwargs = json.loads(json.dumps(net.subnet_kwargs()))
+    card = ckpt.ModelCard(model="ofa-mbv3", embed_dim=16, in_chans=1, image_size=12, mean=[0.5], std=[0.5],
+                          role="query", model_kwargs=kwargs)
+    ckpt.save_model_folder(tmp_path / "q", sub, card)
+    loaded, _ = ckpt.load_model(tmp_path / "q")
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), sub(x), atol=1e-6)
+    rebuilt = OFAMobileNetV3Supernet(**json.loads(json.dumps(net.config())))
+    assert rebuilt.config() == net.config()
+    assert set(rebuilt.state_dict()) == set(net.state_dict())
+
+
+def test_bad_arch_is_a_one_line_error():
+    net = _supernet()
+    arch = net.max_arch()
+    arch["ks"][2] = 9
+    with pytest.raises(ArchError, match=r"arch ks\[2\]=9 is not a choice of this supernet \[3, 5, 7\]"):
+        net.set_active_subnet(arch)
+    with pytest.raises(ArchError, match="arch d has 2 entries; this supernet needs 3"):
+        net.set_active_subnet({**net.max_arch(), "d": [2, 2]})
+
+
+def test_registered_model_defaults_to_the_largest_ofa_subnet():
+    model = create_model("ofa-mbv3", embed_dim=32)
+    assert len(model.backbone.blocks) == 1 + 5 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Search: budget, evolution, determinism
+# ---------------------------------------------------------------------------------------------
+
+def _target_reward(space: ArchSpace, target: dict):
+    """A known function of the arch: the share of active layers (and stage depths) matching target."""
+    def reward(arch: dict) -> float:
+        hits = sum((arch["ks"][slot] == target["ks"][slot]) + (arch["e"][slot] == target["e"][slot])
+                   for _, _, slot in space.active_layers(arch))
+        return hits / (2 * space.num_layers) + sum(a == b for a, b in zip(arch["d"], target["d"])) / space.num_stages
+    return reward
+
+
+def _toy_cost(space: ArchSpace):
+    return lambda a: float(sum(a["ks"][slot] ** 2 * a["e"][slot] for _, _, slot in space.active_layers(a)))
+
+
+def test_evolution_beats_random_search_at_equal_evaluations():
+    space = ArchSpace(num_stages=3)
+    budget = Budget("flops", 1200.0, _toy_cost(space))
+    gains = []
+    for seed in range(4):
+        rng = random.Random(100 + seed)
+        target = space.sample(rng)
+        while budget.cost(target) > budget.limit:
+            target = space.sample(rng)
+        reward = _target_reward(space, target)
+        evo = regularized_evolution(space, reward, budget, population=20, iterations=100, parents=0.25,
+                                    mutation_prob=0.1, mutate_ratio=0.5, seed=seed)
+        rnd = random_search(space, reward, budget, evaluations=evo.evaluations, seed=seed)
+        assert rnd.evaluations == evo.evaluations
+        assert all(r["cost"] <= budget.limit for r in evo.history + rnd.history)
+        gains.append(evo.best["reward"] - rnd.best["reward"])
+    assert statistics.mean(gains) > 0.1, gains
+
+
+def test_same_seed_same_search_and_budget_in_every_candidate():
+    net = _supernet()
+    limit = (net.flops(net.min_arch(), 12) + net.flops(net.max_arch(), 12)) / 2
+    budget = Budget("flops", limit, lambda a: float(net.flops(a, 12)))
+    reward = _target_reward(net.space, net.max_arch())
+    runs = [regularized_evolution(net.space, reward, budget, population=10, iterations=30, seed=5,
+                                  annotate=lambda a: {"cost": budget.cost(a)}) for _ in range(2)]
+    assert [r["key"] for r in runs[0].history] == [r["key"] for r in runs[1].history]
+    assert runs[0].best == runs[1].best
+    assert all(r["cost"] <= limit for r in runs[0].history)
+    other = regularized_evolution(net.space, reward, budget, population=10, iterations=30, seed=6)
+    assert [r["key"] for r in other.history] != [r["key"] for r in runs[0].history]
+
+
+def test_infeasible_budget_names_the_smallest_cost():
+    net = _supernet()
+    smallest = net.flops(net.min_arch(), 12) / 1e6
+    budget = Budget("flops", 0.1e6, lambda a: float(net.flops(a, 12)))
+    with pytest.raises(NASError, match=rf"^budget 0.1 MFLOPs is infeasible: the smallest sub-network needs "
+                                       rf"{smallest:.4g} MFLOPs$"):
+        regularized_evolution(net.space, lambda a: 0.0, budget, population=4, iterations=2)
+
+
+def test_latency_table_predicts_and_is_reused(tmp_path):
+    net = _supernet()
+    table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=3)
+    archs = [net.max_arch(), net.min_arch()]
+    assert all(table.predict(a) > 0 for a in archs)
+    assert table.predict(archs[0]) > table.predict(archs[1])
+    table.save()
+    again = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=3)
+    again.predict(archs[0])
+    assert again.measured == 0 and again.entries == table.entries
+    rows = compare_latency(net, table, archs[:1], min_seconds=0.0)
+    assert rows[0]["predicted_ms"] > 0 and rows[0]["measured_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pieces
+# ---------------------------------------------------------------------------------------------
+
+def test_validation_split_is_carved_from_training_images_per_class():
+    labels = torch.arange(4).repeat_interleave(20)
+    tr, vq, vg = carve_validation(labels, fraction=0.2, max_per_class=3, seed=0)
+    assert len(set(tr.tolist()) | set(vq.tolist()) | set(vg.tolist())) == 80
+    assert not set(tr.tolist()) & (set(vq.tolist()) | set(vg.tolist())) and not set(vq.tolist()) & set(vg.tolist())
+    assert torch.bincount(labels[vq]).tolist() == [1] * 4 and torch.bincount(labels[vg]).tolist() == [2] * 4
+    assert torch.equal(carve_validation(labels, 0.2, 3, 0)[1], vq)
+
+
+def test_progressive_shrinking_phases():
+    plan = phase_plan(["full", "kernel", "depth", "expand"], 6)
+    assert [(n, e) for n, e, _ in plan] == [("full", 1), ("kernel", 1), ("depth", 2), ("expand", 2)]
+    assert plan[0][2] == [] and plan[1][2] == ["width", "resolution", "kernel"]
+    assert plan[3][2] == ["width", "resolution", "kernel", "depth", "expand"]
+    assert phase_plan([], 3) == [("all", 3, None)]
+    with pytest.raises(NASError, match="needs at least 3 epochs"):
+        phase_plan(["kernel", "depth", "expand"], 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the CLI
+# ---------------------------------------------------------------------------------------------
+
+SUPERNET_YAML = """
+supernet:
+  stem_width: 8
+  first_width: 8
+  stage_widths: [8, 16]
+  stage_strides: [2, 2]
+  stage_acts: [relu, h_swish]
+  stage_se: [false, true]
+  final_width: 32
+  feature_width: 32
+  depth_list: [1, 2]
+batch_size: 32
+lr: 0.05
+val_fraction: 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def nas_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nas")
+    (root / "supernet.yaml").write_text(SUPERNET_YAML)
+    assert main(["train", "--model", "cnn-nano", "--data", DATA, "--epochs", "2", "--batch-size", "32",
+                 "--embed-dim", "16", "--out", str(root / "g"), "--no-progress"]) == 0
+    assert main(["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--gallery", str(root / "g"),
+                 "--data", DATA, "--epochs", "1", "--distill", "0.5", "--sandwich", "--out", str(root / "s"),
+                 "--no-progress"]) == 0
+    return root
+
+
+def test_train_supernet_writes_a_resumable_folder(nas_runs, tmp_path):
+    root = nas_runs
+    card = json.loads((root / "s" / "config.json").read_text())
+    assert card["format"] == "hvs-ofa-supernet" and card["epochs_done"] == 1 and card["bct_weight"] == 1.0
+    assert card["gallery"]["fingerprint"] == ckpt.read_card(root / "g").fingerprint
+    assert (root / "s" / "log.csv").read_text().startswith("epoch,phase,loss,own,bct,distill")
+    # an interrupted 2-epoch run, resumed, ends with the weights of an uninterrupted one
+    args = ["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--data", DATA, "--epochs", "2",
+            "--subnets-per-step", "1", "--progressive", "full,kernel", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    def kill(epoch):
+        raise KeyboardInterrupt
+
+    nas_train.hooks.after_epoch = kill
+    try:
+        assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    finally:
+        nas_train.hooks.after_epoch = staticmethod(lambda epoch: None)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 2  # refuses to overwrite without --resume
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full = json.loads((tmp_path / "full" / "config.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert full["fingerprint"] == cut["fingerprint"] and cut["epochs_done"] == 2
+    assert cut["gallery"] is None and cut["bct_weight"] == 0.0
+    log = (tmp_path / "cut" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in log[1:]] == ["full", "kernel"]
+
+
+def test_search_export_evaluate(nas_runs, capsys):
+    root = nas_runs
+    common = ["nas", "search", "--supernet", str(root / "s"), "--gallery", str(root / "g"), "--population", "4",
+              "--iterations", "4", "--bn-images", "32", "--no-progress"]
+    search = [*common, "--flops", "0.3M"]
+    assert main([*search, "--out", str(root / "r")]) == 0
+    best = json.loads((root / "r" / "best.json").read_text())
+    history = json.loads((root / "r" / "history.json").read_text())
+    assert len(history) == 8 and all(r["flops"] <= 0.3e6 for r in history)
+    assert best["flops"] <= 0.3e6 and best["reward"] == max(r["reward"] for r in history)
+    assert best["reward"] == best["scores"]["query->gallery/recall@1"]
+    header = (root / "r" / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"iteration", "arch", "flops", "reward"} <= set(header)
+    # same seed, same search
+    assert main([*search, "--out", str(root / "r2")]) == 0
+    assert json.loads((root / "r2" / "history.json").read_text()) == history
+    # infeasible budget: one clear line
+    capsys.readouterr()
+    assert main([*common, "--flops", "0.1M", "--out", str(root / "r3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hvs nas: error: budget 0.1 MFLOPs is infeasible: the smallest sub-network needs ")
+    assert len(err.splitlines()) == 1
+
+    assert main(["nas", "export", "--supernet", str(root / "s"), "--arch", str(root / "r" / "best.json"),
+                 "--gallery", str(root / "g"), "--out", str(root / "q"), "--finetune-epochs", "1",
+                 "--batch-size", "32", "--no-progress"]) == 0
+    q = ckpt.read_card(root / "q")
+    g = ckpt.read_card(root / "g")
+    assert q.role == "query" and q.model == "ofa-mbv3" and q.compatible_with["fingerprint"] == g.fingerprint
+    assert q.classes == json.loads((root / "s" / "config.json").read_text())["classes"]
+    assert q.model_kwargs["arch"]["d"] == best["arch"]["d"]
+    model, _ = ckpt.load_model(root / "q")
+    assert count_flops(model, (1, 12, 12)) == best["flops"]
+    assert main(["evaluate", "--gallery-model", str(root / "g"), "--query-model", str(root / "q"), "--data", DATA,
+                 "--no-latency", "--bootstrap", "10", "--json", str(root / "eval.json")]) == 0
+    result = json.loads((root / "eval.json").read_text())
+    assert not result["notes"][0].startswith("query model")  # no 'independent/incompatible' warning
+    assert 0 <= result["metrics"]["query->gallery"]["recall@1"] <= 1
+
+
+def test_homo_reward_needs_no_gallery_and_hetero_does(nas_runs, capsys):
+    root = nas_runs
+    base = ["nas", "search", "--supernet", str(root / "s"), "--flops", "0.3M", "--population", "3", "--iterations",
+            "1", "--bn-images", "16", "--no-progress"]
+    assert main([*base, "--out", str(root / "homo"), "--reward", "homo"]) == 0
+    best = json.loads((root / "homo" / "best.json").read_text())
+    assert best["reward"] == best["scores"]["query->query/recall@1"] and best["gallery"] is None
+    capsys.readouterr()
+    assert main([*base, "--out", str(root / "het")]) == 2
+    assert "the hetero reward needs a gallery model: pass --gallery DIR" in capsys.readouterr().err
+
+
+def test_weight_inheritance_exports_a_compatible_pair(nas_runs):
+    root = nas_runs
+    assert main(["nas", "inherit", "--supernet", str(root / "s"), "--out-gallery", str(root / "ig"),
+                 "--out-query", str(root / "iq"), "--flops", "0.3M", "--bn-images", "32"]) == 0
+    g, q = ckpt.read_card(root / "ig"), ckpt.read_card(root / "iq")
+    assert g.role == "gallery" and q.role == "query" and q.compatible_with["fingerprint"] == g.fingerprint
+    assert q.extra["compatibility"] == "weight-inheritance"
+    assert main(["evaluate", "--gallery-model", str(root / "ig"), "--query-model", str(root / "iq"), "--data", DATA,
+                 "--no-latency", "--bootstrap", "10", "--json", str(root / "inherit.json")]) == 0
+    result = json.loads((root / "inherit.json").read_text())
+    assert result["cost"]["ratio_gallery_over_query"]["flops"] > 1
+    assert main(["nas", "info", "--supernet", str(root / "s")]) == 0
+
+
+def test_export_refuses_a_gallery_the_supernet_was_not_trained_for(nas_runs, capsys):
+    root = nas_runs
+    assert main(["train", "--model", "cnn-nano", "--data", DATA, "--epochs", "1", "--batch-size", "32",
+                 "--embed-dim", "16", "--seed", "1", "--out", str(root / "g-other"), "--no-progress"]) == 0
+    args = ["nas", "export", "--supernet", str(root / "s"), "--arch", '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], '
+            '"d": [1, 1]}', "--gallery", str(root / "g-other"), "--bn-images", "16", "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(root / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the supernet was trained for gallery fingerprint" in err
+    assert "--finetune-epochs" in err
+    assert main([*args, "--out", str(root / "forced"), "--force"]) == 0
+    assert ckpt.read_card(root / "forced").compat == []  # no claim of BCT training for that gallery
