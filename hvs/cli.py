@@ -4,6 +4,12 @@
     hvs train ...                              train a gallery model, or a query model with --gallery
     hvs evaluate --gallery-model G --query-model Q --data SPEC [--json FILE]
     hvs demo                                   the end-to-end job on fashion-mnist
+    hvs index build|add|remove|info, hvs search  the gallery index (hvs/cli_index.py)
+    hvs export onnx, hvs serve                 on-device export and the search service
+    hvs nas train-supernet|search|export|inherit|info|plot   CMP-NAS (hvs/cli_nas.py)
+    hvs data build|info|fonts                  dataset builds and summaries (hvs/cli_data.py)
+
+Multi-process training: ``torchrun --standalone --nproc_per_node N -m hvs train ...`` (see hvs.train).
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "out", "data", "protocol", "image_size", "model", "embed_dim", "gallery", "compat", "loss", "scale",
         "margin", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "train_subset", "seed",
-        "threads", "force", "strict")}
+        "threads", "force", "strict", "device")}
+    if args.sync_bn:
+        overrides["sync_bn"] = True
     if args.model_arg:
         overrides["model_kwargs"] = _kv(args.model_arg)
     if not args.force:
@@ -117,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-subset", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it, else CPU")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch, not each process's share")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     t.add_argument("--force", action="store_true", help="accept a gallery model whose input differs")
     t.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")

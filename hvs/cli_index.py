@@ -21,11 +21,17 @@ def _spec(value: str) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from . import distributed
     from .search import build_gallery_index
 
-    index = build_gallery_index(args.gallery_model, args.data, _spec(args.out), split=args.split,
-                                factory=args.factory, protocol=args.protocol, batch_size=args.batch_size,
-                                shard_size=args.shard_size, progress=not args.no_progress, strict=args.strict)
+    build = build_gallery_index
+    if distributed.env_info().distributed:  # under torchrun: ranks embed disjoint shards, rank 0 writes
+        from .index.distributed_build import build_gallery_index_distributed as build
+    index = build(args.gallery_model, args.data, _spec(args.out), split=args.split, factory=args.factory,
+                  protocol=args.protocol, batch_size=args.batch_size, shard_size=args.shard_size,
+                  progress=not args.no_progress, strict=args.strict)
+    if index is None:  # a rank other than 0
+        return 0
     report = index.meta.get("build_report", {})
     print(f"built {_spec(args.out)}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
           + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, list)))

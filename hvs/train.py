@@ -12,10 +12,50 @@ feature regression and cross-model contrastive terms)::
 
 An interrupted run continues from its last finished epoch with ``--resume`` (same command).
 
+Data-parallel on several processes (DDP), launched by ``torchrun``; the same flags, and
+``--batch-size`` stays the *global* batch (each of N processes takes batch_size / N of it)::
+
+    # one process (CPU, or one GPU if CUDA is available)
+    hvs train --data fashion-mnist --model resnet8 --epochs 5 --out runs/gallery
+    # one node, 8 GPUs (nccl) -- or 8 CPU processes (gloo) where there is no CUDA
+    torchrun --standalone --nproc_per_node 8 -m hvs train --data fashion-mnist --model resnet8 --out runs/gallery
+    # two nodes of 8 GPUs: run on each node, --node_rank 0 on the master (the one at --master_addr)
+    torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 8 \
+        -m hvs train --data fashion-mnist --model resnet8 --out /shared/runs/gallery
+    torchrun --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 8 \
+        -m hvs train --data fashion-mnist --model resnet8 --out /shared/runs/gallery
+
 Why the loop looks the way it does: images live in memory as uint8 tensors and batches are sliced
 (no DataLoader workers competing for 2 cores); augmentation is done on whole batches; shuffling and
 augmentation draw from a generator seeded by (seed, epoch), so a resumed run replays exactly what
 an uninterrupted one would have done.
+
+How several processes divide the work (everything comes from torchrun's environment variables,
+see :mod:`hvs.distributed`; without them nothing below happens and no process group is made):
+
+- every rank draws the same permutation from the (seed, epoch) generator; global batch ``s`` is
+  ``perm[s*B:(s+1)*B]`` exactly as on one process, and rank ``r`` takes every N-th item of it
+  from position ``r`` (``DistributedSampler`` semantics: the ranks' shares are disjoint and
+  together are the single-process batch). The last partial batch is dropped, as on one process,
+  so N processes run the same number of steps and the same learning-rate schedule as one;
+- gradients are averaged by DDP; the model is initialised from ``seed`` on every rank (and DDP
+  broadcasts rank 0's weights anyway); augmentation draws from a generator offset by rank (rank 0
+  keeps the single-process one);
+- BatchNorm: by default each rank normalises with its own share's statistics (B/N images), the
+  usual DDP behaviour and the fastest; DDP copies rank 0's running statistics to the others, so
+  the saved model holds rank 0's. Trajectories then differ from one process with batch B, the
+  more so the smaller B/N (in the tests, 16 images per rank: ~20% in the first epoch's loss).
+  ``sync_bn: true`` (config file) computes the statistics over the global batch instead:
+  ``torch.nn.SyncBatchNorm`` on GPUs, :class:`hvs.distributed.CPUSyncBatchNorm` on CPUs, and N
+  processes then follow the single-process trajectory up to float rounding (costs four small
+  all-reduces per BatchNorm layer per step: worth it on GPUs, slow for small models on CPUs);
+- the ``contrastive`` compatibility loss sees the gallery embeddings of the *global* batch
+  (all-gathered), so its negatives are the same as on one process; ``bct`` and ``l2`` are per
+  image and need nothing;
+- the logged losses and accuracy are averaged over ranks; only rank 0 logs, shows progress and
+  writes (train_config.json, log.csv, state.pt, the model folder); the others wait at a barrier
+  before returning. ``--resume`` works with any number of processes: every rank loads state.pt,
+  so a multi-node run folder must be on a filesystem all nodes share.
 """
 
 from __future__ import annotations
@@ -32,8 +72,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .data import RetrievalData, create_dataset
 from .embed import embed_images, normalize_images
 from .losses import (BCTLoss, CrossModelContrastive, L2Regression, MarginHead, parse_compat,
@@ -76,6 +118,8 @@ class TrainConfig:
     data_seed: int = 0  # fixes the query/gallery split independently of the training seed
     threads: int | None = None
     channels_last: bool = True
+    device: str = "auto"  # auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda
+    sync_bn: bool = False  # multi-process runs: BatchNorm statistics over the global batch
     force: bool = False  # allow a gallery model whose preprocessing differs
     strict: bool = False  # unreadable images are an error instead of skipped
 
@@ -89,7 +133,10 @@ class TrainConfig:
 
 
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"threads", "out", "force", "strict"}
+_RESUME_FREE = {"threads", "out", "force", "strict", "device"}
+# Environment variable for tests: rank 0 dies abruptly (no cleanup, like SIGKILL) right after
+# saving the given 1-based epoch, to prove that a killed multi-process run resumes.
+KILL_AFTER_EPOCH_ENV = "HVS_TEST_KILL_AFTER_EPOCH"
 
 
 def _augment(x: torch.Tensor, kinds: set[str], gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -128,11 +175,52 @@ class _Hooks:
 hooks = _Hooks()
 
 
+def _kill_if_asked(epoch: int) -> None:
+    value = os.environ.get(KILL_AFTER_EPOCH_ENV, "").strip()
+    if value and int(value) == epoch + 1 and dist.is_main():
+        os._exit(137)  # the exit status of a SIGKILLed process; skips every cleanup on purpose
+
+
+class _Net(nn.Module):
+    """Model and classifier head as one module, so DDP averages the gradients of both."""
+
+    def __init__(self, model: nn.Module, head: MarginHead) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model(x)
+        return emb, self.head(emb, y)
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("device cuda asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    raise TrainError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           data: RetrievalData | None = None, log: Callable[[str], None] = print) -> ckpt.ModelCard:
-    """Train a model as configured; returns the card of the finished model folder ``cfg.out``."""
+    """Train a model as configured; returns the card of the finished model folder ``cfg.out``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group (nccl for CUDA, gloo for
+    CPU; see :func:`hvs.distributed.init`) and trains data-parallel; every rank returns the card
+    once rank 0 has written the model folder. See the module docstring for how the work is
+    divided."""
     from tqdm import tqdm
 
+    device = _resolve_device(cfg.device, dist.env_info().local_rank)
+    dist.init(device=device)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    if not main:
+        log = _quiet
     out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -142,24 +230,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     aug = {a for a in cfg.augment.split(",") if a and a != "none"}
     if aug - {"crop", "flip"}:
         raise TrainError(f"unknown augmentation(s) {sorted(aug - {'crop', 'flip'})}; use crop, flip or none")
+    if cfg.batch_size % world:
+        raise TrainError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
+                         f"{world} processes")
 
-    # The run folder: refuse to overwrite, resume only a matching configuration.
+    # The run folder: refuse to overwrite, resume only a matching configuration. Every rank checks
+    # (so every rank fails alike) before rank 0 writes anything.
     state_path = out / STATE
     if out.exists() and any(out.iterdir()):
         if not resume:
             raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if (out / TRAIN_CONFIG).is_file():
             old = json.loads((out / TRAIN_CONFIG).read_text())
-            diff = sorted(k for k in asdict(cfg) if k not in _RESUME_FREE and old.get(k) != asdict(cfg)[k])
+            new = asdict(cfg)
+            defaults = asdict(TrainConfig(out=cfg.out))  # keys added since the run was started
+            diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, defaults[k]) != new[k])
             if diff:
                 raise TrainError(f"cannot resume {out}: configuration differs in {', '.join(diff)}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
+    dist.barrier()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
 
     if data is None:
         data = create_dataset(cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed,
                               strict=cfg.strict)
     log(data.summary())
+    if world > 1:
+        log(f"data-parallel on {world} processes ({dist.info().backend}, {device.type}): global batch "
+            f"{cfg.batch_size} = {world} x {cfg.batch_size // world}"
+            + (", BatchNorm synchronised" if cfg.sync_bn else ", BatchNorm per process"))
     train_split = data.train
     if len(train_split) == 0:
         raise TrainError(f"{cfg.data}: the train split is empty")
@@ -178,7 +278,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     images, targets = train_split.images[order], targets_all[order]
     n = images.shape[0]
     steps_per_epoch = max(1, n // cfg.batch_size)  # drop the last partial batch (BatchNorm)
-    batch = min(cfg.batch_size, n)
+    batch = min(cfg.batch_size, n)  # the global batch
+    local_batch = batch // world  # this rank's share of it
+    if local_batch < 1:
+        raise TrainError(f"{n} training images cannot be shared by {world} processes")
+    batch = local_batch * world
 
     # Frozen gallery model and the compatibility losses built on it.
     gallery_model, gallery_card, compat_losses = None, None, []
@@ -204,18 +308,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 if synthesized:
                     log(f"bct: {len(synthesized)} of {len(classes)} classes unseen by the gallery model; "
                         "their classifier rows are their mean gallery embeddings")
-                compat_losses.append((name, weight, BCTLoss(rows, cfg.loss, cfg.scale, cfg.margin)))
+                bct = BCTLoss(rows, cfg.loss, cfg.scale, cfg.margin)
+                bct.weight = bct.weight.to(device)
+                compat_losses.append((name, weight, bct))
             elif name == "l2":
                 compat_losses.append((name, weight, L2Regression()))
             elif name == "contrastive":
                 compat_losses.append((name, weight, CrossModelContrastive()))
+        gallery_model.to(device)
     needs_ref = any(loss.needs_ref for _, _, loss in compat_losses)
+    # Losses that compare each anchor with the whole batch: on N processes, the global batch.
+    global_ref = {name for name, _, loss in compat_losses if isinstance(loss, CrossModelContrastive)}
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # not offset by rank: every rank starts from the same weights
     model = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **cfg.model_kwargs)
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank)  # anything random from here on differs between ranks
+        if cfg.sync_bn:
+            model = dist.convert_sync_batchnorm(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    head.to(device)
     params = list(model.parameters()) + list(head.parameters())
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -229,7 +344,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     history: list[dict] = []
     start_epoch = 0
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
@@ -238,32 +353,48 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         history = json.loads(state["history"])
         log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
 
+    net = _Net(model, head)
+    forward: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         head.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen)  # the same on every rank
+        # Augmentation: rank 0 continues the permutation's generator (what one process does), the
+        # other ranks draw from their own, so no two ranks crop or flip alike.
+        aug_gen = gen if rank == 0 else torch.Generator().manual_seed(
+            (cfg.seed * 100_003 + epoch) * 1_000_003 + rank)
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "own": 0.0, "acc": 0.0, **{name: 0.0 for name, _, _ in compat_losses}}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and main),
                    leave=False, dynamic_ncols=True)
         for step in bar:
-            idx = perm[step * batch:(step + 1) * batch]
+            idx = perm[step * batch:(step + 1) * batch][rank::world]
             x = normalize_images(images[idx], data.mean, data.std)
             if aug:
-                x = _augment(x, aug, gen)
+                x = _augment(x, aug, aug_gen)
+            x = x.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = targets[idx]
-            emb = model(x)
-            own = head(emb, y)
+            y = targets[idx].to(device, non_blocking=True)
+            emb, own = forward(x, y)
             loss = own
-            ref = None
+            ref = ref_all = y_all = None
             if needs_ref:
                 with torch.no_grad():
                     ref = gallery_model(x)
+                if global_ref and world > 1:
+                    ref_all, y_all = dist.all_gather(ref), dist.all_gather(y)
             for name, weight, fn in compat_losses:
-                term = fn(emb, y, ref_emb=ref, ref_labels=y)
+                if name in global_ref and world > 1:
+                    term = fn(emb, y, ref_emb=ref_all, ref_labels=y_all)
+                else:
+                    term = fn(emb, y, ref_emb=ref, ref_labels=y)
                 sums[name] += term.item()
                 loss = loss + weight * term
             opt.zero_grad(set_to_none=True)
@@ -276,35 +407,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             sums["own"] += own.item()
             with torch.no_grad():
                 sums["acc"] += float((head.cosine(emb).argmax(1) == y).float().mean())
-            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")  # rank 0's share only
         bar.close()
+        sums = dist.mean_over_ranks(sums)  # every rank had an equal share: the mean is the global mean
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, **{k: round(v / steps_per_epoch, 5) for k, v in sums.items()},
                "lr": round(sched.get_last_lr()[0], 6), "seconds": round(seconds, 2),
                "images_per_s": round(steps_per_epoch * batch / seconds, 1)}
         history.append(row)
         log("  ".join(f"{k}={v}" for k, v in row.items()))
-        _write_log(out / LOG, history)
-        ckpt.atomic_torch_save(state_path, {
-            "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)})
+        if main:
+            _write_log(out / LOG, history)
+            ckpt.atomic_torch_save(state_path, {
+                "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)})
         hooks.after_epoch(epoch)
+        _kill_if_asked(epoch)
 
-    model = model.to(memory_format=torch.contiguous_format)
-    card = ckpt.ModelCard(
-        model=cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, image_size=data.image_size,
-        mean=list(data.mean), std=list(data.std), role="query" if cfg.gallery else "gallery",
-        model_kwargs=dict(cfg.model_kwargs), classes=classes, compat=[list(c) for c in compat],
-        compatible_with=None if gallery_card is None else {
-            "fingerprint": gallery_card.fingerprint, "model": gallery_card.model,
-            "path": str(Path(cfg.gallery).resolve())},
-        extra={"data": cfg.data, "protocol": data.protocol, "epochs": cfg.epochs,
-               "final": history[-1] if history else {}})
-    # Contiguous copies: safetensors refuses non-contiguous (channels_last) tensors.
-    model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
-    ckpt.save_model_folder(out, model, card, classifier=head.weight.detach())
-    log(f"saved {card.role} model {cfg.model} to {out} (fingerprint {card.fingerprint})")
-    return card
+    if main:
+        model = model.to(memory_format=torch.contiguous_format)
+        card = ckpt.ModelCard(
+            model=cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, image_size=data.image_size,
+            mean=list(data.mean), std=list(data.std), role="query" if cfg.gallery else "gallery",
+            model_kwargs=dict(cfg.model_kwargs), classes=classes, compat=[list(c) for c in compat],
+            compatible_with=None if gallery_card is None else {
+                "fingerprint": gallery_card.fingerprint, "model": gallery_card.model,
+                "path": str(Path(cfg.gallery).resolve())},
+            extra={"data": cfg.data, "protocol": data.protocol, "epochs": cfg.epochs,
+                   "final": history[-1] if history else {}})
+        # Contiguous copies: safetensors refuses non-contiguous (channels_last) tensors.
+        model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+        ckpt.save_model_folder(out, model, card, classifier=head.weight.detach())
+        log(f"saved {card.role} model {cfg.model} to {out} (fingerprint {card.fingerprint})")
+    dist.barrier()  # the model folder is complete before any rank returns
+    return card if main else ckpt.read_card(out)
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _write_log(path: Path, history: list[dict]) -> None:

@@ -53,7 +53,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # per process: ranks may write at once
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -155,7 +155,8 @@ def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
 def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence[str] | None,
                 embed_fn: Callable[[Any], np.ndarray], *, factory: str = "Flat", meta: dict,
                 batch_size: int = 256, shard_size: int = 4096, work_dir: str | os.PathLike | None = None,
-                progress: bool = True, skip_bad: bool = False) -> GalleryIndex:
+                progress: bool = True, skip_bad: bool = False,
+                only_shards: Iterable[int] | None = None) -> GalleryIndex | None:
     """Embed a gallery with ``embed_fn`` and write it as a new index at ``spec``; resumable.
 
     ``images``: a uint8 (N, C, H, W) tensor, a sequence of (C, H, W) uint8 tensors, or an iterable
@@ -168,6 +169,10 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
     An embedding with NaN/inf is an error naming the item, unless ``skip_bad=True``, which leaves
     such items out (listed in the report). ``work_dir`` defaults to ``DIR.build`` beside a FAISS
     folder (``FILE.db.build`` for Milvus Lite); rerun with the same arguments to resume.
+
+    ``only_shards`` (the hook for :mod:`hvs.index.distributed_build`): embed just these shard
+    numbers into the work folder and return None without writing the index; a later call
+    without it finds them finished and writes the index.
     """
     prefix, location = parse_spec(spec)
     cls = backend_class(prefix)
@@ -206,18 +211,23 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
     from tqdm.auto import tqdm
 
     n_shards = math.ceil(n / shard_size)
+    wanted = None if only_shards is None else set(only_shards)
     report = {"n_items": n, "n_shards": n_shards, "shard_size": shard_size, "n_embedded": 0,
               "n_reused_shards": 0, "n_reused_items": 0, "n_skipped": 0, "skipped": []}
     done = [_load_shard(work, i, i * shard_size, min(n, (i + 1) * shard_size), dim) for i in range(n_shards)]
-    reused_items = sum(min(n, (i + 1) * shard_size) - i * shard_size for i, d in enumerate(done) if d is not None)
-    bar = tqdm(total=n, initial=reused_items, disable=not progress, desc=f"embed gallery -> {spec}", unit="img")
+    mine = [i for i in range(n_shards) if wanted is None or i in wanted]
+    size = {i: min(n, (i + 1) * shard_size) - i * shard_size for i in mine}
+    reused_items = sum(size[i] for i in mine if done[i] is not None)
+    bar = tqdm(total=sum(size.values()), initial=reused_items, disable=not progress, desc=f"embed gallery -> {spec}",
+               unit="img")
     try:
         for i in range(n_shards):
             start, stop = i * shard_size, min(n, (i + 1) * shard_size)
-            if done[i] is not None:
+            if done[i] is not None or (wanted is not None and i not in wanted):
                 source.skip(start, stop)
-                report["n_reused_shards"] += 1
-                report["n_reused_items"] += stop - start
+                if done[i] is not None:
+                    report["n_reused_shards"] += 1
+                    report["n_reused_items"] += stop - start
                 continue
             parts = []
             for s, batch in source.batches(start, stop):
@@ -251,6 +261,8 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
             done[i] = (vectors, ids)
     finally:
         bar.close()
+    if wanted is not None:
+        return None
 
     ids = np.concatenate([d[1] for d in done]) if done else np.zeros(0, np.int64)
     present = np.zeros(n, bool)
