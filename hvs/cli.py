@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "out", "data", "protocol", "image_size", "model", "embed_dim", "gallery", "compat", "loss", "scale",
         "margin", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "train_subset", "seed",
-        "threads", "force", "strict", "device")}
+        "threads", "force", "strict", "device", "role")}
     if args.sync_bn:
         overrides["sync_bn"] = True
     if args.model_arg:
@@ -90,6 +90,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_optimization_args(p: argparse.ArgumentParser) -> None:
+    """Loss and optimisation flags shared by every trainer (models and supernets)."""
+    p.add_argument("--loss", choices=["normface", "cosface", "arcface"])
+    p.add_argument("--scale", type=float)
+    p.add_argument("--margin", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--augment", help="comma list of crop, flip, or none")
+    p.add_argument("--train-subset", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvs", description="compatibility-aware heterogeneous visual search")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,18 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument, e.g. width=2")
     t.add_argument("--embed-dim", type=int)
     t.add_argument("--gallery", help="frozen gallery model folder: trains a query model for it")
+    t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery)")
     t.add_argument("--compat", action="append", metavar="LOSS[=WEIGHT]",
                    help="compatibility loss: none, bct, l2, contrastive (repeat to compose)")
-    t.add_argument("--loss", choices=["normface", "cosface", "arcface"])
-    t.add_argument("--scale", type=float)
-    t.add_argument("--margin", type=float)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--optimizer", choices=["sgd", "adamw"])
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--augment", help="comma list of crop, flip, or none")
-    t.add_argument("--train-subset", type=int)
+    add_optimization_args(t)
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it, else CPU")

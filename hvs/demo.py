@@ -36,7 +36,7 @@ def run_demo(out: str = "runs/demo", *, data: str = "fashion-mnist", gallery_mod
     common = dict(data=data, train_subset=train_subset)
     stages = {
         "gallery": TrainConfig(out=str(root / "gallery"), model=gallery_model, epochs=gallery_epochs, **common),
-        "query-independent": TrainConfig(out=str(root / "query-independent"), model=query_model,
+        "query-independent": TrainConfig(out=str(root / "query-independent"), model=query_model, role="query",
                                          epochs=query_epochs, **common),
         "query-bct": TrainConfig(out=str(root / "query-bct"), model=query_model, epochs=query_epochs,
                                  gallery=str(root / "gallery"), compat=["bct"], **common),

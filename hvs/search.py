@@ -41,23 +41,32 @@ def index_meta(card: ckpt.ModelCard, folder: str | os.PathLike) -> dict:
                               "mean": list(card.mean), "std": list(card.std)}}
 
 
-def build_gallery_index(gallery_model: str | os.PathLike, data: str, out: str, *, split: str = "gallery",
-                        factory: str = "Flat", protocol: str = "closed", batch_size: int = 256,
-                        shard_size: int = 4096, progress: bool = True, strict: bool = False) -> GalleryIndex:
-    """Embed one split of a dataset with the gallery model into a new index at ``out``; resumable."""
+def gallery_inputs(gallery_model: str | os.PathLike, data: str, *, split: str = "gallery", protocol: str = "closed",
+                   strict: bool = False) -> tuple[torch.nn.Module, ckpt.ModelCard, torch.Tensor, list, list, dict]:
+    """What building an index needs: the gallery model and card, the split's images, labels,
+    sources, and the sidecar meta (shared by the single- and multi-process builds)."""
     model, card = ckpt.load_model(gallery_model)
     dataset = create_dataset(data, protocol=protocol, image_size=card.image_size, channels=card.in_chans,
                              strict=strict)
     part = dataset.split(split)
     labels = [dataset.classes[i] for i in part.labels.tolist()]
     sources = part.sources or [f"{data}:{split}:{i}" for i in range(len(part))]
+    meta = index_meta(card, gallery_model)
+    meta["data"] = {"spec": data, "split": split, "protocol": protocol, "skipped": dataset.skipped}
+    return model, card, part.images, labels, sources, meta
+
+
+def build_gallery_index(gallery_model: str | os.PathLike, data: str, out: str, *, split: str = "gallery",
+                        factory: str = "Flat", protocol: str = "closed", batch_size: int = 256,
+                        shard_size: int = 4096, progress: bool = True, strict: bool = False) -> GalleryIndex:
+    """Embed one split of a dataset with the gallery model into a new index at ``out``; resumable."""
+    model, card, images, labels, sources, meta = gallery_inputs(gallery_model, data, split=split,
+                                                                protocol=protocol, strict=strict)
 
     def embed_fn(batch: torch.Tensor) -> np.ndarray:
         return embed_images(model, batch, card.mean, card.std, batch_size).numpy()
 
-    meta = index_meta(card, gallery_model)
-    meta["data"] = {"spec": data, "split": split, "protocol": protocol, "skipped": dataset.skipped}
-    return build_index(out, part.images, labels, sources, embed_fn, factory=factory, meta=meta,
+    return build_index(out, images, labels, sources, embed_fn, factory=factory, meta=meta,
                        batch_size=batch_size, shard_size=shard_size, progress=progress)
 
 
@@ -153,5 +162,6 @@ class Searcher:
         return self.search_images(self.load(sources), k)
 
 
-__all__ = ["QueryEncoder", "SearchError", "Searcher", "build_gallery_index", "check_encoder", "index_meta",
+__all__ = ["QueryEncoder", "SearchError", "Searcher", "build_gallery_index", "check_encoder", "gallery_inputs",
+           "index_meta",
            "load_query_encoder", "IndexStoreError"]

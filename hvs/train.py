@@ -101,6 +101,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     embed_dim: int = 128
     gallery: str | None = None  # folder of the frozen gallery model: makes this a query model
+    role: str | None = None  # "gallery" | "query"; default: query when --gallery is given
     compat: list[str] = field(default_factory=list)  # e.g. ["bct"], ["bct=1", "l2=0.5"]
     loss: str = "cosface"  # normface | cosface | arcface
     scale: float = 16.0
@@ -166,6 +167,39 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def make_optimizer(params: list, cfg: Any, steps_per_epoch: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (Nesterov) or AdamW with per-step linear warm-up then cosine decay to zero.
+
+    ``cfg`` is any config with optimizer, lr, momentum, weight_decay, warmup_epochs and epochs
+    (the model trainer's and the supernet trainer's)."""
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise TrainError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+    return opt, sched
+
+
+def read_mapping(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A YAML or JSON file of options (a mapping), or {} for None."""
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        loaded = yaml.safe_load(text) or {}
+    else:
+        loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise TrainError(f"{path}: a config file must hold a mapping of options")
+    return loaded
+
+
 class _Hooks:
     """Test seam: called after each finished epoch (a test raises here to simulate a kill)."""
 
@@ -227,6 +261,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     compat = parse_compat(cfg.compat)
     if compat and not cfg.gallery:
         raise TrainError("compatibility losses need a frozen gallery model: pass --gallery DIR")
+    if cfg.role not in (None, "gallery", "query"):
+        raise TrainError(f"unknown role {cfg.role!r}; use gallery or query")
     aug = {a for a in cfg.augment.split(",") if a and a != "none"}
     if aug - {"crop", "flip"}:
         raise TrainError(f"unknown augmentation(s) {sorted(aug - {'crop', 'flip'})}; use crop, flip or none")
@@ -331,15 +367,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
     head.to(device)
-    params = list(model.parameters()) + list(head.parameters())
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise TrainError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+    opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, steps_per_epoch)
 
     history: list[dict] = []
     start_epoch = 0
@@ -428,7 +456,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         model = model.to(memory_format=torch.contiguous_format)
         card = ckpt.ModelCard(
             model=cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, image_size=data.image_size,
-            mean=list(data.mean), std=list(data.std), role="query" if cfg.gallery else "gallery",
+            mean=list(data.mean), std=list(data.std), role=cfg.role or ("query" if cfg.gallery else "gallery"),
             model_kwargs=dict(cfg.model_kwargs), classes=classes, compat=[list(c) for c in compat],
             compatible_with=None if gallery_card is None else {
                 "fingerprint": gallery_card.fingerprint, "model": gallery_card.model,
@@ -458,18 +486,7 @@ def _write_log(path: Path, history: list[dict]) -> None:
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
     """Config = dataclass defaults <- optional YAML/JSON file <- command-line flags."""
-    merged: dict[str, Any] = {}
-    if path:
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        else:
-            loaded = json.loads(text)
-        if not isinstance(loaded, dict):
-            raise TrainError(f"{path}: a config file must hold a mapping of options")
-        merged.update(loaded)
+    merged = read_mapping(path)
     merged.update({k: v for k, v in overrides.items() if v is not None})
     if "out" not in merged:
         raise TrainError("no output folder: pass --out DIR")

@@ -79,17 +79,11 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
 
     ``device``: ``auto`` embeds on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU
     (``cpu`` / ``cuda`` to choose). Returns the index on rank 0, None on the other ranks."""
-    from .. import checkpoint as ckpt
-    from ..data import create_dataset
     from ..embed import embed_images, normalize_images
-    from ..search import index_meta
+    from ..search import gallery_inputs
 
-    model, card = ckpt.load_model(gallery_model)
-    dataset = create_dataset(data, protocol=protocol, image_size=card.image_size, channels=card.in_chans,
-                             strict=strict)
-    part = dataset.split(split)
-    labels = [dataset.classes[i] for i in part.labels.tolist()]
-    sources = part.sources or [f"{data}:{split}:{i}" for i in range(len(part))]
+    model, card, images, labels, sources, meta = gallery_inputs(gallery_model, data, split=split,
+                                                                protocol=protocol, strict=strict)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,9 +102,7 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
             x = normalize_images(batch, card.mean, card.std).to(target, non_blocking=True)
             return model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
 
-    meta = index_meta(card, gallery_model)
-    meta["data"] = {"spec": data, "split": split, "protocol": protocol, "skipped": dataset.skipped}
-    return build_index_distributed(out, part.images, labels, sources, embed_fn, factory=factory, meta=meta,
+    return build_index_distributed(out, images, labels, sources, embed_fn, factory=factory, meta=meta,
                                    batch_size=batch_size, shard_size=shard_size, progress=progress)
 
 

@@ -269,19 +269,10 @@ def parse_flops(text: str | float | int) -> float:
 
 
 def load_mapping(path: str | os.PathLike | None) -> dict[str, Any]:
-    """A YAML or JSON file of options (a mapping), or {} for None."""
-    if not path:
-        return {}
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+    """A YAML or JSON file of options (a mapping), or {} for None (the trainer's reader)."""
+    from ..train import read_mapping
 
-        loaded = yaml.safe_load(text) or {}
-    else:
-        loaded = json.loads(text)
-    if not isinstance(loaded, dict):
-        raise NASError(f"{path}: a config file must hold a mapping of options")
-    return loaded
+    return read_mapping(path)
 
 
 def config_from_dict(cls, d: dict[str, Any], what: str):

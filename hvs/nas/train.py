@@ -42,7 +42,7 @@ from ..data import RetrievalData
 from ..embed import normalize_images
 from ..losses import BCTLoss, MarginHead
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet
-from ..train import _augment, _lr_lambda, _write_log
+from ..train import _augment, _write_log, make_optimizer
 from .common import (LOG, STATE, NASError, SupernetCard, config_from_dict, gallery_ref, gallery_rows, load_data,
                      prepare_data, save_supernet)
 
@@ -209,15 +209,7 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
     head = MarginHead(embed_dim, len(nd.classes), cfg.loss, cfg.scale, cfg.margin)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = list(model.parameters()) + list(head.parameters())
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise NASError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+    opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, steps_per_epoch)
 
     card = SupernetCard(
         supernet=model.config(), embed_dim=embed_dim, in_chans=data.channels, image_size=data.image_size,
