@@ -13,6 +13,7 @@ leaves the previous version, never a half-written file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .models import EmbeddingModel, create_model
 
@@ -34,6 +35,10 @@ class CheckpointError(ValueError):
     """A model folder that is missing, corrupt, or the wrong one for the job (one-line message)."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,19 +61,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -139,7 +141,9 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[Embeddin
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: missing {WEIGHTS}")
-    if verify and card.fingerprint and file_fingerprint(weights) != card.fingerprint:
+    if verify and not card.fingerprint:
+        raise CheckpointError(f"{folder / CONFIG}: no weights fingerprint recorded (incomplete or edited model folder)")
+    if verify and file_fingerprint(weights) != card.fingerprint:
         raise CheckpointError(f"{weights}: weights do not match the fingerprint in {CONFIG} (corrupt or replaced)")
     model = create_model(card.model, embed_dim=card.embed_dim, in_chans=card.in_chans, **card.model_kwargs)
     try:
@@ -158,6 +162,22 @@ def load_classifier(folder: str | os.PathLike) -> torch.Tensor:
     return load_file(str(path))["weight"]
 
 
+def compatibility_issue(name: str, fingerprint: str, made_for: str | None, target: str | None,
+                        target_desc: str) -> str | None:
+    """The one compatibility rule: a model may search vectors made by the gallery model with
+    fingerprint ``target`` when it *is* that model, or was trained for it. Returns why not, or None.
+
+    ``target_desc`` names the other side in the message ("the gallery model has", "the index was
+    built by gallery model resnet8 with")."""
+    if not target:
+        return (f"{target_desc} no recorded fingerprint, so query model {name} cannot be checked for "
+                "compatibility")
+    if fingerprint == target or made_for == target:
+        return None
+    return (f"query model {name} was trained for gallery fingerprint {made_for or 'none (independent)'}, "
+            f"but {target_desc} fingerprint {target}")
+
+
 def check_compatible(query: ModelCard, gallery_fingerprint: str, gallery_dim: int, *, force: bool = False,
                      allow_independent: bool = False, what: str = "gallery model") -> str | None:
     """Refuse a query model made for another gallery; returns a warning string when forced.
@@ -167,14 +187,11 @@ def check_compatible(query: ModelCard, gallery_fingerprint: str, gallery_dim: in
     if query.embed_dim != gallery_dim:
         raise CheckpointError(f"query model embeds {query.embed_dim}-d vectors but the {what} uses {gallery_dim}-d")
     made_for = (query.compatible_with or {}).get("fingerprint")
-    if query.role == "gallery" and query.fingerprint == gallery_fingerprint:
-        return None  # homogeneous search with the gallery model itself
-    if made_for == gallery_fingerprint:
+    msg = compatibility_issue(query.model, query.fingerprint, made_for, gallery_fingerprint, f"the {what} has")
+    if msg is None:
         return None
-    if made_for is None and allow_independent:
+    if made_for is None and allow_independent and gallery_fingerprint:
         return f"query model {query.model} was trained independently (no compatibility with any gallery model)"
-    msg = (f"query model {query.model} was trained for gallery fingerprint {made_for or 'none (independent)'}, "
-           f"but the {what} has fingerprint {gallery_fingerprint}")
     if not force:
         raise CheckpointError(msg + "; pass --force to search anyway")
     return msg

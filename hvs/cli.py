@@ -19,7 +19,8 @@ import json
 import sys
 from typing import Callable
 
-ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+# Bad input and unusable paths (missing, a directory, no permission) are one-line errors, not tracebacks.
+ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _kv(items: list[str] | None) -> dict:
@@ -70,8 +71,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .evaluate import evaluate, format_report, save_json
 
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        raise ValueError(f"--json {args.json}: not a writable file path (a directory, or its folder is missing)")
     result = evaluate(args.gallery_model, args.query_model, args.data, protocol=args.protocol, force=args.force,
                       latency=not args.no_latency, n_boot=args.bootstrap)
     print(format_report(result))

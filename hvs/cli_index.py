@@ -55,7 +55,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     try:
         model, card = load_model(args.gallery_model)
         expected = (index.meta.get("gallery_model") or {}).get("fingerprint")
-        if expected and card.fingerprint != expected:
+        if card.fingerprint != expected:
             raise SearchError(f"{args.gallery_model} (fingerprint {card.fingerprint}) is not the gallery model "
                               f"that built this index ({expected})")
         images = torch.stack([load_image(p, card.image_size, card.in_chans) for p in args.images])

@@ -120,12 +120,10 @@ def check_encoder(encoder: QueryEncoder, meta: dict, *, force: bool = False) -> 
         if key in pre and pre[key] != encoder.preprocessing[key]:
             raise SearchError(f"query model reads {key}={encoder.preprocessing[key]} but the index was built "
                               f"with {key}={pre[key]}")
-    fp = g.get("fingerprint")
-    if fp is None or encoder.fingerprint == fp or encoder.compatible_with == fp:
+    msg = ckpt.compatibility_issue(encoder.name, encoder.fingerprint, encoder.compatible_with, g.get("fingerprint"),
+                                   f"the index was built by gallery model {g.get('model')} with")
+    if msg is None:
         return None
-    msg = (f"query model {encoder.name} was trained for gallery fingerprint "
-           f"{encoder.compatible_with or 'none (independent)'}, but the index was built by gallery model "
-           f"{g.get('model')} with fingerprint {fp}")
     if not force:
         raise SearchError(msg + "; pass --force to search anyway")
     return msg

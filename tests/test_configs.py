@@ -1,4 +1,4 @@
-"""Every shipped config resolves into a valid training configuration."""
+"""Every shipped config resolves into a valid configuration of the trainer that reads it."""
 
 from pathlib import Path
 
@@ -6,15 +6,22 @@ import pytest
 
 from hvs.losses import parse_compat
 from hvs.models import list_models
-from hvs.train import load_config
+from hvs.models.ofa import OFAMobileNetV3Supernet
+from hvs.nas.train import SupernetTrainConfig
+from hvs.train import load_config, read_mapping
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_resolves(path):
-    if path.name.startswith("nas"):
-        pytest.skip("NAS configs are read by hvs nas")
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("nas")], ids=lambda p: p.name)
+def test_training_config_resolves(path):
     cfg = load_config(path, {"out": "unused"})
     assert cfg.model in list_models()
     parse_compat(cfg.compat)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("nas")], ids=lambda p: p.name)
+def test_supernet_config_resolves(path):
+    cfg = SupernetTrainConfig.from_dict({**read_mapping(path), "out": "unused"})
+    supernet = OFAMobileNetV3Supernet(in_chans=1, **cfg.supernet)
+    assert supernet.flops(supernet.min_arch(), 28) < supernet.flops(supernet.max_arch(), 28)

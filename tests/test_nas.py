@@ -215,7 +215,7 @@ def test_latency_table_predicts_and_is_reused(tmp_path):
     table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=3)
     archs = [net.max_arch(), net.min_arch()]
     assert all(table.predict(a) > 0 for a in archs)
-    assert table.predict(archs[0]) > table.predict(archs[1])
+    # (no ordering of max vs min asserted: these are wall-clock timings on a shared CPU)
     table.save()
     again = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=3)
     again.predict(archs[0])
@@ -346,7 +346,9 @@ def test_search_export_evaluate(nas_runs, capsys):
                  "--no-latency", "--bootstrap", "10", "--json", str(root / "eval.json")]) == 0
     result = json.loads((root / "eval.json").read_text())
     assert not result["notes"][0].startswith("query model")  # no 'independent/incompatible' warning
-    assert 0 <= result["metrics"]["query->gallery"]["recall@1"] <= 1
+    # 6 balanced classes: ranking the gallery at random gives mAP near 1/6; the exported BCT
+    # query model must search the gallery model's embeddings well above that
+    assert result["metrics"]["query->gallery"]["map"] > 1.5 / 6
 
 
 def test_homo_reward_needs_no_gallery_and_hetero_does(nas_runs, capsys):
@@ -372,6 +374,9 @@ def test_weight_inheritance_exports_a_compatible_pair(nas_runs):
                  "--no-latency", "--bootstrap", "10", "--json", str(root / "inherit.json")]) == 0
     result = json.loads((root / "inherit.json").read_text())
     assert result["cost"]["ratio_gallery_over_query"]["flops"] > 1
+    # inherited weights, no training: the small sub-network still searches the largest one's
+    # embeddings well above chance (mAP of a random ranking over 6 balanced classes is ~1/6)
+    assert result["metrics"]["query->gallery"]["map"] > 1.5 / 6
     assert main(["nas", "info", "--supernet", str(root / "s")]) == 0
 
 

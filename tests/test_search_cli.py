@@ -117,3 +117,15 @@ def test_corrupt_image_is_a_one_line_error(setup, tmp_path, capsys):
     assert main(["search", "--index", str(root / "idx"), "--query-model", str(root / "q"), str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.png" in err and "\n" not in err
+
+
+def test_index_without_a_recorded_gallery_model_is_refused(setup, tmp_path):
+    root, _, images = setup
+    spec = f"faiss:{tmp_path / 'bare'}"
+    with open_index(spec, create=True, dim=16) as index:  # made by hand: no gallery model in the sidecar
+        index.add(np.eye(16, dtype=np.float32))
+    with pytest.raises(ValueError, match="no recorded fingerprint"):
+        Searcher(spec, root / "q")
+    assert Searcher(spec, root / "q", force=True).warning
+    assert main(["index", "add", "--index", spec, "--gallery-model", str(root / "g"), "--label", "x",
+                 str(images[0])]) == 2

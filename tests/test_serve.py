@@ -209,6 +209,10 @@ def test_add_then_search_then_delete(world, index):
     assert client.get("/thumb/18").status_code == 404
     assert client.delete("/gallery/18", headers=auth).status_code == 404
     assert len(open_index(index)) == 18
+    # the service gives the writer lock back after each write: another writer can commit meanwhile
+    with open_index(index) as other:
+        other.remove([17])
+    assert client.delete("/gallery/16", headers=auth).json() == {"removed": 16, "index_size": 16}
 
 
 def test_searches_run_while_the_gallery_changes(world, index):

@@ -285,6 +285,9 @@ class GalleryIndex(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def release_writer(self) -> None:
+        """Release whatever a write took that would block other writers (no-op by default)."""
+
     def info(self) -> dict:
         """A JSON-able summary: spec, backend, count, and the sidecar."""
         return {"spec": self.spec, "backend": self.prefix, "count": len(self), "dim": self.dim,

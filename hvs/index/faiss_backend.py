@@ -175,15 +175,8 @@ def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Durable file writes. Each step is a module-level function so tests can make one fail.
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: renames inside it become durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -193,7 +186,7 @@ def _fsync_file(path: Path) -> None:
 
 def _write_faiss(path: Path, index) -> None:
     _faiss().write_index(index, str(path))
-    _fsync_file(path)
+    _fsync_path(path)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -227,7 +220,7 @@ def _write_current(root: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / "CURRENT")
-    _fsync_dir(root)
+    _fsync_path(root)
 
 
 def _read_current(root: Path) -> str | None:
@@ -439,12 +432,12 @@ class FaissGalleryIndex(GalleryIndex):
         _write_npy(tmp / "vector_ids.npy", state.vec_ids)
         _write_idmap(tmp / "ids.jsonl", state.vec_ids, state.labels, state.sources)
         _write_json(tmp / "meta.json", state.meta)
-        _fsync_dir(tmp)
+        _fsync_path(tmp)
         final = self.root / version
         if final.exists():  # debris of a writer that crashed after its rename; CURRENT never named it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        _fsync_path(self.root)
         _write_current(self.root, version)
         # Map the vectors back from disk: a writer holds no second in-RAM copy of the gallery.
         state.vectors = np.load(final / "vectors.npy", mmap_mode="r", allow_pickle=False)
@@ -603,13 +596,18 @@ class FaissGalleryIndex(GalleryIndex):
         out.update(version=self._version, writer=self._lock_fd is not None)
         return out
 
-    def close(self) -> None:
+    def release_writer(self) -> None:
+        """Give the writer lock back (the next write takes it again and reloads a newer commit):
+        for long-lived writers such as the search service, so other writers are not locked out."""
         if self._lock_fd is not None:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             finally:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+    def close(self) -> None:
+        self.release_writer()
         self._closed = True
 
     def _check_open(self) -> None:

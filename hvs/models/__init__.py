@@ -65,7 +65,12 @@ def model_entry(name: str) -> ModelEntry:
 def create_model(name: str, embed_dim: int = 128, in_chans: int = 1, **kwargs) -> EmbeddingModel:
     """Build a registered model with random weights (nothing is ever downloaded)."""
     entry = model_entry(name)
-    return EmbeddingModel(entry.builder(in_chans=in_chans, **kwargs), embed_dim=embed_dim)
+    try:
+        backbone = entry.builder(in_chans=in_chans, **kwargs)
+    except TypeError as e:  # an argument the architecture does not take
+        raise ValueError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} "
+                         f"argument(s): {e}") from None
+    return EmbeddingModel(backbone, embed_dim=embed_dim)
 
 
 # Gallery backbones: the ResNet family.

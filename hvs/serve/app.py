@@ -49,6 +49,7 @@ from PIL import Image
 from .. import checkpoint as ckpt
 from ..data.images import ImageError, load_image
 from ..index import IndexStoreError
+from ..index.base import one_line
 from ..search import QueryEncoder, Searcher, load_query_encoder
 from .page import INDEX_HTML
 from .thumbs import ThumbnailResolver
@@ -189,9 +190,8 @@ class _LimitAndMeasure:
 
 
 def _one_line(e: BaseException | str, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the upload", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """hvs.index's one-line message, with Pillow's in-memory file names said as "the upload"."""
+    return one_line(re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the upload", str(e)), limit)
 
 
 class SearchService:
@@ -304,6 +304,8 @@ class SearchService:
                 new = self.index.add(emb, labels=[label], sources=[source])
             except IndexStoreError as e:
                 raise HTTPException(409, f"cannot add to the index: {_one_line(e)}") from None
+            finally:
+                self.index.release_writer()  # let `hvs index add/remove` write between requests
             size = len(self.index)
         return {"id": int(new[0]), "label": label, "source": source, "index_size": size}
 
@@ -313,6 +315,8 @@ class SearchService:
                 n = self.index.remove([item_id])
             except IndexStoreError as e:
                 raise HTTPException(409, f"cannot remove from the index: {_one_line(e)}") from None
+            finally:
+                self.index.release_writer()
             size = len(self.index)
         if n == 0:
             raise HTTPException(404, f"no gallery item with id {item_id}")
