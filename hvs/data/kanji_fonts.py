@@ -68,7 +68,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import zipfile
 import zlib
@@ -78,6 +77,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_bytes
 from .base import DataError, RetrievalData, Split
 from .images import channel_stats
 from .registry import register_source
@@ -497,25 +497,6 @@ def cache_path(folder: str | None, size: int, limit: int | None = None,
     return os.path.join(os.path.abspath(os.path.expanduser(folder or default_cache_dir())), name + ".npz")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A ``np.load``-able compressed archive with fixed timestamps (np.savez stamps the current
     time into every member, so two identical builds would differ by bytes)."""
@@ -621,7 +602,7 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
         "meta": np.asarray(json.dumps(meta, ensure_ascii=False, sort_keys=True)),
     }
     blob = _npz_bytes(arrays)
-    _atomic_write(path, blob)
+    atomic_write_bytes(path, blob)
     manifest = {
         **{k: v for k, v in meta.items() if k != "faces"},
         "faces": [{k: v for k, v in t.items() if k not in ("missing", "empty")}
@@ -631,7 +612,7 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
         "build_seconds": round(time.perf_counter() - t0, 2),
         "fonttools": _version("fontTools"), "pillow": _version("PIL"),
     }
-    _atomic_write(_manifest_path(path), (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(_manifest_path(path), (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     if log is not None:
         log(f"wrote {path}")
     return manifest

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_save_npy, atomic_write_json
 from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec
 
 MANIFEST = "build.json"
@@ -44,18 +45,11 @@ def _sha(obj: Any) -> str:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_save_npy(path, array)
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # per process: ranks may write at once
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, manifest, indent=2, sort_keys=True)  # unique temp names: ranks may write at once
 
 
 def default_work_dir(prefix: str, location: str) -> Path:
