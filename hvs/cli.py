@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "out", "data", "protocol", "image_size", "model", "embed_dim", "gallery", "compat", "loss", "scale",
         "margin", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "train_subset", "seed",
-        "threads", "force", "strict", "device", "role")}
+        "threads", "force", "strict", "device", "role", "init_from")}
     if args.sync_bn:
         overrides["sync_bn"] = True
     if args.model_arg:
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embed-dim", type=int)
     t.add_argument("--gallery", help="frozen gallery model folder: trains a query model for it")
     t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery)")
+    t.add_argument("--init-from", help="model folder to start from (fine-tuning); its classifier too if classes match")
     t.add_argument("--compat", action="append", metavar="LOSS[=WEIGHT]",
                    help="compatibility loss: none, bct, l2, contrastive (repeat to compose)")
     add_optimization_args(t)

@@ -101,6 +101,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     embed_dim: int = 128
     gallery: str | None = None  # folder of the frozen gallery model: makes this a query model
+    init_from: str | None = None  # model folder whose weights (and classifier, same classes) start training
     role: str | None = None  # "gallery" | "query"; default: query when --gallery is given
     compat: list[str] = field(default_factory=list)  # e.g. ["bct"], ["bct=1", "l2=0.5"]
     loss: str = "cosface"  # normface | cosface | arcface
@@ -165,6 +166,18 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def _init_weights(model: nn.Module, head: MarginHead, classes: list[str], folder: str) -> None:
+    """Start from a model folder's weights (a fine-tune); its classifier too when its rows are our classes."""
+    init, init_card = ckpt.load_model(folder)
+    try:
+        model.load_state_dict(init.state_dict())
+    except RuntimeError as e:
+        raise TrainError(f"--init-from {folder}: its weights do not fit model {init_card.model} as configured "
+                         f"({str(e).splitlines()[0]})") from None
+    if init_card.classes == classes and (Path(folder) / ckpt.CLASSIFIER).is_file():
+        head.weight.data.copy_(ckpt.load_classifier(folder))
 
 
 def make_optimizer(params: list, cfg: Any, steps_per_epoch: int
@@ -359,6 +372,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     torch.manual_seed(cfg.seed)  # not offset by rank: every rank starts from the same weights
     model = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **cfg.model_kwargs)
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
+    if cfg.init_from:
+        _init_weights(model, head, classes, cfg.init_from)
     if world > 1:
         torch.manual_seed(cfg.seed + rank)  # anything random from here on differs between ranks
         if cfg.sync_bn:

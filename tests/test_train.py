@@ -117,3 +117,17 @@ def test_config_file_and_flags(tmp_path):
     path.write_text("modle: cnn-tiny\n")
     with pytest.raises(TrainError, match="unknown training option.*modle"):
         load_config(path, {"out": "x"})
+
+
+def test_init_from_starts_where_the_folder_left_off(tmp_path, data):
+    train(_cfg(tmp_path / "first", epochs=4), progress=False, data=data, log=quiet)
+    logs_scratch, logs_init = [], []
+    train(_cfg(tmp_path / "scratch", epochs=1, lr=0.001), progress=False, data=data, log=logs_scratch.append)
+    train(_cfg(tmp_path / "warm", epochs=1, lr=0.001, init_from=str(tmp_path / "first")), progress=False, data=data,
+          log=logs_init.append)
+    loss = [float(next(line for line in logs if line.startswith("epoch=")).split("loss=")[1].split()[0])
+            for logs in (logs_scratch, logs_init)]
+    assert loss[1] < 0.8 * loss[0]  # the trained weights and classifier were loaded
+    with pytest.raises(TrainError, match="do not fit model"):
+        train(_cfg(tmp_path / "bad", model="cnn-tiny", init_from=str(tmp_path / "first")), progress=False, data=data,
+              log=quiet)

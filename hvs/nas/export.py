@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import os
 import random
-import time
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import torch
 
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
-from ..embed import normalize_images
-from ..losses import BCTLoss, MarginHead
-from ..models import EmbeddingModel
+from ..losses import MarginHead
 from ..models.ofa import OFAMobileNetV3Supernet, load_arch
-from ..train import _augment, _lr_lambda
-from .common import (NASError, SupernetCard, gallery_ref, gallery_rows, load_data, load_supernet, prepare_data,
+from ..train import TrainConfig, train
+from .common import (NASError, SupernetCard, gallery_ref, load_data, load_supernet, prepare_data,
                      recalibrate_bn)
 from .search import Budget, check_feasible, sample_under_budget
 
@@ -39,59 +36,6 @@ def _fresh(out: str | os.PathLike) -> Path:
     if out.exists() and any(out.iterdir()):
         raise NASError(f"{out} already holds files; choose another output folder")
     return out
-
-
-def finetune(model: EmbeddingModel, head: MarginHead, images: torch.Tensor, targets: torch.Tensor,
-             mean: Sequence[float], std: Sequence[float], *,
-             epochs: int, lr: float = 0.01, batch_size: int = 256, weight_decay: float = 5e-4, momentum: float = 0.9,
-             augment: str = "crop,flip", bct: BCTLoss | None = None, bct_weight: float = 1.0, seed: int = 0,
-             progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Fine-tune a static query model: own margin softmax + ``bct_weight`` x BCT, SGD with a
-    cosine schedule, the trainer's batch augmentation. Returns one log row per epoch."""
-    from tqdm import tqdm
-
-    aug = {a for a in augment.split(",") if a and a != "none"}
-    n = len(images)
-    batch = min(batch_size, n)
-    steps = max(1, n // batch_size)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(epochs * steps, 0))
-    rows = []
-    for epoch in range(epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        sums = {"loss": 0.0, "own": 0.0, "bct": 0.0}
-        t0 = time.perf_counter()
-        for step in tqdm(range(steps), desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
-            idx = perm[step * batch:(step + 1) * batch]
-            x = normalize_images(images[idx], mean, std)
-            if aug:
-                x = _augment(x, aug, gen)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = targets[idx]
-            emb = model(x)
-            own = head(emb, y)
-            loss = own
-            if bct is not None:
-                term = bct(emb, y)
-                sums["bct"] += term.item()
-                loss = loss + bct_weight * term
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if not torch.isfinite(loss):
-                raise NASError(f"fine-tuning loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
-            sums["loss"] += loss.item()
-            sums["own"] += own.item()
-        row = {"epoch": epoch + 1, **{k: round(v / steps, 5) for k, v in sums.items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
-        rows.append(row)
-        log("fine-tune  " + "  ".join(f"{k}={v}" for k, v in row.items()))
-    return rows
 
 
 def _nas_extra(card: SupernetCard, supernet_dir: str | os.PathLike, flops: int, **more: Any) -> dict:
@@ -136,27 +80,34 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
     head = MarginHead(card.embed_dim, len(card.classes), card.loss, card.scale, card.margin)
     head.weight.data.copy_(head_w)
     compat = [["bct", card.bct_weight]] if card.bct_weight > 0 and trained_for == g_card.fingerprint else []
-    history: list[dict] = []
-    if finetune_epochs > 0:
-        w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
-                                                                                else bct_weight)
-        full = prepare_data(data, 0.0, 0, card.data_seed)  # fine-tuning may use every training image
-        bct = None
-        if w > 0:
-            rows, _, _ = gallery_rows(gallery, full.classes, full.train_images, full.train_targets, log)
-            bct = BCTLoss(rows, card.loss, card.scale, card.margin)
-            compat = [["bct", w]]
-        torch.manual_seed(seed)
-        history = finetune(sub, head, full.train_images, full.train_targets, card.mean, card.std,
-                           epochs=finetune_epochs, lr=lr, batch_size=batch_size, bct=bct, bct_weight=w, seed=seed,
-                           progress=progress, log=log)
-        sub.eval()
     mcard = ckpt.ModelCard(
         model="ofa-mbv3", embed_dim=card.embed_dim, in_chans=card.in_chans, image_size=card.image_size,
         mean=list(card.mean), std=list(card.std), role="query", model_kwargs=model.subnet_kwargs(arch),
         classes=list(card.classes), compatible_with=gallery_ref(g_card, gallery), compat=compat,
         extra=_nas_extra(card, supernet, flops, key=model.space.key(arch), finetune_epochs=finetune_epochs,
-                         finetune=history[-1] if history else None, bn_images=min(bn_images, len(nd.train_images))))
+                         bn_images=min(bn_images, len(nd.train_images))))
+    if finetune_epochs > 0:
+        # Fine-tune with the ordinary trainer, starting from the extracted sub-network's weights.
+        w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
+                                                                                else bct_weight)
+        init_dir = out.with_name(f".{out.name}.init")
+        shutil.rmtree(init_dir, ignore_errors=True)
+        ckpt.save_model_folder(init_dir, sub, mcard, classifier=head.weight.detach())
+        try:
+            tcard = train(TrainConfig(
+                out=str(out), data=data.name, protocol=card.protocol, model="ofa-mbv3",
+                model_kwargs=model.subnet_kwargs(arch), embed_dim=card.embed_dim, gallery=str(gallery),
+                compat=[f"bct={w}"] if w > 0 else [], loss=card.loss, scale=card.scale, margin=card.margin,
+                epochs=finetune_epochs, lr=lr, batch_size=batch_size, warmup_epochs=0.0, seed=seed,
+                data_seed=card.data_seed, init_from=str(init_dir), role="query"),
+                progress=progress, data=data, log=log)
+        finally:
+            shutil.rmtree(init_dir, ignore_errors=True)
+        # keep the NAS provenance next to the trainer's record
+        tcard.extra = {**mcard.extra, "finetune": tcard.extra.get("final")}
+        tcard.compatible_with = mcard.compatible_with
+        ckpt.atomic_write_json(out / ckpt.CONFIG, tcard.to_dict())
+        return tcard
     ckpt.save_model_folder(out, sub, mcard, classifier=head.weight.detach())
     log(f"saved query model ofa-mbv3 [{model.space.key(arch)}] {flops / 1e6:.3f} MFLOPs to {out} "
         f"(fingerprint {mcard.fingerprint}, compatible with gallery {g_card.fingerprint})")
