@@ -1,0 +1,635 @@
+"""Accuracy vs query cost: off-the-shelf query models, CMP-NAS and weight inheritance against one paragon.
+
+    python benchmarks/tradeoff.py --data fashion-mnist --profile quick [--seeds 0,1] [--out results/] [--plot]
+    python benchmarks/tradeoff.py --data kanji-fonts --profile quick --only paragon,offshelf
+
+One run per dataset and profile (``configs/tradeoff_<profile>.yaml``, or a path to a YAML file).
+Per seed:
+
+1. ``paragon``   -- the big gallery model (``hvs.train.train``), trained once;
+2. ``offshelf``  -- every registry query architecture of the profile, trained twice: with BCT against
+   the paragon (``compat=["bct"]``) and independently (``compat=[]``, role query: its M(q->q) gives
+   the headroom M(g->g) - M(q->q) of that architecture);
+3. ``supernet``  -- a BCT-trained OFA supernet (``hvs.nas.train_supernet`` with the paragon);
+4. ``nas``       -- for every FLOPs budget (a ratio of the paragon's FLOPs: 10 means 10x fewer) and
+   every reward (``hetero`` = CMP-NAS, ``homo`` = the compatibility-agnostic baseline): search
+   (``hvs.nas.run_search``), export (``hvs.nas.export_subnet``, BCT fine-tuning per the profile),
+   evaluate; infeasible budgets are recorded as such; optionally each pick is also trained from
+   scratch independently (``nas_independent``) for its headroom;
+5. ``inherit``   -- weight inheritance (``hvs.nas.inherit``) at the same budgets: gallery = the
+   supernet's largest sub-network, query = the largest random sub-network under the budget;
+6. ``report``    -- always: ``results/<data>/<profile>.json`` (every number, the command and the
+   profile), ``results/<data>/<profile>.md`` (the table, also printed) and with ``--plot``
+   ``<profile>_flops.png`` / ``<profile>_latency.png`` (CMP-NAS Figure 2 style).
+
+Every stage writes into ``results/<data>/<profile>/seed<S>/`` and is reused when complete; an
+interrupted training resumes from its last epoch, an interrupted search/export is redone. So a
+killed run, re-run with the same command, continues. Evaluation (hvs.evaluate.evaluate) gives each
+metric with a bootstrap 95% CI over queries (Recall@K, mAP only: TAR@FAR and TPIR@FPIR come
+without one), the gap to the paragon with a paired bootstrap CI, the compatibility criterion, and
+the query model's FLOPs, parameters and CPU latency (batch 1 and batched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import hvs.evaluate as hvs_eval  # noqa: E402
+import hvs.nas.export as nas_export  # noqa: E402
+import hvs.nas.search as nas_search  # noqa: E402
+import hvs.nas.train as nas_train  # noqa: E402
+import hvs.train as hvs_train  # noqa: E402
+from hvs import checkpoint as ckpt  # noqa: E402
+from hvs.data import RetrievalData, create_dataset  # noqa: E402
+
+STAGES = ("paragon", "offshelf", "supernet", "nas", "inherit")
+DATASETS = ("fashion-mnist", "kanji-fonts")
+DEFAULT_METRICS = {"fashion-mnist": ["recall@1", "recall@10", "map"],
+                   "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"]}
+KIND_LABEL = {"offshelf-bct": "off-the-shelf + BCT", "offshelf-independent": "off-the-shelf, independent",
+              "cmp-nas": "CMP-NAS (hetero reward)", "nas-homo": "NAS, homo reward",
+              "nas-independent": "NAS pick, independent", "weight-inheritance": "weight inheritance"}
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Profile and data
+# ------------------------------------------------------------------------------------------
+
+def load_profile(name: str) -> tuple[dict, Path]:
+    path = Path(name)
+    if not path.suffix:
+        path = ROOT / "configs" / f"tradeoff_{name}.yaml"
+    if not path.is_file():
+        raise BenchError(f"no profile {name!r} (looked for {path})")
+    return hvs_train.read_mapping(path), path
+
+
+def data_entry(profile: dict, data: str) -> dict:
+    entry = (profile.get("data") or {}).get(data)
+    if entry is None:  # not mapped: the name is the spec
+        entry = {"spec": data}
+    if isinstance(entry, str):
+        entry = {"spec": entry}
+    entry = dict(entry)
+    if data.startswith("kanji-fonts") or entry["spec"].startswith("kanji-fonts"):
+        entry["protocol"] = "open"  # the source forces it anyway
+    entry.setdefault("protocol", "closed")
+    return entry
+
+
+def load_dataset(profile: dict, data: str) -> tuple[RetrievalData, RetrievalData]:
+    """(full data, data whose train split is the profile's seeded subset): the second trains everything,
+    the first's query/gallery splits evaluate (they are the same in both)."""
+    entry = data_entry(profile, data)
+    full = create_dataset(entry["spec"], protocol=entry["protocol"], image_size=entry.get("image_size"),
+                          seed=int(profile.get("data_seed", 0)))
+    n = profile.get("train_subset")
+    if n and n < len(full.train):
+        keep = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(int(profile.get("data_seed",
+                                                                                                       0))))[:n]
+        keep = keep.sort().values
+        return full, dataclasses.replace(full, train=full.train.subset(keep))
+    return full, full
+
+
+# ------------------------------------------------------------------------------------------
+# Stages (each reused when complete)
+# ------------------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, root: Path, profile: dict, data_name: str, full: RetrievalData, train_data: RetrievalData,
+                 only: set[str], log: Callable[[str], None]) -> None:
+        self.root, self.profile, self.data_name = root, profile, data_name
+        self.full, self.train_data, self.only, self.log = full, train_data, only, log
+        self.events: list[dict] = []
+        self.entry = data_entry(profile, data_name)
+        self.embed_dim = int(profile.get("embed_dim", 128))
+        self.lib_log = _file_logger(root / "log.txt")
+
+    def allowed(self, stage: str) -> bool:
+        return not self.only or stage in self.only
+
+    def event(self, stage: str, name: str, status: str, seconds: float = 0.0, **more: Any) -> None:
+        self.events.append({"stage": stage, "name": name, "status": status, "seconds": round(seconds, 2), **more})
+        self.log(f"[{status}] {stage} {name}" + (f" ({seconds:.1f} s)" if status == "ran" else "")
+                 + (f": {more['why']}" if "why" in more else ""))
+
+    # -- training -------------------------------------------------------------------------
+    def train(self, stage: str, out: Path, **kw: Any) -> bool:
+        """Train a model folder (or reuse it); False when the stage is not allowed and it is missing."""
+        if (out / ckpt.CONFIG).is_file():
+            self.event(stage, out.name, "reused")
+            return True
+        if not self.allowed(stage):
+            self.event(stage, out.name, "skipped", why="not in --only")
+            return False
+        cfg = hvs_train.TrainConfig(out=str(out), data=self.entry["spec"], protocol=self.entry["protocol"],
+                                    embed_dim=self.embed_dim, threads=self.profile.get("threads"), **kw)
+        t0 = time.perf_counter()
+        hvs_train.train(cfg, resume=(out / hvs_train.TRAIN_CONFIG).is_file(), progress=False, data=self.train_data,
+                        log=self.lib_log)
+        self.event(stage, out.name, "ran", time.perf_counter() - t0)
+        return True
+
+    def supernet(self, out: Path, gallery: Path | None) -> bool:
+        cfg_d = {k: v for k, v in (self.profile.get("supernet") or {}).items()}
+        cfg = nas_train.SupernetTrainConfig.from_dict({
+            **cfg_d, "out": str(out), "data": self.entry["spec"], "protocol": self.entry["protocol"],
+            "gallery": None if gallery is None else str(gallery), "threads": self.profile.get("threads"),
+            "embed_dim": self.embed_dim, "seed": cfg_d.get("seed", self.seed)})
+        if (out / "config.json").is_file() and (out / "train_config.json").is_file():
+            card = json.loads((out / "config.json").read_text())
+            if card.get("epochs_done", 0) >= cfg.epochs:
+                self.event("supernet", out.name, "reused")
+                return True
+        if not self.allowed("supernet"):
+            self.event("supernet", out.name, "skipped", why="not in --only")
+            return False
+        t0 = time.perf_counter()
+        nas_train.train_supernet(cfg, resume=(out / nas_train.TRAIN_CONFIG).is_file(), progress=False,
+                                 data=self.train_data, log=self.lib_log)
+        self.event("supernet", out.name, "ran", time.perf_counter() - t0)
+        return True
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, stage: str, gallery: Path, query: Path, out: Path) -> dict | None:
+        if out.is_file():
+            self.event(stage, f"evaluate {out.stem}", "reused")
+            return json.loads(out.read_text())
+        if not self.allowed(stage):
+            self.event(stage, f"evaluate {out.stem}", "skipped", why="not in --only")
+            return None
+        ev = self.profile.get("evaluate") or {}
+        t0 = time.perf_counter()
+        result = hvs_eval.evaluate(gallery, query, self.full, n_boot=int(ev.get("n_boot", 1000)),
+                                   latency=bool(ev.get("latency", True)))
+        hvs_eval.save_json(result, out)
+        self.event(stage, f"evaluate {out.stem}", "ran", time.perf_counter() - t0)
+        return json.loads(out.read_text())
+
+    # -- one seed ---------------------------------------------------------------------------
+    def run_seed(self, seed: int) -> dict:
+        self.seed = seed
+        sd = self.root / f"seed{seed}"
+        sd.mkdir(parents=True, exist_ok=True)
+        p = self.profile
+        results: dict[str, Any] = {"seed": seed, "evals": {}, "infeasible": [], "meta": {}}
+
+        gallery = sd / "paragon"
+        par = dict(p.get("paragon") or {})
+        if not self.train("paragon", gallery, role="gallery", seed=seed, **par):
+            return results  # nothing else can run without the paragon
+        g_model, g_card = ckpt.load_model(gallery)
+        from hvs.models.cost import count_flops
+
+        paragon_flops = count_flops(g_model, g_card.input_shape)
+        results["meta"]["paragon_flops"] = paragon_flops
+
+        # off-the-shelf architectures, BCT and independent
+        off = p.get("offshelf") or {}
+        for arch in off.get("models", []):
+            tr = dict(off.get("train") or {})
+            from hvs.models import create_model
+
+            arch_flops = count_flops(create_model(arch, embed_dim=self.embed_dim, in_chans=self.full.channels,
+                                                  **tr.get("model_kwargs", {})), g_card.input_shape)
+            if arch_flops >= paragon_flops:  # not a query model of this paragon
+                why = f"{arch_flops / 1e6:.2f} MFLOPs is not below the paragon's {paragon_flops / 1e6:.2f}"
+                results["meta"].setdefault("offshelf_skipped", {})[arch] = why
+                self.event("offshelf", arch, "not-cheaper", why=why)
+                continue
+            for kind, kw in (("offshelf-bct", {"gallery": str(gallery), "compat": ["bct"]}),
+                             ("offshelf-independent", {"role": "query", "compat": []})):
+                folder = sd / f"{'bct' if kind == 'offshelf-bct' else 'ind'}-{arch}"
+                if self.train("offshelf", folder, model=arch, seed=seed, **tr, **kw):
+                    r = self.evaluate("offshelf", gallery, folder, sd / f"eval-{folder.name}.json")
+                    if r is not None:
+                        results["evals"][folder.name] = {"kind": kind, "arch": arch, "result": r}
+
+        # CMP-NAS
+        search_p = p.get("search") or {}
+        budgets = [float(b) for b in search_p.get("budgets", [])]
+        supernet = sd / "supernet"
+        have_supernet = False
+        if budgets and (self.allowed("nas") or self.allowed("inherit") or self.allowed("supernet")
+                        or (supernet / "config.json").is_file()):
+            have_supernet = self.supernet(supernet, gallery)
+        smallest = None
+        if have_supernet:
+            from hvs.nas.common import load_supernet
+
+            sn, _, scard = load_supernet(supernet)
+            smallest = float(sn.flops(sn.space.min_arch(), scard.image_size))
+            largest = float(sn.flops(sn.space.max_arch(), scard.image_size))
+            results["meta"]["supernet_flops_range"] = [smallest, largest]
+        for ratio in budgets if have_supernet else []:
+            limit = paragon_flops / ratio
+            tag = f"{ratio:g}x"
+            if smallest > limit:
+                why = (f"budget {limit / 1e6:.4g} MFLOPs (paragon / {tag}) is below the smallest sub-network "
+                       f"({smallest / 1e6:.4g} MFLOPs)")
+                results["infeasible"].append({"budget_ratio": ratio, "budget_flops": limit,
+                                              "smallest_subnet_flops": smallest, "why": why})
+                self.event("nas", tag, "infeasible", why=why)
+                continue
+            picks = {}
+            for reward in search_p.get("rewards", ["hetero", "homo"]):
+                name = f"nas-{reward}-{tag}"
+                best = self.search(sd / f"search-{reward}-{tag}", supernet, gallery, limit, reward)
+                if best is None:
+                    continue
+                picks[reward] = best
+                folder = sd / name
+                if self.export(folder, supernet, gallery, best):
+                    r = self.evaluate("nas", gallery, folder, sd / f"eval-{name}.json")
+                    if r is not None:
+                        kind = "cmp-nas" if reward == "hetero" else f"nas-{reward}"
+                        results["evals"][name] = {"kind": kind, "arch": f"ofa-mbv3 [{best['key']}]",
+                                                  "budget_ratio": ratio, "budget_flops": limit, "search": best}
+                        results["evals"][name]["result"] = r
+                ind = p.get("nas_independent")
+                if ind:
+                    mk = ckpt.read_card(folder).model_kwargs if (folder / ckpt.CONFIG).is_file() else None
+                    ind_folder = sd / f"ind-{name}"
+                    if mk is not None and self.train("nas", ind_folder, model="ofa-mbv3", model_kwargs=mk,
+                                                     role="query", compat=[], seed=seed, **dict(ind)):
+                        r = self.evaluate("nas", gallery, ind_folder, sd / f"eval-{ind_folder.name}.json")
+                        if r is not None:
+                            results["evals"][ind_folder.name] = {
+                                "kind": "nas-independent", "arch": f"ofa-mbv3 [{best['key']}]", "twin_of": name,
+                                "budget_ratio": ratio, "budget_flops": limit, "result": r}
+
+            # weight inheritance at the same budget
+            inh = p.get("inherit")
+            if inh:
+                self.inherit(sd, supernet, gallery, ratio, limit, dict(inh), results)
+        return results
+
+    def search(self, out: Path, supernet: Path, gallery: Path, limit: float, reward: str) -> dict | None:
+        if (out / "best.json").is_file():
+            self.event("nas", out.name, "reused")
+            return json.loads((out / "best.json").read_text())
+        if not self.allowed("nas"):
+            self.event("nas", out.name, "skipped", why="not in --only")
+            return None
+        if out.exists():
+            shutil.rmtree(out)  # an interrupted search: redo it (it is seeded)
+        s = {k: v for k, v in (self.profile.get("search") or {}).items() if k not in ("budgets", "rewards")}
+        cfg = nas_search.SearchConfig.from_dict({
+            **s, "supernet": str(supernet), "out": str(out), "gallery": str(gallery), "flops": limit,
+            "reward": reward, "seed": s.get("seed", self.seed), "threads": self.profile.get("threads")})
+        t0 = time.perf_counter()
+        best = nas_search.run_search(cfg, progress=False, data=self.train_data, log=self.lib_log)
+        self.event("nas", out.name, "ran", time.perf_counter() - t0)
+        return best
+
+    def export(self, out: Path, supernet: Path, gallery: Path, best: dict) -> bool:
+        if (out / ckpt.CONFIG).is_file():
+            self.event("nas", out.name, "reused")
+            return True
+        if not self.allowed("nas"):
+            self.event("nas", out.name, "skipped", why="not in --only")
+            return False
+        if out.exists():
+            shutil.rmtree(out)
+        ex = dict(self.profile.get("export") or {})
+        t0 = time.perf_counter()
+        nas_export.export_subnet(supernet, best["arch"], out, gallery=gallery, data=self.train_data,
+                                 seed=ex.pop("seed", self.seed), progress=False, log=self.lib_log, **ex)
+        self.event("nas", out.name, "ran", time.perf_counter() - t0)
+        return True
+
+    def inherit(self, sd: Path, supernet: Path, gallery: Path, ratio: float, limit: float, inh: dict,
+                results: dict) -> None:
+        tag = f"{ratio:g}x"
+        which = inh.pop("supernet", "bct")
+        if which == "plain":  # a supernet trained without the gallery model (OFA as such)
+            supernet = sd / "supernet-plain"
+            if not self.supernet(supernet, None):
+                return
+        elif which != "bct":
+            raise BenchError(f"inherit.supernet must be bct or plain, got {which!r}")
+        folder = sd / f"inherit-{tag}"
+        g_out, q_out = folder / "gallery", folder / "query"
+        if (g_out / ckpt.CONFIG).is_file() and (q_out / ckpt.CONFIG).is_file():
+            self.event("inherit", folder.name, "reused")
+        elif not self.allowed("inherit"):
+            self.event("inherit", folder.name, "skipped", why="not in --only")
+            return
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            t0 = time.perf_counter()
+            nas_export.inherit(supernet, g_out, q_out, flops=limit, data=self.train_data,
+                               seed=inh.pop("seed", self.seed), log=self.lib_log, **inh)
+            self.event("inherit", folder.name, "ran", time.perf_counter() - t0)
+        r = self.evaluate("inherit", g_out, q_out, sd / f"eval-{folder.name}.json")
+        if r is not None:
+            key = ckpt.read_card(q_out).extra["nas"]["arch_key"]
+            results["evals"][folder.name] = {"kind": "weight-inheritance", "arch": f"ofa-mbv3 [{key}]",
+                                             "budget_ratio": ratio, "budget_flops": limit, "supernet": which,
+                                             "result": r}
+
+
+def _file_logger(path: Path) -> Callable[[str], None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        with open(path, "a") as f:
+            f.write(msg.rstrip() + "\n")
+    return log
+
+
+# ------------------------------------------------------------------------------------------
+# Records, table, plots
+# ------------------------------------------------------------------------------------------
+
+def _metric_block(result: dict, metric: str) -> dict:
+    m = result["metrics"]
+    out = {}
+    for side, key in (("q->g", "query->gallery"), ("q->q", "query->query"), ("g->g", "gallery->gallery")):
+        out[side] = m[key].get(metric)
+        ci = m[key].get(f"{metric}_ci95")
+        out[f"{side}_ci95"] = ci
+    gap = result["gap_to_paragon"].get(metric)
+    out["gap"] = None if gap is None else gap["gap"]
+    out["gap_ci95"] = None if gap is None else gap.get("ci95")
+    crit = result["compatibility_criterion"].get(metric)
+    out["criterion"] = crit
+    return out
+
+
+def _cost(result: dict, side: str) -> dict:
+    c = result["cost"][side]
+    b = c.get("latency_batch")
+    return {"flops": c["flops"], "params": c["params"], "latency_ms_batch1": c.get("latency_ms_batch1"),
+            "latency_batch": b, "latency_ms_batched": c.get(f"latency_ms_batch{b}") if b else None}
+
+
+def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
+    records = []
+    for sr in seed_results:
+        seed, evals = sr["seed"], sr["evals"]
+        first = next((e for e in evals.values() if e["kind"] != "weight-inheritance"), None)
+        paragon = None
+        if first is not None:
+            r = first["result"]
+            paragon = {"kind": "paragon", "name": "paragon", "arch": r["gallery_model"]["model"], "seed": seed,
+                       **_cost(r, "gallery"), "metrics": {}}
+            for metric in metrics:
+                b = _metric_block(r, metric)
+                paragon["metrics"][metric] = {"g->g": b["g->g"], "g->g_ci95": b["g->g_ci95"]}
+            records.append(paragon)
+        ind_qq = {}  # architecture -> its independent twin's metrics
+        for name, e in evals.items():
+            if e["kind"] in ("offshelf-independent", "nas-independent"):
+                ind_qq[e.get("twin_of") or e["arch"]] = e["result"]
+        for name, e in evals.items():
+            r = e["result"]
+            rec = {"kind": e["kind"], "name": name, "arch": e["arch"], "seed": seed, **_cost(r, "query"),
+                   "flops_ratio": r["cost"]["ratio_gallery_over_query"]["flops"],
+                   "gallery": {"model": r["gallery_model"]["model"], **_cost(r, "gallery")},
+                   "eval_json": r.get("_path"), "metrics": {}}
+            for k in ("budget_ratio", "budget_flops", "supernet"):
+                if k in e:
+                    rec[k] = e[k]
+            if "search" in e:
+                rec["search"] = {k: e["search"][k] for k in ("key", "reward", "reward_kind", "metric", "scores",
+                                                             "evaluations", "seconds", "latency_ms_measured")
+                                 if k in e["search"]}
+            twin = None
+            if e["kind"] == "offshelf-independent" or e["kind"] == "nas-independent":
+                twin = r
+            elif e["kind"] == "offshelf-bct":
+                twin = ind_qq.get(e["arch"])
+            elif e["kind"] in ("cmp-nas", "nas-homo") or e["kind"].startswith("nas-"):
+                twin = ind_qq.get(name)
+            for metric in metrics:
+                b = _metric_block(r, metric)
+                if paragon is not None and e["kind"] != "weight-inheritance":
+                    b["paragon_g->g"] = paragon["metrics"][metric]["g->g"]
+                elif paragon is not None:  # its own gallery is the supernet's largest sub-network
+                    b["paragon_g->g"] = paragon["metrics"][metric]["g->g"]
+                    b["note"] = "g->g and gap are against the inherited gallery (the supernet's largest sub-network)"
+                qq_ind = None if twin is None else twin["metrics"]["query->query"].get(metric)
+                b["headroom"] = (None if qq_ind is None or b.get("paragon_g->g") is None
+                                 else b["paragon_g->g"] - qq_ind)
+                rec["metrics"][metric] = b
+            records.append(rec)
+    return records
+
+
+def _pct(x: float | None, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def _ci(ci: list | None, sign: bool = False) -> str:
+    if not ci:
+        return ""
+    return f" [{_pct(ci[0], sign)},{_pct(ci[1], sign)}]"
+
+
+def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dict]) -> str:
+    head = ["kind", "architecture", "seed", "MFLOPs", "FLOPs ratio", "lat b1 ms", "lat batched ms"]
+    for m in metrics:
+        head += [f"{m} q->g [95% CI]", f"{m} q->q", f"{m} gap [95% CI]", f"{m} headroom"]
+    head += [f"criterion {metrics[0]}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    paragon_flops = {r["seed"]: r["flops"] for r in records if r["kind"] == "paragon"}
+    for r in records:
+        lat1 = "-" if r.get("latency_ms_batch1") is None else f"{r['latency_ms_batch1']:.3f}"
+        latb = "-" if r.get("latency_ms_batched") is None else f"{r['latency_ms_batched']:.2f} (b{r['latency_batch']})"
+        ratio = paragon_flops.get(r["seed"], r["flops"]) / max(1, r["flops"])
+        cells = [KIND_LABEL.get(r["kind"], r["kind"]) + (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r else ""),
+                 "`" + r["arch"].replace("|", "\\|") + "`", str(r["seed"]), f"{r['flops'] / 1e6:.3f}", f"{ratio:.1f}x", lat1, latb]
+        for m in metrics:
+            b = r["metrics"].get(m, {})
+            if r["kind"] == "paragon":
+                cells += [f"{_pct(b.get('g->g'))}{_ci(b.get('g->g_ci95'))} (g->g)", "-", "-", "-"]
+            else:
+                cells += [f"{_pct(b.get('q->g'))}{_ci(b.get('q->g_ci95'))}", _pct(b.get("q->q")),
+                          f"{_pct(b.get('gap'), True)}{_ci(b.get('gap_ci95'), True)}", _pct(b.get("headroom"), True)]
+        if r["kind"] == "paragon":
+            cells.append("-")
+        else:
+            c = r["metrics"][metrics[0]].get("criterion") or {}
+            s = "holds" if c.get("holds") else "fails"
+            if "ci95" in c:
+                s += f" ({_pct(c['difference'], True)}{_ci(c['ci95'], True)})"
+            cells.append(s)
+        rows.append("| " + " | ".join(cells) + " |")
+    lines = rows
+    for inf in infeasible:
+        lines.append(f"\nseed {inf['seed']}: {inf['budget_ratio']:g}x infeasible: {inf['why']}")
+    lines.append("\nheadroom = paragon M(g->g) - M(q->q) of the same architecture trained independently; "
+                 "gap = M(g->g) - M(q->g) (paired bootstrap 95% CI). Weight-inheritance rows: q->g and gap are "
+                 "against the inherited gallery model (the supernet's largest sub-network), not the paragon.")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] == "offshelf-independent" or r["kind"] == "nas-independent":
+            continue  # q->g of an independent model is chance: not on the trade-off plot
+        key = (r["kind"], r["arch"] if r["kind"] in ("paragon", "offshelf-bct") else r.get("budget_ratio"))
+        groups.setdefault(key, []).append(r)
+
+    def mean(rs, f):
+        vals = [f(x) for x in rs if f(x) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    markers = "osD^v<>ph*Xd"
+    written = []
+    for xkey, xlabel, suffix in (("flops", "query MFLOPs", "flops"),
+                                 ("latency_ms_batch1", "query CPU latency, batch 1 (ms)", "latency")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        par = [g for k, g in groups.items() if k[0] == "paragon"]
+        if par:
+            y = mean(par[0], lambda r: r["metrics"][metric]["g->g"])
+            if y is not None:
+                ax.axhline(100 * y, color="k", ls="--", lw=1, label=f"paragon {par[0][0]['arch']} M(g->g)")
+        for i, ((kind, arch), rs) in enumerate(sorted((k, g) for k, g in groups.items()
+                                                      if k[0] == "offshelf-bct")):
+            x = mean(rs, lambda r: r.get(xkey))
+            y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
+            if x is not None and y is not None:
+                x = x / 1e6 if xkey == "flops" else x
+                ax.scatter([x], [100 * y], marker=markers[i % len(markers)], s=60, label=f"{arch} + BCT")
+        for kind, style, color in (("cmp-nas", "-o", "tab:red"), ("nas-homo", "--s", "tab:gray"),
+                                   ("weight-inheritance", ":^", "tab:green")):
+            pts = []
+            for (k, _), rs in groups.items():
+                if k != kind:
+                    continue
+                x = mean(rs, lambda r: r.get(xkey))
+                y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
+                if x is not None and y is not None:
+                    pts.append((x / 1e6 if xkey == "flops" else x, 100 * y))
+            if pts:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=KIND_LABEL[kind])
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"heterogeneous {metric} M(q->g) (%)")
+        ax.set_title(title, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = out_prefix.parent / f"{out_prefix.name}_{suffix}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tradeoff.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="fashion-mnist or kanji-fonts (the profile maps it to a spec)")
+    p.add_argument("--profile", default="quick", help="tiny | quick | full, or a path to a profile YAML")
+    p.add_argument("--seeds", help="comma list of seeds (default: the profile's)")
+    p.add_argument("--out", default="results", help="results root (default results/)")
+    p.add_argument("--only", help=f"comma list of stages to run ({', '.join(STAGES)}); the report always runs")
+    p.add_argument("--plot", action="store_true", help="also write the two PNGs (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = (lambda s: None) if args.quiet else print
+    try:
+        return _main(args, argv, log)
+    except (BenchError, ValueError) as e:
+        print(f"tradeoff: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> int:
+    t_start = time.perf_counter()
+    profile, profile_path = load_profile(args.profile)
+    profile_name = profile_path.stem.removeprefix("tradeoff_")
+    only = set(s.strip() for s in (args.only or "").split(",") if s.strip())
+    if only - set(STAGES) - {"report"}:
+        raise BenchError(f"unknown stage(s) {sorted(only - set(STAGES))}; use {', '.join(STAGES)}")
+    seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
+             else [int(s) for s in profile.get("seeds", [0])])
+    metrics = (profile.get("metrics") or {}).get(args.data) or DEFAULT_METRICS.get(args.data, ["recall@1", "map"])
+    if profile.get("threads"):
+        torch.set_num_threads(int(profile["threads"]))
+    data_dir = Path(args.out) / args.data.replace(":", "_").replace("/", "_")
+    root = data_dir / profile_name
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    full, train_data = load_dataset(profile, args.data)
+    log(f"{full.summary()} (load {time.perf_counter() - t0:.1f} s; training on {len(train_data.train)} images)")
+    runner = Runner(root, profile, args.data, full, train_data, only, log)
+    seed_results = [runner.run_seed(seed) for seed in seeds]
+    infeasible = [{"seed": sr["seed"], **inf} for sr in seed_results for inf in sr["infeasible"]]
+    for sr in seed_results:
+        for name, e in sr["evals"].items():
+            e["result"]["_path"] = str(root / f"seed{sr['seed']}" / f"eval-{name}.json")
+    records = build_records(seed_results, metrics)
+    table = markdown_table(records, metrics, infeasible)
+    title = (f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
+             f"({runner.entry['spec']}, {full.protocol}-set)")
+    md = f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n{table}\n"
+    log("\n" + md)
+    plots = []
+    if args.plot:
+        try:
+            plots = [str(p) for p in plot(records, metrics[0], data_dir / profile_name, title)]
+            log("wrote " + ", ".join(plots))
+        except ImportError as e:
+            log(f"no plot: {e}")
+    summary = {
+        "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None
+                                                                                else sys.argv[1:])]),
+        "data": args.data, "data_spec": runner.entry["spec"], "protocol": full.protocol,
+        "n_train": len(train_data.train), "n_query": len(full.query), "n_gallery": len(full.gallery),
+        "profile_name": profile_name, "profile_path": str(profile_path), "profile": profile, "seeds": seeds,
+        "metrics": metrics, "records": records, "infeasible_budgets": infeasible,
+        "meta": {str(sr["seed"]): sr["meta"] for sr in seed_results}, "stages": runner.events,
+        "plots": plots, "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    ckpt.atomic_write_json(data_dir / f"{profile_name}.json", json.loads(json.dumps(summary, default=float)))
+    (data_dir / f"{profile_name}.md").write_text(md)
+    ran = sum(e["status"] == "ran" for e in runner.events)
+    log(f"wrote {data_dir / (profile_name + '.json')} and .md; {ran} stages ran, "
+        f"{sum(e['status'] == 'reused' for e in runner.events)} reused; {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

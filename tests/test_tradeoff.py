@@ -1,0 +1,127 @@
+"""benchmarks/tradeoff.py: the `tiny` profile end to end on synthetic data, then a re-run that reuses every stage."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("tradeoff_bench", ROOT / "benchmarks" / "tradeoff.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tradeoff_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _brackets(value, ci):
+    return ci is None or (ci[0] - 1e-12 <= value <= ci[1] + 1e-12)
+
+
+def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
+    bench = _load_benchmark()
+    args = ["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path), "--plot", "--quiet"]
+    assert bench.main(args) == 0
+    out = json.loads((tmp_path / "fashion-mnist" / "tiny.json").read_text())
+    assert "tradeoff.py" in out["command"] and out["profile"]["search"]["rewards"] == ["hetero", "homo"]
+    assert (tmp_path / "fashion-mnist" / "tiny.md").read_text().count("\n|") >= 6
+    records = out["records"]
+    kinds = [r["kind"] for r in records]
+
+    paragon = [r for r in records if r["kind"] == "paragon"]
+    assert len(paragon) == 1
+    paragon_flops = paragon[0]["flops"]
+    g_r1 = paragon[0]["metrics"]["recall@1"]["g->g"]
+
+    bct = [r for r in records if r["kind"] == "offshelf-bct"]
+    ind = [r for r in records if r["kind"] == "offshelf-independent"]
+    assert bct and {r["arch"] for r in bct} <= {r["arch"] for r in ind}
+    for r in bct + ind:
+        for m in out["metrics"]:
+            assert r["metrics"][m]["headroom"] is not None
+        twin = next(i for i in ind if i["arch"] == r["arch"])
+        assert math.isclose(r["metrics"]["recall@1"]["headroom"], g_r1 - twin["metrics"]["recall@1"]["q->q"])
+
+    hetero = {r["budget_ratio"] for r in records if r["kind"] == "cmp-nas"}
+    homo = {r["budget_ratio"] for r in records if r["kind"] == "nas-homo"}
+    assert hetero & homo, "a CMP-NAS hetero and a homo pick at the same budget"
+    assert "weight-inheritance" in kinds
+    # the tiny profile lists one budget no sub-network can meet: recorded, not fatal
+    assert out["infeasible_budgets"] and out["infeasible_budgets"][0]["budget_ratio"] == 1000
+
+    for r in records:
+        for key in ("flops", "params", "latency_ms_batch1", "latency_ms_batched"):
+            assert r[key] is not None and r[key] > 0, (r["name"], key)
+        if r["kind"] == "paragon":
+            continue
+        assert r["flops"] < paragon_flops, r["name"]
+        if "budget_flops" in r:
+            assert r["flops"] <= r["budget_flops"]
+        for m, b in r["metrics"].items():
+            for side in ("q->g", "q->q", "g->g"):
+                assert _brackets(b[side], b[f"{side}_ci95"]), (r["name"], m, side)
+            assert b["gap"] is not None and _brackets(b["gap"], b["gap_ci95"]), (r["name"], m)
+            assert "holds" in b["criterion"]
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (tmp_path / "fashion-mnist" / "tiny_flops.png").stat().st_size > 0
+        assert (tmp_path / "fashion-mnist" / "tiny_latency.png").stat().st_size > 0
+
+    # a second run reuses every stage: nothing is trained, searched, exported or evaluated again
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(bench.hvs_train, "train", boom)
+    monkeypatch.setattr(bench.nas_train, "train_supernet", boom)
+    monkeypatch.setattr(bench.nas_search, "run_search", boom)
+    monkeypatch.setattr(bench.nas_export, "export_subnet", boom)
+    monkeypatch.setattr(bench.nas_export, "inherit", boom)
+    monkeypatch.setattr(bench.hvs_eval, "evaluate", boom)
+    assert bench.main(args) == 0
+    again = json.loads((tmp_path / "fashion-mnist" / "tiny.json").read_text())
+    assert {e["status"] for e in again["stages"]} <= {"reused", "infeasible", "not-cheaper"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "eval_json"} for r in rs]  # noqa: E731
+    assert strip(again["records"]) == strip(records)
+
+
+def test_unknown_stage_is_a_one_line_error(tmp_path, capsys):
+    bench = _load_benchmark()
+    assert bench.main(["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path),
+                       "--only", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tradeoff: error: unknown stage") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "quick", "full"])
+def test_profiles_parse(name):
+    bench = _load_benchmark()
+    profile, _ = bench.load_profile(name)
+    for key in ("data", "paragon", "offshelf", "supernet", "search", "evaluate"):
+        assert key in profile
+    assert set(profile["data"]) == {"fashion-mnist", "kanji-fonts"}
+    # every stage's options are valid for the library function that receives them
+    from hvs.models import list_models
+    from hvs.models.ofa import OFAMobileNetV3Supernet
+    from hvs.nas.search import SearchConfig
+    from hvs.nas.train import SupernetTrainConfig
+    from hvs.train import TrainConfig
+
+    TrainConfig(out="unused", role="gallery", **profile["paragon"])
+    assert set(profile["offshelf"]["models"]) <= set(list_models("query"))
+    TrainConfig(out="unused", **profile["offshelf"]["train"])
+    cfg = SupernetTrainConfig.from_dict({**profile["supernet"], "out": "unused"})
+    OFAMobileNetV3Supernet(in_chans=1, **cfg.supernet)
+    SearchConfig.from_dict({k: v for k, v in profile["search"].items() if k not in ("budgets", "rewards")}
+                           | {"supernet": "unused", "out": "unused"})
+    assert all(float(b) > 1 for b in profile["search"]["budgets"])
+    if profile.get("nas_independent"):
+        TrainConfig(out="unused", **profile["nas_independent"])
