@@ -17,7 +17,7 @@ from hvs.models import create_model
 from hvs.models.cost import count_flops
 from hvs.models.ofa import ArchError, ArchSpace, OFAMobileNetV3Supernet, make_divisible
 from hvs.nas import (Budget, LatencyTable, NASError, carve_validation, compare_latency, phase_plan, random_search,
-                     regularized_evolution)
+                     regularized_evolution, sample_under_budget)
 from hvs.nas import train as nas_train
 
 TINY = {"stem_width": 8, "first_width": 8, "stage_widths": [8, 16, 24], "stage_strides": [2, 2, 1],
@@ -393,3 +393,17 @@ def test_export_refuses_a_gallery_the_supernet_was_not_trained_for(nas_runs, cap
     assert "--finetune-epochs" in err
     assert main([*args, "--out", str(root / "forced"), "--force"]) == 0
     assert ckpt.read_card(root / "forced").compat == []  # no claim of BCT training for that gallery
+
+
+def test_a_tight_budget_still_yields_varied_candidates():
+    """Just above the smallest sub-network, uniform draws almost never fit: the sampler walks up
+    from the smallest one instead, staying under the budget."""
+    import random
+
+    net = _supernet()
+    smallest = net.flops(net.min_arch(), 12)
+    budget = Budget("flops", smallest * 1.05, lambda a: float(net.flops(a, 12)))
+    rng = random.Random(0)
+    archs = [sample_under_budget(net.space, rng, budget, max_tries=5) for _ in range(8)]
+    assert all(budget.ok(a) for a in archs)
+    assert len({net.space.key(a) for a in archs}) > 1

@@ -86,12 +86,24 @@ def check_feasible(space: ArchSpace, budget: Budget | None) -> None:
 
 
 def sample_under_budget(space: ArchSpace, rng: random.Random, budget: Budget | None, max_tries: int = 1000) -> dict:
-    """Rejection sampling with at most ``max_tries`` draws."""
+    """Rejection sampling with at most ``max_tries`` draws.
+
+    A tight budget, just above the smallest sub-network, is rarely met by uniform draws; then the
+    sample is a bounded random walk up from the smallest sub-network (mutations kept only while
+    under budget), so every feasible budget yields varied candidates."""
     for _ in range(max(1, max_tries)):
         arch = space.sample(rng)
         if budget is None or budget.ok(arch):
             return arch
-    smallest = budget.cost(space.min_arch())
+    smallest_arch = space.min_arch()
+    if budget.ok(smallest_arch):
+        arch = smallest_arch
+        for _ in range(max(1, min(max_tries, 200))):
+            candidate = space.mutate(arch, rng, 0.1)
+            if budget.ok(candidate):
+                arch = candidate
+        return arch
+    smallest = budget.cost(smallest_arch)
     raise NASError(f"no random sub-network met the budget {budget.describe(budget.limit)} in {max_tries} tries "
                    f"(the smallest needs {budget.describe(smallest)}): raise the budget or max_tries")
 
