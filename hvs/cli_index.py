@@ -73,23 +73,17 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from .index import open_index
 
-    index = open_index(_spec(args.index))
-    try:
+    with open_index(_spec(args.index)) as index:
         n = index.remove(np.asarray(args.ids, dtype=np.int64))
         print(f"removed {n}; index now holds {len(index)}")
-    finally:
-        index.close()
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .index import open_index
 
-    index = open_index(_spec(args.index))
-    try:
+    with open_index(_spec(args.index)) as index:
         print(json.dumps(index.info(), indent=2, default=str))
-    finally:
-        index.close()
     return 0
 
 
