@@ -15,17 +15,14 @@ import onnx  # noqa: E402
 
 from hvs import checkpoint as ckpt  # noqa: E402
 from hvs.cli import main  # noqa: E402
-from hvs.data import create_dataset  # noqa: E402
 from hvs.export import (ExportError, export_onnx, load_onnx_encoder, measure_ort_latency, ort_session,  # noqa: E402
                         read_metadata)
-from hvs.search import ENCODER_LOADERS, SearchError, Searcher, build_gallery_index, load_query_encoder  # noqa: E402
-from hvs.train import TrainConfig, train  # noqa: E402
+from hvs.search import ENCODER_LOADERS, SearchError, Searcher, load_query_encoder  # noqa: E402
+
+from conftest import build_tiny_world  # noqa: E402
 
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
 
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +30,7 @@ def setup(tmp_path_factory):
     """A 1-epoch gallery model, a BCT query model for it, an index, and the query model exported
     through the CLI (fp32 + int8, with the M(q->g) check)."""
     root = tmp_path_factory.mktemp("export")
-    data = create_dataset(SPEC)
-    common = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05)
-    train(TrainConfig(out=str(root / "g"), **common), data=data, progress=False, log=quiet)
-    train(TrainConfig(out=str(root / "q"), gallery=str(root / "g"), compat=["bct"], **common), data=data,
-          progress=False, log=quiet)
-    build_gallery_index(root / "g", SPEC, f"faiss:{root / 'idx'}", progress=False)
+    data = build_tiny_world(root, SPEC)
     assert main(["export", "onnx", "--query-model", str(root / "q"), "--out", str(root / "q.onnx"), "--int8",
                  "--check-data", SPEC, "--gallery-model", str(root / "g"), "--no-latency",
                  "--json", str(root / "report.json")]) == 0

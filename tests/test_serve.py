@@ -19,17 +19,14 @@ from PIL import Image  # noqa: E402
 
 import hvs.serve.app as serve_app  # noqa: E402
 from hvs import checkpoint as ckpt  # noqa: E402
-from hvs.data import create_dataset  # noqa: E402
 from hvs.index import open_index  # noqa: E402
-from hvs.search import SearchError, build_gallery_index  # noqa: E402
+from hvs.search import SearchError  # noqa: E402
 from hvs.serve import create_app  # noqa: E402
-from hvs.train import TrainConfig, train  # noqa: E402
+
+from conftest import build_tiny_world  # noqa: E402
 
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
 
-
-def quiet(_):
-    pass
 
 
 def png_of(x) -> bytes:
@@ -53,12 +50,7 @@ def bomb_png(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    data = create_dataset(SPEC)
-    common = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05)
-    train(TrainConfig(out=str(root / "g"), **common), data=data, progress=False, log=quiet)
-    train(TrainConfig(out=str(root / "q"), gallery=str(root / "g"), compat=["bct"], **common), data=data,
-          progress=False, log=quiet)
-    build_gallery_index(root / "g", SPEC, f"faiss:{root / 'idx'}", progress=False)
+    data = build_tiny_world(root, SPEC)
     # a query model made for another gallery model: same card, other compatible_with fingerprint
     shutil.copytree(root / "q", root / "q-other")
     config = json.loads((root / "q-other" / ckpt.CONFIG).read_text())
