@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import hvs.evaluate as hvs_eval  # noqa: E402
@@ -57,13 +58,14 @@ import hvs.train as hvs_train  # noqa: E402
 from hvs import checkpoint as ckpt  # noqa: E402
 from hvs.data import RetrievalData, create_dataset  # noqa: E402
 
-STAGES = ("paragon", "offshelf", "supernet", "nas", "inherit")
+STAGES = ("paragon", "offshelf", "supernet", "nas", "inherit", "latency")
 DATASETS = ("fashion-mnist", "kanji-fonts")
 DEFAULT_METRICS = {"fashion-mnist": ["recall@1", "recall@10", "map"],
                    "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"]}
 KIND_LABEL = {"offshelf-bct": "off-the-shelf + BCT", "offshelf-independent": "off-the-shelf, independent",
               "cmp-nas": "CMP-NAS (hetero reward)", "nas-homo": "NAS, homo reward",
-              "nas-independent": "NAS pick, independent", "weight-inheritance": "weight inheritance"}
+              "nas-independent": "NAS pick, independent", "weight-inheritance": "weight inheritance",
+              "cmp-nas-latency": "CMP-NAS, latency budget"}
 
 
 class BenchError(ValueError):
@@ -172,7 +174,8 @@ class Runner:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, stage: str, gallery: Path, query: Path, out: Path) -> dict | None:
-        if out.is_file():
+        npz = out.with_suffix(".npz")  # per-query arrays: paired comparisons between models
+        if out.is_file() and npz.is_file():
             self.event(stage, f"evaluate {out.stem}", "reused")
             return json.loads(out.read_text())
         if not self.allowed(stage):
@@ -181,7 +184,8 @@ class Runner:
         ev = self.profile.get("evaluate") or {}
         t0 = time.perf_counter()
         result = hvs_eval.evaluate(gallery, query, self.full, n_boot=int(ev.get("n_boot", 1000)),
-                                   latency=bool(ev.get("latency", True)))
+                                   latency=bool(ev.get("latency", True)), per_query=True)
+        hvs_eval.save_per_query(result, npz)
         hvs_eval.save_json(result, out)
         self.event(stage, f"evaluate {out.stem}", "ran", time.perf_counter() - t0)
         return json.loads(out.read_text())
@@ -266,8 +270,8 @@ class Runner:
                         results["evals"][name] = {"kind": kind, "arch": f"ofa-mbv3 [{best['key']}]",
                                                   "budget_ratio": ratio, "budget_flops": limit, "search": best}
                         results["evals"][name]["result"] = r
-                ind = p.get("nas_independent")
-                if ind:
+                ind = dict(p.get("nas_independent") or {})
+                if ind and reward in ind.pop("rewards", [reward]):
                     mk = ckpt.read_card(folder).model_kwargs if (folder / ckpt.CONFIG).is_file() else None
                     ind_folder = sd / f"ind-{name}"
                     if mk is not None and self.train("nas", ind_folder, model="ofa-mbv3", model_kwargs=mk,
@@ -282,9 +286,100 @@ class Runner:
             inh = p.get("inherit")
             if inh:
                 self.inherit(sd, supernet, gallery, ratio, limit, dict(inh), results)
+
+        # CMP-NAS under a batch-1 CPU latency budget: a ratio of the paragon's measured latency
+        lat_ratios = [float(b) for b in search_p.get("latency_budgets", [])]
+        if have_supernet and lat_ratios:
+            self.latency_searches(sd, supernet, gallery, g_model, g_card, lat_ratios, results)
+        self.measure_latencies(sd, gallery, results)
         return results
 
-    def search(self, out: Path, supernet: Path, gallery: Path, limit: float, reward: str) -> dict | None:
+    def measure_latencies(self, sd: Path, gallery: Path, results: dict) -> None:
+        """Batch-1 latency of every model of the seed, eager PyTorch and ONNX Runtime, measured in one
+        pass after the training (``latency.json``, reused per model fingerprint): the evaluations'
+        own latencies ran while other stages may have shared the CPU."""
+        from hvs.export import export_onnx, measure_ort_latency, ort_session
+        from hvs.models.cost import measure_latency
+
+        path = sd / "latency.json"
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        folders = {"paragon": gallery}
+        for name, e in results["evals"].items():
+            folders[name] = Path(e["result"]["query_model"]["path"])
+        threads = int(self.profile.get("threads") or torch.get_num_threads())
+        changed = False
+        for name, folder in folders.items():
+            card = ckpt.read_card(folder)
+            if table.get(name, {}).get("fingerprint") == card.fingerprint:
+                continue
+            if not self.allowed("latency"):
+                self.event("latency", name, "skipped", why="not in --only")
+                continue
+            t0 = time.perf_counter()
+            model, _ = ckpt.load_model(folder)
+            row = {"fingerprint": card.fingerprint, "threads": threads,
+                   "torch_ms_batch1": measure_latency(model.to(memory_format=torch.channels_last),
+                                                      card.input_shape, 1, min_seconds=1.0)}
+            tmp = sd / f".latency-{name}.onnx"
+            try:
+                export_onnx(folder, tmp)
+                row["ort_ms_batch1"] = measure_ort_latency(ort_session(tmp, threads), card.input_shape, 1,
+                                                           min_seconds=1.0)
+            except ValueError as e:  # an export that fails its parity check: no ORT figure, say why
+                row["ort_error"] = str(e).splitlines()[0]
+            finally:
+                tmp.unlink(missing_ok=True)
+            table[name] = row
+            changed = True
+            self.event("latency", name, "ran", time.perf_counter() - t0)
+        if changed:
+            ckpt.atomic_write_json(path, table)
+        results["latency"] = table
+
+    def latency_searches(self, sd: Path, supernet: Path, gallery: Path, g_model: torch.nn.Module,
+                         g_card: ckpt.ModelCard, ratios: list[float], results: dict) -> None:
+        from hvs.models.cost import measure_latency
+        from hvs.nas.common import NASError
+
+        ref = sd / "paragon_latency.json"  # measured once: every latency budget of the seed derives from it
+        if ref.is_file():
+            par_ms = float(json.loads(ref.read_text())["latency_ms_batch1"])
+        else:
+            par_ms = measure_latency(g_model.to(memory_format=torch.channels_last), g_card.input_shape, 1,
+                                     min_seconds=1.0)
+            ckpt.atomic_write_json(ref, {"latency_ms_batch1": par_ms, "threads": torch.get_num_threads()})
+        results["meta"]["paragon_latency_ms_batch1_at_search"] = par_ms
+        for ratio in ratios:
+            tag = f"lat{ratio:g}x"
+            name = f"nas-hetero-{tag}"
+            out = sd / f"search-hetero-{tag}"
+            limit = par_ms / ratio
+            known = out / "infeasible.json"  # an infeasible budget is a result too: not searched again
+            try:
+                if known.is_file():
+                    raise NASError(json.loads(known.read_text())["why"])
+                best = self.search(out, supernet, gallery, None, "hetero", latency_ms=limit)
+            except NASError as e:
+                why = str(e).splitlines()[0]
+                if not known.is_file():
+                    out.mkdir(parents=True, exist_ok=True)
+                    ckpt.atomic_write_json(known, {"why": why, "latency_ms": limit})
+                results["infeasible"].append({"latency_ratio": ratio, "budget_latency_ms": limit, "why": why})
+                self.event("nas", tag, "infeasible", why=why)
+                continue
+            if best is None:
+                continue
+            folder = sd / name
+            if self.export(folder, supernet, gallery, best):
+                r = self.evaluate("nas", gallery, folder, sd / f"eval-{name}.json")
+                if r is not None:
+                    results["evals"][name] = {"kind": "cmp-nas-latency", "arch": f"ofa-mbv3 [{best['key']}]",
+                                              "latency_ratio": ratio, "budget_latency_ms": limit,
+                                              "paragon_latency_ms": par_ms, "search": best, "result": r}
+
+    def search(self, out: Path, supernet: Path, gallery: Path, limit: float | None, reward: str,
+               latency_ms: float | None = None) -> dict | None:
+        """Search under ``limit`` FLOPs, or ``latency_ms`` (batch-1 CPU latency from the per-layer table)."""
         if (out / "best.json").is_file():
             self.event("nas", out.name, "reused")
             return json.loads((out / "best.json").read_text())
@@ -293,10 +388,12 @@ class Runner:
             return None
         if out.exists():
             shutil.rmtree(out)  # an interrupted search: redo it (it is seeded)
-        s = {k: v for k, v in (self.profile.get("search") or {}).items() if k not in ("budgets", "rewards")}
+        s = {k: v for k, v in (self.profile.get("search") or {}).items()
+             if k not in ("budgets", "rewards", "latency_budgets")}
         cfg = nas_search.SearchConfig.from_dict({
             **s, "supernet": str(supernet), "out": str(out), "gallery": str(gallery), "flops": limit,
-            "reward": reward, "seed": s.get("seed", self.seed), "threads": self.profile.get("threads")})
+            "latency_ms": latency_ms, "reward": reward, "seed": s.get("seed", self.seed),
+            "threads": self.profile.get("threads")})
         t0 = time.perf_counter()
         best = nas_search.run_search(cfg, progress=False, data=self.train_data, log=self.lib_log)
         self.event("nas", out.name, "ran", time.perf_counter() - t0)
@@ -398,6 +495,8 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
             for metric in metrics:
                 b = _metric_block(r, metric)
                 paragon["metrics"][metric] = {"g->g": b["g->g"], "g->g_ci95": b["g->g_ci95"]}
+            lat = (sr.get("latency") or {}).get("paragon", {})
+            paragon["torch_ms_batch1"], paragon["ort_ms_batch1"] = lat.get("torch_ms_batch1"), lat.get("ort_ms_batch1")
             records.append(paragon)
         ind_qq = {}  # architecture -> its independent twin's metrics
         for name, e in evals.items():
@@ -409,9 +508,13 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                    "flops_ratio": r["cost"]["ratio_gallery_over_query"]["flops"],
                    "gallery": {"model": r["gallery_model"]["model"], **_cost(r, "gallery")},
                    "eval_json": r.get("_path"), "metrics": {}}
-            for k in ("budget_ratio", "budget_flops", "supernet"):
+            for k in ("budget_ratio", "budget_flops", "supernet", "latency_ratio", "budget_latency_ms",
+                      "paragon_latency_ms", "twin_of"):
                 if k in e:
                     rec[k] = e[k]
+            lat = (sr.get("latency") or {}).get(name, {})
+            rec["torch_ms_batch1"], rec["ort_ms_batch1"] = lat.get("torch_ms_batch1"), lat.get("ort_ms_batch1")
+            rec["per_query_npz"] = str(Path(r["_path"]).with_suffix(".npz")) if r.get("_path") else None
             if "search" in e:
                 rec["search"] = {k: e["search"][k] for k in ("key", "reward", "reward_kind", "metric", "scores",
                                                              "evaluations", "seconds", "latency_ms_measured")
@@ -421,7 +524,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 twin = r
             elif e["kind"] == "offshelf-bct":
                 twin = ind_qq.get(e["arch"])
-            elif e["kind"] in ("cmp-nas", "nas-homo") or e["kind"].startswith("nas-"):
+            elif e["kind"] in ("cmp-nas", "nas-homo", "cmp-nas-latency") or e["kind"].startswith("nas-"):
                 twin = ind_qq.get(name)
             for metric in metrics:
                 b = _metric_block(r, metric)
@@ -450,19 +553,213 @@ def _ci(ci: list | None, sign: bool = False) -> str:
     return f" [{_pct(ci[0], sign)},{_pct(ci[1], sign)}]"
 
 
+def _group_key(r: dict) -> tuple:
+    if r["kind"] in ("paragon", "offshelf-bct", "offshelf-independent"):
+        return (r["kind"], r["arch"])
+    if r["kind"] == "cmp-nas-latency":
+        return (r["kind"], f"lat{r['latency_ratio']:g}x")
+    return (r["kind"], f"{r.get('budget_ratio', 0):g}x")
+
+
+def _mean(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary_table(records: list[dict], metrics: list[str]) -> str:
+    """One row per method and size, averaged over seeds (per-seed values of the main metric listed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r), []).append(r)
+    par = groups.get(next((k for k in groups if k[0] == "paragon"), ("", "")), [])
+    par_flops = _mean([r["flops"] for r in par])
+    par_torch = _mean([r.get("torch_ms_batch1") for r in par])
+    par_ort = _mean([r.get("ort_ms_batch1") for r in par])
+    m0 = metrics[0]
+    head = ["method", "size", "seeds", "MFLOPs", "FLOPs ratio", "torch b1 ms (ratio)", "ORT b1 ms (ratio)",
+            f"{m0} q->g, per seed", f"{m0} q->g mean", f"{m0} q->q", f"{m0} gap", f"{m0} headroom"]
+    head += [f"{m} q->g mean" for m in metrics[1:]] + [f"criterion {m0}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def lat(x, ref):
+        if x is None:
+            return "-"
+        return f"{x:.3f}" + (f" ({ref / x:.1f}x)" if ref else "")
+
+    order = ["paragon", "offshelf-bct", "offshelf-independent", "cmp-nas", "nas-homo", "cmp-nas-latency",
+             "nas-independent", "weight-inheritance"]
+    for key in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else 99,
+                                             -_mean([r["flops"] for r in groups[k]]))):
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        flops = _mean([r["flops"] for r in rs])
+        ratio = f"{par_flops / flops:.1f}x" if par_flops and flops else "-"
+        if key[0] == "paragon":
+            vals = [r["metrics"][m0]["g->g"] for r in rs]
+            cells = [KIND_LABEL.get(key[0], key[0]), f"`{key[1]}`", str(len(rs)), f"{flops / 1e6:.2f}", "1x",
+                     lat(par_torch, None), lat(par_ort, None), " / ".join(_pct(v) for v in vals) + " (g->g)",
+                     _pct(_mean(vals)), "-", "-", "-"]
+            cells += [_pct(_mean([r["metrics"][m]["g->g"] for r in rs])) + " (g->g)" for m in metrics[1:]]
+            cells.append("-")
+        else:
+            vals = [r["metrics"][m0]["q->g"] for r in rs]
+            size = key[1] if key[0] not in ("offshelf-bct", "offshelf-independent") else "-"
+            arch = key[1] if key[0] in ("offshelf-bct", "offshelf-independent") else "ofa-mbv3 @ " + size
+            holds = sum(bool((r["metrics"][m0].get("criterion") or {}).get("holds")) for r in rs)
+            cells = [KIND_LABEL.get(key[0], key[0]), f"`{arch}`", str(len(rs)), f"{flops / 1e6:.2f}", ratio,
+                     lat(_mean([r.get("torch_ms_batch1") for r in rs]), par_torch),
+                     lat(_mean([r.get("ort_ms_batch1") for r in rs]), par_ort),
+                     " / ".join(_pct(v) for v in vals), _pct(_mean(vals)),
+                     _pct(_mean([r["metrics"][m0]["q->q"] for r in rs])),
+                     _pct(_mean([r["metrics"][m0]["gap"] for r in rs]), True),
+                     _pct(_mean([r["metrics"][m0].get("headroom") for r in rs]), True)]
+            cells += [_pct(_mean([r["metrics"][m]["q->g"] for r in rs])) for m in metrics[1:]]
+            cells.append(f"holds in {holds}/{len(rs)}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def paired_difference(npz_a: str, npz_b: str, metric: str, n_boot: int = 1000) -> tuple[float, list] | None:
+    """M_a(q->g) - M_b(q->g) for two query models on the same queries and gallery, with a paired
+    bootstrap 95% CI over queries (recall@K, mAP, TPIR@FPIR; None for others or missing arrays)."""
+    from hvs.metrics import paired_bootstrap_ci, percentile_interval, resample_weights, tpir_bootstrap
+
+    if not (npz_a and npz_b and Path(npz_a).is_file() and Path(npz_b).is_file()):
+        return None
+    a = hvs_eval.load_per_query(npz_a)["query->gallery"]
+    b = hvs_eval.load_per_query(npz_b)["query->gallery"]
+    arr = {"map": "ap"}.get(metric) or (f"hit@{metric.split('@')[1]}" if metric.startswith("recall@") else None)
+    if arr is not None and arr in a and arr in b:
+        d, lo, hi = paired_bootstrap_ci(a[arr], b[arr], n_boot=n_boot)
+        return d, [lo, hi]
+    if metric.startswith("tpir@fpir="):
+        rate = float(metric.split("=", 1)[1])
+        pa = {"mated_score": a["probe_mated_score"], "nonmated_score": a["probe_nonmated_score"]}
+        pb = {"mated_score": b["probe_mated_score"], "nonmated_score": b["probe_nonmated_score"]}
+        wm = resample_weights(pa["mated_score"].size, n_boot, 0)
+        wn = resample_weights(pa["nonmated_score"].size, n_boot, 1)
+        ones_m, ones_n = np.ones((1, wm.shape[1]), np.int32), np.ones((1, wn.shape[1]), np.int32)
+        d = float(tpir_bootstrap(pa, rate, ones_m, ones_n)[0] - tpir_bootstrap(pb, rate, ones_m, ones_n)[0])
+        return d, percentile_interval(tpir_bootstrap(pa, rate, wm, wn) - tpir_bootstrap(pb, rate, wm, wn))
+    return None
+
+
+def _diff_s(d: tuple | None) -> str:
+    if d is None:
+        return "-"
+    return f"{_pct(d[0], True)}{_ci(d[1], True)}" + (" *" if d[1] and (d[1][0] > 0 or d[1][1] < 0) else "")
+
+
+def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple[str, dict]:
+    """The issue's targets, each with what was measured and a verdict (markdown and a JSON-able dict)."""
+    m0 = metrics[0]
+    seeds = sorted({r["seed"] for r in records})
+    by = {(r["seed"], r["name"]): r for r in records}
+    par = {r["seed"]: r for r in records if r["kind"] == "paragon"}
+    out: dict[str, Any] = {}
+    lines = []
+
+    # 1. compatibility-aware vs agnostic search at equal budget
+    rows = []
+    diffs_all = []
+    for r in sorted((r for r in records if r["kind"] == "cmp-nas"), key=lambda r: (r["budget_ratio"], r["seed"])):
+        homo = by.get((r["seed"], r["name"].replace("nas-hetero-", "nas-homo-")))
+        if homo is None:
+            continue
+        cells = [f"{r['budget_ratio']:g}x", str(r["seed"]),
+                 f"{r['flops'] / 1e6:.2f} / {homo['flops'] / 1e6:.2f}"]
+        for m in metrics:
+            d = paired_difference(r.get("per_query_npz"), homo.get("per_query_npz"), m, n_boot)
+            if d is None and r["metrics"][m].get("q->g") is not None:
+                d = (r["metrics"][m]["q->g"] - homo["metrics"][m]["q->g"], None)
+            cells.append(_diff_s(d))
+            if m == m0 and d is not None:
+                diffs_all.append({"budget_ratio": r["budget_ratio"], "seed": r["seed"], "difference": d[0],
+                                  "ci95": d[1]})
+        rows.append("| " + " | ".join(cells) + " |")
+    if rows:
+        head = ["budget", "seed", "MFLOPs aware / agnostic"] + [f"{m} aware - agnostic [95% CI]" for m in metrics]
+        mean_d = _mean([d["difference"] for d in diffs_all])
+        sig_pos = sum(bool(d["ci95"] and d["ci95"][0] > 0) for d in diffs_all)
+        sig_neg = sum(bool(d["ci95"] and d["ci95"][1] < 0) for d in diffs_all)
+        verdict = ("met" if mean_d is not None and mean_d > 0 and sig_pos > sig_neg and sig_neg == 0 else "not met")
+        lines += ["### Compatibility-aware (CMP-NAS) vs compatibility-agnostic search, equal FLOPs budget",
+                  "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *rows, "",
+                  f"Mean {m0} difference {_pct(mean_d, True)} points over {len(diffs_all)} (budget, seed) pairs; "
+                  f"significantly positive in {sig_pos}, significantly negative in {sig_neg} (paired bootstrap "
+                  f"over queries, * = CI excludes 0). Target (aware beats agnostic): **{verdict}**.", ""]
+        out["aware_vs_agnostic"] = {"pairs": diffs_all, "mean_difference": mean_d, "significant_positive": sig_pos,
+                                    "significant_negative": sig_neg, "verdict": verdict}
+
+    # 2. gap to the paragon at >= 23x and >= 80x fewer FLOPs, with the headroom
+    rows, gap_rows = [], []
+    for r in sorted((r for r in records if r["kind"] in ("cmp-nas", "offshelf-bct")), key=lambda r: (-r["flops"], r["seed"])):
+        p = par.get(r["seed"])
+        if p is None:
+            continue
+        ratio = p["flops"] / max(1, r["flops"])
+        if ratio < 20:
+            continue
+        b = r["metrics"][m0]
+        target = 0.3 if ratio >= 80 else 1.6
+        ok = b["gap"] is not None and 100 * b["gap"] <= target
+        rows.append(f"| {KIND_LABEL[r['kind']]} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | {ratio:.1f}x | "
+                    f"{_pct(b['paragon_g->g'])} | {_pct(b['q->g'])} | {_pct(b['gap'], True)}{_ci(b['gap_ci95'], True)} | "
+                    f"{_pct(b.get('headroom'), True)} | <= {target} | {'met' if ok else 'missed'} |")
+        gap_rows.append({"kind": r["kind"], "arch": r["arch"], "seed": r["seed"], "flops_ratio": ratio,
+                         "gap": b["gap"], "gap_ci95": b["gap_ci95"], "headroom": b.get("headroom"),
+                         "target_points": target, "met": ok})
+    if rows:
+        head = ["method", "architecture", "seed", "FLOPs ratio", f"paragon {m0}", f"{m0} q->g", "gap [95% CI]",
+                "headroom", "target gap", "verdict"]
+        lines += [f"### Gap to the paragon at >= 20x fewer query FLOPs ({m0})", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *rows, "",
+                  "Targets: within 1.6 points at >= 23x, within 0.3 at >= 80x; headroom = paragon M(g->g) - "
+                  "M(q->q) of the same architecture trained alone (how much the compatibility buys).", ""]
+        out["gap_at_high_ratios"] = gap_rows
+
+    # 3. Pareto dominance over the off-the-shelf architectures (seed means)
+    def means(kind):
+        g: dict[str, list] = {}
+        for r in records:
+            if r["kind"] == kind:
+                g.setdefault(r["arch"] if kind == "offshelf-bct" else f"{r.get('budget_ratio')}", []).append(r)
+        return {k: (_mean([x["flops"] for x in v]), _mean([x["metrics"][m0]["q->g"] for x in v])) for k, v in g.items()}
+    nas_pts = means("cmp-nas")
+    rows, dom = [], {}
+    for arch, (fl, acc) in sorted(means("offshelf-bct").items(), key=lambda kv: kv[1][0]):
+        better = [(f, a) for f, a in nas_pts.values() if f <= fl and a >= acc]
+        best = max(better, key=lambda t: t[1]) if better else None
+        dom[arch] = best is not None
+        rows.append(f"| `{arch}` | {fl / 1e6:.2f} | {_pct(acc)} | "
+                    + (f"{best[0] / 1e6:.2f} MFLOPs, {_pct(best[1])}" if best else "none") + " |")
+    if rows:
+        verdict = "met" if all(dom.values()) else f"not met ({sum(dom.values())}/{len(dom)} dominated)"
+        lines += [f"### Pareto dominance over off-the-shelf query architectures ({m0} M(q->g), seed means)", "",
+                  "| off-the-shelf + BCT | MFLOPs | q->g | a CMP-NAS model with <= FLOPs and >= accuracy |",
+                  "|---|---|---|---|", *rows, "", f"Target (CMP-NAS dominates every one): **{verdict}**.", ""]
+        out["pareto"] = {"dominated": dom, "verdict": verdict}
+    out["seeds"] = seeds
+    return "\n".join(lines), out
+
+
 def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dict]) -> str:
-    head = ["kind", "architecture", "seed", "MFLOPs", "FLOPs ratio", "lat b1 ms", "lat batched ms"]
+    head = ["kind", "architecture", "seed", "MFLOPs", "FLOPs ratio", "torch b1 ms", "ORT b1 ms", "torch batched ms"]
     for m in metrics:
         head += [f"{m} q->g [95% CI]", f"{m} q->q", f"{m} gap [95% CI]", f"{m} headroom"]
     head += [f"criterion {metrics[0]}"]
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     paragon_flops = {r["seed"]: r["flops"] for r in records if r["kind"] == "paragon"}
     for r in records:
-        lat1 = "-" if r.get("latency_ms_batch1") is None else f"{r['latency_ms_batch1']:.3f}"
+        t1 = r.get("torch_ms_batch1") or r.get("latency_ms_batch1")
+        lat1 = "-" if t1 is None else f"{t1:.3f}"
+        ort1 = "-" if r.get("ort_ms_batch1") is None else f"{r['ort_ms_batch1']:.3f}"
         latb = "-" if r.get("latency_ms_batched") is None else f"{r['latency_ms_batched']:.2f} (b{r['latency_batch']})"
         ratio = paragon_flops.get(r["seed"], r["flops"]) / max(1, r["flops"])
-        cells = [KIND_LABEL.get(r["kind"], r["kind"]) + (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r else ""),
-                 "`" + r["arch"].replace("|", "\\|") + "`", str(r["seed"]), f"{r['flops'] / 1e6:.3f}", f"{ratio:.1f}x", lat1, latb]
+        size = (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r
+                else f" @{r['latency_ratio']:g}x latency ({r['budget_latency_ms']:.3f} ms)" if "latency_ratio" in r else "")
+        cells = [KIND_LABEL.get(r["kind"], r["kind"]) + size,
+                 "`" + r["arch"].replace("|", "\\|") + "`", str(r["seed"]), f"{r['flops'] / 1e6:.3f}", f"{ratio:.1f}x",
+                 lat1, ort1, latb]
         for m in metrics:
             b = r["metrics"].get(m, {})
             if r["kind"] == "paragon":
@@ -481,7 +778,8 @@ def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dic
         rows.append("| " + " | ".join(cells) + " |")
     lines = rows
     for inf in infeasible:
-        lines.append(f"\nseed {inf['seed']}: {inf['budget_ratio']:g}x infeasible: {inf['why']}")
+        what = (f"{inf['budget_ratio']:g}x FLOPs" if "budget_ratio" in inf else f"{inf['latency_ratio']:g}x latency")
+        lines.append(f"\nseed {inf['seed']}: {what} infeasible: {inf['why']}")
     lines.append("\nheadroom = paragon M(g->g) - M(q->q) of the same architecture trained independently; "
                  "gap = M(g->g) - M(q->g) (paired bootstrap 95% CI). Weight-inheritance rows: q->g and gap are "
                  "against the inherited gallery model (the supernet's largest sub-network), not the paragon.")
@@ -498,7 +796,8 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
     for r in records:
         if r["kind"] == "offshelf-independent" or r["kind"] == "nas-independent":
             continue  # q->g of an independent model is chance: not on the trade-off plot
-        key = (r["kind"], r["arch"] if r["kind"] in ("paragon", "offshelf-bct") else r.get("budget_ratio"))
+        key = (r["kind"], r["arch"] if r["kind"] in ("paragon", "offshelf-bct")
+               else r.get("budget_ratio", r.get("latency_ratio")))
         groups.setdefault(key, []).append(r)
 
     def mean(rs, f):
@@ -506,9 +805,12 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
         return sum(vals) / len(vals) if vals else None
 
     markers = "osD^v<>ph*Xd"
+
+    def xval(r: dict, xkey: str) -> float | None:
+        return r.get(xkey) if xkey == "flops" else (r.get("torch_ms_batch1") or r.get("latency_ms_batch1"))
     written = []
     for xkey, xlabel, suffix in (("flops", "query MFLOPs", "flops"),
-                                 ("latency_ms_batch1", "query CPU latency, batch 1 (ms)", "latency")):
+                                 ("torch_ms_batch1", "query CPU latency, eager PyTorch, batch 1 (ms)", "latency")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         par = [g for k, g in groups.items() if k[0] == "paragon"]
         if par:
@@ -517,18 +819,18 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
                 ax.axhline(100 * y, color="k", ls="--", lw=1, label=f"paragon {par[0][0]['arch']} M(g->g)")
         for i, ((kind, arch), rs) in enumerate(sorted((k, g) for k, g in groups.items()
                                                       if k[0] == "offshelf-bct")):
-            x = mean(rs, lambda r: r.get(xkey))
+            x = mean(rs, lambda r: xval(r, xkey))
             y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
             if x is not None and y is not None:
                 x = x / 1e6 if xkey == "flops" else x
                 ax.scatter([x], [100 * y], marker=markers[i % len(markers)], s=60, label=f"{arch} + BCT")
         for kind, style, color in (("cmp-nas", "-o", "tab:red"), ("nas-homo", "--s", "tab:gray"),
-                                   ("weight-inheritance", ":^", "tab:green")):
+                                   ("weight-inheritance", ":^", "tab:green"), ("cmp-nas-latency", "P", "tab:purple")):
             pts = []
             for (k, _), rs in groups.items():
                 if k != kind:
                     continue
-                x = mean(rs, lambda r: r.get(xkey))
+                x = mean(rs, lambda r: xval(r, xkey))
                 y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
                 if x is not None and y is not None:
                     pts.append((x / 1e6 if xkey == "flops" else x, 100 * y))
@@ -601,9 +903,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
             e["result"]["_path"] = str(root / f"seed{sr['seed']}" / f"eval-{name}.json")
     records = build_records(seed_results, metrics)
     table = markdown_table(records, metrics, infeasible)
+    claims_md, claims_d = claims(records, metrics, int((profile.get("evaluate") or {}).get("n_boot", 1000)))
     title = (f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
              f"({runner.entry['spec']}, {full.protocol}-set)")
-    md = f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n{table}\n"
+    md = (f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n"
+          f"## Summary (mean over seeds)\n\n{summary_table(records, metrics)}\n\n"
+          f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
+          f"measured in one pass after training; ratio = paragon / model.\n\n"
+          f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n")
     log("\n" + md)
     plots = []
     if args.plot:
@@ -618,7 +925,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         "data": args.data, "data_spec": runner.entry["spec"], "protocol": full.protocol,
         "n_train": len(train_data.train), "n_query": len(full.query), "n_gallery": len(full.gallery),
         "profile_name": profile_name, "profile_path": str(profile_path), "profile": profile, "seeds": seeds,
-        "metrics": metrics, "records": records, "infeasible_budgets": infeasible,
+        "metrics": metrics, "records": records, "claims": claims_d, "infeasible_budgets": infeasible,
         "meta": {str(sr["seed"]): sr["meta"] for sr in seed_results}, "stages": runner.events,
         "plots": plots, "wall_seconds": round(time.perf_counter() - t_start, 1),
         "torch": torch.__version__, "threads": torch.get_num_threads(),

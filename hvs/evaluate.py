@@ -14,6 +14,7 @@ FLOPs and measured CPU latency (batch 1 and batched).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,17 @@ import torch
 from . import checkpoint as ckpt
 from .data import RetrievalData, create_dataset
 from .embed import embed_images
-from .metrics import bootstrap_ci, paired_bootstrap_ci, retrieval_metrics
+from .metrics import (bootstrap_ci, paired_bootstrap_ci, percentile_interval, resample_weights, retrieval_metrics,
+                      tar_bootstrap, tpir_bootstrap)
 from .models.cost import count_flops, count_params, measure_latency
 
 PAIRS = {"gallery->gallery": ("gallery", "gallery"), "query->query": ("query", "query"),
          "query->gallery": ("query", "gallery")}
 # per-query arrays behind each headline metric (for bootstrap intervals)
 PER_QUERY = {"recall@1": "hit@1", "recall@5": "hit@5", "recall@10": "hit@10", "map": "ap"}
+# TAR@FAR gets a bootstrap CI when its threshold is at most this deep in the impostor scores (each
+# resample re-ranks ~2x that many; a FAR of 1e-1 over millions of pairs would take minutes)
+TAR_BOOT_MAX_RANK = 200_000
 
 
 class EvaluationError(ValueError):
@@ -48,8 +53,12 @@ def model_cost(model: torch.nn.Module, card: ckpt.ModelCard, latency: bool = Tru
 
 def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | RetrievalData = "fashion-mnist", *,
              protocol: str = "closed", force: bool = False, latency: bool = True, n_boot: int = 1000,
-             batch_size: int = 256, data_seed: int = 0) -> dict[str, Any]:
-    """Evaluate a gallery/query model pair; returns every number as a JSON-able dict."""
+             batch_size: int = 256, data_seed: int = 0, per_query: bool = False) -> dict[str, Any]:
+    """Evaluate a gallery/query model pair; returns every number as a JSON-able dict.
+
+    ``per_query=True`` adds ``"per_query"``: {pair: {array: numpy array}} (hit@K and AP of the queries
+    with a mate, the probes' TPIR scores), for paired comparisons between models evaluated on the same
+    data; it is not JSON-able (drop it, or save it with :func:`save_per_query`)."""
     g_model, g_card = ckpt.load_model(gallery_model)
     q_model, q_card = ckpt.load_model(query_model)
     notes: list[str] = []
@@ -77,30 +86,47 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     nonmated = torch.tensor([int(l) not in gallery_ids for l in data.query.labels.tolist()])
     nonmated_mask = nonmated if bool(nonmated.any()) else None
 
-    metrics, per_query = {}, {}
+    metrics, per_q, per_probe, pairs = {}, {}, {}, {}
     for key, (q_side, g_side) in PAIRS.items():
         m = retrieval_metrics(emb[q_side]["query"], data.query.labels, emb[g_side]["gallery"], data.gallery.labels,
-                              nonmated_query_mask=nonmated_mask)
-        per_query[key] = m.pop("per_query")
+                              nonmated_query_mask=nonmated_mask, pair_scores=n_boot > 0)
+        per_q[key] = m.pop("per_query")
+        per_probe[key] = m.pop("per_probe")
+        pairs[key] = m.pop("pair_scores", None)
         for name, arr_key in PER_QUERY.items():
-            _, lo, hi = bootstrap_ci(np.asarray(per_query[key][arr_key]), n_boot=n_boot)
+            _, lo, hi = bootstrap_ci(np.asarray(per_q[key][arr_key]), n_boot=n_boot)
             m[f"{name}_ci95"] = [lo, hi]
         metrics[key] = m
 
     criterion, gap = {}, {}
     for name, arr_key in PER_QUERY.items():
-        het, hom, par = (np.asarray(per_query[k][arr_key]) for k in ("query->gallery", "query->query",
+        het, hom, par = (np.asarray(per_q[k][arr_key]) for k in ("query->gallery", "query->query",
                                                                       "gallery->gallery"))
         d, lo, hi = paired_bootstrap_ci(het, hom, n_boot=n_boot)
         criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"][name]),
                            "difference": d, "ci95": [lo, hi], "significant": bool(lo > 0)}
         g, lo, hi = paired_bootstrap_ci(par, het, n_boot=n_boot)
         gap[name] = {"gap": g, "ci95": [lo, hi]}
-    for name in metrics["query->gallery"]:
+    # TAR@FAR and TPIR@FPIR: thresholds are recomputed in every resample (same resamples for the
+    # three pairs, so gap and criterion intervals are paired)
+    boot = _threshold_replicates(metrics, per_probe, pairs, n_boot) if n_boot > 0 else {}
+    for name in list(metrics["query->gallery"]):
         if name.startswith(("tar@", "tpir@")):
             criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"].get(name, -1))}
             if name in metrics["gallery->gallery"]:
                 gap[name] = {"gap": metrics["gallery->gallery"][name] - metrics["query->gallery"][name]}
+            reps = boot.get(name)
+            if reps is None:
+                continue
+            for key in PAIRS:
+                if key in reps:
+                    metrics[key][f"{name}_ci95"] = percentile_interval(reps[key])
+            if "query->query" in reps:
+                ci = percentile_interval(reps["query->gallery"] - reps["query->query"])
+                criterion[name].update(difference=metrics["query->gallery"][name] - metrics["query->query"][name],
+                                       ci95=ci, significant=bool(ci is not None and ci[0] > 0))
+            if name in gap and "gallery->gallery" in reps:
+                gap[name]["ci95"] = percentile_interval(reps["gallery->gallery"] - reps["query->gallery"])
 
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
     ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
@@ -115,7 +141,7 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
                  f"({m_gg['n_impostor_pairs']} impostor pairs); TPIR@FPIR down to "
                  f"FPIR={m_gg.get('smallest_fpir_supported')} ({m_gg['n_nonmated_probes']} non-mated probes, "
                  + ("held-out identities" if nonmated_mask is not None else "leave-identity-out") + ")")
-    return {
+    result = {
         "data": data.name, "protocol": data.protocol, "n_query": len(data.query), "n_gallery": len(data.gallery),
         "gallery_model": {"path": str(gallery_model), "model": g_card.model, "fingerprint": g_card.fingerprint},
         "query_model": {"path": str(query_model), "model": q_card.model, "fingerprint": q_card.fingerprint,
@@ -123,6 +149,33 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
         "metrics": metrics, "compatibility_criterion": criterion, "gap_to_paragon": gap, "cost": cost,
         "notes": notes,
     }
+    if per_query:
+        result["per_query"] = {key: {**{k: np.asarray(v) for k, v in per_q[key].items()},
+                                     **{f"probe_{k}": np.asarray(v) for k, v in per_probe[key].items()
+                                        if k != "fpir"}} for key in PAIRS}
+    return result
+
+
+def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_boot: int,
+                          seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """{metric: {pair: n_boot bootstrap replicates}} for every TAR@FAR / TPIR@FPIR reported."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    probe = per_probe["query->gallery"]  # the probes (and their mated status) are shared by the pairs
+    n_m, n_n = probe["mated_score"].size, probe["nonmated_score"].size
+    w_m = resample_weights(n_m, n_boot, seed) if n_m else None
+    w_n = resample_weights(n_n, n_boot, seed + 1) if n_n else None
+    some = next((p for p in pairs.values() if p is not None), None)
+    w_q = resample_weights(len(some["impostors_per_query"]), n_boot, seed + 2) if some is not None else None
+    for key in PAIRS:
+        for name in metrics[key]:
+            if name.startswith("tpir@fpir=") and w_m is not None and w_n is not None:
+                rate = float(name.split("=", 1)[1])
+                out.setdefault(name, {})[key] = tpir_bootstrap(per_probe[key], rate, w_m, w_n)
+            elif name.startswith("tar@far=") and pairs.get(key) is not None:
+                rate = float(name.split("=", 1)[1])
+                if rate * metrics[key]["n_impostor_pairs"] <= TAR_BOOT_MAX_RANK:
+                    out.setdefault(name, {})[key] = tar_bootstrap(pairs[key], rate, w_q)
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -133,7 +186,7 @@ def format_report(result: dict[str, Any]) -> str:
     """A readable table: one row per metric, M(g->g), M(q->q), M(q->g), gap, criterion."""
     m = result["metrics"]
     names = [k for k in ("recall@1", "recall@5", "recall@10", "map")]
-    names += [k for k in m["query->gallery"] if k.startswith(("tar@", "tpir@"))]
+    names += [k for k in m["query->gallery"] if k.startswith(("tar@", "tpir@")) and not k.endswith("_ci95")]
     lines = [f"{result['data']} [{result['protocol']}-set]: {result['n_query']} queries, "
              f"{result['n_gallery']} gallery items; gallery model {result['gallery_model']['model']}, "
              f"query model {result['query_model']['model']}",
@@ -142,10 +195,10 @@ def format_report(result: dict[str, Any]) -> str:
         gap = result["gap_to_paragon"].get(name)
         crit = result["compatibility_criterion"].get(name, {})
         gap_s = "-" if gap is None else f"{100 * gap['gap']:+.2f}" + (
-            f" [{100 * gap['ci95'][0]:+.2f},{100 * gap['ci95'][1]:+.2f}]" if "ci95" in gap else "")
+            f" [{100 * gap['ci95'][0]:+.2f},{100 * gap['ci95'][1]:+.2f}]" if gap.get("ci95") else "")
         crit_s = ("holds" if crit.get("holds") else "FAILS") + (
             f" (diff {100 * crit['difference']:+.2f} [{100 * crit['ci95'][0]:+.2f},{100 * crit['ci95'][1]:+.2f}])"
-            if "ci95" in crit else "")
+            if crit.get("ci95") else "")
         lines.append(f"{name:<16}{_pct(m['gallery->gallery'].get(name)):>9}{_pct(m['query->query'].get(name)):>9}"
                      f"{_pct(m['query->gallery'].get(name)):>9}{gap_s:>24}  {crit_s}")
     cost = result["cost"]
@@ -163,5 +216,25 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_per_query(result: dict, path: str | Path) -> None:
+    """Write ``result["per_query"]`` (from ``evaluate(..., per_query=True)``) as one .npz, keys
+    ``<pair>/<array>``; read back with :func:`load_per_query`."""
+    arrays = {f"{pair}/{k}": v for pair, d in result["per_query"].items() for k, v in d.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_per_query(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            pair, name = key.split("/", 1)
+            out.setdefault(pair, {})[name] = z[key]
+    return out
+
+
 def save_json(result: dict, path: str | Path) -> None:
+    result = {k: v for k, v in result.items() if k != "per_query"}  # arrays: see save_per_query
     ckpt.atomic_write_json(path, json.loads(json.dumps(result, default=float)))

@@ -161,22 +161,28 @@ class _TopScores:
     Values below a running lower bound (the keep-th largest value seen so far) can never be
     among the final top `keep`, so they are dropped on arrival; the buffer is pruned with
     kthvalue when it grows past max(2 * keep, _IMPOSTOR_BUFFER_MIN). Cost is linear in the
-    stream plus a selection per prune.
+    stream plus a selection per prune. Optional integer ``ids`` (e.g. the query of each pair)
+    travel with their values.
     """
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self.floor: float = float("-inf")
         self.parts: list[Tensor] = []
+        self.id_parts: list[Tensor] = []
         self.size = 0
 
-    def add(self, values: Tensor) -> None:
+    def add(self, values: Tensor, ids: Tensor | None = None) -> None:
         if self.keep <= 0:
             return
         if self.floor != float("-inf"):
-            values = values[values >= self.floor]
+            ok = values >= self.floor
+            values = values[ok]
+            ids = None if ids is None else ids[ok]
         if values.numel():
             self.parts.append(values)
+            if ids is not None:
+                self.id_parts.append(ids)
             self.size += values.numel()
         if self.size > max(2 * self.keep, _IMPOSTOR_BUFFER_MIN):
             self._prune()
@@ -185,9 +191,18 @@ class _TopScores:
         buf = torch.cat(self.parts)
         # keep-th largest == (n - keep + 1)-th smallest
         v = torch.kthvalue(buf, buf.numel() - self.keep + 1).values
-        buf = buf[buf >= v]
+        ok = buf >= v
+        if self.id_parts:
+            self.id_parts = [torch.cat(self.id_parts)[ok]]
+        buf = buf[ok]
         self.floor = float(v.item())
         self.parts, self.size = [buf], buf.numel()
+
+    def values_and_ids(self) -> tuple[Tensor, Tensor]:
+        """Everything buffered (at least the top `keep`), with the ids given to :meth:`add`."""
+        vals = torch.cat(self.parts) if self.parts else torch.empty(0)
+        ids = torch.cat(self.id_parts) if self.id_parts else torch.empty(0, dtype=torch.int64)
+        return vals, ids
 
     def kth_largest(self, ks: Sequence[int]) -> dict[int, Tensor]:
         """{k: the (k+1)-th largest value} (0-based rank k in descending order), k < keep.
@@ -236,6 +251,7 @@ def retrieval_metrics(
     nonmated_query_mask: Tensor | np.ndarray | Sequence[bool] | None = None,
     min_count: int = 1,
     chunk_size: int | None = None,
+    pair_scores: bool = False,
 ) -> dict[str, Any]:
     """Recall@K, mAP, TAR@FAR and TPIR@FPIR of queries searched against a gallery by cosine.
 
@@ -311,6 +327,7 @@ def retrieval_metrics(
         _embedding_chunks(query_emb, gallery_emb, rows), n_q, n_g, rows, query_emb.device,
         query_labels, gallery_labels, ks=ks, exclude_self=exclude_self, far_targets=far_targets,
         fpir_targets=fpir_targets, nonmated_query_mask=nonmated_query_mask, min_count=min_count,
+        pair_scores=pair_scores,
     )
 
 
@@ -326,6 +343,7 @@ def retrieval_metrics_from_scores(
     nonmated_query_mask: Tensor | np.ndarray | Sequence[bool] | None = None,
     min_count: int = 1,
     chunk_size: int | None = None,
+    pair_scores: bool = False,
 ) -> dict[str, Any]:
     """:func:`retrieval_metrics` for a precomputed (Q, G) score matrix (higher = more similar).
 
@@ -343,6 +361,7 @@ def retrieval_metrics_from_scores(
         _matrix_chunks(scores, rows), n_q, n_g, rows, scores.device, query_labels,
         gallery_labels, ks=ks, exclude_self=exclude_self, far_targets=far_targets,
         fpir_targets=fpir_targets, nonmated_query_mask=nonmated_query_mask, min_count=min_count,
+        pair_scores=pair_scores,
     )
 
 
@@ -369,6 +388,7 @@ def _evaluate(
     fpir_targets: Sequence[float],
     nonmated_query_mask: Any,
     min_count: int,
+    pair_scores: bool = False,
 ) -> dict[str, Any]:
     if n_q < 1 or n_g < 1:
         raise ValueError(f"need at least one query and one gallery item, got Q={n_q}, G={n_g}")
@@ -403,8 +423,12 @@ def _evaluate(
     n_imp = n_q * (n_g - int(exclude_self)) - n_gen
 
     far_sup = _supported(far_targets, n_imp, int(min_count), "FAR")
-    imp_top = _TopScores(max((k + 1 for _, k in far_sup if k < n_imp), default=0))
+    keep = max((k + 1 for _, k in far_sup if k < n_imp), default=0)
+    if pair_scores and keep:  # resampled thresholds stay inside the buffer (see tar_bootstrap)
+        keep = min(n_imp, 2 * keep + 1024)
+    imp_top = _TopScores(keep)
     need_pairs = bool(far_sup)
+    genuine_q: list[Tensor] = []
 
     per_q_first = torch.full((n_q,), -1, dtype=torch.int64, device=device)  # 0-based rank
     per_q_ap = torch.zeros(n_q, dtype=torch.float64, device=device)
@@ -449,7 +473,14 @@ def _evaluate(
 
         if need_pairs:
             genuine.append(s[pos])
-            imp_top.add(s[~same])  # self shares its label, so it is never an impostor
+            imp = ~same  # self shares its label, so it is never an impostor
+            if pair_scores:
+                genuine_q.append(pos.nonzero(as_tuple=True)[0] + start)
+                if imp_top.floor != float("-inf"):
+                    imp = imp & (s >= imp_top.floor)
+                imp_top.add(s[imp], imp.nonzero(as_tuple=True)[0] + start)
+            else:
+                imp_top.add(s[imp])
         start += c
 
     if start != n_q:
@@ -467,6 +498,18 @@ def _evaluate(
 
     # TAR@FAR
     if far_sup:
+        if pair_scores:  # the pairs behind TAR@FAR, for resampling queries (tar_bootstrap)
+            imp_vals, imp_ids = imp_top.values_and_ids()
+            out["pair_scores"] = {
+                "genuine_score": torch.cat(genuine).to(torch.float64).cpu().numpy() if genuine else np.empty(0),
+                "genuine_query": torch.cat(genuine_q).cpu().numpy() if genuine_q else np.empty(0, np.int64),
+                "impostor_top_score": imp_vals.to(torch.float64).cpu().numpy(),
+                "impostor_top_query": imp_ids.cpu().numpy(),
+                "impostors_per_query": (torch.full((n_q,), n_g - int(exclude_self), dtype=torch.int64,
+                                                   device=device) - n_pos).cpu().numpy(),
+                "genuine_per_query": n_pos.cpu().numpy(),
+                "far": [f for f, _ in far_sup],
+            }
         imp_kth = imp_top.kth_largest([k for _, k in far_sup if k < n_imp])
         gen_asc = torch.sort(torch.cat(genuine)).values if genuine else torch.empty(0)
         for far, k in far_sup:
@@ -483,6 +526,14 @@ def _evaluate(
     n_mated = int(mated.sum().item())
     n_nm = int(nm_scores.numel())
     fpir_sup = _supported(fpir_targets, n_nm, int(min_count), "FPIR")
+    # per probe, for resampling probes (tpir_bootstrap): a mated probe's score counts only when
+    # its rank-1 item is its mate, so a miss is -inf
+    out["per_probe"] = {
+        "mated_score": torch.where(top1_correct[mated], top1_score[mated],
+                                   torch.full_like(top1_score[mated], float("-inf"))).cpu().numpy(),
+        "nonmated_score": nm_scores.cpu().numpy(),
+        "fpir": [f for f, _ in fpir_sup],
+    }
     if fpir_sup:
         nm_desc = torch.sort(nm_scores, descending=True).values
         correct_scores = torch.sort(top1_score[mated & top1_correct]).values
@@ -575,3 +626,113 @@ def paired_bootstrap_ci(
     if a.shape != b.shape:
         raise ValueError(f"a and b must be paired (same length), got {a.size} and {b.size}")
     return _percentile_ci(a - b, n_boot, alpha, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap of threshold metrics (TPIR@FPIR, TAR@FAR)
+# --------------------------------------------------------------------------------------------
+#
+# TPIR and TAR are not means of per-query values: the threshold itself comes from the data, so
+# each resample recomputes it. A resample is a vector of multiplicities (how often each query
+# was drawn); the same multiplicities applied to two systems give their paired difference.
+
+
+def resample_weights(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) int32 multiplicities: row b counts how often each of n items was drawn in
+    resample b (n draws with replacement). Deterministic for a given seed."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, n), dtype=np.int32)
+    step = max(1, _BOOT_ELEMENTS // n)
+    for b0 in range(0, n_boot, step):
+        rows = min(n_boot, b0 + step) - b0
+        idx = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+        out[b0:b0 + rows] = np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n)
+    return out
+
+
+def _budgets(rate: float, n: np.ndarray) -> np.ndarray:
+    return np.array([_budget(rate, int(x)) for x in n], dtype=np.int64)
+
+
+def _weighted_thresholds(scores: np.ndarray, owner: np.ndarray, weights: np.ndarray, k: np.ndarray,
+                         complete: bool) -> np.ndarray:
+    """Per resample b, the score at 0-based rank k[b] of the descending list in which score i
+    appears weights[b, owner[i]] times (``_threshold`` with multiplicities): -inf when k[b] is
+    past the end of a complete list, NaN when the list is only the top of the scores and too
+    short."""
+    order = np.argsort(-scores, kind="stable")
+    desc, own = scores[order], owner[order]
+    out = np.empty(weights.shape[0], dtype=np.float64)
+    n = desc.size
+    rows = max(1, min(64, (1 << 22) // max(n, 1)))  # resamples per block: bounds the (rows, n) cumsum
+    for b0 in range(0, weights.shape[0], rows):
+        w = weights[b0:b0 + rows][:, own]
+        cs = np.cumsum(w, axis=1, dtype=np.int64)
+        kb = k[b0:b0 + rows]
+        pos = (cs <= kb[:, None]).sum(axis=1)
+        t = desc[np.minimum(pos, max(n - 1, 0))] if n else np.full(pos.shape, -np.inf)
+        out[b0:b0 + rows] = np.where(pos < n, t, -np.inf if complete else np.nan)
+    return out
+
+
+def tpir_bootstrap(per_probe: dict, fpir: float, w_mated: np.ndarray, w_nonmated: np.ndarray) -> np.ndarray:
+    """TPIR@FPIR under each resample of the probes (mated and non-mated probes resampled
+    separately, so the FPIR denominator stays fixed). ``per_probe`` is the ``per_probe`` entry
+    of :func:`retrieval_metrics`; ``w_mated``/``w_nonmated`` come from :func:`resample_weights`
+    with its two lengths. Rows of all-ones weights give the point estimate exactly."""
+    ms = np.asarray(per_probe["mated_score"], dtype=np.float64)
+    nm = np.asarray(per_probe["nonmated_score"], dtype=np.float64)
+    if w_mated.shape[1] != ms.size or w_nonmated.shape[1] != nm.size or w_mated.shape[0] != w_nonmated.shape[0]:
+        raise ValueError(f"weights {w_mated.shape}/{w_nonmated.shape} do not match {ms.size} mated and "
+                         f"{nm.size} non-mated probes")
+    if not ms.size or not nm.size:
+        return np.full(w_mated.shape[0], np.nan)
+    k = _budgets(fpir, w_nonmated.sum(axis=1))
+    t = _weighted_thresholds(nm, np.arange(nm.size), w_nonmated, k, complete=True)
+    hits = ms[None, :] > t[:, None]
+    return (w_mated * hits).sum(axis=1) / w_mated.sum(axis=1)
+
+
+def tar_bootstrap(pair_scores: dict, far: float, weights: np.ndarray) -> np.ndarray:
+    """TAR@FAR under each resample of the queries (``weights`` (n_boot, n_queries) from
+    :func:`resample_weights`): a query drawn m times brings m copies of all its genuine and
+    impostor pairs. ``pair_scores`` is the entry :func:`retrieval_metrics` returns with
+    ``pair_scores=True`` (all genuine scores, the top impostor scores, with their queries).
+    NaN where a resample's threshold falls below the buffered impostors (it does not with the
+    buffer retrieval_metrics keeps); all-ones weights give the point estimate exactly."""
+    imp_per_q = np.asarray(pair_scores["impostors_per_query"], dtype=np.int64)
+    gen_per_q = np.asarray(pair_scores["genuine_per_query"], dtype=np.int64)
+    if weights.shape[1] != imp_per_q.size:
+        raise ValueError(f"weights cover {weights.shape[1]} queries, the pairs {imp_per_q.size}")
+    imp, imp_q = pair_scores["impostor_top_score"], pair_scores["impostor_top_query"]
+    gen, gen_q = pair_scores["genuine_score"], pair_scores["genuine_query"]
+    n_boot = weights.shape[0]
+    n_imp = weights @ imp_per_q
+    n_gen = weights @ gen_per_q
+    k = _budgets(far, n_imp)
+    t = _weighted_thresholds(imp, imp_q, weights, k, complete=imp.size >= int(imp_per_q.sum()))
+    out = np.full(n_boot, np.nan)
+    ok = np.isfinite(t) | (t == -np.inf)
+    if not ok.any() or not gen.size:
+        return out
+    # genuine pairs of query q strictly above each distinct threshold, from one pass over them
+    ts = np.unique(t[ok])
+    r = np.searchsorted(ts, gen, side="left")  # thresholds strictly below each genuine score
+    hist = np.zeros((imp_per_q.size, ts.size + 1), dtype=np.int64)
+    np.add.at(hist, (gen_q, r), 1)
+    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]  # above[q, j] = #gen of q > ts[j]
+    j = np.searchsorted(ts, t[ok])
+    out[ok] = (weights[ok] * above[:, j].T).sum(axis=1) / np.maximum(n_gen[ok], 1)
+    return out
+
+
+def percentile_interval(values: np.ndarray, alpha: float = 0.05) -> list[float] | None:
+    """[lo, hi] percentile interval of bootstrap replicates (None when over alpha of them are NaN)."""
+    v = np.asarray(values, dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    if fin.size < (1 - alpha) * v.size or not fin.size:
+        return None
+    lo, hi = np.quantile(fin, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return [float(lo), float(hi)]

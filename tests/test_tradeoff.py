@@ -53,6 +53,40 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert "weight-inheritance" in kinds
     # the tiny profile lists one budget no sub-network can meet: recorded, not fatal
     assert out["infeasible_budgets"] and out["infeasible_budgets"][0]["budget_ratio"] == 1000
+    # ... and one latency budget (1000x below the paragon's batch-1 latency)
+    assert any(i.get("latency_ratio") == 1000 for i in out["infeasible_budgets"])
+    lat = [r for r in records if r["kind"] == "cmp-nas-latency"]
+    assert lat and all(r["latency_ratio"] == 0.1 and r["budget_latency_ms"] > 0 for r in lat)
+
+    # each CMP-NAS pick trained alone too: its M(q->q) is the headroom of the CMP-NAS row
+    ind_nas = {r["twin_of"]: r for r in records if r["kind"] == "nas-independent"}
+    for r in (r for r in records if r["kind"] == "cmp-nas"):
+        twin = ind_nas[r["name"]]
+        assert twin["arch"] == r["arch"] and twin["flops"] == r["flops"]
+        assert math.isclose(r["metrics"]["recall@1"]["headroom"], g_r1 - twin["metrics"]["recall@1"]["q->q"])
+
+    # the quiet latency pass: eager PyTorch and ONNX Runtime batch 1 for every model
+    for r in records:
+        assert r["torch_ms_batch1"] > 0 and r["ort_ms_batch1"] > 0, r["name"]
+
+    # claims: aware - agnostic differences are the q->g differences of the two picks, with a CI
+    by = {r["name"]: r for r in records}
+    pairs = out["claims"]["aware_vs_agnostic"]["pairs"]
+    assert pairs
+    for d in pairs:
+        tag = f"{d['budget_ratio']:g}x"
+        diff = by[f"nas-hetero-{tag}"]["metrics"]["recall@1"]["q->g"] - by[f"nas-homo-{tag}"]["metrics"]["recall@1"]["q->g"]
+        assert math.isclose(d["difference"], diff, abs_tol=1e-9) and _brackets(d["difference"], d["ci95"])
+    assert out["claims"]["pareto"]["verdict"].startswith(("met", "not met"))
+    # TAR@FAR and TPIR@FPIR come with bootstrap intervals that bracket them
+    ev = json.loads(Path(by["bct-cnn-nano"]["eval_json"]).read_text())
+    boot = [k for k in ev["metrics"]["query->gallery"] if k.startswith(("tar@", "tpir@")) and k.endswith("_ci95")]
+    assert any(k.startswith("tar@") for k in boot) and any(k.startswith("tpir@") for k in boot)
+    for k in boot:
+        name = k.removesuffix("_ci95")
+        assert _brackets(ev["metrics"]["query->gallery"][name], ev["metrics"]["query->gallery"][k]), k
+    md = (tmp_path / "fashion-mnist" / "tiny.md").read_text()
+    assert "## Summary (mean over seeds)" in md and "## Claims" in md
 
     for r in records:
         for key in ("flops", "params", "latency_ms_batch1", "latency_ms_batched"):
@@ -86,6 +120,9 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.nas_export, "export_subnet", boom)
     monkeypatch.setattr(bench.nas_export, "inherit", boom)
     monkeypatch.setattr(bench.hvs_eval, "evaluate", boom)
+    import hvs.export
+
+    monkeypatch.setattr(hvs.export, "export_onnx", boom)
     assert bench.main(args) == 0
     again = json.loads((tmp_path / "fashion-mnist" / "tiny.json").read_text())
     assert {e["status"] for e in again["stages"]} <= {"reused", "infeasible", "not-cheaper"}
@@ -120,8 +157,12 @@ def test_profiles_parse(name):
     TrainConfig(out="unused", **profile["offshelf"]["train"])
     cfg = SupernetTrainConfig.from_dict({**profile["supernet"], "out": "unused"})
     OFAMobileNetV3Supernet(in_chans=1, **cfg.supernet)
-    SearchConfig.from_dict({k: v for k, v in profile["search"].items() if k not in ("budgets", "rewards")}
+    SearchConfig.from_dict({k: v for k, v in profile["search"].items()
+                            if k not in ("budgets", "rewards", "latency_budgets")}
                            | {"supernet": "unused", "out": "unused"})
     assert all(float(b) > 1 for b in profile["search"]["budgets"])
+    assert all(float(b) > 0 for b in profile["search"].get("latency_budgets", []))
     if profile.get("nas_independent"):
-        TrainConfig(out="unused", **profile["nas_independent"])
+        ind = dict(profile["nas_independent"])
+        assert set(ind.pop("rewards", [])) <= set(profile["search"]["rewards"])
+        TrainConfig(out="unused", **ind)
