@@ -24,17 +24,14 @@ import torch
 from . import checkpoint as ckpt
 from .data import RetrievalData, create_dataset
 from .embed import embed_images
-from .metrics import (bootstrap_ci, paired_bootstrap_ci, percentile_interval, resample_weights, retrieval_metrics,
-                      tar_bootstrap, tpir_bootstrap)
+from .metrics import (TAR_BOOT_MAX_RANK, bootstrap_ci, paired_bootstrap_ci, percentile_interval, resample_weights,
+                      retrieval_metrics, tar_bootstrap, tpir_bootstrap)
 from .models.cost import count_flops, count_params, measure_latency
 
 PAIRS = {"gallery->gallery": ("gallery", "gallery"), "query->query": ("query", "query"),
          "query->gallery": ("query", "gallery")}
 # per-query arrays behind each headline metric (for bootstrap intervals)
 PER_QUERY = {"recall@1": "hit@1", "recall@5": "hit@5", "recall@10": "hit@10", "map": "ap"}
-# TAR@FAR gets a bootstrap CI when its threshold is at most this deep in the impostor scores (each
-# resample re-ranks ~2x that many; a FAR of 1e-1 over millions of pairs would take minutes)
-TAR_BOOT_MAX_RANK = 200_000
 
 
 class EvaluationError(ValueError):
@@ -109,7 +106,7 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
         gap[name] = {"gap": g, "ci95": [lo, hi]}
     # TAR@FAR and TPIR@FPIR: thresholds are recomputed in every resample (same resamples for the
     # three pairs, so gap and criterion intervals are paired)
-    boot = _threshold_replicates(metrics, per_probe, pairs, n_boot) if n_boot > 0 else {}
+    boot = _threshold_replicates(metrics, per_probe, pairs, len(data.query), n_boot) if n_boot > 0 else {}
     for name in list(metrics["query->gallery"]):
         if name.startswith(("tar@", "tpir@")):
             criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"].get(name, -1))}
@@ -156,21 +153,17 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     return result
 
 
-def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_boot: int,
+def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_queries: int, n_boot: int,
                           seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """{metric: {pair: n_boot bootstrap replicates}} for every TAR@FAR / TPIR@FPIR reported."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    probe = per_probe["query->gallery"]  # the probes (and their mated status) are shared by the pairs
-    n_m, n_n = probe["mated_score"].size, probe["nonmated_score"].size
-    w_m = resample_weights(n_m, n_boot, seed) if n_m else None
-    w_n = resample_weights(n_n, n_boot, seed + 1) if n_n else None
-    some = next((p for p in pairs.values() if p is not None), None)
-    w_q = resample_weights(len(some["impostors_per_query"]), n_boot, seed + 2) if some is not None else None
+    # one resample = one multiset of queries, applied to every pair and every metric (paired CIs)
+    w_q = resample_weights(n_queries, n_boot, seed)
     for key in PAIRS:
         for name in metrics[key]:
-            if name.startswith("tpir@fpir=") and w_m is not None and w_n is not None:
+            if name.startswith("tpir@fpir="):
                 rate = float(name.split("=", 1)[1])
-                out.setdefault(name, {})[key] = tpir_bootstrap(per_probe[key], rate, w_m, w_n)
+                out.setdefault(name, {})[key] = tpir_bootstrap(per_probe[key], rate, w_q)
             elif name.startswith("tar@far=") and pairs.get(key) is not None:
                 rate = float(name.split("=", 1)[1])
                 if rate * metrics[key]["n_impostor_pairs"] <= TAR_BOOT_MAX_RANK:

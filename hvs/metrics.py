@@ -52,6 +52,15 @@ DEFAULT_FPIR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 # Score-matrix elements per query chunk (rows = _CHUNK_ELEMENTS // n_gallery). About 4M elements
 # keeps a chunk, its sort and its masks within a few hundred MB.
 _CHUNK_ELEMENTS = 1 << 22
+# TAR@FAR bootstrap (tar_bootstrap) serves FARs whose threshold is at most this deep among the
+# impostor scores; it keeps _boot_keep(k) of them, each resample scanning ~half of that.
+TAR_BOOT_MAX_RANK = 200_000
+
+
+def _boot_keep(k: int) -> int:
+    return 4 * (k + 1) + 4096
+
+
 # Buffered impostor scores are pruned to the ones a FAR threshold can still need only once more
 # than max(2 * needed, _IMPOSTOR_BUFFER_MIN) have accumulated (tests lower it to force pruning).
 _IMPOSTOR_BUFFER_MIN = 1 << 20
@@ -424,8 +433,8 @@ def _evaluate(
 
     far_sup = _supported(far_targets, n_imp, int(min_count), "FAR")
     keep = max((k + 1 for _, k in far_sup if k < n_imp), default=0)
-    if pair_scores and keep:  # resampled thresholds stay inside the buffer (see tar_bootstrap)
-        keep = min(n_imp, 2 * keep + 1024)
+    if pair_scores:  # room for resampled thresholds (see tar_bootstrap), for the FARs it serves
+        keep = max([keep] + [min(n_imp, _boot_keep(k)) for _, k in far_sup if k <= TAR_BOOT_MAX_RANK])
     imp_top = _TopScores(keep)
     need_pairs = bool(far_sup)
     genuine_q: list[Tensor] = []
@@ -532,6 +541,9 @@ def _evaluate(
         "mated_score": torch.where(top1_correct[mated], top1_score[mated],
                                    torch.full_like(top1_score[mated], float("-inf"))).cpu().numpy(),
         "nonmated_score": nm_scores.cpu().numpy(),
+        "mated_query": torch.nonzero(mated).flatten().cpu().numpy(),
+        "nonmated_query": (torch.nonzero(nonmated).flatten() if nonmated_query_mask is not None
+                           else torch.arange(n_q, device=device)).cpu().numpy(),
         "fpir": [f for f, _ in fpir_sup],
     }
     if fpir_sup:
@@ -677,22 +689,30 @@ def _weighted_thresholds(scores: np.ndarray, owner: np.ndarray, weights: np.ndar
     return out
 
 
-def tpir_bootstrap(per_probe: dict, fpir: float, w_mated: np.ndarray, w_nonmated: np.ndarray) -> np.ndarray:
-    """TPIR@FPIR under each resample of the probes (mated and non-mated probes resampled
-    separately, so the FPIR denominator stays fixed). ``per_probe`` is the ``per_probe`` entry
-    of :func:`retrieval_metrics`; ``w_mated``/``w_nonmated`` come from :func:`resample_weights`
-    with its two lengths. Rows of all-ones weights give the point estimate exactly."""
+def tpir_bootstrap(per_probe: dict, fpir: float, weights: np.ndarray) -> np.ndarray:
+    """TPIR@FPIR under each resample of the queries: ``weights`` (n_boot, n_queries) from
+    :func:`resample_weights`; ``per_probe`` is the ``per_probe`` entry of :func:`retrieval_metrics`.
+    A query drawn m times counts m times in each of its roles (mated and/or non-mated search: with
+    leave-identity-out, closed-set data, a probe is both). Rows of all-ones weights give the point
+    estimate exactly."""
     ms = np.asarray(per_probe["mated_score"], dtype=np.float64)
     nm = np.asarray(per_probe["nonmated_score"], dtype=np.float64)
-    if w_mated.shape[1] != ms.size or w_nonmated.shape[1] != nm.size or w_mated.shape[0] != w_nonmated.shape[0]:
-        raise ValueError(f"weights {w_mated.shape}/{w_nonmated.shape} do not match {ms.size} mated and "
-                         f"{nm.size} non-mated probes")
+    mq, nq = np.asarray(per_probe["mated_query"]), np.asarray(per_probe["nonmated_query"])
+    if mq.size != ms.size or nq.size != nm.size:
+        raise ValueError("per_probe arrays disagree in length")
+    if (mq.size and mq.max() >= weights.shape[1]) or (nq.size and nq.max() >= weights.shape[1]):
+        raise ValueError(f"weights cover {weights.shape[1]} queries, the probes index more")
+    out = np.full(weights.shape[0], np.nan)
     if not ms.size or not nm.size:
-        return np.full(w_mated.shape[0], np.nan)
-    k = _budgets(fpir, w_nonmated.sum(axis=1))
-    t = _weighted_thresholds(nm, np.arange(nm.size), w_nonmated, k, complete=True)
+        return out
+    w_m, w_n = weights[:, mq], weights[:, nq]
+    k = _budgets(fpir, w_n.sum(axis=1))
+    t = _weighted_thresholds(nm, np.arange(nm.size), w_n, k, complete=True)
     hits = ms[None, :] > t[:, None]
-    return (w_mated * hits).sum(axis=1) / w_mated.sum(axis=1)
+    n_m = w_m.sum(axis=1)
+    ok = n_m > 0
+    out[ok] = (w_m[ok] * hits[ok]).sum(axis=1) / n_m[ok]
+    return out
 
 
 def tar_bootstrap(pair_scores: dict, far: float, weights: np.ndarray) -> np.ndarray:
@@ -700,21 +720,31 @@ def tar_bootstrap(pair_scores: dict, far: float, weights: np.ndarray) -> np.ndar
     :func:`resample_weights`): a query drawn m times brings m copies of all its genuine and
     impostor pairs. ``pair_scores`` is the entry :func:`retrieval_metrics` returns with
     ``pair_scores=True`` (all genuine scores, the top impostor scores, with their queries).
-    NaN where a resample's threshold falls below the buffered impostors (it does not with the
-    buffer retrieval_metrics keeps); all-ones weights give the point estimate exactly."""
+
+    Only the impostor scores a resample's threshold can reach are scanned: the top ~4(k+1) for a
+    threshold k deep. A resample whose threshold falls below the kept scores (its queries hold
+    too few of them) is NaN, never a guess; :func:`percentile_interval` then gives no interval.
+    All-ones weights give the point estimate exactly."""
     imp_per_q = np.asarray(pair_scores["impostors_per_query"], dtype=np.int64)
     gen_per_q = np.asarray(pair_scores["genuine_per_query"], dtype=np.int64)
     if weights.shape[1] != imp_per_q.size:
         raise ValueError(f"weights cover {weights.shape[1]} queries, the pairs {imp_per_q.size}")
     imp, imp_q = pair_scores["impostor_top_score"], pair_scores["impostor_top_query"]
     gen, gen_q = pair_scores["genuine_score"], pair_scores["genuine_query"]
+    n_imp_all = int(imp_per_q.sum())
     n_boot = weights.shape[0]
+    out = np.full(n_boot, np.nan)
     n_imp = weights @ imp_per_q
     n_gen = weights @ gen_per_q
     k = _budgets(far, n_imp)
-    t = _weighted_thresholds(imp, imp_q, weights, k, complete=imp.size >= int(imp_per_q.sum()))
-    out = np.full(n_boot, np.nan)
-    ok = np.isfinite(t) | (t == -np.inf)
+    keep = _boot_keep(_budget(far, n_imp_all))
+    if imp.size > keep:  # the top `keep` (ties included): all a resampled threshold can need
+        cut = np.partition(imp, imp.size - keep)[imp.size - keep]
+        sel = imp >= cut
+        imp, imp_q = imp[sel], imp_q[sel]
+    t = _weighted_thresholds(imp, imp_q, weights, k, complete=imp.size >= n_imp_all)
+    t = np.where(k >= n_imp, -np.inf, t)  # every impostor may pass: no threshold
+    ok = ~np.isnan(t) & (n_gen > 0)
     if not ok.any() or not gen.size:
         return out
     # genuine pairs of query q strictly above each distinct threshold, from one pass over them
@@ -724,15 +754,15 @@ def tar_bootstrap(pair_scores: dict, far: float, weights: np.ndarray) -> np.ndar
     np.add.at(hist, (gen_q, r), 1)
     above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]  # above[q, j] = #gen of q > ts[j]
     j = np.searchsorted(ts, t[ok])
-    out[ok] = (weights[ok] * above[:, j].T).sum(axis=1) / np.maximum(n_gen[ok], 1)
+    out[ok] = (weights[ok] * above[:, j].T).sum(axis=1) / n_gen[ok]
     return out
 
 
 def percentile_interval(values: np.ndarray, alpha: float = 0.05) -> list[float] | None:
-    """[lo, hi] percentile interval of bootstrap replicates (None when over alpha of them are NaN)."""
+    """[lo, hi] percentile interval of bootstrap replicates; None when any replicate is NaN
+    (dropping them would bias the interval: they are not missing at random)."""
     v = np.asarray(values, dtype=np.float64)
-    fin = v[np.isfinite(v)]
-    if fin.size < (1 - alpha) * v.size or not fin.size:
+    if not v.size or np.isnan(v).any():
         return None
-    lo, hi = np.quantile(fin, [alpha / 2.0, 1.0 - alpha / 2.0])
+    lo, hi = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
     return [float(lo), float(hi)]

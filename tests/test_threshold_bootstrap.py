@@ -27,9 +27,8 @@ def test_all_ones_weights_give_the_point_estimate():
     r = retrieval_metrics(q, ql, g, gl, nonmated_query_mask=ql >= 30, far_targets=FARS, fpir_targets=FPIRS,
                           pair_scores=True)
     pp, ps = r["per_probe"], r["pair_scores"]
-    n_m, n_n = pp["mated_score"].size, pp["nonmated_score"].size
     for f in FPIRS:
-        est = tpir_bootstrap(pp, f, np.ones((1, n_m), np.int32), np.ones((1, n_n), np.int32))[0]
+        est = tpir_bootstrap(pp, f, np.ones((1, len(q)), np.int32))[0]
         assert est == pytest.approx(r[f"tpir@fpir={f:.0e}"], abs=1e-12)
         assert 0 < est < 1  # the data carries signal: a meaningful check
     for f in FARS:
@@ -55,18 +54,15 @@ def test_each_resample_equals_the_metric_on_the_expanded_query_set(open_set):
         for f in FARS:
             assert tar[f][b] == pytest.approx(ref[f"tar@far={f:.0e}"], abs=1e-12)
 
-    if open_set:  # TPIR: mated and non-mated probes resampled separately
-        mated = np.flatnonzero(~mask.numpy())
-        nonmated = np.flatnonzero(mask.numpy())
-        wm = resample_weights(mated.size, n_boot=3, seed=3)
-        wn = resample_weights(nonmated.size, n_boot=3, seed=4)
-        for f in FPIRS:
-            vals = tpir_bootstrap(r["per_probe"], f, wm, wn)
-            for b in range(3):
-                idx = torch.from_numpy(np.concatenate([np.repeat(mated, wm[b]), np.repeat(nonmated, wn[b])]))
-                ref = retrieval_metrics(q[idx], ql[idx], g, gl, far_targets=(), fpir_targets=(f,),
-                                        nonmated_query_mask=mask[idx])
-                assert vals[b] == pytest.approx(ref[f"tpir@fpir={f:.0e}"], abs=1e-12)
+    # TPIR: a resample of the queries, each query in all its roles (closed set: mated and non-mated)
+    for f in FPIRS:
+        vals = tpir_bootstrap(r["per_probe"], f, w)
+        for b in range(3):
+            idx = torch.from_numpy(np.repeat(np.arange(len(q)), w[b]))
+            ref = retrieval_metrics(q[idx], ql[idx], g, gl, far_targets=(), fpir_targets=(f,),
+                                    nonmated_query_mask=None if mask is None else mask[idx])
+            assert vals[b] == pytest.approx(ref[f"tpir@fpir={f:.0e}"], abs=1e-12)
+            assert 0 < vals[b] < 1
 
 
 def test_pair_scores_survive_buffer_pruning(monkeypatch):
@@ -87,9 +83,24 @@ def test_resample_weights_and_interval():
     w = resample_weights(50, n_boot=20, seed=1)
     assert w.shape == (20, 50) and (w.sum(axis=1) == 50).all()
     assert (w == resample_weights(50, n_boot=20, seed=1)).all()
-    assert percentile_interval(np.array([np.nan] * 10 + [0.5] * 10)) is None
+    assert percentile_interval(np.array([np.nan] + [0.5] * 99)) is None  # NaNs are never dropped
     lo, hi = percentile_interval(np.linspace(0, 1, 1001))
     assert lo == pytest.approx(0.025) and hi == pytest.approx(0.975)
     with pytest.raises(ValueError):
-        tpir_bootstrap({"mated_score": np.ones(3), "nonmated_score": np.ones(2)}, 0.1, np.ones((1, 4)),
-                       np.ones((1, 2)))
+        tpir_bootstrap({"mated_score": np.ones(3), "nonmated_score": np.ones(2), "mated_query": np.arange(3),
+                        "nonmated_query": np.array([3, 4])}, 0.1, np.ones((1, 4)))
+
+
+def test_a_threshold_beyond_the_kept_impostors_is_nan_not_a_guess():
+    # two queries hold all the top impostors: a resample without them needs scores never kept
+    n_q = 6
+    imp_per_q = np.full(n_q, 5000)
+    scores = np.concatenate([np.full(5000, 0.9), np.full(5000, 0.8)])
+    owners = np.concatenate([np.zeros(5000, np.int64), np.ones(5000, np.int64)])
+    ps = {"impostors_per_query": imp_per_q, "genuine_per_query": np.ones(n_q, np.int64),
+          "impostor_top_score": scores, "impostor_top_query": owners,
+          "genuine_score": np.linspace(0.5, 1.0, n_q), "genuine_query": np.arange(n_q)}
+    w = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 2, 2, 1, 1]], np.int32)
+    vals = tar_bootstrap(ps, 1e-1, w)
+    assert np.isfinite(vals[0]) and np.isnan(vals[1])
+    assert percentile_interval(vals) is None

@@ -49,6 +49,10 @@ class NASError(ValueError):
     """A NAS job that cannot run as asked (one-line message)."""
 
 
+class InfeasibleBudget(NASError):
+    """No sub-network of the space fits the cost budget (a result, not a mistake in the call)."""
+
+
 @dataclass
 class SupernetCard:
     """What ``config.json`` of a supernet folder holds."""

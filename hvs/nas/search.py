@@ -50,7 +50,7 @@ from ..data import RetrievalData
 from ..embed import embed_images
 from ..metrics import retrieval_metrics
 from ..models.ofa import ArchSpace, OFAMobileNetV3Supernet
-from .common import NASError, config_from_dict, load_data, load_supernet, parse_flops, prepare_data, recalibrate_bn
+from .common import InfeasibleBudget, NASError, config_from_dict, load_data, load_supernet, parse_flops, prepare_data, recalibrate_bn
 from .latency import LatencyTable, compare_latency, measure_subnet_latency
 
 METRICS = ("recall@1", "recall@5", "map")
@@ -81,7 +81,7 @@ def check_feasible(space: ArchSpace, budget: Budget | None) -> None:
         return
     smallest = budget.cost(space.min_arch())
     if smallest > budget.limit:
-        raise NASError(f"budget {budget.describe(budget.limit)} is infeasible: the smallest sub-network needs "
+        raise InfeasibleBudget(f"budget {budget.describe(budget.limit)} is infeasible: the smallest sub-network needs "
                        f"{budget.describe(smallest)}")
 
 
@@ -104,7 +104,7 @@ def sample_under_budget(space: ArchSpace, rng: random.Random, budget: Budget | N
                 arch = candidate
         return arch
     smallest = budget.cost(smallest_arch)
-    raise NASError(f"no random sub-network met the budget {budget.describe(budget.limit)} in {max_tries} tries "
+    raise InfeasibleBudget(f"no random sub-network met the budget {budget.describe(budget.limit)} in {max_tries} tries "
                    f"(the smallest needs {budget.describe(smallest)}): raise the budget or max_tries")
 
 
