@@ -54,7 +54,7 @@ DEFAULT_FPIR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 _CHUNK_ELEMENTS = 1 << 22
 # TAR@FAR bootstrap (tar_bootstrap) serves FARs whose threshold is at most this deep among the
 # impostor scores; it keeps _boot_keep(k) of them, each resample scanning ~half of that.
-TAR_BOOT_MAX_RANK = 200_000
+TAR_BOOT_MAX_RANK = 25_000
 
 
 def _boot_keep(k: int) -> int:
