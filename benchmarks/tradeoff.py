@@ -18,16 +18,22 @@ Per seed:
    scratch independently (``nas_independent``) for its headroom;
 5. ``inherit``   -- weight inheritance (``hvs.nas.inherit``) at the same budgets: gallery = the
    supernet's largest sub-network, query = the largest random sub-network under the budget;
-6. ``report``    -- always: ``results/<data>/<profile>.json`` (every number, the command and the
-   profile), ``results/<data>/<profile>.md`` (the table, also printed) and with ``--plot``
+   then CMP-NAS under batch-1 CPU latency budgets (``search.latency_budgets``: ratios of the
+   paragon's measured latency; the search predicts latency from its per-layer table);
+6. ``latency``   -- one pass after the training: batch-1 latency of every model in eager PyTorch
+   and, exported (``hvs.export.export_onnx``), in ONNX Runtime (``latency.json``);
+7. ``report``    -- always: ``results/<data>/<profile>.json`` (every number, the command, the
+   profile and the claims), ``results/<data>/<profile>.md`` (a summary over seeds, the issue's
+   claims with their verdicts, every model of every seed; also printed) and with ``--plot``
    ``<profile>_flops.png`` / ``<profile>_latency.png`` (CMP-NAS Figure 2 style).
 
 Every stage writes into ``results/<data>/<profile>/seed<S>/`` and is reused when complete; an
 interrupted training resumes from its last epoch, an interrupted search/export is redone. So a
 killed run, re-run with the same command, continues. Evaluation (hvs.evaluate.evaluate) gives each
-metric with a bootstrap 95% CI over queries (Recall@K, mAP only: TAR@FAR and TPIR@FPIR come
-without one), the gap to the paragon with a paired bootstrap CI, the compatibility criterion, and
-the query model's FLOPs, parameters and CPU latency (batch 1 and batched).
+metric with a bootstrap 95% CI over queries (TAR@FAR and TPIR@FPIR recompute their threshold in
+every resample), the gap to the paragon with a paired bootstrap CI, the compatibility criterion,
+and the query model's FLOPs, parameters and CPU latency; its per-query arrays (``eval-*.npz``) give
+paired CIs of differences between two query models (CMP-NAS vs the agnostic search).
 """
 
 from __future__ import annotations
@@ -738,7 +744,9 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
             verdict = "met by the point estimate only (CI reaches above the target)"
         else:
             verdict = "missed"
-        rows.append(f"| {KIND_LABEL[r['kind']]} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | {ratio:.1f}x | "
+        budget = (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r
+                  else f" @{r['latency_ratio']:g}x latency" if "latency_ratio" in r else "")
+        rows.append(f"| {KIND_LABEL[r['kind']]}{budget} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | {ratio:.1f}x | "
                     f"{_pct(b['paragon_g->g'])} | {_pct(b['q->g'])} | {_pct(gap, True)}{_ci(ci, True)} | "
                     f"{_pct(b.get('headroom'), True)} | <= {target} | {verdict} |")
         gap_rows.append({"kind": r["kind"], "arch": r["arch"], "seed": r["seed"], "flops_ratio": ratio,
@@ -854,7 +862,7 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
     written = []
     for xkey, xlabel, suffix in (("flops", "query MFLOPs", "flops"),
                                  ("torch_ms_batch1", "query CPU latency, eager PyTorch, batch 1 (ms)", "latency")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         par = [g for k, g in groups.items() if k[0] == "paragon"]
         if par:
             y = mean(par[0], lambda r: r["metrics"][metric]["g->g"])
@@ -879,13 +887,14 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
                     pts.append((x / 1e6 if xkey == "flops" else x, 100 * y))
             if pts:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=KIND_LABEL[kind])
+                label = KIND_LABEL[kind] + (" (vs its own gallery)" if kind == "weight-inheritance" else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"heterogeneous {metric} M(q->g) (%)")
         ax.set_title(title, fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         path = out_prefix.parent / f"{out_prefix.name}_{suffix}.png"
         fig.savefig(path, dpi=120)
