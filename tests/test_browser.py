@@ -12,10 +12,11 @@ import time
 
 import pytest
 
+from conftest import build_tiny_world
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/system_deps.sh) to run the browser test",
@@ -34,17 +35,8 @@ def free_port() -> int:
 def server(tmp_path_factory):
     from PIL import Image
 
-    from hvs.data import create_dataset
-    from hvs.search import build_gallery_index
-    from hvs.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("browser")
-    data = create_dataset(SPEC)
-    common = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05)
-    train(TrainConfig(out=str(root / "g"), **common), data=data, progress=False, log=lambda s: None)
-    train(TrainConfig(out=str(root / "q"), gallery=str(root / "g"), compat=["bct"], **common), data=data,
-          progress=False, log=lambda s: None)
-    build_gallery_index(root / "g", SPEC, f"faiss:{root / 'idx'}", progress=False)
+    data = build_tiny_world(root)
     query = root / "query.png"
     buf = io.BytesIO()
     Image.fromarray(data.query.images[0, 0].numpy(), mode="L").resize((96, 96), Image.NEAREST).save(buf, "PNG")
