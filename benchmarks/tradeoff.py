@@ -624,14 +624,14 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
     return "\n".join(rows)
 
 
-def paired_difference(npz_a: str, npz_b: str, metric: str, n_boot: int = 1000) -> tuple[float, list] | None:
-    """M_a(q->g) - M_b(q->g) for two query models on the same queries and gallery, with a paired
-    bootstrap 95% CI over queries (recall@K, mAP, TPIR@FPIR; None for others or missing arrays)."""
+def paired_difference(a: dict | None, b: dict | None, metric: str, n_boot: int = 1000) -> tuple[float, list] | None:
+    """M_a(q->g) - M_b(q->g) for two query models on the same queries and gallery, from their
+    per-query q->g arrays (:func:`_load_q2g`), with a paired bootstrap 95% CI over queries
+    (recall@K, mAP, TPIR@FPIR; None for other metrics or missing arrays)."""
     from hvs.metrics import paired_bootstrap_ci, percentile_interval, resample_weights, tpir_bootstrap
 
-    if not (npz_a and npz_b and Path(npz_a).is_file() and Path(npz_b).is_file()):
+    if a is None or b is None:
         return None
-    a, b = _load_q2g(npz_a), _load_q2g(npz_b)
     arr = _per_query_array(metric)
     if arr is not None and arr in a and arr in b:
         d, lo, hi = paired_bootstrap_ci(a[arr], b[arr], n_boot=n_boot)
@@ -683,8 +683,9 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         if homo is None:
             continue
         cells = [f"{r['budget_ratio']:g}x", str(r["seed"]), f"{r['flops'] / 1e6:.2f} / {homo['flops'] / 1e6:.2f}"]
+        pa, pb = _load_q2g(r.get("per_query_npz")), _load_q2g(homo.get("per_query_npz"))
         for m in metrics:
-            d = paired_difference(r.get("per_query_npz"), homo.get("per_query_npz"), m, n_boot)
+            d = paired_difference(pa, pb, m, n_boot)
             a_v, b_v = r["metrics"][m].get("q->g"), homo["metrics"][m].get("q->g")
             if d is None and a_v is not None and b_v is not None:
                 d = (a_v - b_v, None)
@@ -693,10 +694,8 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
                 diffs_all.append({"budget_ratio": r["budget_ratio"], "seed": r["seed"], "difference": d[0],
                                   "ci95": d[1]})
         arr = _per_query_array(m0)
-        if arr:
-            pa, pb = _load_q2g(r.get("per_query_npz")), _load_q2g(homo.get("per_query_npz"))
-            if pa is not None and pb is not None and arr in pa and arr in pb:
-                pooled.append(pa[arr] - pb[arr])
+        if arr and pa is not None and pb is not None and arr in pa and arr in pb:
+            pooled.append(pa[arr] - pb[arr])
         rows.append("| " + " | ".join(cells) + " |")
     if rows:
         from hvs.metrics import bootstrap_ci
