@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-_TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "distill",
+_TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight", "distill",
                 "distill_kind", "subnets_per_step", "loss", "scale", "margin", "epochs", "batch_size", "optimizer",
                 "lr", "weight_decay", "augment", "train_subset", "val_fraction", "val_max_per_class", "seed",
                 "threads")
@@ -77,8 +77,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     export_subnet(args.supernet, args.arch, args.out, gallery=args.gallery, data=args.data,
                   finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                  bct_weight=args.bct_weight, bn_images=args.bn_images, seed=args.seed, force=args.force,
-                  progress=not args.no_progress)
+                  bct_weight=args.bct_weight, compat=_csv(args.compat), bn_images=args.bn_images, seed=args.seed,
+                  force=args.force, progress=not args.no_progress)
     return 0
 
 
@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"fingerprint {card.fingerprint}")
     if card.gallery:
         print(f"trained for gallery {card.gallery['model']} {card.gallery['fingerprint']} ({card.gallery['path']}), "
-              f"BCT weight {card.bct_weight}")
+              f"BCT weight {card.bct_weight}, regression weight {card.regress_weight}")
     print(f"space: kernel {list(space.ks_list)}, expand {list(space.expand_list)}, depth {list(space.depth_list)} "
           f"x {space.num_stages} stages, width {list(space.width_mult_list)}, "
           f"resolution {list(space.resolution_list) or 'native'}")
@@ -144,6 +144,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--supernet-arg", action="append", metavar="KEY=VALUE",
                    help="supernet shape/choices, e.g. stage_widths=[16,24,40] ks_list=[3,5,7] depth_list=[2,3,4]")
     t.add_argument("--bct-weight", type=float, help="lambda of the BCT influence loss (default 1)")
+    t.add_argument("--regress-weight", type=float,
+                   help="weight of feature regression onto the gallery model's embeddings (default 0)")
     t.add_argument("--distill", type=float, help="weight of in-place distillation from the largest (default 0)")
     t.add_argument("--distill-kind", choices=["cosine", "l2"])
     t.add_argument("--subnets-per-step", type=int, help="random sub-networks per step besides the largest (2)")
@@ -200,6 +202,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--lr", type=float, default=0.01)
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--bct-weight", type=float, help="default: the supernet's (1 for a plain supernet)")
+    e.add_argument("--compat", help="fine-tuning compatibility losses instead of BCT alone, e.g. bct,l2=1")
     e.add_argument("--bn-images", type=int, default=2000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--force", action="store_true", help="export for a gallery the supernet was not trained for")

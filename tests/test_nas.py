@@ -407,3 +407,68 @@ def test_a_tight_budget_still_yields_varied_candidates():
     archs = [sample_under_budget(net.space, rng, budget, max_tries=5) for _ in range(8)]
     assert all(budget.ok(a) for a in archs)
     assert len({net.space.key(a) for a in archs}) > 1
+
+
+def _mean_cosine_to_gallery(supernet_dir, gallery_dir) -> float:
+    """Mean cosine between the largest sub-network's embedding and the gallery model's, per image."""
+    from hvs.data import create_dataset
+    from hvs.embed import embed_images
+    from hvs.nas.common import load_supernet, recalibrate_bn
+
+    data = create_dataset(DATA)
+    sn, _, card = load_supernet(supernet_dir)
+    sn.set_active_subnet(sn.space.max_arch())
+    g_model, g_card = ckpt.load_model(gallery_dir)
+    images = data.train.images[:96]
+    sub = recalibrate_bn(sn.get_active_subnet(), images, card.mean, card.std)  # as export and search do
+    q = embed_images(sub, images, card.mean, card.std)
+    g = embed_images(g_model, images, g_card.mean, g_card.std)
+    return float(torch.nn.functional.cosine_similarity(q, g, dim=-1).mean())
+
+
+def test_supernet_feature_regression_pulls_embeddings_onto_the_gallery_models(nas_runs, tmp_path, capsys):
+    root = nas_runs
+    args = ["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--data", DATA, "--epochs", "3",
+            "--seed", "3", "--embed-dim", "16", "--no-progress"]
+    assert main([*args, "--gallery", str(root / "g"), "--bct-weight", "0", "--regress-weight", "2",
+                 "--out", str(tmp_path / "reg")]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    card = json.loads((tmp_path / "reg" / "config.json").read_text())
+    assert card["regress_weight"] == 2.0 and card["bct_weight"] == 0.0
+    assert card["gallery"]["fingerprint"] == ckpt.read_card(root / "g").fingerprint
+    log = (tmp_path / "reg" / "log.csv").read_text().splitlines()
+    col = log[0].split(",").index("regress")
+    assert float(log[-1].split(",")[col]) < float(log[1].split(",")[col])
+    # the plain supernet's space is unrelated to the gallery model's (cosine near 0); regression
+    # alone, without BCT, aligns them
+    reg, plain = (_mean_cosine_to_gallery(tmp_path / n, root / "g") for n in ("reg", "plain"))
+    assert reg > 0.35 and reg > plain + 0.3, (reg, plain)
+    # an exported sub-network records what made it compatible
+    arch = '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}'
+    assert main(["nas", "export", "--supernet", str(tmp_path / "reg"), "--arch", arch, "--gallery", str(root / "g"),
+                 "--bn-images", "16", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert ckpt.read_card(tmp_path / "q").compat == [["l2", 2.0]]
+    # regression needs a gallery model: one line
+    capsys.readouterr()
+    assert main([*args, "--regress-weight", "1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass --gallery DIR" in err
+
+
+def test_export_fine_tunes_with_the_compatibility_losses_asked_for(nas_runs, tmp_path, capsys):
+    root = nas_runs
+    base = ["nas", "export", "--supernet", str(root / "s"), "--arch",
+            '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}', "--gallery", str(root / "g"),
+            "--bn-images", "16", "--finetune-epochs", "1", "--batch-size", "32", "--no-progress"]
+    assert main([*base, "--compat", "bct,l2=0.5", "--out", str(tmp_path / "q")]) == 0
+    cfg = json.loads((tmp_path / "q" / "train_config.json").read_text())
+    assert cfg["compat"] == ["bct=1.0", "l2=0.5"]
+    history = (tmp_path / "q" / "log.csv").read_text().splitlines()
+    assert {"bct", "l2"} <= set(history[0].split(","))
+    capsys.readouterr()
+    assert main([*base, "--compat", "bct,l3", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown compatibility loss 'l3'" in err
+    assert main([*base, "--compat", "l2", "--bct-weight", "2", "--out", str(tmp_path / "bad2")]) == 2
+    assert "either bct_weight or compat" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()

@@ -71,6 +71,7 @@ class SupernetCard:
     val_max_per_class: int = 50
     gallery: dict | None = None  # {"fingerprint", "model", "path"} of the frozen gallery model (BCT)
     bct_weight: float = 0.0
+    regress_weight: float = 0.0  # feature regression onto the gallery model's embeddings
     loss: str = "cosface"
     scale: float = 16.0
     margin: float = 0.2
@@ -81,7 +82,8 @@ class SupernetCard:
 
     @property
     def kind(self) -> str:
-        return "compatibility-aware" if self.gallery and self.bct_weight > 0 else "plain"
+        return ("compatibility-aware" if self.gallery and (self.bct_weight > 0 or self.regress_weight > 0)
+                else "plain")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SupernetCard":

@@ -5,7 +5,8 @@
   fingerprint; classifier = the supernet's shared head), usable by ``hvs evaluate``,
   ``hvs index`` and ``hvs search``. Its BatchNorm statistics are re-estimated on training
   images first (Once-for-All, Cai et al. 2020). Optionally it is fine-tuned with the BCT loss
-  (Shen et al. 2020) against the frozen gallery classifier, which is CMP-NAS's last step.
+  (Shen et al. 2020) against the frozen gallery classifier, which is CMP-NAS's last step (or with
+  any other mix of the trainer's compatibility losses, ``compat=["bct", "l2=1"]``).
 * :func:`inherit`: **weight inheritance**, the first way to compatibility in the CMP-NAS paper
   (Duggal et al. 2021): the gallery model is the supernet's largest sub-network, the query
   model a smaller one with the *same* shared weights and no further training. ``hvs evaluate``
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
-from ..losses import MarginHead
+from ..losses import MarginHead, parse_compat
 from ..models.ofa import OFAMobileNetV3Supernet, load_arch
 from ..train import TrainConfig, train
 from .common import (NASError, SupernetCard, gallery_ref, load_data, load_supernet, prepare_data,
@@ -47,10 +48,21 @@ def _nas_extra(card: SupernetCard, supernet_dir: str | os.PathLike, flops: int, 
 def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.PathLike, *,
                   gallery: str | os.PathLike, data: str | RetrievalData | None = None, finetune_epochs: int = 0,
                   lr: float = 0.01, batch_size: int = 256, bct_weight: float | None = None, bn_images: int = 2000,
-                  seed: int = 0, force: bool = False, progress: bool = True,
+                  compat: list[str] | str | None = None, seed: int = 0, force: bool = False, progress: bool = True,
                   log: Callable[[str], None] = print) -> ckpt.ModelCard:
     """Extract ``arch`` (a dict, inline JSON, or a JSON file such as a search's best.json) as a
-    query model folder compatible with ``gallery``; fine-tune it first if ``finetune_epochs``."""
+    query model folder compatible with ``gallery``; fine-tune it first if ``finetune_epochs``.
+
+    The fine-tuning loss is the own margin softmax + BCT (weight ``bct_weight``, default the
+    supernet's, else 1); ``compat`` (the trainer's specs, e.g. ``["bct", "l2=1"]``) replaces the
+    compatibility terms altogether."""
+    if compat is not None:
+        if bct_weight is not None:
+            raise NASError("pass either bct_weight or compat, not both")
+        try:
+            compat_terms = parse_compat(compat)
+        except ValueError as e:
+            raise NASError(str(e)) from None
     out = _fresh(out)
     model, head_w, card = load_supernet(supernet)
     arch = model.space.validate(load_arch(arch) if isinstance(arch, str) else arch)
@@ -79,17 +91,20 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
     flops = model.flops(arch, card.image_size)
     head = MarginHead(card.embed_dim, len(card.classes), card.loss, card.scale, card.margin)
     head.weight.data.copy_(head_w)
-    compat = [["bct", card.bct_weight]] if card.bct_weight > 0 and trained_for == g_card.fingerprint else []
+    trained = [["bct", card.bct_weight], ["l2", card.regress_weight]] if trained_for == g_card.fingerprint else []
+    card_compat = [[name, w] for name, w in trained if w > 0]
     mcard = ckpt.ModelCard(
         model="ofa-mbv3", embed_dim=card.embed_dim, in_chans=card.in_chans, image_size=card.image_size,
         mean=list(card.mean), std=list(card.std), role="query", model_kwargs=model.subnet_kwargs(arch),
-        classes=list(card.classes), compatible_with=gallery_ref(g_card, gallery), compat=compat,
+        classes=list(card.classes), compatible_with=gallery_ref(g_card, gallery), compat=card_compat,
         extra=_nas_extra(card, supernet, flops, key=model.space.key(arch), finetune_epochs=finetune_epochs,
                          bn_images=min(bn_images, len(nd.train_images))))
     if finetune_epochs > 0:
         # Fine-tune with the ordinary trainer, starting from the extracted sub-network's weights.
-        w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
-                                                                                else bct_weight)
+        if compat is None:
+            w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
+                                                                                    else bct_weight)
+            compat_terms = [("bct", w)] if w > 0 else []
         init_dir = out.with_name(f".{out.name}.init")
         shutil.rmtree(init_dir, ignore_errors=True)
         ckpt.save_model_folder(init_dir, sub, mcard, classifier=head.weight.detach())
@@ -97,7 +112,8 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
             tcard = train(TrainConfig(
                 out=str(out), data=data.name, protocol=card.protocol, model="ofa-mbv3",
                 model_kwargs=model.subnet_kwargs(arch), embed_dim=card.embed_dim, gallery=str(gallery),
-                compat=[f"bct={w}"] if w > 0 else [], loss=card.loss, scale=card.scale, margin=card.margin,
+                compat=[f"{name}={w}" for name, w in compat_terms], loss=card.loss, scale=card.scale,
+                margin=card.margin,
                 epochs=finetune_epochs, lr=lr, batch_size=batch_size, warmup_epochs=0.0, seed=seed,
                 data_seed=card.data_seed, init_from=str(init_dir), role="query"),
                 progress=progress, data=data, log=log)

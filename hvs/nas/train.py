@@ -7,11 +7,17 @@ sub-network's loss is::
 
     own margin softmax (one MarginHead shared by all sub-networks)
     + bct_weight * BCT influence loss through the frozen gallery classifier W_g
+    + regress_weight * feature regression onto the frozen gallery model's embedding of the same
+      (augmented) images, ||phi_q(x) - phi_g(x)||^2 = 2 - 2 cos for unit embeddings (optional)
     + distill * in-place distillation to the largest sub-network's embedding (optional)
 
 The BCT term (Shen et al. 2020) is what makes the supernet *compatibility-aware* (CMP-NAS,
 Duggal et al. 2021): every sub-network learns to embed into the gallery model's space, so the
-search can pick the one that is most accurate *against the gallery*. Without a gallery the
+search can pick the one that is most accurate *against the gallery*. BCT aligns the query model
+with the gallery classifier's rows, i.e. with the *training* classes; the regression term aligns it
+with the gallery model's function itself, which is what an open-set protocol (test identities
+never seen in training) needs. It costs one gallery-model forward pass per step, shared by all the
+step's sub-networks. Without a gallery the
 supernet is a plain one, trained for weight inheritance (:func:`hvs.nas.export.inherit`).
 
 Progressive shrinking (OFA sec. 3.2) is optional: ``progressive=["full", "kernel", "depth",
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
 from ..embed import normalize_images
-from ..losses import BCTLoss, MarginHead
+from ..losses import BCTLoss, L2Regression, MarginHead
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet
 from ..train import _augment, _write_log, make_optimizer
 from .common import (LOG, STATE, NASError, SupernetCard, config_from_dict, gallery_ref, gallery_rows, load_data,
@@ -62,6 +68,7 @@ class SupernetTrainConfig:
     embed_dim: int | None = None  # default: the gallery model's, else 128
     supernet: dict = field(default_factory=dict)  # OFAMobileNetV3Supernet kwargs: shape and choice lists
     bct_weight: float = 1.0  # lambda of the BCT influence loss (needs --gallery)
+    regress_weight: float = 0.0  # weight of feature regression onto the gallery embedding (needs --gallery)
     distill: float = 0.0  # weight of in-place distillation from the largest sub-network
     distill_kind: str = "cosine"  # cosine | l2
     subnets_per_step: int = 2  # random sub-networks per step, besides the largest
@@ -135,6 +142,19 @@ def _phase_of(plan: list[tuple[str, int, list[str] | None]], epoch: int) -> tupl
     return plan[-1][0], plan[-1][2]
 
 
+_REGRESS = L2Regression()
+
+
+def _renormalize(x: torch.Tensor, data: RetrievalData, g_card: ckpt.ModelCard) -> torch.Tensor:
+    """``x`` (normalised with the data's mean/std) as the gallery model expects it (its card's)."""
+    if list(g_card.mean) == list(data.mean) and list(g_card.std) == list(data.std):
+        return x
+    shape = (1, -1, 1, 1)
+    dm, ds = torch.tensor(data.mean).view(shape), torch.tensor(data.std).view(shape)
+    gm, gs = torch.tensor(g_card.mean).view(shape), torch.tensor(g_card.std).view(shape)
+    return (x * ds + dm - gm) / gs
+
+
 def _distill_loss(kind: str, emb: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if kind == "cosine":
         return (1 - F.cosine_similarity(emb, teacher, dim=-1)).mean()
@@ -189,7 +209,11 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
     steps_per_epoch = max(1, n // cfg.batch_size)
 
     embed_dim = cfg.embed_dim or (g_card.embed_dim if g_card else 128)
-    bct = None
+    bct = g_model = None
+    if cfg.regress_weight < 0 or cfg.bct_weight < 0:
+        raise NASError("bct_weight and regress_weight must be >= 0")
+    if cfg.regress_weight > 0 and g_card is None:
+        raise NASError("regress_weight > 0 regresses onto a gallery model's embeddings: pass --gallery DIR")
     if g_card is not None:
         if g_card.embed_dim != embed_dim:
             raise NASError(f"embed_dim {embed_dim} differs from the gallery model's {g_card.embed_dim}: "
@@ -200,6 +224,13 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
         if cfg.bct_weight > 0:
             rows, _, g_card = gallery_rows(cfg.gallery, nd.classes, images, targets, log)
             bct = BCTLoss(rows, cfg.loss, cfg.scale, cfg.margin)
+        if cfg.regress_weight > 0:
+            g_model, g_card = ckpt.load_model(cfg.gallery)
+            for p in g_model.parameters():
+                p.requires_grad_(False)
+            if cfg.channels_last:
+                g_model = g_model.to(memory_format=torch.channels_last)
+    compatible = bct is not None or g_model is not None
 
     torch.manual_seed(cfg.seed)
     try:
@@ -215,9 +246,10 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
         supernet=model.config(), embed_dim=embed_dim, in_chans=data.channels, image_size=data.image_size,
         mean=list(data.mean), std=list(data.std), classes=nd.classes, data=data.name, protocol=data.protocol,
         data_seed=cfg.data_seed, val_fraction=cfg.val_fraction, val_max_per_class=cfg.val_max_per_class,
-        gallery=None if bct is None else gallery_ref(g_card, cfg.gallery),
-        bct_weight=cfg.bct_weight if bct is not None else 0.0, loss=cfg.loss, scale=cfg.scale, margin=cfg.margin,
-        epochs=cfg.epochs)
+        gallery=gallery_ref(g_card, cfg.gallery) if compatible else None,
+        bct_weight=cfg.bct_weight if bct is not None else 0.0,
+        regress_weight=cfg.regress_weight if g_model is not None else 0.0, loss=cfg.loss, scale=cfg.scale,
+        margin=cfg.margin, epochs=cfg.epochs)
 
     history: list[dict] = []
     start_epoch = 0
@@ -246,7 +278,7 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
         rng = random.Random(cfg.seed * 100_003 + epoch)  # sub-network sampling: replayed exactly on resume
         perm = torch.randperm(n, generator=gen)
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "own": 0.0, "bct": 0.0, "distill": 0.0, "acc_largest": 0.0}
+        sums = {"loss": 0.0, "own": 0.0, "bct": 0.0, "distill": 0.0, "regress": 0.0, "acc_largest": 0.0}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs} [{phase}]", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for step in bar:
@@ -262,6 +294,10 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
                 archs += [space.sample(rng, elastic) for _ in range(cfg.subnets_per_step)]
                 if cfg.sandwich:
                     archs.append(space.sample(_MinRng(), elastic))
+            ref = None
+            if g_model is not None:  # one gallery forward pass, shared by the step's sub-networks
+                with torch.no_grad():
+                    ref = g_model(_renormalize(x, data, g_card))
             opt.zero_grad(set_to_none=True)
             teacher = None
             step_loss = 0.0
@@ -275,6 +311,10 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
                     term = bct(emb, y)
                     sums["bct"] += term.item() / len(archs)
                     loss = loss + cfg.bct_weight * term
+                if ref is not None:
+                    term = _REGRESS(emb, y, ref_emb=ref)
+                    sums["regress"] += term.item() / len(archs)
+                    loss = loss + cfg.regress_weight * term
                 if cfg.distill > 0 and teacher is not None:
                     term = _distill_loss(cfg.distill_kind, emb, teacher)
                     sums["distill"] += term.item() / max(1, len(archs) - 1)
