@@ -56,7 +56,7 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     # ... and one latency budget (1000x below the paragon's batch-1 latency)
     assert any(i.get("latency_ratio") == 1000 for i in out["infeasible_budgets"])
     lat = [r for r in records if r["kind"] == "cmp-nas-latency"]
-    assert lat and all(r["latency_ratio"] == 0.1 and r["budget_latency_ms"] > 0 for r in lat)
+    assert lat and all(r["latency_ratio"] == 0.01 and r["budget_latency_ms"] > 0 for r in lat)
 
     # each CMP-NAS pick trained alone too: its M(q->q) is the headroom of the CMP-NAS row
     ind_nas = {r["twin_of"]: r for r in records if r["kind"] == "nas-independent"}
@@ -167,7 +167,57 @@ def test_profiles_parse(name):
                            | {"supernet": "unused", "out": "unused"})
     assert all(float(b) > 1 for b in profile["search"]["budgets"])
     assert all(float(b) > 0 for b in profile["search"].get("latency_budgets", []))
+    import inspect
+
+    from hvs.nas.export import export_subnet
+
+    export_args = set(inspect.signature(export_subnet).parameters)
+    assert set(profile.get("export") or {}) <= export_args
+    for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
+        assert set(spec) <= {"export", "supernet"}
+        SupernetTrainConfig.from_dict({**profile["supernet"], **(spec.get("supernet") or {}), "out": "unused"})
+        assert set(spec.get("export") or {}) <= export_args
+        from hvs.losses import parse_compat
+
+        parse_compat((spec.get("export") or {}).get("compat"))
     if profile.get("nas_independent"):
         ind = dict(profile["nas_independent"])
         assert set(ind.pop("rewards", [])) <= set(profile["search"]["rewards"])
         TrainConfig(out="unused", **ind)
+
+
+def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
+    """benchmarks/compat_ablation.py on top of a tiny tradeoff run: each variant's pick is
+    evaluated and paired against the benchmark's own CMP-NAS pick; re-running reuses it all."""
+    bench = _load_benchmark()
+    base = ["--data", "kanji-fonts", "--profile", "tiny", "--out", str(tmp_path), "--quiet"]
+    spec = importlib.util.spec_from_file_location("compat_ablation", ROOT / "benchmarks" / "compat_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    capsys.readouterr()
+    assert ablation.main(base) == 2  # nothing to build on yet: one line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run benchmarks/tradeoff.py" in err
+    assert bench.main([*base, "--only", "paragon,supernet,nas"]) == 0
+    assert ablation.main(base) == 0
+    out = json.loads((tmp_path / "kanji-fonts" / "tiny_ablation.json").read_text())
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"ft-l2", "sn-l2"} and all(r["budget_ratio"] == 40 for r in rows.values())
+    sd = tmp_path / "kanji-fonts" / "tiny" / "seed0"
+    best = json.loads((sd / "search-hetero-40x" / "best.json").read_text())
+    assert rows["ft-l2"]["arch"] == best["key"]  # same architecture, other fine-tuning
+    cfg = json.loads((sd / "ablation" / "ft-l2" / "nas-hetero-40x" / "train_config.json").read_text())
+    assert cfg["compat"] == ["bct=1.0", "l2=1.0"] and cfg["epochs"] == 1
+    assert json.loads((sd / "ablation" / "sn-l2" / "supernet" / "config.json").read_text())["regress_weight"] == 1
+    for r in rows.values():
+        m = r["metrics"]["recall@1"]
+        assert 0 <= m["q->g"] <= 1 and m["baseline_q->g"] is not None
+        # the paired difference is the difference of the two evaluations' point estimates
+        assert m["diff_vs_baseline"] == pytest.approx(m["q->g"] - m["baseline_q->g"], abs=1e-9)
+        lo, hi = m["diff_vs_baseline_ci95"]
+        assert lo <= m["diff_vs_baseline"] <= hi
+    assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 4
+    # everything is reused on a second run
+    mtime = (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns
+    assert ablation.main(base) == 0
+    assert (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns == mtime

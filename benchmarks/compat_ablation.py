@@ -1,0 +1,194 @@
+"""Which compatibility loss closes the gap? CMP-NAS picks re-made with other losses, paired against the benchmark's.
+
+    python benchmarks/compat_ablation.py --data kanji-fonts --profile quick --seeds 0
+
+Runs on top of a finished ``benchmarks/tradeoff.py`` run of the same data, profile and seeds: it
+reuses that run's paragon, BCT supernet and searches (``results/<data>/<profile>/seed<S>/``).
+Each variant of the profile's ``ablation.variants`` changes the CMP-NAS recipe:
+
+* ``export``   -- overrides of the export step, e.g. ``{compat: [bct, l2=1]}``: the same searched
+  architecture, fine-tuned with feature regression onto the paragon's embeddings besides BCT;
+* ``supernet`` -- overrides of supernet training, e.g. ``{regress_weight: 1}``: a new supernet,
+  trained with the regression term, searched again (hetero reward) at each budget.
+
+Every variant's query model is evaluated against the paragon like the benchmark's own models, and
+compared with the benchmark's CMP-NAS pick at the same budget and seed (``nas-hetero-<B>x``):
+the difference in M(q->g) with a paired bootstrap 95% CI over queries. Output:
+``results/<data>/<profile>_ablation.{json,md}`` (every number and the command). Everything it
+trains lives in ``seed<S>/ablation/<variant>/`` and is reused when complete.
+
+This is an ablation on the test split, to find out where the gap comes from. The benchmark's
+own recipe is not tuned on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tradeoff as T  # noqa: E402
+
+import torch  # noqa: E402
+
+from hvs import checkpoint as ckpt  # noqa: E402
+
+
+def variant_profile(profile: dict, spec: dict) -> dict:
+    unknown = set(spec) - {"export", "supernet"}
+    if unknown:
+        raise T.BenchError(f"ablation variant keys must be export and/or supernet, got {sorted(unknown)}")
+    out = copy.deepcopy(profile)
+    for key in ("export", "supernet"):
+        out[key] = {**(out.get(key) or {}), **(spec.get(key) or {})}
+    return out
+
+
+def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, budgets: list[float],
+             variants: dict[str, dict], metrics: list[str], log: Callable[[str], None]) -> list[dict]:
+    from hvs.models.cost import count_flops
+
+    sd = root / f"seed{seed}"
+    gallery = sd / "paragon"
+    if not (gallery / ckpt.CONFIG).is_file() or not (sd / "supernet" / "config.json").is_file():
+        raise T.BenchError(f"{sd} has no paragon or supernet: run benchmarks/tradeoff.py with the same --data, "
+                           f"--profile and --seeds first")
+    g_model, g_card = ckpt.load_model(gallery)
+    paragon_flops = count_flops(g_model, g_card.input_shape)
+    n_boot = int((profile.get("evaluate") or {}).get("n_boot", 1000))
+    rows = []
+    for name, spec in variants.items():
+        vp = variant_profile(profile, spec)
+        runner = T.Runner(root, vp, data, full, train_data, set(), log)
+        runner.seed = seed
+        vd = sd / "ablation" / name
+        vd.mkdir(parents=True, exist_ok=True)
+        supernet = sd / "supernet"
+        if spec.get("supernet"):
+            supernet = vd / "supernet"
+            runner.supernet(supernet, gallery)
+        for ratio in budgets:
+            tag = f"{ratio:g}x"
+            base_json = sd / f"eval-nas-hetero-{tag}.json"
+            if not base_json.is_file():
+                log(f"[skip] {name} {tag}: the benchmark has no nas-hetero-{tag} for seed {seed}")
+                continue
+            if spec.get("supernet"):
+                best = runner.search(vd / f"search-hetero-{tag}", supernet, gallery, paragon_flops / ratio, "hetero")
+            else:
+                best = json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())
+            folder = vd / f"nas-hetero-{tag}"
+            runner.export(folder, supernet, gallery, best)
+            result = runner.evaluate("ablation", gallery, folder, vd / f"eval-nas-hetero-{tag}.json")
+            base = json.loads(base_json.read_text())
+            row: dict[str, Any] = {
+                "seed": seed, "variant": name, "spec": spec, "budget_ratio": ratio, "arch": best["key"],
+                "val_reward": best.get("reward"), "flops": result["cost"]["query"]["flops"],
+                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"], "eval_json": str(
+                    vd / f"eval-nas-hetero-{tag}.json"), "baseline_eval_json": str(base_json), "metrics": {}}
+            a, b = (T._load_q2g(str(p.with_suffix(".npz"))) for p in (vd / f"eval-nas-hetero-{tag}.json", base_json))
+            for metric in metrics:
+                blk, bblk = T._metric_block(result, metric), T._metric_block(base, metric)
+                d = T.paired_difference(a, b, metric, n_boot)
+                blk["baseline_q->g"] = bblk["q->g"]
+                blk["diff_vs_baseline"] = None if d is None else d[0]
+                blk["diff_vs_baseline_ci95"] = None if d is None else d[1]
+                row["metrics"][metric] = blk
+            rows.append(row)
+            rows[-1]["baseline"] = {"arch": json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())[
+                "key"], "flops": base["cost"]["query"]["flops"]}
+    return rows
+
+
+def markdown(rows: list[dict], metrics: list[str]) -> str:
+    m0 = metrics[0]
+    lines = [f"| seed | budget | variant | MFLOPs | val R@1 (search) | {m0} q->g | vs benchmark's CMP-NAS "
+             f"(paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
+             + "".join(f" {m} q->g | vs benchmark |" for m in metrics[1:]),
+             "|" + "---|" * (10 + 2 * (len(metrics) - 1))]
+    for r in rows:
+        b = r["metrics"][m0]
+        crit = b.get("criterion") or {}
+        cells = [str(r["seed"]), f"{r['budget_ratio']:g}x", r["variant"], f"{r['flops'] / 1e6:.2f}",
+                 T._pct(r.get("val_reward")), T._pct(b["q->g"]) + T._ci(b["q->g_ci95"]),
+                 T._diff_s(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"],
+                                                                       b["diff_vs_baseline_ci95"])),
+                 T._pct(b["q->q"]), T._pct(b["gap"], True) + T._ci(b["gap_ci95"], True),
+                 T._pct(crit.get("difference"), True) if isinstance(crit, dict) else "-"]
+        for m in metrics[1:]:
+            bm = r["metrics"][m]
+            cells += [T._pct(bm["q->g"]) + T._ci(bm["q->g_ci95"]),
+                      T._diff_s(None if bm["diff_vs_baseline"] is None else (bm["diff_vs_baseline"],
+                                                                             bm["diff_vs_baseline_ci95"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="compat_ablation.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--seeds", help="comma list (default: the profile's ablation.seeds, else its seeds)")
+    p.add_argument("--variants", help="comma list of the profile's ablation variants to run (default: all)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    log = (lambda s: None) if args.quiet else print
+    try:
+        return _main(args, argv, log)
+    except (T.BenchError, ValueError) as e:
+        print(f"compat_ablation: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> int:
+    t0 = time.perf_counter()
+    profile, profile_path = T.load_profile(args.profile)
+    name = profile_path.stem.removeprefix("tradeoff_")
+    ab = profile.get("ablation") or {}
+    variants = dict(ab.get("variants") or {})
+    if not variants:
+        raise T.BenchError(f"profile {name} has no ablation.variants")
+    if args.variants:
+        pick = [v.strip() for v in args.variants.split(",") if v.strip()]
+        missing = [v for v in pick if v not in variants]
+        if missing:
+            raise T.BenchError(f"no ablation variant(s) {missing} in profile {name}; it has {sorted(variants)}")
+        variants = {v: variants[v] for v in pick}
+    seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
+             else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))])
+    budgets = [float(b) for b in ab.get("budgets", (profile.get("search") or {}).get("budgets", []))]
+    metrics = (profile.get("metrics") or {}).get(args.data) or T.DEFAULT_METRICS.get(args.data, ["recall@1"])
+    if profile.get("threads"):
+        torch.set_num_threads(int(profile["threads"]))
+    data_dir = Path(args.out) / args.data.replace(":", "_").replace("/", "_")
+    root = data_dir / name
+    full, train_data = T.load_dataset(profile, args.data)
+    rows = [r for s in seeds for r in run_seed(root, profile, args.data, full, train_data, s, budgets, variants,
+                                               metrics, log)]
+    md = (f"# Compatibility-loss ablation: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
+          f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed; "
+          f"* = the paired 95% CI excludes 0. val R@1 = the search's reward on the validation split "
+          f"(training identities) for the architecture used.\n\n{markdown(rows, metrics)}\n")
+    log("\n" + md)
+    summary = {"command": shlex.join([sys.executable, str(Path(__file__).resolve()),
+                                      *(argv if argv is not None else sys.argv[1:])]),
+               "data": args.data, "profile_name": name, "profile_path": str(profile_path), "seeds": seeds,
+               "budgets": budgets, "variants": variants, "metrics": metrics, "rows": rows,
+               "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    ckpt.atomic_write_json(data_dir / f"{name}_ablation.json", json.loads(json.dumps(summary, default=float)))
+    (data_dir / f"{name}_ablation.md").write_text(md)
+    log(f"wrote {data_dir / (name + '_ablation.json')} and .md; {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
