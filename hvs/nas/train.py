@@ -17,8 +17,8 @@ search can pick the one that is most accurate *against the gallery*. BCT aligns 
 with the gallery classifier's rows, i.e. with the *training* classes; the regression term aligns it
 with the gallery model's function itself, which is what an open-set protocol (test identities
 never seen in training) needs. It costs one gallery-model forward pass per step, shared by all the
-step's sub-networks. Without a gallery the
-supernet is a plain one, trained for weight inheritance (:func:`hvs.nas.export.inherit`).
+step's sub-networks. Without a gallery the supernet is a plain one, trained for weight inheritance
+(:func:`hvs.nas.export.inherit`).
 
 Progressive shrinking (OFA sec. 3.2) is optional: ``progressive=["full", "kernel", "depth",
 "expand"]`` splits the epochs into phases; ``full`` trains the largest network only, and each
