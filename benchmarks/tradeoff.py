@@ -889,6 +889,10 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
                 label = KIND_LABEL[kind] + (" (vs its own gallery)" if kind == "weight-inheritance" else "")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
         ax.set_xscale("log")
+        from matplotlib.ticker import FormatStrFormatter
+
+        for axis_fmt in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis_fmt(FormatStrFormatter("%g"))  # 2, 3, 4 ... not 2x10^0
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"heterogeneous {metric} M(q->g) (%)")
         ax.set_title(title, fontsize=8)
