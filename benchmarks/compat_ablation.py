@@ -80,20 +80,22 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
             if not base_json.is_file():
                 log(f"[skip] {name} {tag}: the benchmark has no nas-hetero-{tag} for seed {seed}")
                 continue
+            base_best = json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())
             if spec.get("supernet"):
                 best = runner.search(vd / f"search-hetero-{tag}", supernet, gallery, paragon_flops / ratio, "hetero")
             else:
-                best = json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())
-            folder = vd / f"nas-hetero-{tag}"
+                best = base_best
+            folder, eval_json = vd / f"nas-hetero-{tag}", vd / f"eval-nas-hetero-{tag}.json"
             runner.export(folder, supernet, gallery, best)
-            result = runner.evaluate("ablation", gallery, folder, vd / f"eval-nas-hetero-{tag}.json")
+            result = runner.evaluate("ablation", gallery, folder, eval_json)
             base = json.loads(base_json.read_text())
             row: dict[str, Any] = {
                 "seed": seed, "variant": name, "spec": spec, "budget_ratio": ratio, "arch": best["key"],
                 "val_reward": best.get("reward"), "flops": result["cost"]["query"]["flops"],
-                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"], "eval_json": str(
-                    vd / f"eval-nas-hetero-{tag}.json"), "baseline_eval_json": str(base_json), "metrics": {}}
-            a, b = (T._load_q2g(str(p.with_suffix(".npz"))) for p in (vd / f"eval-nas-hetero-{tag}.json", base_json))
+                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"], "eval_json": str(eval_json),
+                "baseline_eval_json": str(base_json), "metrics": {},
+                "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]}}
+            a, b = (T._load_q2g(str(p.with_suffix(".npz"))) for p in (eval_json, base_json))
             for metric in metrics:
                 blk, bblk = T._metric_block(result, metric), T._metric_block(base, metric)
                 d = T.paired_difference(a, b, metric, n_boot)
@@ -102,8 +104,6 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
                 blk["diff_vs_baseline_ci95"] = None if d is None else d[1]
                 row["metrics"][metric] = blk
             rows.append(row)
-            rows[-1]["baseline"] = {"arch": json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())[
-                "key"], "flops": base["cost"]["query"]["flops"]}
     return rows
 
 

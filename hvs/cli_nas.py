@@ -14,10 +14,10 @@ import argparse
 import json
 from typing import Any
 
-_TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight", "distill",
-                "distill_kind", "subnets_per_step", "loss", "scale", "margin", "epochs", "batch_size", "optimizer",
-                "lr", "weight_decay", "augment", "train_subset", "val_fraction", "val_max_per_class", "seed",
-                "threads")
+_TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight",
+                "distill", "distill_kind", "subnets_per_step", "loss", "scale", "margin", "epochs", "batch_size",
+                "optimizer", "lr", "weight_decay", "augment", "train_subset", "val_fraction", "val_max_per_class",
+                "seed", "threads")
 _SEARCH_FLAGS = ("supernet", "out", "gallery", "data", "flops", "latency_ms", "latency_mode", "latency_batch",
                  "reward", "metric", "penalty", "population", "iterations", "parents", "mutation_prob",
                  "mutate_ratio", "max_tries", "bn_images", "seed", "threads")

@@ -472,3 +472,17 @@ def test_export_fine_tunes_with_the_compatibility_losses_asked_for(nas_runs, tmp
     assert main([*base, "--compat", "l2", "--bct-weight", "2", "--out", str(tmp_path / "bad2")]) == 2
     assert "either bct_weight or compat" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+def test_regression_feeds_the_gallery_model_its_own_normalisation():
+    from types import SimpleNamespace
+
+    raw = torch.rand(4, 2, 5, 5)
+    data = SimpleNamespace(mean=(0.2, 0.4), std=(0.3, 0.5))
+    card = SimpleNamespace(mean=[0.5, 0.1], std=[0.25, 0.2])
+    shape = (1, -1, 1, 1)
+    norm = lambda m, s: (raw - torch.tensor(m).view(shape)) / torch.tensor(s).view(shape)  # noqa: E731
+    x = norm(data.mean, data.std)
+    assert torch.allclose(nas_train._renormalizer(data, card)(x), norm(card.mean, card.std), atol=1e-6)
+    same = SimpleNamespace(mean=list(data.mean), std=list(data.std))
+    assert nas_train._renormalizer(data, same)(x) is x

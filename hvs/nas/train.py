@@ -145,21 +145,22 @@ def _phase_of(plan: list[tuple[str, int, list[str] | None]], epoch: int) -> tupl
 _REGRESS = L2Regression()
 
 
-def _renormalize(x: torch.Tensor, data: RetrievalData, g_card: ckpt.ModelCard) -> torch.Tensor:
-    """``x`` (normalised with the data's mean/std) as the gallery model expects it (its card's)."""
+def _renormalizer(data: RetrievalData, g_card: ckpt.ModelCard) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Maps a batch normalised with the data's mean/std to the gallery model's (its card's);
+    built once, before the training loop."""
     if list(g_card.mean) == list(data.mean) and list(g_card.std) == list(data.std):
-        return x
+        return lambda x: x
     shape = (1, -1, 1, 1)
     dm, ds = torch.tensor(data.mean).view(shape), torch.tensor(data.std).view(shape)
     gm, gs = torch.tensor(g_card.mean).view(shape), torch.tensor(g_card.std).view(shape)
-    return (x * ds + dm - gm) / gs
+    return lambda x: (x * ds + dm - gm) / gs
 
 
 def _distill_loss(kind: str, emb: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if kind == "cosine":
         return (1 - F.cosine_similarity(emb, teacher, dim=-1)).mean()
     if kind == "l2":
-        return (emb - teacher).pow(2).sum(-1).mean()
+        return _REGRESS(emb, None, ref_emb=teacher)
     raise NASError(f"unknown distillation {kind!r}; use cosine or l2")
 
 
@@ -230,6 +231,7 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
                 p.requires_grad_(False)
             if cfg.channels_last:
                 g_model = g_model.to(memory_format=torch.channels_last)
+            to_gallery = _renormalizer(data, g_card)
     compatible = bct is not None or g_model is not None
 
     torch.manual_seed(cfg.seed)
@@ -297,7 +299,7 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
             ref = None
             if g_model is not None:  # one gallery forward pass, shared by the step's sub-networks
                 with torch.no_grad():
-                    ref = g_model(_renormalize(x, data, g_card))
+                    ref = g_model(to_gallery(x))
             opt.zero_grad(set_to_none=True)
             teacher = None
             step_loss = 0.0
