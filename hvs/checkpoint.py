@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .errors import HVSError
 from . import fileio
 from .fileio import atomic_write_bytes
 from .models import EmbeddingModel, create_model
@@ -32,7 +33,7 @@ WEIGHTS = "model.safetensors"
 CLASSIFIER = "classifier.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HVSError):
     """A model folder that is missing, corrupt, or the wrong one for the job (one-line message)."""
 
 

@@ -34,11 +34,12 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from .errors import HVSError
 
 T = TypeVar("T")
 
 
-class DistributedError(ValueError):
+class DistributedError(HVSError):
     """A failure on one rank, raised on every rank so none is left waiting (one-line message)."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import HVSError
 from . import checkpoint as ckpt
 from .data import RetrievalData, create_dataset
 from .embed import embed_images
@@ -34,7 +35,7 @@ PAIRS = {"gallery->gallery": ("gallery", "gallery"), "query->query": ("query", "
 PER_QUERY = {"recall@1": "hit@1", "recall@5": "hit@5", "recall@10": "hit@10", "map": "ap"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HVSError):
     """An evaluation that cannot run as asked (one-line message)."""
 
 

@@ -57,6 +57,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import HVSError
 from . import checkpoint as ckpt
 from .data.images import to_float
 from .search import ENCODER_LOADERS, QueryEncoder
@@ -68,7 +69,7 @@ METADATA_KEYS = ("preprocessing", "embed_dim", "model", "role", "fingerprint", "
 EXPORT_FORMAT = "hvs-onnx/1"
 
 
-class ExportError(ValueError):
+class ExportError(HVSError):
     """An export (or an exported file) that cannot be used: one-line message."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .errors import HVSError
 from . import checkpoint as ckpt
 from .data import create_dataset
 from .data.images import load_image
@@ -29,7 +30,7 @@ from .embed import embed_images
 from .index import GalleryIndex, IndexStoreError, build_index, open_index
 
 
-class SearchError(ValueError):
+class SearchError(HVSError):
     """A search that cannot run as asked (one-line message)."""
 
 

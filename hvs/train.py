@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import HVSError
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
@@ -87,7 +88,7 @@ LOG = "log.csv"
 TRAIN_CONFIG = "train_config.json"
 
 
-class TrainError(ValueError):
+class TrainError(HVSError):
     """A training job that cannot start as asked (one-line message)."""
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from ..errors import HVSError
 
 SPLITS = ("train", "query", "gallery")
 
 
-class DataError(ValueError):
+class DataError(HVSError):
     """Bad input data: the message is one line that names the problem."""
 
 

@@ -35,6 +35,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from ..errors import HVSError
 
 METRIC = "ip"
 # Keys hvs writes into the sidecar itself; a caller's ``meta`` may repeat them only with the
@@ -44,7 +45,7 @@ RESERVED_META = ("format", "backend", "dim", "metric", "normalised", "factory", 
 MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
 
 
-class IndexStoreError(ValueError):
+class IndexStoreError(HVSError):
     """A gallery-index problem: bad spec, bad input, missing or corrupt files, lock held.
 
     The message is one line that names the problem (and the index it happened in).

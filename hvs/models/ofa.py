@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import HVSError
 from . import EmbeddingModel, create_model, register_model
 
 DEFAULT_SHAPE: dict[str, Any] = {
@@ -74,7 +75,7 @@ DEFAULT_CHOICES: dict[str, Any] = {
 ARCH_KEYS = ("ks", "e", "d", "w", "r")
 
 
-class ArchError(ValueError):
+class ArchError(HVSError):
     """An arch dict that does not fit the search space (one-line message)."""
 
 

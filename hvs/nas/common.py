@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import HVSError
 from .. import checkpoint as ckpt
 from ..data import RetrievalData, create_dataset
 from ..embed import embed_images, normalize_images
@@ -45,7 +46,7 @@ STATE = "state.pt"
 LOG = "log.csv"
 
 
-class NASError(ValueError):
+class NASError(HVSError):
     """A NAS job that cannot run as asked (one-line message)."""
 
 
