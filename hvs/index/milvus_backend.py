@@ -322,7 +322,8 @@ class MilvusGalleryIndex(GalleryIndex):
         wanted, found = sorted(set(sources)), set()
         for start in range(0, len(wanted), CHUNK):
             chunk = wanted[start:start + CHUNK]
-            rows = self._client.query(self.collection, filter="source in {chunk}", filter_params={"chunk": chunk},
+            # a JSON list of strings is a valid Milvus string-list literal (Lite has no filter templates)
+            rows = self._client.query(self.collection, filter=f"source in {json.dumps(chunk)}",
                                       output_fields=["source"])
             found |= {r["source"] for r in rows}
         return found
