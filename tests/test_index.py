@@ -539,7 +539,8 @@ def test_faiss_files_are_checksummed_and_verified_at_open(tmp_path):
             (vdir / name).write_bytes(data)
 
     size = len(pristine["index.faiss"])
-    _flip(vdir / "index.faiss", size - 200, 100)  # inside the stored vectors: FAISS would read it fine
+    _flip(vdir / "index.faiss", size - 168 - 400, 100)  # inside the stored vectors (the id map is the last
+    # 8 + 20 * 8 bytes): FAISS reads such a file without complaint
     _open_fails(spec, "v000002/index.faiss is corrupt: its SHA-256 does not match checksums.json")
     restore()
     vectors = np.load(vdir / "vectors.npy")
