@@ -74,6 +74,7 @@ class RetrievalData:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     skipped: list[str] = field(default_factory=list)  # "path: reason" for unreadable items
+    duplicates: list[str] = field(default_factory=list)  # one line per leak found (hvs.data.checks)
 
     @property
     def loaded(self) -> tuple[str, ...]:

@@ -177,7 +177,7 @@ def decode_progress(total: int, desc: str | None):
     from tqdm.auto import tqdm
 
     quiet = desc is None or total < PROGRESS_MIN_ITEMS
-    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, leave=False)
+    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None)
 
 
 def load_images(items: Sequence[tuple[ImageSource, BBox | None]], size: int, channels: int,

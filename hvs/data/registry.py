@@ -159,7 +159,7 @@ def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | Non
         warnings.warn(f"{spec}: skipped {len(data.skipped)} item(s) that could not be used, e.g. "
                       f"{data.skipped[0]} (all listed in RetrievalData.skipped)", DataWarning,
                       stacklevel=2)
-    check_duplicates(data, strict=strict)
+    data.duplicates = [d.message for d in check_duplicates(data, strict=strict)]
     return data
 
 
