@@ -78,9 +78,10 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     if isinstance(data, str):
         data = create_dataset(data, protocol=protocol, image_size=g_card.image_size, channels=g_card.in_chans,
                               seed=data_seed, strict=strict, splits=("query", "gallery"))
+        leaks = list(data.duplicates)  # create_dataset has warned (or refused, when strict)
     else:
-        data.duplicates = [d.message for d in check_duplicates(data, strict=strict)]
-    notes += [f"data: {line}" for line in data.duplicates]
+        leaks = [d.message for d in check_duplicates(data, strict=strict)]
+    notes += [f"data: {line}" for line in leaks]
     if (data.channels, data.image_size) != (g_card.in_chans, g_card.image_size):
         raise EvaluationError(f"data is {data.channels}x{data.image_size}px but the models read "
                               f"{g_card.in_chans}x{g_card.image_size}px")
@@ -153,7 +154,7 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
                  + ("held-out identities" if nonmated_mask is not None else "leave-identity-out") + ")")
     result = {
         "data": data.name, "protocol": data.protocol, "n_query": len(data.query), "n_gallery": len(data.gallery),
-        "data_duplicates": list(data.duplicates),
+        "data_duplicates": leaks,
         "gallery_model": {"path": str(gallery_model), "model": g_card.model, "fingerprint": g_card.fingerprint},
         "query_model": {"path": str(query_model), "model": q_card.model, "fingerprint": q_card.fingerprint,
                         "compat": q_card.compat, "compatible_with": q_card.compatible_with},

@@ -216,3 +216,18 @@ def test_data_warnings_print_as_one_line_through_pythons_own_formatter():
     text = "csv:m.csv: 2 query item(s) are also in the gallery"
     assert printed(DataWarning(text), DataWarning) == f"hvs: warning: {text}\n"
     assert "UserWarning: other" in printed(UserWarning("other"), UserWarning)  # others unchanged
+
+
+def test_evaluate_checks_a_dataset_passed_in_memory_too(models, tmp_path):
+    from hvs.data import DataError, DataWarning, create_dataset
+    from hvs.evaluate import evaluate
+
+    rows = clean_rows(rgb_files(tmp_path))
+    leaked = rows + [(rel, cls, "gallery") for rel, cls, split in rows if split == "query"]
+    with pytest.warns(DataWarning, match="4 query item"):
+        data = create_dataset(write_manifest(tmp_path / "leak.csv", leaked), image_size=SIZE, channels=1)
+    with pytest.warns(DataWarning, match="4 query item"):
+        result = evaluate(*models, data, latency=False, n_boot=20)
+    assert len(result["data_duplicates"]) == 1 and "4 query item(s)" in result["data_duplicates"][0]
+    with pytest.raises(DataError, match="refused in strict mode"):
+        evaluate(*models, data, latency=False, n_boot=20, strict=True)
