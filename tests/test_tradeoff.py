@@ -23,6 +23,7 @@ def _brackets(value, ci):
     return ci is None or (ci[0] - 1e-12 <= value <= ci[1] + 1e-12)
 
 
+@pytest.mark.slow
 def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     bench = _load_benchmark()
     args = ["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path), "--plot", "--quiet"]
@@ -192,6 +193,7 @@ def test_profiles_parse(name):
         TrainConfig(out="unused", **ind)
 
 
+@pytest.mark.slow
 def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     """benchmarks/compat_ablation.py on top of a tiny tradeoff run: each variant's pick is
     evaluated and paired against the benchmark's own CMP-NAS pick; re-running reuses it all."""
