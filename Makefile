@@ -1,10 +1,11 @@
-# The two commands: `make demo` (set up, then the end-to-end job) and `make test` (set up, then the tests).
+# The two commands: `make demo` (set up, then the end-to-end job) and `make test` (set up, then every test).
+# For the inner loop, `make test-fast` leaves out the tests marked slow (pytest -m "not slow").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test test-fast setup system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,19 +32,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import tradeoff as T  # noqa: E402
+from hvs import checkpoint as ckpt
+from hvs.pipeline import PipelineError
+from hvs.profiles import ProfileStages, load_dataset, load_profile, profile_metrics
+from hvs.results import ci_cell, diff_cell, load_q2g, metric_block, paired_difference, pct
 
-import torch  # noqa: E402
-
-from hvs import checkpoint as ckpt  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 
 def variant_profile(profile: dict, spec: dict) -> dict:
     unknown = set(spec) - {"export", "supernet"}
     if unknown:
-        raise T.BenchError(f"ablation variant keys must be export and/or supernet, got {sorted(unknown)}")
+        raise PipelineError(f"ablation variant keys must be export and/or supernet, got {sorted(unknown)}")
     out = copy.deepcopy(profile)
     for key in ("export", "supernet"):
         out[key] = {**(out.get(key) or {}), **(spec.get(key) or {})}
@@ -58,7 +59,7 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
     sd = root / f"seed{seed}"
     gallery = sd / "paragon"
     if not (gallery / ckpt.CONFIG).is_file() or not (sd / "supernet" / "config.json").is_file():
-        raise T.BenchError(f"{sd} has no paragon or supernet: run benchmarks/tradeoff.py with the same --data, "
+        raise PipelineError(f"{sd} has no paragon or supernet: run benchmarks/tradeoff.py with the same --data, "
                            f"--profile and --seeds first")
     g_model, g_card = ckpt.load_model(gallery)
     paragon_flops = count_flops(g_model, g_card.input_shape)
@@ -66,8 +67,7 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
     rows = []
     for name, spec in variants.items():
         vp = variant_profile(profile, spec)
-        runner = T.Runner(root, vp, data, full, train_data, set(), log)
-        runner.seed = seed
+        runner = ProfileStages(root, vp, data, full, train_data, set(), log, seed=seed)
         vd = sd / "ablation" / name
         vd.mkdir(parents=True, exist_ok=True)
         supernet = sd / "supernet"
@@ -95,10 +95,10 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
                 "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"], "eval_json": str(eval_json),
                 "baseline_eval_json": str(base_json), "metrics": {},
                 "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]}}
-            a, b = (T._load_q2g(str(p.with_suffix(".npz"))) for p in (eval_json, base_json))
+            a, b = (load_q2g(p.with_suffix(".npz")) for p in (eval_json, base_json))
             for metric in metrics:
-                blk, bblk = T._metric_block(result, metric), T._metric_block(base, metric)
-                d = T.paired_difference(a, b, metric, n_boot)
+                blk, bblk = metric_block(result, metric), metric_block(base, metric)
+                d = paired_difference(a, b, metric, n_boot)
                 blk["baseline_q->g"] = bblk["q->g"]
                 blk["diff_vs_baseline"] = None if d is None else d[0]
                 blk["diff_vs_baseline_ci95"] = None if d is None else d[1]
@@ -117,15 +117,15 @@ def markdown(rows: list[dict], metrics: list[str]) -> str:
         b = r["metrics"][m0]
         crit = b.get("criterion") or {}
         cells = [str(r["seed"]), f"{r['budget_ratio']:g}x", r["variant"], f"{r['flops'] / 1e6:.2f}",
-                 T._pct(r.get("val_reward")), T._pct(b["q->g"]) + T._ci(b["q->g_ci95"]),
-                 T._diff_s(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"],
+                 pct(r.get("val_reward")), pct(b["q->g"]) + ci_cell(b["q->g_ci95"]),
+                 diff_cell(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"],
                                                                        b["diff_vs_baseline_ci95"])),
-                 T._pct(b["q->q"]), T._pct(b["gap"], True) + T._ci(b["gap_ci95"], True),
-                 T._pct(crit.get("difference"), True) if isinstance(crit, dict) else "-"]
+                 pct(b["q->q"]), pct(b["gap"], True) + ci_cell(b["gap_ci95"], True),
+                 pct(crit.get("difference"), True) if isinstance(crit, dict) else "-"]
         for m in metrics[1:]:
             bm = r["metrics"][m]
-            cells += [T._pct(bm["q->g"]) + T._ci(bm["q->g_ci95"]),
-                      T._diff_s(None if bm["diff_vs_baseline"] is None else (bm["diff_vs_baseline"],
+            cells += [pct(bm["q->g"]) + ci_cell(bm["q->g_ci95"]),
+                      diff_cell(None if bm["diff_vs_baseline"] is None else (bm["diff_vs_baseline"],
                                                                              bm["diff_vs_baseline_ci95"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -143,34 +143,34 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda s: None) if args.quiet else print
     try:
         return _main(args, argv, log)
-    except (T.BenchError, ValueError) as e:
+    except ValueError as e:  # PipelineError and every HVSError among them
         print(f"compat_ablation: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> int:
     t0 = time.perf_counter()
-    profile, profile_path = T.load_profile(args.profile)
+    profile, profile_path = load_profile(args.profile, ROOT / "configs")
     name = profile_path.stem.removeprefix("tradeoff_")
     ab = profile.get("ablation") or {}
     variants = dict(ab.get("variants") or {})
     if not variants:
-        raise T.BenchError(f"profile {name} has no ablation.variants")
+        raise PipelineError(f"profile {name} has no ablation.variants")
     if args.variants:
         pick = [v.strip() for v in args.variants.split(",") if v.strip()]
         missing = [v for v in pick if v not in variants]
         if missing:
-            raise T.BenchError(f"no ablation variant(s) {missing} in profile {name}; it has {sorted(variants)}")
+            raise PipelineError(f"no ablation variant(s) {missing} in profile {name}; it has {sorted(variants)}")
         variants = {v: variants[v] for v in pick}
     seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
              else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))])
     budgets = [float(b) for b in ab.get("budgets", (profile.get("search") or {}).get("budgets", []))]
-    metrics = (profile.get("metrics") or {}).get(args.data) or T.DEFAULT_METRICS.get(args.data, ["recall@1"])
+    metrics = profile_metrics(profile, args.data, ["recall@1"])
     if profile.get("threads"):
         torch.set_num_threads(int(profile["threads"]))
     data_dir = Path(args.out) / args.data.replace(":", "_").replace("/", "_")
     root = data_dir / name
-    full, train_data = T.load_dataset(profile, args.data)
+    full, train_data = load_dataset(profile, args.data)
     rows = [r for s in seeds for r in run_seed(root, profile, args.data, full, train_data, s, budgets, variants,
                                                metrics, log)]
     md = (f"# Compatibility-loss ablation: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"

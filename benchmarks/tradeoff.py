@@ -39,162 +39,38 @@ paired CIs of differences between two query models (CMP-NAS vs the agnostic sear
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from hvs import checkpoint as ckpt
+from hvs.pipeline import FingerprintTable, PipelineError, folder_latency
+from hvs.profiles import ProfileStages, load_dataset, load_profile, profile_metrics
+from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
-import hvs.evaluate as hvs_eval  # noqa: E402
-import hvs.nas.export as nas_export  # noqa: E402
-import hvs.nas.search as nas_search  # noqa: E402
-import hvs.nas.train as nas_train  # noqa: E402
-import hvs.train as hvs_train  # noqa: E402
-from hvs import checkpoint as ckpt  # noqa: E402
-from hvs.data import RetrievalData, create_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 STAGES = ("paragon", "offshelf", "supernet", "nas", "inherit", "latency")
 DATASETS = ("fashion-mnist", "kanji-fonts")
-DEFAULT_METRICS = {"fashion-mnist": ["recall@1", "recall@10", "map"],
-                   "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"]}
 KIND_LABEL = {"offshelf-bct": "off-the-shelf + BCT", "offshelf-independent": "off-the-shelf, independent",
               "cmp-nas": "CMP-NAS (hetero reward)", "nas-homo": "NAS, homo reward",
               "nas-independent": "NAS pick, independent", "weight-inheritance": "weight inheritance",
               "cmp-nas-latency": "CMP-NAS, latency budget"}
 
 
-class BenchError(ValueError):
-    """A benchmark that cannot run as asked (one-line message)."""
-
-
 # ------------------------------------------------------------------------------------------
-# Profile and data
+# Stages (each reused when complete: hvs.profiles / hvs.pipeline)
 # ------------------------------------------------------------------------------------------
 
-def load_profile(name: str) -> tuple[dict, Path]:
-    path = Path(name)
-    if not path.suffix:
-        path = ROOT / "configs" / f"tradeoff_{name}.yaml"
-    if not path.is_file():
-        raise BenchError(f"no profile {name!r} (looked for {path})")
-    return hvs_train.read_mapping(path), path
-
-
-def data_entry(profile: dict, data: str) -> dict:
-    entry = (profile.get("data") or {}).get(data)
-    if entry is None:  # not mapped: the name is the spec
-        entry = {"spec": data}
-    if isinstance(entry, str):
-        entry = {"spec": entry}
-    entry = dict(entry)
-    if data.startswith("kanji-fonts") or entry["spec"].startswith("kanji-fonts"):
-        entry["protocol"] = "open"  # the source forces it anyway
-    entry.setdefault("protocol", "closed")
-    return entry
-
-
-def load_dataset(profile: dict, data: str) -> tuple[RetrievalData, RetrievalData]:
-    """(full data, data whose train split is the profile's seeded subset): the second trains everything,
-    the first's query/gallery splits evaluate (they are the same in both)."""
-    entry = data_entry(profile, data)
-    full = create_dataset(entry["spec"], protocol=entry["protocol"], image_size=entry.get("image_size"),
-                          seed=int(profile.get("data_seed", 0)))
-    n = profile.get("train_subset")
-    if n and n < len(full.train):
-        keep = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(int(profile.get("data_seed",
-                                                                                                       0))))[:n]
-        keep = keep.sort().values
-        return full, dataclasses.replace(full, train=full.train.subset(keep))
-    return full, full
-
-
-# ------------------------------------------------------------------------------------------
-# Stages (each reused when complete)
-# ------------------------------------------------------------------------------------------
-
-class Runner:
-    def __init__(self, root: Path, profile: dict, data_name: str, full: RetrievalData, train_data: RetrievalData,
-                 only: set[str], log: Callable[[str], None]) -> None:
-        self.root, self.profile, self.data_name = root, profile, data_name
-        self.full, self.train_data, self.only, self.log = full, train_data, only, log
-        self.events: list[dict] = []
-        self.entry = data_entry(profile, data_name)
-        self.embed_dim = int(profile.get("embed_dim", 128))
-        self.lib_log = _file_logger(root / "log.txt")
-
-    def allowed(self, stage: str) -> bool:
-        return not self.only or stage in self.only
-
-    def event(self, stage: str, name: str, status: str, seconds: float = 0.0, **more: Any) -> None:
-        self.events.append({"stage": stage, "name": name, "status": status, "seconds": round(seconds, 2), **more})
-        self.log(f"[{status}] {stage} {name}" + (f" ({seconds:.1f} s)" if status == "ran" else "")
-                 + (f": {more['why']}" if "why" in more else ""))
-
-    # -- training -------------------------------------------------------------------------
-    def train(self, stage: str, out: Path, **kw: Any) -> bool:
-        """Train a model folder (or reuse it); False when the stage is not allowed and it is missing."""
-        if (out / ckpt.CONFIG).is_file():
-            self.event(stage, out.name, "reused")
-            return True
-        if not self.allowed(stage):
-            self.event(stage, out.name, "skipped", why="not in --only")
-            return False
-        cfg = hvs_train.TrainConfig(out=str(out), data=self.entry["spec"], protocol=self.entry["protocol"],
-                                    embed_dim=self.embed_dim, threads=self.profile.get("threads"), **kw)
-        t0 = time.perf_counter()
-        hvs_train.train(cfg, resume=(out / hvs_train.TRAIN_CONFIG).is_file(), progress=False, data=self.train_data,
-                        log=self.lib_log)
-        self.event(stage, out.name, "ran", time.perf_counter() - t0)
-        return True
-
-    def supernet(self, out: Path, gallery: Path | None) -> bool:
-        cfg_d = {k: v for k, v in (self.profile.get("supernet") or {}).items()}
-        cfg = nas_train.SupernetTrainConfig.from_dict({
-            **cfg_d, "out": str(out), "data": self.entry["spec"], "protocol": self.entry["protocol"],
-            "gallery": None if gallery is None else str(gallery), "threads": self.profile.get("threads"),
-            "embed_dim": self.embed_dim, "seed": cfg_d.get("seed", self.seed)})
-        if (out / "config.json").is_file() and (out / "train_config.json").is_file():
-            card = json.loads((out / "config.json").read_text())
-            if card.get("epochs_done", 0) >= cfg.epochs:
-                self.event("supernet", out.name, "reused")
-                return True
-        if not self.allowed("supernet"):
-            self.event("supernet", out.name, "skipped", why="not in --only")
-            return False
-        t0 = time.perf_counter()
-        nas_train.train_supernet(cfg, resume=(out / nas_train.TRAIN_CONFIG).is_file(), progress=False,
-                                 data=self.train_data, log=self.lib_log)
-        self.event("supernet", out.name, "ran", time.perf_counter() - t0)
-        return True
-
-    # -- evaluation -----------------------------------------------------------------------
-    def evaluate(self, stage: str, gallery: Path, query: Path, out: Path) -> dict | None:
-        npz = out.with_suffix(".npz")  # per-query arrays: paired comparisons between models
-        if out.is_file() and (npz.is_file() or not self.allowed(stage)):  # without arrays: no paired CIs
-            self.event(stage, f"evaluate {out.stem}", "reused")
-            return json.loads(out.read_text())
-        if not self.allowed(stage):
-            self.event(stage, f"evaluate {out.stem}", "skipped", why="not in --only")
-            return None
-        ev = self.profile.get("evaluate") or {}
-        t0 = time.perf_counter()
-        result = hvs_eval.evaluate(gallery, query, self.full, n_boot=int(ev.get("n_boot", 1000)),
-                                   latency=bool(ev.get("latency", True)), per_query=True)
-        hvs_eval.save_per_query(result, npz)
-        hvs_eval.save_json(result, out)
-        self.event(stage, f"evaluate {out.stem}", "ran", time.perf_counter() - t0)
-        return json.loads(out.read_text())
+class Runner(ProfileStages):
+    """The benchmark's stages of one dataset and profile, seed by seed."""
 
     # -- one seed ---------------------------------------------------------------------------
     def run_seed(self, seed: int) -> dict:
@@ -291,7 +167,7 @@ class Runner:
             # weight inheritance at the same budget
             inh = p.get("inherit")
             if inh:
-                self.inherit(sd, supernet, gallery, ratio, limit, dict(inh), results)
+                self.inherit_at_budget(sd, supernet, ratio, limit, dict(inh), results)
 
         # CMP-NAS under a batch-1 CPU latency budget: a ratio of the paragon's measured latency
         lat_ratios = [float(b) for b in search_p.get("latency_budgets", [])]
@@ -304,43 +180,23 @@ class Runner:
         """Batch-1 latency of every model of the seed, eager PyTorch and ONNX Runtime, measured in one
         pass after the training (``latency.json``, reused per model fingerprint): the evaluations'
         own latencies ran while other stages may have shared the CPU."""
-        from hvs.export import export_onnx, measure_ort_latency, ort_session
-        from hvs.models.cost import measure_latency
-
-        path = sd / "latency.json"
-        table = json.loads(path.read_text()) if path.is_file() else {}
+        table = FingerprintTable(sd / "latency.json")
         folders = {"paragon": gallery}
         for name, e in results["evals"].items():
             folders[name] = Path(e["result"]["query_model"]["path"])
         threads = int(self.profile.get("threads") or torch.get_num_threads())
-        changed = False
         for name, folder in folders.items():
-            card = ckpt.read_card(folder)
-            if table.get(name, {}).get("fingerprint") == card.fingerprint:
+            fingerprint = ckpt.read_card(folder).fingerprint
+            if table.get(name, fingerprint) is not None:
                 continue
             if not self.allowed("latency"):
                 self.event("latency", name, "skipped", why="not in --only")
                 continue
             t0 = time.perf_counter()
-            model, _ = ckpt.load_model(folder)
-            row = {"fingerprint": card.fingerprint, "threads": threads,
-                   "torch_ms_batch1": measure_latency(model.to(memory_format=torch.channels_last),
-                                                      card.input_shape, 1, min_seconds=1.0)}
-            tmp = sd / f".latency-{name}.onnx"
-            try:
-                export_onnx(folder, tmp)
-                row["ort_ms_batch1"] = measure_ort_latency(ort_session(tmp, threads), card.input_shape, 1,
-                                                           min_seconds=1.0)
-            except Exception as e:  # noqa: BLE001 -- export or ORT failure: no ORT figure, say why
-                row["ort_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            finally:
-                tmp.unlink(missing_ok=True)
-            table[name] = row
-            changed = True
+            table.put(name, fingerprint, folder_latency(folder, threads, min_seconds=1.0))
             self.event("latency", name, "ran", time.perf_counter() - t0)
-        if changed:
-            ckpt.atomic_write_json(path, table)
-        results["latency"] = table
+        table.save()
+        results["latency"] = table.entries
 
     def latency_searches(self, sd: Path, supernet: Path, gallery: Path, g_model: torch.nn.Module,
                          g_card: ckpt.ModelCard, ratios: list[float], results: dict) -> None:
@@ -383,46 +239,9 @@ class Runner:
                                               "latency_ratio": ratio, "budget_latency_ms": limit,
                                               "paragon_latency_ms": par_ms, "search": best, "result": r}
 
-    def search(self, out: Path, supernet: Path, gallery: Path, limit: float | None, reward: str,
-               latency_ms: float | None = None) -> dict | None:
-        """Search under ``limit`` FLOPs, or ``latency_ms`` (batch-1 CPU latency from the per-layer table)."""
-        if (out / "best.json").is_file():
-            self.event("nas", out.name, "reused")
-            return json.loads((out / "best.json").read_text())
-        if not self.allowed("nas"):
-            self.event("nas", out.name, "skipped", why="not in --only")
-            return None
-        if out.exists():
-            shutil.rmtree(out)  # an interrupted search: redo it (it is seeded)
-        s = {k: v for k, v in (self.profile.get("search") or {}).items()
-             if k not in ("budgets", "rewards", "latency_budgets")}
-        cfg = nas_search.SearchConfig.from_dict({
-            **s, "supernet": str(supernet), "out": str(out), "gallery": str(gallery), "flops": limit,
-            "latency_ms": latency_ms, "reward": reward, "seed": s.get("seed", self.seed),
-            "threads": self.profile.get("threads")})
-        t0 = time.perf_counter()
-        best = nas_search.run_search(cfg, progress=False, data=self.train_data, log=self.lib_log)
-        self.event("nas", out.name, "ran", time.perf_counter() - t0)
-        return best
-
-    def export(self, out: Path, supernet: Path, gallery: Path, best: dict) -> bool:
-        if (out / ckpt.CONFIG).is_file():
-            self.event("nas", out.name, "reused")
-            return True
-        if not self.allowed("nas"):
-            self.event("nas", out.name, "skipped", why="not in --only")
-            return False
-        if out.exists():
-            shutil.rmtree(out)
-        ex = dict(self.profile.get("export") or {})
-        t0 = time.perf_counter()
-        nas_export.export_subnet(supernet, best["arch"], out, gallery=gallery, data=self.train_data,
-                                 seed=ex.pop("seed", self.seed), progress=False, log=self.lib_log, **ex)
-        self.event("nas", out.name, "ran", time.perf_counter() - t0)
-        return True
-
-    def inherit(self, sd: Path, supernet: Path, gallery: Path, ratio: float, limit: float, inh: dict,
-                results: dict) -> None:
+    def inherit_at_budget(self, sd: Path, supernet: Path, ratio: float, limit: float, inh: dict,
+                          results: dict) -> None:
+        """Weight inheritance at one FLOPs budget, from the BCT supernet or a plain one, evaluated."""
         tag = f"{ratio:g}x"
         which = inh.pop("supernet", "bct")
         if which == "plain":  # a supernet trained without the gallery model (OFA as such)
@@ -430,21 +249,12 @@ class Runner:
             if not self.supernet(supernet, None):
                 return
         elif which != "bct":
-            raise BenchError(f"inherit.supernet must be bct or plain, got {which!r}")
+            raise PipelineError(f"inherit.supernet must be bct or plain, got {which!r}")
         folder = sd / f"inherit-{tag}"
-        g_out, q_out = folder / "gallery", folder / "query"
-        if (g_out / ckpt.CONFIG).is_file() and (q_out / ckpt.CONFIG).is_file():
-            self.event("inherit", folder.name, "reused")
-        elif not self.allowed("inherit"):
-            self.event("inherit", folder.name, "skipped", why="not in --only")
+        pair = self.inherit(folder, supernet, limit, inh)
+        if pair is None:
             return
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            t0 = time.perf_counter()
-            nas_export.inherit(supernet, g_out, q_out, flops=limit, data=self.train_data,
-                               seed=inh.pop("seed", self.seed), log=self.lib_log, **inh)
-            self.event("inherit", folder.name, "ran", time.perf_counter() - t0)
+        g_out, q_out = pair
         r = self.evaluate("inherit", g_out, q_out, sd / f"eval-{folder.name}.json")
         if r is not None:
             key = ckpt.read_card(q_out).extra["nas"]["arch_key"]
@@ -453,40 +263,9 @@ class Runner:
                                              "result": r}
 
 
-def _file_logger(path: Path) -> Callable[[str], None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(msg: str) -> None:
-        with open(path, "a") as f:
-            f.write(msg.rstrip() + "\n")
-    return log
-
-
 # ------------------------------------------------------------------------------------------
 # Records, table, plots
 # ------------------------------------------------------------------------------------------
-
-def _metric_block(result: dict, metric: str) -> dict:
-    m = result["metrics"]
-    out = {}
-    for side, key in (("q->g", "query->gallery"), ("q->q", "query->query"), ("g->g", "gallery->gallery")):
-        out[side] = m[key].get(metric)
-        ci = m[key].get(f"{metric}_ci95")
-        out[f"{side}_ci95"] = ci
-    gap = result["gap_to_paragon"].get(metric)
-    out["gap"] = None if gap is None else gap["gap"]
-    out["gap_ci95"] = None if gap is None else gap.get("ci95")
-    crit = result["compatibility_criterion"].get(metric)
-    out["criterion"] = crit
-    return out
-
-
-def _cost(result: dict, side: str) -> dict:
-    c = result["cost"][side]
-    b = c.get("latency_batch")
-    return {"flops": c["flops"], "params": c["params"], "latency_ms_batch1": c.get("latency_ms_batch1"),
-            "latency_batch": b, "latency_ms_batched": c.get(f"latency_ms_batch{b}") if b else None}
-
 
 def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
     records = []
@@ -497,9 +276,9 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
         if first is not None:
             r = first["result"]
             paragon = {"kind": "paragon", "name": "paragon", "arch": r["gallery_model"]["model"], "seed": seed,
-                       **_cost(r, "gallery"), "metrics": {}}
+                       **cost_block(r, "gallery"), "metrics": {}}
             for metric in metrics:
-                b = _metric_block(r, metric)
+                b = metric_block(r, metric)
                 paragon["metrics"][metric] = {"g->g": b["g->g"], "g->g_ci95": b["g->g_ci95"]}
             lat = (sr.get("latency") or {}).get("paragon", {})
             paragon["torch_ms_batch1"], paragon["ort_ms_batch1"] = lat.get("torch_ms_batch1"), lat.get("ort_ms_batch1")
@@ -510,9 +289,9 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 ind_qq[e.get("twin_of") or e["arch"]] = e["result"]
         for name, e in evals.items():
             r = e["result"]
-            rec = {"kind": e["kind"], "name": name, "arch": e["arch"], "seed": seed, **_cost(r, "query"),
+            rec = {"kind": e["kind"], "name": name, "arch": e["arch"], "seed": seed, **cost_block(r, "query"),
                    "flops_ratio": r["cost"]["ratio_gallery_over_query"]["flops"],
-                   "gallery": {"model": r["gallery_model"]["model"], **_cost(r, "gallery")},
+                   "gallery": {"model": r["gallery_model"]["model"], **cost_block(r, "gallery")},
                    "eval_json": r.get("_path"), "metrics": {}}
             for k in ("budget_ratio", "budget_flops", "supernet", "latency_ratio", "budget_latency_ms",
                       "paragon_latency_ms", "twin_of"):
@@ -533,7 +312,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
             elif e["kind"] in ("cmp-nas", "nas-homo", "cmp-nas-latency") or e["kind"].startswith("nas-"):
                 twin = ind_qq.get(name)
             for metric in metrics:
-                b = _metric_block(r, metric)
+                b = metric_block(r, metric)
                 if paragon is not None and e["kind"] != "weight-inheritance":
                     b["paragon_g->g"] = paragon["metrics"][metric]["g->g"]
                 elif paragon is not None:  # its own gallery is the supernet's largest sub-network
@@ -545,18 +324,6 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 rec["metrics"][metric] = b
             records.append(rec)
     return records
-
-
-def _pct(x: float | None, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
-
-
-def _ci(ci: list | None, sign: bool = False) -> str:
-    if not ci:
-        return ""
-    return f" [{_pct(ci[0], sign)},{_pct(ci[1], sign)}]"
 
 
 def _group_key(r: dict) -> tuple:
@@ -602,9 +369,9 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
         if key[0] == "paragon":
             vals = [r["metrics"][m0]["g->g"] for r in rs]
             cells = [KIND_LABEL.get(key[0], key[0]), f"`{key[1]}`", str(len(rs)), f"{flops / 1e6:.2f}", "1x",
-                     lat(par_torch, None), lat(par_ort, None), " / ".join(_pct(v) for v in vals) + " (g->g)",
-                     _pct(_mean(vals)), "-", "-", "-"]
-            cells += [_pct(_mean([r["metrics"][m]["g->g"] for r in rs])) + " (g->g)" for m in metrics[1:]]
+                     lat(par_torch, None), lat(par_ort, None), " / ".join(pct(v) for v in vals) + " (g->g)",
+                     pct(_mean(vals)), "-", "-", "-"]
+            cells += [pct(_mean([r["metrics"][m]["g->g"] for r in rs])) + " (g->g)" for m in metrics[1:]]
             cells.append("-")
         else:
             vals = [r["metrics"][m0]["q->g"] for r in rs]
@@ -614,55 +381,14 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
             cells = [KIND_LABEL.get(key[0], key[0]), f"`{arch}`", str(len(rs)), f"{flops / 1e6:.2f}", ratio,
                      lat(_mean([r.get("torch_ms_batch1") for r in rs]), par_torch),
                      lat(_mean([r.get("ort_ms_batch1") for r in rs]), par_ort),
-                     " / ".join(_pct(v) for v in vals), _pct(_mean(vals)),
-                     _pct(_mean([r["metrics"][m0]["q->q"] for r in rs])),
-                     _pct(_mean([r["metrics"][m0]["gap"] for r in rs]), True),
-                     _pct(_mean([r["metrics"][m0].get("headroom") for r in rs]), True)]
-            cells += [_pct(_mean([r["metrics"][m]["q->g"] for r in rs])) for m in metrics[1:]]
+                     " / ".join(pct(v) for v in vals), pct(_mean(vals)),
+                     pct(_mean([r["metrics"][m0]["q->q"] for r in rs])),
+                     pct(_mean([r["metrics"][m0]["gap"] for r in rs]), True),
+                     pct(_mean([r["metrics"][m0].get("headroom") for r in rs]), True)]
+            cells += [pct(_mean([r["metrics"][m]["q->g"] for r in rs])) for m in metrics[1:]]
             cells.append(f"holds in {holds}/{len(rs)}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def paired_difference(a: dict | None, b: dict | None, metric: str, n_boot: int = 1000) -> tuple[float, list] | None:
-    """M_a(q->g) - M_b(q->g) for two query models on the same queries and gallery, from their
-    per-query q->g arrays (:func:`_load_q2g`), with a paired bootstrap 95% CI over queries
-    (recall@K, mAP, TPIR@FPIR; None for other metrics or missing arrays)."""
-    from hvs.metrics import paired_bootstrap_ci, percentile_interval, resample_weights, tpir_bootstrap
-
-    if a is None or b is None:
-        return None
-    arr = _per_query_array(metric)
-    if arr is not None and arr in a and arr in b:
-        d, lo, hi = paired_bootstrap_ci(a[arr], b[arr], n_boot=n_boot)
-        return d, [lo, hi]
-    if metric.startswith("tpir@fpir="):
-        rate = float(metric.split("=", 1)[1])
-        pa, pb = ({k.removeprefix("probe_"): v for k, v in x.items() if k.startswith("probe_")} for x in (a, b))
-        n_q = int(max(pa["mated_query"].max(initial=-1), pa["nonmated_query"].max(initial=-1))) + 1
-        ones = np.ones((1, n_q), np.int32)
-        d = float(tpir_bootstrap(pa, rate, ones)[0] - tpir_bootstrap(pb, rate, ones)[0])
-        w = resample_weights(n_q, n_boot, 0)
-        return d, percentile_interval(tpir_bootstrap(pa, rate, w) - tpir_bootstrap(pb, rate, w))
-    return None
-
-
-def _per_query_array(metric: str) -> str | None:
-    if metric == "map":
-        return "ap"
-    return f"hit@{metric.split('@')[1]}" if metric.startswith("recall@") else None
-
-
-def _load_q2g(npz: str | None) -> dict | None:
-    if not npz or not Path(npz).is_file():
-        return None
-    return hvs_eval.load_per_query(npz)["query->gallery"]
-
-
-def _diff_s(d: tuple | None) -> str:
-    if d is None:
-        return "-"
-    return f"{_pct(d[0], True)}{_ci(d[1], True)}" + (" *" if d[1] and (d[1][0] > 0 or d[1][1] < 0) else "")
 
 
 def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple[str, dict]:
@@ -683,17 +409,17 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         if homo is None:
             continue
         cells = [f"{r['budget_ratio']:g}x", str(r["seed"]), f"{r['flops'] / 1e6:.2f} / {homo['flops'] / 1e6:.2f}"]
-        pa, pb = _load_q2g(r.get("per_query_npz")), _load_q2g(homo.get("per_query_npz"))
+        pa, pb = load_q2g(r.get("per_query_npz")), load_q2g(homo.get("per_query_npz"))
         for m in metrics:
             d = paired_difference(pa, pb, m, n_boot)
             a_v, b_v = r["metrics"][m].get("q->g"), homo["metrics"][m].get("q->g")
             if d is None and a_v is not None and b_v is not None:
                 d = (a_v - b_v, None)
-            cells.append(_diff_s(d))
+            cells.append(diff_cell(d))
             if m == m0 and d is not None:
                 diffs_all.append({"budget_ratio": r["budget_ratio"], "seed": r["seed"], "difference": d[0],
                                   "ci95": d[1]})
-        arr = _per_query_array(m0)
+        arr = per_query_array(m0)
         if arr and pa is not None and pb is not None and arr in pa and arr in pb:
             pooled.append(pa[arr] - pb[arr])
         rows.append("| " + " | ".join(cells) + " |")
@@ -716,7 +442,7 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         lines += ["### Compatibility-aware (CMP-NAS) vs compatibility-agnostic search, equal FLOPs budget",
                   "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *rows, "",
                   (f"Pooled over the {pool['pairs']} (budget, seed) pairs: {m0} "
-                   f"{_pct(pool['difference'], True)}{_ci(pool['ci95'], True)} points (per-query differences "
+                   f"{pct(pool['difference'], True)}{ci_cell(pool['ci95'], True)} points (per-query differences "
                    "averaged over the pairs, bootstrap over queries). " if pool else "")
                   + f"Paired bootstrap over queries per pair, * = CI excludes 0. Target (aware beats agnostic): "
                   f"**{verdict}**.", ""]
@@ -746,8 +472,8 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         budget = (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r
                   else f" @{r['latency_ratio']:g}x latency" if "latency_ratio" in r else "")
         rows.append(f"| {KIND_LABEL[r['kind']]}{budget} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | {ratio:.1f}x | "
-                    f"{_pct(b['paragon_g->g'])} | {_pct(b['q->g'])} | {_pct(gap, True)}{_ci(ci, True)} | "
-                    f"{_pct(b.get('headroom'), True)} | <= {target} | {verdict} |")
+                    f"{pct(b['paragon_g->g'])} | {pct(b['q->g'])} | {pct(gap, True)}{ci_cell(ci, True)} | "
+                    f"{pct(b.get('headroom'), True)} | <= {target} | {verdict} |")
         gap_rows.append({"kind": r["kind"], "arch": r["arch"], "seed": r["seed"], "flops_ratio": ratio,
                          "gap": gap, "gap_ci95": ci, "headroom": b.get("headroom"), "target_points": target,
                          "verdict": verdict})
@@ -778,8 +504,8 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         better = [(f, a) for f, a in nas_pts.values() if f <= fl and a >= acc]
         best = max(better, key=lambda t: t[1]) if better else None
         dom[arch] = best is not None
-        rows.append(f"| `{arch}` | {fl / 1e6:.2f} | {_pct(acc)} | "
-                    + (f"{best[0] / 1e6:.2f} MFLOPs, {_pct(best[1])}" if best else "none") + " |")
+        rows.append(f"| `{arch}` | {fl / 1e6:.2f} | {pct(acc)} | "
+                    + (f"{best[0] / 1e6:.2f} MFLOPs, {pct(best[1])}" if best else "none") + " |")
     if rows and nas_pts:
         verdict = "met" if all(dom.values()) else f"not met ({sum(dom.values())}/{len(dom)} dominated)"
         lines += [f"### Pareto dominance over off-the-shelf query architectures ({m0} M(q->g))", "",
@@ -813,17 +539,17 @@ def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dic
         for m in metrics:
             b = r["metrics"].get(m, {})
             if r["kind"] == "paragon":
-                cells += [f"{_pct(b.get('g->g'))}{_ci(b.get('g->g_ci95'))} (g->g)", "-", "-", "-"]
+                cells += [f"{pct(b.get('g->g'))}{ci_cell(b.get('g->g_ci95'))} (g->g)", "-", "-", "-"]
             else:
-                cells += [f"{_pct(b.get('q->g'))}{_ci(b.get('q->g_ci95'))}", _pct(b.get("q->q")),
-                          f"{_pct(b.get('gap'), True)}{_ci(b.get('gap_ci95'), True)}", _pct(b.get("headroom"), True)]
+                cells += [f"{pct(b.get('q->g'))}{ci_cell(b.get('q->g_ci95'))}", pct(b.get("q->q")),
+                          f"{pct(b.get('gap'), True)}{ci_cell(b.get('gap_ci95'), True)}", pct(b.get("headroom"), True)]
         if r["kind"] == "paragon":
             cells.append("-")
         else:
             c = r["metrics"][metrics[0]].get("criterion") or {}
             s = "holds" if c.get("holds") else "fails"
             if "ci95" in c:
-                s += f" ({_pct(c['difference'], True)}{_ci(c['ci95'], True)})"
+                s += f" ({pct(c['difference'], True)}{ci_cell(c['ci95'], True)})"
             cells.append(s)
         rows.append("| " + " | ".join(cells) + " |")
     lines = rows
@@ -927,21 +653,21 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda s: None) if args.quiet else print
     try:
         return _main(args, argv, log)
-    except (BenchError, ValueError) as e:
+    except ValueError as e:  # PipelineError and every HVSError among them
         print(f"tradeoff: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str], None]) -> int:
     t_start = time.perf_counter()
-    profile, profile_path = load_profile(args.profile)
+    profile, profile_path = load_profile(args.profile, ROOT / "configs")
     profile_name = profile_path.stem.removeprefix("tradeoff_")
     only = set(s.strip() for s in (args.only or "").split(",") if s.strip())
     if only - set(STAGES) - {"report"}:
-        raise BenchError(f"unknown stage(s) {sorted(only - set(STAGES))}; use {', '.join(STAGES)}")
+        raise PipelineError(f"unknown stage(s) {sorted(only - set(STAGES))}; use {', '.join(STAGES)}")
     seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
              else [int(s) for s in profile.get("seeds", [0])])
-    metrics = (profile.get("metrics") or {}).get(args.data) or DEFAULT_METRICS.get(args.data, ["recall@1", "map"])
+    metrics = profile_metrics(profile, args.data, ["recall@1", "map"])
     if profile.get("threads"):
         torch.set_num_threads(int(profile["threads"]))
     data_dir = Path(args.out) / args.data.replace(":", "_").replace("/", "_")

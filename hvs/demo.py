@@ -3,7 +3,8 @@
 What it shows: the independently trained query model is as good as chance at searching the gallery
 model's index (its embeddings live in another space), while the BCT query model searches it at
 close to the paragon's accuracy for a fraction of the query cost. Finished stages are reused, an
-interrupted one resumes, so re-running after a kill continues where it stopped.
+interrupted one resumes, so re-running after a kill continues where it stopped (the stages are
+:class:`hvs.pipeline.Pipeline`'s, as in the benchmarks).
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import checkpoint as ckpt
 from .data import create_dataset
 from .evaluate import evaluate, format_report, save_json
-from .train import TRAIN_CONFIG, TrainConfig, train
+from .pipeline import REUSED, Event, Pipeline
+from .train import TrainConfig
 
 
-def _train_stage(cfg: TrainConfig, data, progress: bool, log) -> float:
-    out = Path(cfg.out)
-    if (out / ckpt.CONFIG).is_file():
-        log(f"[reuse] {out} is already trained")
-        return 0.0
-    t0 = time.perf_counter()
-    train(cfg, resume=(out / TRAIN_CONFIG).is_file(), progress=progress, data=data, log=log)
-    return time.perf_counter() - t0
+def _reuse_line(event: Event) -> str | None:
+    """The demo announces each stage itself; of the pipeline's events it only says what it reused."""
+    return f"[reuse] {event['name']} is already trained" if event["status"] == REUSED else None
 
 
 def run_demo(out: str = "runs/demo", *, data: str = "fashion-mnist", gallery_model: str = "resnet8",
@@ -41,10 +37,12 @@ def run_demo(out: str = "runs/demo", *, data: str = "fashion-mnist", gallery_mod
         "query-bct": TrainConfig(out=str(root / "query-bct"), model=query_model, epochs=query_epochs,
                                  gallery=str(root / "gallery"), compat=["bct"], **common),
     }
+    pipe = Pipeline(log=log, event_line=_reuse_line, progress=progress)
     seconds = {}
     for name, cfg in stages.items():
         log(f"== training {name}: {cfg.model}, {cfg.epochs} epochs" + (f", compat {cfg.compat}" if cfg.compat else ""))
-        seconds[f"train {name}"] = _train_stage(cfg, dataset, progress, log)
+        pipe.train("train", cfg, data=dataset, name=str(cfg.out))
+        seconds[f"train {name}"] = pipe.events[-1]["seconds"]
 
     results = {}
     for name in ("query-independent", "query-bct"):

@@ -23,6 +23,7 @@ def _brackets(value, ci):
     return ci is None or (ci[0] - 1e-12 <= value <= ci[1] + 1e-12)
 
 
+@pytest.mark.slow
 def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     bench = _load_benchmark()
     args = ["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path), "--plot", "--quiet"]
@@ -119,14 +120,19 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(bench.hvs_train, "train", boom)
-    monkeypatch.setattr(bench.nas_train, "train_supernet", boom)
-    monkeypatch.setattr(bench.nas_search, "run_search", boom)
-    monkeypatch.setattr(bench.nas_export, "export_subnet", boom)
-    monkeypatch.setattr(bench.nas_export, "inherit", boom)
-    monkeypatch.setattr(bench.hvs_eval, "evaluate", boom)
+    import hvs.evaluate
     import hvs.export
+    import hvs.nas.export
+    import hvs.nas.search
+    import hvs.nas.train
+    import hvs.train
 
+    monkeypatch.setattr(hvs.train, "train", boom)
+    monkeypatch.setattr(hvs.nas.train, "train_supernet", boom)
+    monkeypatch.setattr(hvs.nas.search, "run_search", boom)
+    monkeypatch.setattr(hvs.nas.export, "export_subnet", boom)
+    monkeypatch.setattr(hvs.nas.export, "inherit", boom)
+    monkeypatch.setattr(hvs.evaluate, "evaluate", boom)
     monkeypatch.setattr(hvs.export, "export_onnx", boom)
     assert bench.main(args) == 0
     again = json.loads((tmp_path / "fashion-mnist" / "tiny.json").read_text())
@@ -145,8 +151,9 @@ def test_unknown_stage_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["tiny", "quick", "full"])
 def test_profiles_parse(name):
-    bench = _load_benchmark()
-    profile, _ = bench.load_profile(name)
+    from hvs.profiles import load_profile
+
+    profile, _ = load_profile(name, ROOT / "configs")
     for key in ("data", "paragon", "offshelf", "supernet", "search", "evaluate"):
         assert key in profile
     assert set(profile["data"]) == {"fashion-mnist", "kanji-fonts"}
@@ -186,6 +193,7 @@ def test_profiles_parse(name):
         TrainConfig(out="unused", **ind)
 
 
+@pytest.mark.slow
 def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     """benchmarks/compat_ablation.py on top of a tiny tradeoff run: each variant's pick is
     evaluated and paired against the benchmark's own CMP-NAS pick; re-running reuses it all."""

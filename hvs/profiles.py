@@ -1,0 +1,147 @@
+"""Benchmark profiles: YAML mappings of per-stage options, and the stages they configure.
+
+A profile (``configs/tradeoff_<name>.yaml``) says, for a whole benchmark, how to train the paragon,
+the off-the-shelf query models, the supernet, how to search, export and evaluate. Every script
+that runs on a profile (``benchmarks/tradeoff.py``, ``benchmarks/compat_ablation.py``) builds its
+stages from it through :class:`ProfileStages`, so one profile means one recipe whichever script
+reads it, and the artefacts one script made are reused by the other. The reuse-or-run mechanism
+itself is :class:`hvs.pipeline.Pipeline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import train as hvs_train
+from .data import RetrievalData, create_dataset
+from .pipeline import Event, Pipeline, PipelineError, file_logger
+
+DEFAULT_METRICS = {"fashion-mnist": ["recall@1", "recall@10", "map"],
+                   "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"]}
+
+
+def load_profile(name: str, configs_dir: str | Path) -> tuple[dict, Path]:
+    """(profile, its path): ``name`` is a path to a YAML file, or ``tiny`` / ``quick`` / ... for
+    ``configs_dir/tradeoff_<name>.yaml``."""
+    path = Path(name)
+    if not path.suffix:
+        path = Path(configs_dir) / f"tradeoff_{name}.yaml"
+    if not path.is_file():
+        raise PipelineError(f"no profile {name!r} (looked for {path})")
+    return hvs_train.read_mapping(path), path
+
+
+def data_entry(profile: dict, data: str) -> dict:
+    """``{"spec", "protocol", ...}`` of dataset ``data`` in a profile (unmapped: the name is the
+    spec); kanji-fonts is always open-set."""
+    entry = (profile.get("data") or {}).get(data)
+    if entry is None:
+        entry = {"spec": data}
+    if isinstance(entry, str):
+        entry = {"spec": entry}
+    entry = dict(entry)
+    if data.startswith("kanji-fonts") or entry["spec"].startswith("kanji-fonts"):
+        entry["protocol"] = "open"  # the source forces it anyway
+    entry.setdefault("protocol", "closed")
+    return entry
+
+
+def load_dataset(profile: dict, data: str) -> tuple[RetrievalData, RetrievalData]:
+    """(full data, data whose train split is the profile's seeded ``train_subset``): the second
+    trains everything, the first's query/gallery splits evaluate (they are the same in both)."""
+    entry = data_entry(profile, data)
+    seed = int(profile.get("data_seed", 0))
+    full = create_dataset(entry["spec"], protocol=entry["protocol"], image_size=entry.get("image_size"), seed=seed)
+    n = profile.get("train_subset")
+    if n and n < len(full.train):
+        keep = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return full, dataclasses.replace(full, train=full.train.subset(keep))
+    return full, full
+
+
+def profile_metrics(profile: dict, data: str, fallback: list[str] | None = None) -> list[str]:
+    """The metrics a profile reports for ``data`` (the first is the headline one)."""
+    return ((profile.get("metrics") or {}).get(data) or DEFAULT_METRICS.get(data)
+            or list(fallback or ["recall@1", "map"]))
+
+
+class ProfileStages:
+    """The stages of one profile on one dataset and seed, each reused when complete.
+
+    Training and search read ``train_data`` (the profile's training subset), evaluation ``full``.
+    The library's own logs go to ``root/log.txt``; ``log`` gets one line per stage."""
+
+    def __init__(self, root: Path, profile: dict, data_name: str, full: RetrievalData, train_data: RetrievalData,
+                 only: set[str], log: Callable[[str], None], seed: int = 0) -> None:
+        self.root, self.profile, self.data_name = root, profile, data_name
+        self.full, self.train_data, self.log, self.seed = full, train_data, log, seed
+        self.entry = data_entry(profile, data_name)
+        self.embed_dim = int(profile.get("embed_dim", 128))
+        self.pipe = Pipeline(only=only, log=log, lib_log=file_logger(root / "log.txt"))
+
+    @property
+    def events(self) -> list[Event]:
+        return self.pipe.events
+
+    def allowed(self, stage: str) -> bool:
+        return self.pipe.allowed(stage)
+
+    def event(self, stage: str, name: str, status: str, seconds: float = 0.0, **more: Any) -> Event:
+        return self.pipe.event(stage, name, status, seconds, **more)
+
+    def train(self, stage: str, out: Path, **kw: Any) -> bool:
+        """A model folder trained on the profile's data (``kw``: TrainConfig fields)."""
+        cfg = hvs_train.TrainConfig(out=str(out), data=self.entry["spec"], protocol=self.entry["protocol"],
+                                    embed_dim=self.embed_dim, threads=self.profile.get("threads"), **kw)
+        return self.pipe.train(stage, cfg, data=self.train_data)
+
+    def supernet(self, out: Path, gallery: Path | None) -> bool:
+        """The profile's supernet (BCT with ``gallery``; OFA's plain training without)."""
+        from .nas.train import SupernetTrainConfig
+
+        opts = dict(self.profile.get("supernet") or {})
+        cfg = SupernetTrainConfig.from_dict({
+            **opts, "out": str(out), "data": self.entry["spec"], "protocol": self.entry["protocol"],
+            "gallery": None if gallery is None else str(gallery), "threads": self.profile.get("threads"),
+            "embed_dim": self.embed_dim, "seed": opts.get("seed", self.seed)})
+        return self.pipe.supernet(cfg, data=self.train_data)
+
+    def search(self, out: Path, supernet: Path, gallery: Path, limit: float | None, reward: str,
+               latency_ms: float | None = None) -> dict | None:
+        """The profile's search under ``limit`` FLOPs, or ``latency_ms`` (batch-1 CPU latency from
+        the per-layer table); its best pick."""
+        from .nas.search import SearchConfig
+
+        opts = {k: v for k, v in (self.profile.get("search") or {}).items()
+                if k not in ("budgets", "rewards", "latency_budgets")}
+        cfg = SearchConfig.from_dict({
+            **opts, "supernet": str(supernet), "out": str(out), "gallery": str(gallery), "flops": limit,
+            "latency_ms": latency_ms, "reward": reward, "seed": opts.get("seed", self.seed),
+            "threads": self.profile.get("threads")})
+        return self.pipe.search(cfg, data=self.train_data)
+
+    def export(self, out: Path, supernet: Path, gallery: Path, best: dict) -> bool:
+        """A search's pick exported and fine-tuned per the profile's ``export`` options."""
+        opts = dict(self.profile.get("export") or {})
+        return self.pipe.export(out, supernet, best["arch"], gallery=gallery, data=self.train_data,
+                                seed=opts.pop("seed", self.seed), **opts)
+
+    def inherit(self, out: Path, supernet: Path, flops: float, opts: dict) -> tuple[Path, Path] | None:
+        """Weight inheritance at ``flops`` (``opts``: ``hvs.nas.inherit`` options)."""
+        opts = dict(opts)
+        return self.pipe.inherit(out, supernet, flops=flops, data=self.train_data,
+                                 seed=opts.pop("seed", self.seed), **opts)
+
+    def evaluate(self, stage: str, gallery: Path, query: Path, out: Path) -> dict | None:
+        """A pair evaluated on the full data per the profile's ``evaluate`` options."""
+        ev = self.profile.get("evaluate") or {}
+        return self.pipe.evaluate(stage, gallery, query, out, self.full, n_boot=int(ev.get("n_boot", 1000)),
+                                  latency=bool(ev.get("latency", True)))
+
+
+__all__ = ["DEFAULT_METRICS", "ProfileStages", "data_entry", "load_dataset", "load_profile", "profile_metrics"]
