@@ -25,7 +25,11 @@ promise; this harness checks it at every instant:
    user (a retried build, the next writer) on the crashed artefact.
 
 A kill -9 loses what the process had not handed to the kernel; it does not lose the page cache, so
-this simulates process death, not power loss (fsync ordering is not exercised).
+this simulates process death, not power loss (fsync ordering is not exercised). Two consequences:
+while the harness runs, ``os.fsync`` only checks its descriptor (a real one costs milliseconds on
+a shared disk and changes nothing observable here), and the point right before an fsync or before
+an op that failed (``os.mkdir`` of an existing folder) is skipped by default, since it leaves the
+same files as the point right after it (``prune=False`` runs them anyway).
 
 Everything runs in forked children of the test process (milliseconds each, the imports are
 already done), with one thread for torch and FAISS in the child (a forked OpenMP pool is not safe
@@ -143,10 +147,6 @@ def crash_points(ops: Sequence[Op], torn: bool = True, prune: bool = True) -> li
 
 # ----------------------------------------------------------------------------------------------
 # The tracer (installed only in forked children; never uninstalled: the child exits).
-class _Killed(BaseException):
-    pass
-
-
 class _Tracer:
     def __init__(self, root: Path, crash: CrashPoint | None, report: Callable[[dict], None]):
         self.root = os.path.abspath(root)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,50 @@ def check(report: fi.Report) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The harness itself: it must fail a writer that is not atomic, and pass one that is.
+def _two_files(write, value: str):
+    def commit(root: Path) -> None:
+        write(root / "a.json", {"v": value, "pad": "x" * 200})
+        write(root / "b.json", {"v": value})
+    return commit
+
+
+def _plain_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _pair(root: Path):
+    return [json.loads((root / name).read_text())["v"] for name in ("a.json", "b.json")]
+
+
+def test_harness_catches_torn_and_mixed_writes(tmp_path):
+    report = fi.crash_matrix(tmp_path, _two_files(_plain_json, "old"), _two_files(_plain_json, "new"), _pair)
+    # The commit writes in place, so the harness sees the open/write of each file and flags
+    # a torn a.json (a JSONDecodeError traceback) and new a.json beside old b.json (mixed).
+    assert {"open", "write"} <= {op.kind for op in report.ops}
+    verdicts = report.verdicts()
+    assert verdicts.get("traceback") and verdicts.get("mixed"), report.describe(report.outcomes)
+
+
+def test_harness_passes_an_atomic_write_at_every_point(tmp_path):
+    from hvs.fileio import atomic_write_json
+
+    def write(value: str):
+        return lambda root: atomic_write_json(root / "a.json", {"v": value})
+
+    def observe(root: Path):
+        return json.loads((root / "a.json").read_text())["v"]
+
+    full = fi.crash_matrix(tmp_path / "all", write("old"), write("new"), observe, prune=False)
+    pruned = fi.crash_matrix(tmp_path / "pruned", write("old"), write("new"), observe)
+    check(full)
+    check(pruned)
+    # Pruning drops only points equivalent to a kept one (before an fsync or a failed op).
+    assert len(pruned.outcomes) < len(full.outcomes) and any(op.inert for op in full.ops)
+    assert {"replace", "fsync"} <= {op.kind for op in full.ops}
+
+
+# ----------------------------------------------------------------------------------------------
 # (a) Model folders.
 def _model(seed: int):
     torch.manual_seed(seed)
@@ -82,22 +127,48 @@ def _save(seed: int):
 
 
 def _resave(seed: int):
-    def recover(root: Path, state, after) -> None:  # the save is retried: it must give the new folder
+    def recover(root: Path, state, after) -> list[str]:
+        """The save is retried: it must give the new folder. Returns the names the retried folder
+        holds beyond those of a clean save (what the kill left behind and nobody removed)."""
         _save(seed)(root)
         assert model_state(root / "m") == after, "a retried save does not give the saved folder"
+        clean = root.parent / "clean"
+        shutil.rmtree(clean, ignore_errors=True)
+        _save(seed)(clean)
+        return sorted({p.name for p in (root / "m").iterdir()} - {p.name for p in (clean / "m").iterdir()})
     return recover
 
 
-def test_first_model_save_is_all_or_nothing(tmp_path):
-    report = fi.crash_matrix(tmp_path, lambda root: None, _save(1), lambda root: model_state(root / "m"),
-                             nothing=nothing_model, recover=_resave(1))
-    assert report.before is fi.NOTHING
-    check(report)
+@pytest.fixture(scope="module")
+def first_save_report(tmp_path_factory):
+    """save_model_folder into a folder that holds no model yet (what training does at its end)."""
+    return fi.crash_matrix(tmp_path_factory.mktemp("first"), lambda root: None, _save(1),
+                           lambda root: model_state(root / "m"), nothing=nothing_model, recover=_resave(1))
 
 
-def test_overwritten_model_folder_never_fails_with_a_traceback(tmp_path):
-    report = fi.crash_matrix(tmp_path, _save(0), _save(1), lambda root: model_state(root / "m"),
-                             nothing=nothing_model)
+def test_first_model_save_is_all_or_nothing(first_save_report):
+    assert first_save_report.before is fi.NOTHING
+    check(first_save_report)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "hvs.fileio.atomic_write_bytes removes its mkstemp file only on a Python exception: a kill between "
+    "mkstemp and os.replace leaves '.NAME.XXXXXXXX.tmp' in the folder, and the next save of the same "
+    "file does not remove it"))
+def test_a_killed_model_save_leaves_nothing_behind_once_retried(first_save_report):
+    left = {o.where: o.recovered for o in first_save_report.outcomes if o.recovered}
+    assert not left, "\n".join(f"killed {where}: left {names}" for where, names in left.items())
+
+
+@pytest.fixture(scope="module")
+def overwrite_report(tmp_path_factory):
+    """save_model_folder over an existing model folder (the old model is seed 0, the new seed 1)."""
+    return fi.crash_matrix(tmp_path_factory.mktemp("overwrite"), _save(0), _save(1),
+                           lambda root: model_state(root / "m"), nothing=nothing_model, recover=_resave(1))
+
+
+def test_overwritten_model_folder_never_fails_with_a_traceback(overwrite_report):
+    report = overwrite_report
     assert not report.tracebacks(), report.describe(report.tracebacks())
     assert any(o.verdict == "old" for o in report.outcomes) and any(o.verdict == "new" for o in report.outcomes)
 
@@ -107,10 +178,8 @@ def test_overwritten_model_folder_never_fails_with_a_traceback(tmp_path):
     "(model.safetensors, classifier.safetensors, config.json): killed after the weights are replaced and "
     "before config.json is, load_model raises CheckpointError 'weights do not match the fingerprint' "
     "(new weights, old card), so the old model is lost and the new one not committed"))
-def test_overwritten_model_folder_keeps_the_old_model_or_the_new(tmp_path):
-    report = fi.crash_matrix(tmp_path, _save(0), _save(1), lambda root: model_state(root / "m"),
-                             nothing=nothing_model, recover=_resave(1))
-    check(report)
+def test_overwritten_model_folder_keeps_the_old_model_or_the_new(overwrite_report):
+    check(overwrite_report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,13 +223,14 @@ def run_state(out: Path):
     return {"resumable": resumable, "finished": finished}
 
 
+@pytest.mark.slow  # ~40 kills, each a child that trains an epoch
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, data):
     """The commit: resume a run killed after epoch 1, train epoch 2, save the model folder."""
     from hvs.train import KILL_AFTER_EPOCH_ENV, TrainConfig, train
 
     def cfg(root: Path) -> TrainConfig:
         return TrainConfig(out=str(root / "run"), data=SPEC, model="cnn-nano", embed_dim=DIM, epochs=2,
-                           batch_size=16, lr=0.05, augment="none")
+                           batch_size=32, lr=0.05, augment="none")
 
     def quiet(_: str) -> None:
         pass
@@ -173,9 +243,16 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, data):
     def resume(root: Path) -> None:
         train(cfg(root), resume=True, progress=False, data=data, log=quiet)
 
+    resumed_from = []
+
     def resume_again(root: Path, state, after) -> None:
         # --resume after the kill must finish the run with the model an uninterrupted one makes
         # (single-threaded child, like the recorded run: the same computation, the same bits).
+        # Once per committed state: resume reads only what run_state() sees (state.pt, and the
+        # train_config.json every crash point leaves identical), and each resume trains an epoch.
+        if state in resumed_from:
+            return
+        resumed_from.append(state)
         code, msgs = fi.run_in_child(lambda report: resume(root))
         assert code == 0, msgs
         assert run_state(root / "run")["finished"] == after["finished"], "resumed run made another model"
@@ -185,6 +262,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, data):
     assert report.before["finished"] is None and report.after["finished"] is not None
     assert any(o.verdict == "committed" for o in report.outcomes)  # epoch 2 saved, model folder not yet
     check(report)
+    assert len(resumed_from) == 3  # resumed from epoch 1, from epoch 2, and after the model folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +369,7 @@ def rebuild(root: Path, state, after):
     return reused
 
 
+@pytest.mark.slow  # ~80 kills: 3 shards, the index commit, the cleanup
 def test_index_build_is_all_or_nothing_and_keeps_finished_shards(tmp_path):
     report = fi.crash_matrix(tmp_path, lambda root: None, lambda root: _build(root).close(),
                              lambda root: index_state(_idx(root)), nothing=nothing_index, recover=rebuild)
