@@ -10,8 +10,27 @@ traceback. Each area of the library has its own subclass (``DataError``, ``Check
 from __future__ import annotations
 
 
+import warnings
+
+
 class HVSError(ValueError):
     """An expected, explained failure (one-line message)."""
 
 
-__all__ = ["HVSError"]
+class HVSWarning(UserWarning):
+    """Something that deserves the user's attention; printed as one line ``hvs: warning: ...``
+    (no Python source line), and still a normal warning for ``pytest.warns`` and ``-W error``."""
+
+
+_format_default = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    if isinstance(category, type) and issubclass(category, HVSWarning):
+        return f"hvs: warning: {' '.join(str(message).split())}\n"
+    return _format_default(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _formatwarning
+
+__all__ = ["HVSError", "HVSWarning"]

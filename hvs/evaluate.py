@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -91,54 +91,9 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
         emb[role] = {split: embed_images(model, data.split(split).images, card.mean, card.std, batch_size)
                      for split in ("query", "gallery")}
 
-    # A probe is non-mated when its identity is absent from the gallery (open-set data);
-    # when every probe has mates, the metrics fall back to leave-identity-out.
-    gallery_ids = set(data.gallery.labels.tolist())
-    nonmated = torch.tensor([int(l) not in gallery_ids for l in data.query.labels.tolist()])
-    nonmated_mask = nonmated if bool(nonmated.any()) else None
-
-    metrics, per_q, per_probe, pairs = {}, {}, {}, {}
-    for key, (q_side, g_side) in PAIRS.items():
-        m = retrieval_metrics(emb[q_side]["query"], data.query.labels, emb[g_side]["gallery"], data.gallery.labels,
-                              nonmated_query_mask=nonmated_mask, pair_scores=n_boot > 0)
-        per_q[key] = m.pop("per_query")
-        per_probe[key] = m.pop("per_probe")
-        pairs[key] = m.pop("pair_scores", None)
-        for name, arr_key in PER_QUERY.items():
-            _, lo, hi = bootstrap_ci(np.asarray(per_q[key][arr_key]), n_boot=n_boot)
-            m[f"{name}_ci95"] = [lo, hi]
-        metrics[key] = m
-
-    criterion, gap = {}, {}
-    for name, arr_key in PER_QUERY.items():
-        het, hom, par = (np.asarray(per_q[k][arr_key]) for k in ("query->gallery", "query->query",
-                                                                      "gallery->gallery"))
-        d, lo, hi = paired_bootstrap_ci(het, hom, n_boot=n_boot)
-        criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"][name]),
-                           "difference": d, "ci95": [lo, hi], "significant": bool(lo > 0)}
-        g, lo, hi = paired_bootstrap_ci(par, het, n_boot=n_boot)
-        gap[name] = {"gap": g, "ci95": [lo, hi]}
-    # TAR@FAR and TPIR@FPIR: thresholds are recomputed in every resample (same resamples for the
-    # three pairs, so gap and criterion intervals are paired)
-    boot = _threshold_replicates(metrics, per_probe, pairs, len(data.query), n_boot) if n_boot > 0 else {}
-    for name in list(metrics["query->gallery"]):
-        if name.startswith(("tar@", "tpir@")):
-            criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"].get(name, -1))}
-            if name in metrics["gallery->gallery"]:
-                gap[name] = {"gap": metrics["gallery->gallery"][name] - metrics["query->gallery"][name]}
-            reps = boot.get(name)
-            if reps is None:
-                continue
-            for key in PAIRS:
-                if key in reps:
-                    metrics[key][f"{name}_ci95"] = percentile_interval(reps[key])
-            if "query->query" in reps:
-                ci = percentile_interval(reps["query->gallery"] - reps["query->query"])
-                criterion[name].update(difference=metrics["query->gallery"][name] - metrics["query->query"][name],
-                                       ci95=ci, significant=bool(ci is not None and ci[0] > 0))
-            if name in gap and "gallery->gallery" in reps:
-                gap[name]["ci95"] = percentile_interval(reps["gallery->gallery"] - reps["query->gallery"])
-
+    scores = evaluate_embeddings(data.query.labels, data.gallery.labels, query_model_emb=emb["query"],
+                                 gallery_model_emb=emb["gallery"], n_boot=n_boot, per_query=per_query)
+    metrics = scores["metrics"]
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
     ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
     if latency:
@@ -148,24 +103,116 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     cost["ratio_gallery_over_query"] = ratios
 
     m_gg = metrics["gallery->gallery"]
+    open_set = bool(set(data.query.labels.tolist()) - set(data.gallery.labels.tolist()))
     notes.append(f"TAR@FAR down to FAR={m_gg.get('smallest_far_supported')} "
                  f"({m_gg['n_impostor_pairs']} impostor pairs); TPIR@FPIR down to "
                  f"FPIR={m_gg.get('smallest_fpir_supported')} ({m_gg['n_nonmated_probes']} non-mated probes, "
-                 + ("held-out identities" if nonmated_mask is not None else "leave-identity-out") + ")")
+                 + ("held-out identities" if open_set else "leave-identity-out") + ")")
     result = {
         "data": data.name, "protocol": data.protocol, "n_query": len(data.query), "n_gallery": len(data.gallery),
         "data_duplicates": leaks,
         "gallery_model": {"path": str(gallery_model), "model": g_card.model, "fingerprint": g_card.fingerprint},
         "query_model": {"path": str(query_model), "model": q_card.model, "fingerprint": q_card.fingerprint,
                         "compat": q_card.compat, "compatible_with": q_card.compatible_with},
-        "metrics": metrics, "compatibility_criterion": criterion, "gap_to_paragon": gap, "cost": cost,
-        "notes": notes,
+        **scores, "cost": cost, "notes": notes,
     }
-    if per_query:
-        result["per_query"] = {key: {**{k: np.asarray(v) for k, v in per_q[key].items()},
-                                     **{f"probe_{k}": np.asarray(v) for k, v in per_probe[key].items()
-                                        if k != "fpir"}} for key in PAIRS}
     return result
+
+
+def evaluate_embeddings(query_labels: Any, gallery_labels: Any, *, query_model_emb: Mapping[str, Any],
+                        gallery_model_emb: Mapping[str, Any], n_boot: int = 1000, per_query: bool = False,
+                        nonmated_query_mask: Any = None) -> dict[str, Any]:
+    """Every number of :func:`evaluate` from embeddings you made yourself.
+
+    ``query_model_emb`` and ``gallery_model_emb`` map a split (``"query"``, ``"gallery"``) to the
+    (N, D) embeddings that model made of it, in the order of ``query_labels`` / ``gallery_labels``.
+    M(q->g) needs the query model's ``"query"`` and the gallery model's ``"gallery"``; the query
+    model's ``"gallery"`` adds M(q->q) and the compatibility criterion, the gallery model's
+    ``"query"`` adds the paragon M(g->g) and the gap to it. A pair whose embeddings are missing is
+    left out. Probes whose identity has no gallery item are non-mated (open-set data); when every
+    probe has mates, TPIR falls back to leave-identity-out. Returns ``{"metrics": {pair: ...},
+    "compatibility_criterion": ..., "gap_to_paragon": ...}`` (and ``"per_query"`` arrays when
+    asked, for paired comparisons).
+
+        import hvs
+        r = hvs.evaluate_embeddings(q_labels, g_labels, query_model_emb={"query": q, "gallery": qg},
+                                    gallery_model_emb={"gallery": g})
+        r["metrics"]["query->gallery"]["recall@1"], r["compatibility_criterion"]["map"]["holds"]
+    """
+    emb = {"query": dict(query_model_emb), "gallery": dict(gallery_model_emb)}
+    pairs = {key: sides for key, sides in PAIRS.items() if sides[0] in emb and "query" in emb[sides[0]]
+             and sides[1] in emb and "gallery" in emb[sides[1]]}
+    if "query->gallery" not in pairs:
+        raise EvaluationError("evaluate_embeddings needs the query model's embeddings of the queries "
+                              "(query_model_emb['query']) and the gallery model's of the gallery "
+                              "(gallery_model_emb['gallery'])")
+    q_labels, g_labels = torch.as_tensor(np.asarray(query_labels)), torch.as_tensor(np.asarray(gallery_labels))
+    if nonmated_query_mask is None:
+        gallery_ids = set(g_labels.tolist())
+        nonmated = torch.tensor([int(x) not in gallery_ids for x in q_labels.tolist()])
+        nonmated_query_mask = nonmated if bool(nonmated.any()) else None
+
+    metrics, per_q, per_probe, pair_scores = {}, {}, {}, {}
+    for key, (q_side, g_side) in pairs.items():
+        m = retrieval_metrics(torch.as_tensor(emb[q_side]["query"]), q_labels, torch.as_tensor(emb[g_side]["gallery"]),
+                              g_labels, nonmated_query_mask=nonmated_query_mask, pair_scores=n_boot > 0)
+        per_q[key], per_probe[key], pair_scores[key] = m.pop("per_query"), m.pop("per_probe"), m.pop("pair_scores", None)
+        for name, arr_key in PER_QUERY.items():
+            _, lo, hi = bootstrap_ci(np.asarray(per_q[key][arr_key]), n_boot=n_boot)
+            m[f"{name}_ci95"] = [lo, hi]
+        metrics[key] = m
+    criterion, gap = _paired_differences(metrics, per_q, n_boot)
+    if n_boot > 0:
+        boot = _threshold_replicates(metrics, per_probe, pair_scores, len(q_labels), n_boot)
+        _threshold_intervals(metrics, criterion, gap, boot)
+    out: dict[str, Any] = {"metrics": metrics, "compatibility_criterion": criterion, "gap_to_paragon": gap}
+    if per_query:
+        out["per_query"] = {key: {**{k: np.asarray(v) for k, v in per_q[key].items()},
+                                  **{f"probe_{k}": np.asarray(v) for k, v in per_probe[key].items() if k != "fpir"}}
+                            for key in pairs}
+    return out
+
+
+def _paired_differences(metrics: dict, per_q: dict, n_boot: int) -> tuple[dict, dict]:
+    """The criterion M(q->g) - M(q->q) and the gap M(g->g) - M(q->g) of the per-query metrics, each
+    with a paired bootstrap interval over queries; TAR/TPIR point values (their intervals come from
+    :func:`_threshold_intervals`)."""
+    criterion: dict[str, dict] = {}
+    gap: dict[str, dict] = {}
+    het = per_q["query->gallery"]
+    for name, arr_key in PER_QUERY.items():
+        if "query->query" in per_q:
+            d, lo, hi = paired_bootstrap_ci(np.asarray(het[arr_key]), np.asarray(per_q["query->query"][arr_key]),
+                                            n_boot=n_boot)
+            criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"][name]),
+                               "difference": d, "ci95": [lo, hi], "significant": bool(lo > 0)}
+        if "gallery->gallery" in per_q:
+            g, lo, hi = paired_bootstrap_ci(np.asarray(per_q["gallery->gallery"][arr_key]), np.asarray(het[arr_key]),
+                                            n_boot=n_boot)
+            gap[name] = {"gap": g, "ci95": [lo, hi]}
+    for name in metrics["query->gallery"]:
+        if not name.startswith(("tar@", "tpir@")):
+            continue
+        if "query->query" in metrics:
+            criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"].get(name, -1))}
+        if name in metrics.get("gallery->gallery", {}):
+            gap[name] = {"gap": metrics["gallery->gallery"][name] - metrics["query->gallery"][name]}
+    return criterion, gap
+
+
+def _threshold_intervals(metrics: dict, criterion: dict, gap: dict, boot: dict) -> None:
+    """Bootstrap intervals of TAR@FAR and TPIR@FPIR (thresholds recomputed in every resample; the same
+    resamples for every pair, so the criterion and gap intervals are paired)."""
+    for name, reps in boot.items():
+        for key in metrics:
+            if key in reps:
+                metrics[key][f"{name}_ci95"] = percentile_interval(reps[key])
+        if name in criterion and "query->query" in reps:
+            ci = percentile_interval(reps["query->gallery"] - reps["query->query"])
+            criterion[name].update(difference=metrics["query->gallery"][name] - metrics["query->query"][name],
+                                   ci95=ci, significant=bool(ci is not None and ci[0] > 0))
+        if name in gap and "gallery->gallery" in reps:
+            gap[name]["ci95"] = percentile_interval(reps["gallery->gallery"] - reps["query->gallery"])
 
 
 def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_queries: int, n_boot: int,
@@ -174,7 +221,7 @@ def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_queries
     out: dict[str, dict[str, np.ndarray]] = {}
     # one resample = one multiset of queries, applied to every pair and every metric (paired CIs)
     w_q = resample_weights(n_queries, n_boot, seed)
-    for key in PAIRS:
+    for key in metrics:
         for name in metrics[key]:
             if name.startswith("tpir@fpir="):
                 rate = float(name.split("=", 1)[1])

@@ -19,13 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from ..errors import HVSError
+import warnings
+
+from ..errors import HVSError, HVSWarning
 
 SPLITS = ("train", "query", "gallery")
 
 
 class DataError(HVSError):
     """Bad input data: the message is one line that names the problem."""
+
+
+class DataWarning(HVSWarning):
+    """Something in a dataset deserves attention (items skipped, leaked, empty class folders)."""
+
+
+def data_warning(message: str) -> None:
+    """Issue ``message`` (one line) as a :class:`DataWarning`."""
+    warnings.warn(message, DataWarning, stacklevel=2)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DataError, RetrievalData, Split
+from .base import DataError, RetrievalData, Split, data_warning
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,6 @@ def find_duplicates(data: RetrievalData) -> list[Duplicate]:
 def check_duplicates(data: RetrievalData, *, strict: bool = False) -> list[Duplicate]:
     """:func:`find_duplicates`, each finding one :class:`~hvs.data.DataWarning` line; with
     ``strict`` the first finding raises :class:`DataError` instead."""
-    from .registry import data_warning
 
     found = find_duplicates(data)
     if found and strict:

@@ -27,33 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SPLITS, DataError, RetrievalData
+from .base import SPLITS, DataError, DataWarning, RetrievalData, data_warning  # noqa: F401  (re-exported)
 from .checks import check_duplicates
 from .splits import check_nonempty, check_protocol
 
 SourceFn = Callable[..., RetrievalData]
-
-
-class DataWarning(UserWarning):
-    """Something in a dataset deserves attention (items skipped, leaked, empty class folders)."""
-
-
-def data_warning(message: str) -> None:
-    """Issue ``message`` (one line) as a :class:`DataWarning`."""
-    warnings.warn(message, DataWarning, stacklevel=2)
-
-
-_format_default = warnings.formatwarning
-
-
-def _formatwarning(message, category, filename, lineno, line=None) -> str:
-    """One line ``hvs: warning: <message>`` for hvs's data warnings; others unchanged."""
-    if isinstance(category, type) and issubclass(category, DataWarning):
-        return f"hvs: warning: {' '.join(str(message).split())}\n"
-    return _format_default(message, category, filename, lineno, line)
-
-
-warnings.formatwarning = _formatwarning
 
 
 @dataclass(frozen=True)

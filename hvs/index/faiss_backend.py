@@ -63,6 +63,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import HVSWarning
 from .base import (METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts,
                    check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso, one_line,
                    sha256_file)
@@ -286,7 +287,7 @@ def _warn_legacy(root: Path, version: str) -> None:
     if key not in _WARNED_LEGACY:
         _WARNED_LEGACY.add(key)
         warnings.warn(f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
-                      "value-checked only; the next write to the index records checksums", stacklevel=3)
+                      "value-checked only; the next write to the index records checksums", HVSWarning, stacklevel=3)
 
 
 def _write_current(root: Path, version: str) -> None:
