@@ -60,8 +60,6 @@ see :mod:`hvs.distributed`; without them nothing below happens and no process gr
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -82,10 +80,8 @@ from .embed import embed_images, normalize_images
 from .losses import (BCTLoss, CrossModelContrastive, L2Regression, MarginHead, parse_compat,
                      synthesize_gallery_classifier)
 from .models import create_model
+from .training.run import LOG, STATE, TRAIN_CONFIG, RunFolder  # noqa: F401  (LOG, STATE, TRAIN_CONFIG: re-exported)
 
-STATE = "state.pt"
-LOG = "log.csv"
-TRAIN_CONFIG = "train_config.json"
 
 
 class TrainError(HVSError):
@@ -285,22 +281,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                          f"{world} processes")
 
     # The run folder: refuse to overwrite, resume only a matching configuration. Every rank checks
-    # (so every rank fails alike) before rank 0 writes anything.
-    state_path = out / STATE
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if (out / TRAIN_CONFIG).is_file():
-            old = json.loads((out / TRAIN_CONFIG).read_text())
-            new = asdict(cfg)
-            defaults = asdict(TrainConfig(out=cfg.out))  # keys added since the run was started
-            diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, defaults[k]) != new[k])
-            if diff:
-                raise TrainError(f"cannot resume {out}: configuration differs in {', '.join(diff)}")
-    dist.barrier()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
+    # (so every rank fails alike); rank 0 records the configuration once the data and model are built.
+    run = RunFolder(out, TrainError)
+    run.check(asdict(cfg), asdict(TrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
 
     if data is None:
         data = create_dataset(cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed,
@@ -384,11 +367,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     model.to(device)
     head.to(device)
     opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, steps_per_epoch)
+    dist.barrier()  # every rank has read the old config and checkpoint state before rank 0 writes
+    if main:
+        run.start(asdict(cfg))
 
     history: list[dict] = []
     start_epoch = 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if resume and run.has_state():
+        state = run.load_state()
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
@@ -461,8 +447,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         history.append(row)
         log("  ".join(f"{k}={v}" for k, v in row.items()))
         if main:
-            _write_log(out / LOG, history)
-            ckpt.atomic_torch_save(state_path, {
+            run.save_epoch(history, {
                 "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)})
         hooks.after_epoch(epoch)
@@ -489,15 +474,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    keys = list(history[0].keys())
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    ckpt.atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:

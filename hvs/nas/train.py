@@ -48,11 +48,11 @@ from ..data import RetrievalData
 from ..embed import normalize_images
 from ..losses import BCTLoss, L2Regression, MarginHead
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet
-from ..train import _augment, _write_log, make_optimizer
-from .common import (LOG, STATE, NASError, SupernetCard, config_from_dict, gallery_ref, gallery_rows, load_data,
+from ..train import _augment, make_optimizer
+from ..training.run import RunFolder
+from .common import (NASError, SupernetCard, config_from_dict, gallery_ref, gallery_rows, load_data,
                      prepare_data, save_supernet)
 
-TRAIN_CONFIG = "train_config.json"
 PHASES = ("full", *ELASTIC_DIMS)
 _RESUME_FREE = {"threads", "out", "force"}
 
@@ -182,17 +182,10 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
     _distill_loss(cfg.distill_kind, torch.zeros(1, 1), torch.zeros(1, 1))  # validates the kind
     plan = phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
 
-    # The run folder: refuse to overwrite, resume only a matching configuration.
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise NASError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if (out / TRAIN_CONFIG).is_file():
-            old = json.loads((out / TRAIN_CONFIG).read_text())
-            diff = sorted(k for k in asdict(cfg) if k not in _RESUME_FREE and old.get(k) != asdict(cfg)[k])
-            if diff:
-                raise NASError(f"cannot resume {out}: configuration differs in {', '.join(diff)}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
+    # The run folder: refuse to overwrite, resume only a matching configuration; the configuration
+    # is recorded once the data and model are built.
+    run = RunFolder(out, NASError)
+    run.check(asdict(cfg), asdict(SupernetTrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
 
     g_card = ckpt.read_card(cfg.gallery) if cfg.gallery else None
     image_size = cfg.image_size or (g_card.image_size if g_card else None)
@@ -253,15 +246,15 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
         regress_weight=cfg.regress_weight if g_model is not None else 0.0, loss=cfg.loss, scale=cfg.scale,
         margin=cfg.margin, epochs=cfg.epochs)
 
+    run.start(asdict(cfg))
     history: list[dict] = []
     start_epoch = 0
-    state_path = out / STATE
-    if resume and state_path.is_file():
+    if resume and run.has_state():
         from safetensors.torch import load_file
 
         from .common import HEAD, WEIGHTS
 
-        state = torch.load(state_path, weights_only=True)
+        state = run.load_state()
         model.load_state_dict(load_file(str(out / WEIGHTS)))
         head.weight.data.copy_(load_file(str(out / HEAD))["weight"])
         opt.load_state_dict(state["optimizer"])
@@ -342,12 +335,11 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
                "images_per_s": round(steps_per_epoch * batch / seconds, 1)}
         history.append(row)
         log("  ".join(f"{k}={v}" for k, v in row.items()))
-        _write_log(out / LOG, history)
         card.epochs_done = epoch + 1
         card.extra = {"final": row, "train_images": n}
         save_supernet(out, model, head.weight.detach(), card)
-        ckpt.atomic_torch_save(state_path, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                            "epoch": epoch, "history": json.dumps(history)})
+        run.save_epoch(history, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                 "epoch": epoch, "history": json.dumps(history)})
         hooks.after_epoch(epoch)
 
     log(f"saved {card.kind} supernet to {out} ({card.epochs_done} epochs, fingerprint {card.fingerprint})")
