@@ -7,7 +7,11 @@ compatibility records the fingerprint of the gallery model it was trained agains
 built by one gallery model refuses queries from a model made for another.
 
 All writes are atomic (write to a temporary name, fsync, ``os.replace``): an interrupted save
-leaves the previous version, never a half-written file.
+leaves the previous version, never a half-written file. ``config.json`` is checked field by field
+when read (a wrong type or a key this version does not know is a one-line error naming the key),
+and records the hvs version that wrote it. A training checkpoint (``state.pt``) carries a SHA-256
+of its contents (:func:`save_state` / :func:`load_state`), so a damaged one is refused by name
+rather than resumed from.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -31,6 +37,9 @@ from .models import EmbeddingModel, create_model
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CLASSIFIER = "classifier.safetensors"
+STATE_CHECKSUM = "sha256"  # key of the contents' digest inside a training checkpoint
+
+C = TypeVar("C")
 
 
 class CheckpointError(HVSError):
@@ -51,6 +60,13 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def hvs_version() -> str:
+    """The running hvs's version (read at call time: ``hvs/__init__`` may still be importing us)."""
+    from . import __version__
+
+    return __version__
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -78,6 +94,7 @@ class ModelCard:
     compatible_with: dict | None = None  # {"fingerprint", "model", "path"} of the gallery model
     compat: list = field(default_factory=list)  # [(loss, weight)] used for compatibility
     extra: dict = field(default_factory=dict)  # data spec, metrics at save time, ...
+    hvs_version: str = ""  # the hvs that wrote the folder ("" before 0.1.0 recorded it)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -93,10 +110,12 @@ def save_model_folder(folder: str | os.PathLike, model: EmbeddingModel, card: Mo
     with a config.json is complete."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    fileio.remove_stale_temps(folder)  # left by a save that was killed
     atomic_save_tensors(folder / WEIGHTS, model.state_dict())
     if classifier is not None:
         atomic_save_tensors(folder / CLASSIFIER, {"weight": classifier})
     card.fingerprint = file_fingerprint(folder / WEIGHTS)
+    card.hvs_version = hvs_version()
     atomic_write_json(folder / CONFIG, card.to_dict())
     return card
 
@@ -110,9 +129,127 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
         raise CheckpointError(f"{folder} is not a model folder (no {CONFIG}; is training finished?)")
     try:
         raw = json.loads(path.read_text())
-        return ModelCard(**raw)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt model config ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt model config, not JSON ({e})") from None
+    return card_from_dict(ModelCard, raw, path)
+
+
+def card_from_dict(cls: type[C], raw: Any, path: str | os.PathLike, *, error: type[HVSError] = CheckpointError,
+                   ignore: frozenset[str] = frozenset()) -> C:
+    """Build the dataclass ``cls`` (a card) from the JSON object ``raw`` read from ``path``, checking
+    every value against the field's type annotation, so a hand-edited or damaged file is a
+    one-line ``error`` naming the key, the expected type and the file instead of a traceback later.
+
+    A key the dataclass does not know is refused, not dropped: a newer hvs may have added a field
+    that changes what the folder means; the message names the key and the hvs version that wrote
+    the file. Keys in ``ignore`` (a format tag) are skipped."""
+    if not isinstance(raw, dict):
+        raise error(f"{path}: corrupt config, expected a JSON object, got {_json_type(raw)}")
+    spec = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(spec) - ignore)
+    if unknown:
+        writer = raw.get("hvs_version")
+        by = f"written by hvs {writer}" if isinstance(writer, str) and writer else "written by an unknown hvs version"
+        raise error(f"{path}: unknown key {unknown[0]!r} ({by}; this is hvs {hvs_version()}: upgrade hvs to read it)")
+    for name, f in spec.items():
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise error(f"{path}: corrupt config, required key {name!r} is missing")
+            continue
+        if not _has_type(raw[name], hints[name]):
+            raise error(f"{path}: {name} must be {_type_name(hints[name])}, got {_json_type(raw[name])} "
+                        f"{json.dumps(raw[name])[:40]}")
+    return cls(**{k: v for k, v in raw.items() if k in spec})
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits an annotation: int, float, str, bool, list[T], dict, X | None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    if (origin or hint) in (list, tuple):
+        return isinstance(value, list) and (not args or all(_has_type(v, args[0]) for v in value))
+    if (origin or hint) is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+             type(None): "null", Any: "any value"}
+    if (origin or hint) in (list, tuple):
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 of a training checkpoint's contents (nested dicts, lists, tensors, numbers, strings):
+    the bytes, dtype and shape of every tensor and the repr of everything else, in key order."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode() + b"=")
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"V{obj!r};".encode())
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically, with the SHA-256 of its contents inside it (it
+    stays a plain dict that ``torch.load(weights_only=True)`` reads)."""
+    atomic_torch_save(path, {**state, STATE_CHECKSUM: state_digest(state)})
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_state`, refusing a truncated or altered one with a
+    one-line error naming the file (a checkpoint without a digest, from before hvs recorded one,
+    is read as is)."""
+    path = Path(path)
+    hint = f"delete {path.name} to restart the run from scratch"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or garbled zip
+        raise CheckpointError(f"{path}: cannot read the training checkpoint, truncated or corrupt "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict); {hint}")
+    recorded = state.pop(STATE_CHECKSUM, None)
+    if recorded is not None and recorded != state_digest(state):
+        raise CheckpointError(f"{path}: the training checkpoint does not match its checksum (corrupt); {hint}")
+    return state
 
 
 def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[EmbeddingModel, ModelCard]:

@@ -2,8 +2,10 @@
 
 Write to a unique temporary name in the target's folder, fsync, give it the usual permissions
 (``mkstemp`` creates 0600 files), then ``os.replace``: a reader sees the old file or the new one,
-never half of one, and concurrent writers (torchrun ranks) never share a temporary name. Kept free
-of heavy imports so the index and data packages can use it.
+never half of one, and concurrent writers (torchrun ranks) never share a temporary name. A write
+that fails removes its temporary file; one that is killed (SIGKILL, power loss) cannot, so the
+owner of a folder calls :func:`remove_stale_temps` when it next opens the folder for writing.
+Kept free of heavy imports so the index and data packages can use it.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# The temporary names atomic_write_bytes makes: ".<target name>.<8 random chars from mkstemp>.tmp".
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically and durably; on any failure the target is untouched
+    and the temporary file is gone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -34,6 +41,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a temporary file name of :func:`atomic_write_bytes`."""
+    return TEMP_NAME.match(name) is not None
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed :func:`atomic_write_bytes` left in ``folder`` (not in
+    sub-folders); returns their names. Call it only where no other process writes into the
+    folder at the same time (a run folder its trainer owns, a model folder being saved): a live
+    writer's temporary file looks the same."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if is_temp_name(entry.name) and entry.is_file():
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> None:

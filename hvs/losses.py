@@ -5,9 +5,11 @@ Margin softmax (cosine logits of L2-normalised embeddings and class weights, sca
 - CosFace (Wang et al. 2018): cos(theta_y) - m on the target logit;
 - ArcFace (Deng et al. 2019): cos(theta_y + m) on the target logit.
 
-Compatibility losses, each a small callable applied as
+Compatibility losses, each a small ``nn.Module`` applied as
 ``loss(query_emb, labels, ref_emb=gallery_emb, ref_labels=...)`` (pytorch-metric-learning's
-``ref_emb`` pattern), composable with weights:
+``ref_emb`` pattern), registered by name (``create_compat_loss(name, **kw)``,
+``list_compat_losses()``, :func:`register_compat_loss` for new ones) and composable with weights
+(``--compat bct=1 --compat l2=0.5``):
 - ``bct``: the influence loss of Backward-Compatible Training (Shen et al. 2020): the query
   embedding is classified by the *frozen* gallery classifier W_g with the same margin softmax, so
   it must land where the gallery model puts that class. Classes the gallery never saw get rows
@@ -22,7 +24,8 @@ Compatibility losses, each a small callable applied as
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,40 +71,124 @@ class MarginHead(nn.Module):
                                labels)
 
 
-class BCTLoss:
+@dataclass
+class CompatContext:
+    """What a trainer knows when it builds a compatibility loss: the query model's training classes
+    (its label order), the frozen gallery model's classes and classifier, and the margin softmax
+    the run uses. ``class_mean(row)`` is the mean gallery embedding of that class's training images."""
+
+    classes: list[str]
+    gallery_classes: list[str]
+    gallery_classifier: Callable[[], torch.Tensor]
+    class_mean: Callable[[int], torch.Tensor]
+    kind: str = "cosface"
+    scale: float = 16.0
+    margin: float = 0.2
+    log: Callable[[str], None] = print
+
+
+class CompatLoss(nn.Module):
+    """A compatibility loss: ``loss(query_emb, labels, ref_emb=gallery_emb, ref_labels=...)``.
+
+    ``needs_ref``: it compares with the gallery model's embeddings of the same images (the trainer
+    then runs the frozen gallery model on every batch). ``global_ref``: it compares each anchor
+    with the whole batch, so on N processes it is given the all-gathered global batch."""
+
+    name: str = ""
+    needs_ref: bool = False
+    global_ref: bool = False
+
+    @classmethod
+    def for_training(cls, ctx: CompatContext) -> "CompatLoss":
+        """The loss as a trainer builds it from what it knows (default: no arguments)."""
+        return cls()
+
+
+_COMPAT_REGISTRY: dict[str, type[CompatLoss]] = {}
+
+
+def register_compat_loss(name: str) -> Callable[[type[CompatLoss]], type[CompatLoss]]:
+    """Class decorator: make a :class:`CompatLoss` subclass available as ``name`` (``--compat name``)."""
+    def deco(cls: type[CompatLoss]) -> type[CompatLoss]:
+        if name in _COMPAT_REGISTRY or name == "none":
+            raise ValueError(f"compatibility loss {name!r} registered twice")
+        cls.name = name
+        _COMPAT_REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_compat_losses() -> list[str]:
+    """Registered compatibility-loss names, in registration order."""
+    return list(_COMPAT_REGISTRY)
+
+
+def compat_loss_class(name: str) -> type[CompatLoss]:
+    if name not in _COMPAT_REGISTRY:
+        raise ValueError(f"unknown compatibility loss {name!r}; expected one of "
+                         f"{', '.join(['none', *list_compat_losses()])}")
+    return _COMPAT_REGISTRY[name]
+
+
+def create_compat_loss(name: str, **kwargs: Any) -> CompatLoss:
+    """Build a registered compatibility loss: ``create_compat_loss("contrastive", temperature=0.1)``."""
+    return compat_loss_class(name)(**kwargs)
+
+
+@register_compat_loss("bct")
+class BCTLoss(CompatLoss):
     """Influence loss through a frozen gallery classifier (rows already aligned to our labels)."""
 
-    needs_ref = False
-
-    def __init__(self, gallery_weight: torch.Tensor, kind: str, scale: float, margin: float) -> None:
-        self.weight = F.normalize(gallery_weight.detach(), dim=-1)
+    def __init__(self, gallery_weight: torch.Tensor, kind: str = "cosface", scale: float = 16.0,
+                 margin: float = 0.2) -> None:
+        super().__init__()
+        self.register_buffer("weight", F.normalize(gallery_weight.detach(), dim=-1))
         self.kind, self.scale, self.margin = kind, scale, margin
 
-    def __call__(self, query_emb: torch.Tensor, labels: torch.Tensor, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    @classmethod
+    def for_training(cls, ctx: CompatContext) -> "BCTLoss":
+        """Rows of the gallery classifier for the query's classes; unseen classes get their mean
+        gallery embedding (see :func:`synthesize_gallery_classifier`)."""
+        rows, synthesized = synthesize_gallery_classifier(ctx.gallery_classifier(), ctx.gallery_classes,
+                                                          ctx.classes, ctx.class_mean)
+        if synthesized:
+            ctx.log(f"bct: {len(synthesized)} of {len(ctx.classes)} classes unseen by the gallery model; "
+                    "their classifier rows are their mean gallery embeddings")
+        return cls(rows, ctx.kind, ctx.scale, ctx.margin)
+
+    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
+                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
         cosine = F.normalize(query_emb, dim=-1) @ self.weight.t()
         return F.cross_entropy(margin_logits(cosine, labels, self.kind, self.scale, self.margin), labels)
 
 
-class L2Regression:
+@register_compat_loss("l2")
+class L2Regression(CompatLoss):
     """Mean squared distance between query and gallery embeddings of the same images."""
 
     needs_ref = True
 
-    def __call__(self, query_emb, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor | None, ref_emb: torch.Tensor | None = None,
+                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
         if ref_emb is None:
             raise ValueError("l2 compatibility loss needs the gallery embeddings (ref_emb)")
         return (query_emb - ref_emb.detach()).pow(2).sum(-1).mean()
 
 
-class CrossModelContrastive:
+@register_compat_loss("contrastive")
+class CrossModelContrastive(CompatLoss):
     """Supervised InfoNCE: query anchors against gallery references, positives = same label."""
 
     needs_ref = True
+    global_ref = True  # its negatives are the batch: on N processes, the global batch
 
     def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
         self.temperature = temperature
 
-    def __call__(self, query_emb, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
+                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
         if ref_emb is None:
             raise ValueError("contrastive compatibility loss needs the gallery embeddings (ref_emb)")
         ref_labels = labels if ref_labels is None else ref_labels
@@ -112,7 +199,7 @@ class CrossModelContrastive:
         return per_anchor[positives.sum(1) > 0].mean()
 
 
-COMPAT_LOSSES = ("none", "bct", "l2", "contrastive")
+COMPAT_LOSSES = ("none", *list_compat_losses())  # the built-in names (the registry may grow)
 
 
 def parse_compat(specs: list[str] | str | None) -> list[tuple[str, float]]:
@@ -124,10 +211,9 @@ def parse_compat(specs: list[str] | str | None) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     for spec in specs:
         name, _, weight = spec.strip().partition("=")
-        if name not in COMPAT_LOSSES:
-            raise ValueError(f"unknown compatibility loss {name!r}; expected one of {', '.join(COMPAT_LOSSES)}")
         if name == "none":
             continue
+        compat_loss_class(name)  # an unknown name fails with the registered ones
         try:
             w = float(weight) if weight else 1.0
         except ValueError:

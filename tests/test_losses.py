@@ -68,3 +68,35 @@ def test_parse_compat():
         parse_compat(["kd"])
     with pytest.raises(ValueError, match="must be a number"):
         parse_compat(["bct=high"])
+
+
+def test_compat_losses_are_modules_behind_a_registry():
+    from torch import nn
+
+    from hvs.losses import CompatLoss, create_compat_loss, list_compat_losses, register_compat_loss
+
+    assert list_compat_losses()[:3] == ["bct", "l2", "contrastive"]
+    con = create_compat_loss("contrastive", temperature=0.1)
+    assert isinstance(con, nn.Module) and con.temperature == 0.1 and con.needs_ref and con.global_ref
+    bct = create_compat_loss("bct", gallery_weight=torch.eye(3, 4))
+    assert "weight" in dict(bct.named_buffers())  # moves with .to(device), never trained
+    with pytest.raises(ValueError, match="unknown compatibility loss 'kd'; expected one of none, bct"):
+        create_compat_loss("kd")
+
+    @register_compat_loss("test-cosine")
+    class CosineGap(CompatLoss):
+        needs_ref = True
+
+        def forward(self, query_emb, labels, ref_emb=None, ref_labels=None):
+            return (1 - F.cosine_similarity(query_emb, ref_emb, dim=-1)).mean()
+
+    try:
+        assert parse_compat(["test-cosine=0.5"]) == [("test-cosine", 0.5)]  # usable as --compat at once
+        q = F.normalize(torch.randn(4, 8), dim=-1)
+        assert float(create_compat_loss("test-cosine")(q, None, ref_emb=q)) < 1e-6
+        with pytest.raises(ValueError, match="registered twice"):
+            register_compat_loss("test-cosine")(CosineGap)
+    finally:
+        from hvs import losses
+
+        losses._COMPAT_REGISTRY.pop("test-cosine")

@@ -486,3 +486,24 @@ def test_regression_feeds_the_gallery_model_its_own_normalisation():
     assert torch.allclose(nas_train._renormalizer(data, card)(x), norm(card.mean, card.std), atol=1e-6)
     same = SimpleNamespace(mean=list(data.mean), std=list(data.std))
     assert nas_train._renormalizer(data, same)(x) is x
+
+
+def test_both_trainers_are_made_of_the_trainer_core():
+    """The supernet trainer uses hvs.training, never the model trainer's module (nor its private
+    helpers); NAS export fine-tunes in process (no temporary model folder)."""
+    import ast
+    from pathlib import Path
+
+    import hvs
+
+    root = Path(hvs.__file__).parent
+    for rel in ("nas/train.py", "nas/export.py", "train.py"):
+        tree = ast.parse((root / rel).read_text())
+        imported = {(node.module or "", node.level, alias.name) for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert not any(name.startswith("_") for _, _, name in imported), rel
+        if rel != "nas/export.py":
+            assert any(m.startswith("training") for m, _, _ in imported), rel
+        if rel == "nas/train.py":
+            assert not any(m == "train" and level == 2 for m, level, _ in imported)
+    assert "init_from" not in (root / "nas/export.py").read_text()

@@ -131,3 +131,23 @@ def test_init_from_starts_where_the_folder_left_off(tmp_path, data):
     with pytest.raises(TrainError, match="do not fit model"):
         train(_cfg(tmp_path / "bad", model="cnn-tiny", init_from=str(tmp_path / "first")), progress=False, data=data,
               log=quiet)
+
+
+def test_train_accepts_a_module(tmp_path, data):
+    from hvs.models import create_model
+
+    torch.manual_seed(3)
+    module = create_model("cnn-nano", embed_dim=16, in_chans=1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    card = train(_cfg(tmp_path / "m", epochs=1), progress=False, data=data, log=quiet, model=module,
+                 extra={"note": "from python"})
+    after = module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the module itself was trained
+    assert card.extra["note"] == "from python"
+    loaded, _ = ckpt.load_model(tmp_path / "m")  # its folder loads back as the registered model
+    x = torch.zeros(2, 1, 12, 12)
+    module.eval()
+    assert torch.allclose(loaded(x), module(x))
+    with pytest.raises(TrainError, match="the given model: its weights do not fit model cnn-tiny"):
+        train(_cfg(tmp_path / "bad", model="cnn-tiny", epochs=1), progress=False, data=data, log=quiet,
+              model=create_model("cnn-nano", embed_dim=16, in_chans=1))

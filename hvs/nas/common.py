@@ -1,5 +1,5 @@
 """Pieces shared by supernet training, search and export: the supernet folder, the validation
-split carved from the training classes, BatchNorm re-calibration and the BCT classifier rows.
+split carved from the training classes, BatchNorm re-calibration.
 
 A supernet folder (written by :func:`hvs.nas.train.train_supernet`)::
 
@@ -7,7 +7,7 @@ A supernet folder (written by :func:`hvs.nas.train.train_supernet`)::
                            the gallery model it was trained against, epochs done, fingerprint
     supernet.safetensors   the supernet's weights (largest weights of every layer)
     head.safetensors       the margin-softmax classifier shared by all sub-networks
-    state.pt               optimizer / scheduler / history for --resume
+    state.pt               weights, optimizer, scheduler, history for --resume (checksummed)
     log.csv                one row per epoch
     latency_table_*.json   per-layer CPU latencies measured by the search (reused)
 
@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,7 @@ from torch import nn
 from ..errors import HVSError
 from .. import checkpoint as ckpt
 from ..data import RetrievalData, create_dataset
-from ..embed import embed_images, normalize_images
-from ..losses import synthesize_gallery_classifier
+from ..embed import normalize_images
 from ..models.ofa import OFAMobileNetV3Supernet
 
 CONFIG = "config.json"
@@ -201,7 +200,7 @@ def load_data(spec: str | RetrievalData, protocol: str = "closed", image_size: i
 
 
 # ------------------------------------------------------------------------------------------
-# BatchNorm re-calibration and the BCT rows
+# BatchNorm re-calibration
 # ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -237,25 +236,6 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, mean: Sequence[float]
     return model.eval()
 
 
-def gallery_rows(gallery: str | os.PathLike, classes: list[str], images: torch.Tensor, targets: torch.Tensor,
-                 log: Callable[[str], None] = print) -> tuple[torch.Tensor, nn.Module, ckpt.ModelCard]:
-    """The frozen gallery classifier aligned to ``classes`` (BCT; unseen classes get their mean
-    gallery embedding), plus the gallery model and card."""
-    model, card = ckpt.load_model(gallery)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weight = ckpt.load_classifier(gallery)
-
-    def class_mean(row: int) -> torch.Tensor:
-        return embed_images(model, images[targets == row], card.mean, card.std).mean(0)
-
-    rows, synthesized = synthesize_gallery_classifier(weight, card.classes, classes, class_mean)
-    if synthesized:
-        log(f"bct: {len(synthesized)} of {len(classes)} classes unseen by the gallery model; "
-            "their classifier rows are their mean gallery embeddings")
-    return rows, model, card
-
-
 def gallery_ref(card: ckpt.ModelCard, path: str | os.PathLike) -> dict[str, str]:
     return {"fingerprint": card.fingerprint, "model": card.model, "path": str(Path(path).resolve())}
 
@@ -277,14 +257,13 @@ def parse_flops(text: str | float | int) -> float:
 
 def load_mapping(path: str | os.PathLike | None) -> dict[str, Any]:
     """A YAML or JSON file of options (a mapping), or {} for None (the trainer's reader)."""
-    from ..train import read_mapping
+    from ..training.core import read_mapping
 
     return read_mapping(path)
 
 
 def config_from_dict(cls, d: dict[str, Any], what: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise NASError(f"unknown {what} option(s): {', '.join(unknown)}")
-    return cls(**d)
+    """The trainer core's config reader, with NAS's error class."""
+    from ..training.core import config_from_dict as _from_dict
+
+    return _from_dict(cls, d, what, NASError)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,30 +99,19 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
         extra=_nas_extra(card, supernet, flops, key=model.space.key(arch), finetune_epochs=finetune_epochs,
                          bn_images=min(bn_images, len(nd.train_images))))
     if finetune_epochs > 0:
-        # Fine-tune with the ordinary trainer, starting from the extracted sub-network's weights.
+        # Fine-tune the extracted sub-network in process with the ordinary trainer (its weights and
+        # the supernet's head are the start); the trainer writes the model folder and its card.
         if compat is None:
             w = card.bct_weight if bct_weight is None and card.bct_weight > 0 else (1.0 if bct_weight is None
                                                                                     else bct_weight)
             compat_terms = [("bct", w)] if w > 0 else []
-        init_dir = out.with_name(f".{out.name}.init")
-        shutil.rmtree(init_dir, ignore_errors=True)
-        ckpt.save_model_folder(init_dir, sub, mcard, classifier=head.weight.detach())
-        try:
-            tcard = train(TrainConfig(
-                out=str(out), data=data.name, protocol=card.protocol, model="ofa-mbv3",
-                model_kwargs=model.subnet_kwargs(arch), embed_dim=card.embed_dim, gallery=str(gallery),
-                compat=[f"{name}={w}" for name, w in compat_terms], loss=card.loss, scale=card.scale,
-                margin=card.margin,
-                epochs=finetune_epochs, lr=lr, batch_size=batch_size, warmup_epochs=0.0, seed=seed,
-                data_seed=card.data_seed, init_from=str(init_dir), role="query"),
-                progress=progress, data=data, log=log)
-        finally:
-            shutil.rmtree(init_dir, ignore_errors=True)
-        # keep the NAS provenance next to the trainer's record
-        tcard.extra = {**mcard.extra, "finetune": tcard.extra.get("final")}
-        tcard.compatible_with = mcard.compatible_with
-        ckpt.atomic_write_json(out / ckpt.CONFIG, tcard.to_dict())
-        return tcard
+        return train(TrainConfig(
+            out=str(out), data=data.name, protocol=card.protocol, model="ofa-mbv3",
+            model_kwargs=model.subnet_kwargs(arch), embed_dim=card.embed_dim, gallery=str(gallery),
+            compat=[f"{name}={w}" for name, w in compat_terms], loss=card.loss, scale=card.scale,
+            margin=card.margin, epochs=finetune_epochs, lr=lr, batch_size=batch_size, warmup_epochs=0.0, seed=seed,
+            data_seed=card.data_seed, role="query"),
+            progress=progress, data=data, log=log, model=sub, classifier=head.weight.detach(), extra=mcard.extra)
     ckpt.save_model_folder(out, sub, mcard, classifier=head.weight.detach())
     log(f"saved query model ofa-mbv3 [{model.space.key(arch)}] {flops / 1e6:.3f} MFLOPs to {out} "
         f"(fingerprint {mcard.fingerprint}, compatible with gallery {g_card.fingerprint})")

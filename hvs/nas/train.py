@@ -25,7 +25,10 @@ Progressive shrinking (OFA sec. 3.2) is optional: ``progressive=["full", "kernel
 named dimension becomes elastic from its phase on (dimensions never named are elastic from the
 start). One cosine learning-rate schedule spans all phases.
 
-Single process, data in memory, the trainer's pieces reused (:mod:`hvs.train`)::
+Single process, data in memory; the loop, run folder (config, log, checkpoint, --resume) and the
+compatibility losses are the trainer core's (:mod:`hvs.training`), shared with :func:`hvs.train.train`;
+this module adds only what a supernet run is: the sub-networks sampled at each step and the supernet
+folder written after each epoch::
 
     hvs nas train-supernet --gallery runs/gallery --data fashion-mnist --out runs/supernet --epochs 10
     hvs nas train-supernet --config configs/nas_fashion_mnist.yaml --out runs/supernet --resume
@@ -33,9 +36,7 @@ Single process, data in memory, the trainer's pieces reused (:mod:`hvs.train`)::
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,14 +46,14 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
-from ..embed import normalize_images
-from ..losses import BCTLoss, L2Regression, MarginHead
+from ..losses import MarginHead, create_compat_loss
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet
-from ..train import _augment, _write_log, make_optimizer
-from .common import (LOG, STATE, NASError, SupernetCard, config_from_dict, gallery_ref, gallery_rows, load_data,
-                     prepare_data, save_supernet)
+from ..training import core
+from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
+from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
+from ..training.run import TRAIN_CONFIG, RunFolder  # noqa: F401  (TRAIN_CONFIG: re-exported)
+from .common import NASError, SupernetCard, config_from_dict, load_data, prepare_data, read_supernet_card, save_supernet
 
-TRAIN_CONFIG = "train_config.json"
 PHASES = ("full", *ELASTIC_DIMS)
 _RESUME_FREE = {"threads", "out", "force"}
 
@@ -142,18 +143,8 @@ def _phase_of(plan: list[tuple[str, int, list[str] | None]], epoch: int) -> tupl
     return plan[-1][0], plan[-1][2]
 
 
-_REGRESS = L2Regression()
-
-
-def _renormalizer(data: RetrievalData, g_card: ckpt.ModelCard) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Maps a batch normalised with the data's mean/std to the gallery model's (its card's);
-    built once, before the training loop."""
-    if list(g_card.mean) == list(data.mean) and list(g_card.std) == list(data.std):
-        return lambda x: x
-    shape = (1, -1, 1, 1)
-    dm, ds = torch.tensor(data.mean).view(shape), torch.tensor(data.std).view(shape)
-    gm, gs = torch.tensor(g_card.mean).view(shape), torch.tensor(g_card.std).view(shape)
-    return lambda x: (x * ds + dm - gm) / gs
+_REGRESS = create_compat_loss("l2")
+_renormalizer = renormalizer  # the name the tests know
 
 
 def _distill_loss(kind: str, emb: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -164,40 +155,130 @@ def _distill_loss(kind: str, emb: torch.Tensor, teacher: torch.Tensor) -> torch.
     raise NASError(f"unknown distillation {kind!r}; use cosine or l2")
 
 
+class _SupernetTask:
+    """One step of supernet training: the largest sub-network and sampled ones on one batch."""
+
+    error = NASError
+    metrics = ["loss", "own", "bct", "distill", "regress", "acc_largest"]
+
+    def __init__(self, model: OFAMobileNetV3Supernet, head: MarginHead, terms: CompatTerms,
+                 cfg: SupernetTrainConfig, plan: list, card: SupernetCard, n_images: int, folder: Path) -> None:
+        self.model, self.head, self.terms, self.cfg, self.plan, self.card = model, head, terms, cfg, plan, card
+        self.max_arch, self.n_images, self.n_archs, self.folder = model.space.max_arch(), n_images, 1, folder
+
+    def begin_epoch(self, epoch: int) -> dict[str, Any]:
+        phase, self.elastic = _phase_of(self.plan, epoch)
+        self.rng = random.Random(core.epoch_seed(self.cfg.seed, epoch))  # replayed exactly on resume
+        self.model.train()
+        self.head.train()
+        return {"phase": phase}
+
+    def archs(self) -> list[dict]:
+        """The largest sub-network, ``subnets_per_step`` random ones, the smallest with ``sandwich``."""
+        archs = [self.max_arch]
+        if self.elastic != []:
+            archs += [self.model.space.sample(self.rng, self.elastic) for _ in range(self.cfg.subnets_per_step)]
+            if self.cfg.sandwich:
+                archs.append(self.model.space.sample(_MinRng(), self.elastic))
+        return archs
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float]) -> float:
+        archs = self.archs()
+        self.n_archs, n = len(archs), len(archs)
+        ref = self.terms.reference(x)  # one gallery forward pass, shared by the step's sub-networks
+        teacher, total = None, 0.0
+        for j, arch in enumerate(archs):
+            self.model.set_active_subnet(arch)
+            emb = self.model(x)
+            own = self.head(emb, y)
+            sums["own"] += own.item() / n
+            loss = self.terms.add(own, emb, y, ref, sums, divisor=n)
+            if self.cfg.distill > 0 and teacher is not None:
+                term = _distill_loss(self.cfg.distill_kind, emb, teacher)
+                sums["distill"] += term.item() / max(1, n - 1)
+                loss = loss + self.cfg.distill * term
+            if j == 0:
+                teacher = emb.detach()
+                with torch.no_grad():
+                    sums["acc_largest"] += float((self.head.cosine(emb).argmax(1) == y).float().mean())
+            (loss / n).backward()  # the mean over sub-networks keeps the step size independent of n
+            total += loss.item() / n
+        return total
+
+    def end_epoch(self) -> dict[str, Any]:
+        self.model.set_active_subnet(self.max_arch)
+        return {"subnets_per_step": self.n_archs}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "head": self.head.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The checkpoint holds the weights too (one atomic file, consistent with the optimizer
+        state); a checkpoint from before it did is read with the folder's weights files."""
+        if "model" not in state:
+            from safetensors.torch import load_file
+
+            from .common import HEAD, WEIGHTS
+
+            state = {"model": load_file(str(self.folder / WEIGHTS)), "head": load_file(str(self.folder / HEAD))}
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+
+    def save(self, epoch: int, row: dict[str, Any]) -> None:
+        self.card.epochs_done = epoch + 1
+        self.card.extra = {"final": row, "train_images": self.n_images}
+        save_supernet(self.folder, self.model, self.head.weight.detach(), self.card)
+
+
 def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: bool = True,
                    data: RetrievalData | None = None, log: Callable[[str], None] = print) -> SupernetCard:
     """Train (or resume) a supernet as configured; returns the card of the folder ``cfg.out``."""
-    from tqdm import tqdm
-
-    out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    aug = {a for a in cfg.augment.split(",") if a and a != "none"}
-    if aug - {"crop", "flip"}:
-        raise NASError(f"unknown augmentation(s) {sorted(aug - {'crop', 'flip'})}; use crop, flip or none")
+    aug, plan = _check_options(cfg)
+    run = RunFolder(cfg.out, NASError)
+    run.check(asdict(cfg), asdict(SupernetTrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
+
+    g_card = ckpt.read_card(cfg.gallery) if cfg.gallery else None
+    data = load_data(data if data is not None else cfg.data, cfg.protocol,
+                     cfg.image_size or (g_card.image_size if g_card else None), cfg.data_seed)
+    log(data.summary())
+    classes, images, targets = _training_set(cfg, data, log)
+    batches = Batches(images, targets, data.mean, data.std, cfg.batch_size, aug, cfg.seed, cfg.channels_last)
+    embed_dim = cfg.embed_dim or (g_card.embed_dim if g_card else 128)
+    terms = _compat_terms(cfg, g_card, data, classes, images, targets, embed_dim, log)
+    model, head = _build(cfg, embed_dim, data.channels, len(classes))
+    opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, batches.steps_per_epoch)
+    run.start(asdict(cfg))
+
+    task = _SupernetTask(model, head, terms, cfg, plan, _card(cfg, model, embed_dim, data, classes, terms),
+                         len(images), run.path)
+    start, history = core.resume(run, task, opt, sched, cfg.epochs, log) if resume else (0, [])
+    core.fit(task, run, batches, opt, sched, epochs=cfg.epochs, start_epoch=start, history=history,
+             progress=progress, log=log)
+    card = read_supernet_card(run.path)
+    log(f"saved {card.kind} supernet to {run.path} ({card.epochs_done} epochs, fingerprint {card.fingerprint})")
+    return card
+
+
+def _check_options(cfg: SupernetTrainConfig) -> tuple[set[str], list]:
+    """The augmentations and the phase plan, once every option that needs no data is checked."""
+    aug = core.parse_augment(cfg.augment, NASError)
     if cfg.epochs < 1:
         raise NASError(f"epochs must be >= 1, got {cfg.epochs}")
     if cfg.subnets_per_step < 0:
         raise NASError(f"subnets_per_step must be >= 0, got {cfg.subnets_per_step}")
     _distill_loss(cfg.distill_kind, torch.zeros(1, 1), torch.zeros(1, 1))  # validates the kind
-    plan = phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
+    if cfg.regress_weight < 0 or cfg.bct_weight < 0:
+        raise NASError("bct_weight and regress_weight must be >= 0")
+    if cfg.regress_weight > 0 and not cfg.gallery:
+        raise NASError("regress_weight > 0 regresses onto a gallery model's embeddings: pass --gallery DIR")
+    return aug, phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
 
-    # The run folder: refuse to overwrite, resume only a matching configuration.
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise NASError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if (out / TRAIN_CONFIG).is_file():
-            old = json.loads((out / TRAIN_CONFIG).read_text())
-            diff = sorted(k for k in asdict(cfg) if k not in _RESUME_FREE and old.get(k) != asdict(cfg)[k])
-            if diff:
-                raise NASError(f"cannot resume {out}: configuration differs in {', '.join(diff)}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(out / TRAIN_CONFIG, asdict(cfg))
 
-    g_card = ckpt.read_card(cfg.gallery) if cfg.gallery else None
-    image_size = cfg.image_size or (g_card.image_size if g_card else None)
-    data = load_data(data if data is not None else cfg.data, cfg.protocol, image_size, cfg.data_seed)
-    log(data.summary())
+def _training_set(cfg: SupernetTrainConfig, data: RetrievalData, log: Callable[[str], None]
+                  ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(classes, images, targets) of the training split less the validation images the search scores on."""
     nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed)
     images, targets = nd.train_images, nd.train_targets
     if cfg.train_subset and cfg.train_subset < len(images):
@@ -205,155 +286,51 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
         images, targets = images[keep], targets[keep]
     log(f"supernet trains on {len(images)} images; {len(nd.val_query_labels)} val-query and "
         f"{len(nd.val_gallery_labels)} val-gallery images held out for the search")
-    n = len(images)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // cfg.batch_size)
+    return nd.classes, images, targets
 
-    embed_dim = cfg.embed_dim or (g_card.embed_dim if g_card else 128)
-    bct = g_model = None
-    if cfg.regress_weight < 0 or cfg.bct_weight < 0:
-        raise NASError("bct_weight and regress_weight must be >= 0")
-    if cfg.regress_weight > 0 and g_card is None:
-        raise NASError("regress_weight > 0 regresses onto a gallery model's embeddings: pass --gallery DIR")
-    if g_card is not None:
-        if g_card.embed_dim != embed_dim:
-            raise NASError(f"embed_dim {embed_dim} differs from the gallery model's {g_card.embed_dim}: "
-                           "compatible embeddings must share one space")
-        if (g_card.in_chans, g_card.image_size) != (data.channels, data.image_size) and not cfg.force:
-            raise NASError(f"gallery model expects {g_card.in_chans}x{g_card.image_size}px input, the data is "
-                           f"{data.channels}x{data.image_size}px (pass --force to ignore)")
-        if cfg.bct_weight > 0:
-            rows, _, g_card = gallery_rows(cfg.gallery, nd.classes, images, targets, log)
-            bct = BCTLoss(rows, cfg.loss, cfg.scale, cfg.margin)
-        if cfg.regress_weight > 0:
-            g_model, g_card = ckpt.load_model(cfg.gallery)
-            for p in g_model.parameters():
-                p.requires_grad_(False)
-            if cfg.channels_last:
-                g_model = g_model.to(memory_format=torch.channels_last)
-            to_gallery = _renormalizer(data, g_card)
-    compatible = bct is not None or g_model is not None
 
+def _compat_terms(cfg: SupernetTrainConfig, g_card: ckpt.ModelCard | None, data: RetrievalData, classes: list[str],
+                  images: torch.Tensor, targets: torch.Tensor, embed_dim: int, log: Callable[[str], None]
+                  ) -> CompatTerms:
+    """BCT through the gallery classifier and regression onto its embeddings, as weighted."""
+    if g_card is None:
+        return CompatTerms([])
+    check_gallery_card(g_card, embed_dim, data, force=cfg.force, error=NASError)
+    specs = [(name, w) for name, w in (("bct", cfg.bct_weight), ("l2", cfg.regress_weight)) if w > 0]
+    if not specs:
+        return CompatTerms([])
+    gallery = FrozenGallery.load(cfg.gallery)
+    context = gallery.context(classes, images, targets, kind=cfg.loss, scale=cfg.scale, margin=cfg.margin, log=log)
+    terms = build_compat_terms(specs, gallery, context, keys={"l2": "regress"},
+                               to_gallery=renormalizer(data, gallery.card))
+    if cfg.channels_last and terms.needs_ref:
+        gallery.model.to(memory_format=torch.channels_last)
+    return terms
+
+
+def _build(cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int
+           ) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
     torch.manual_seed(cfg.seed)
     try:
-        model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=data.channels, **cfg.supernet)
+        model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **cfg.supernet)
     except TypeError as e:
         raise NASError(f"bad supernet argument: {e}") from None
-    head = MarginHead(embed_dim, len(nd.classes), cfg.loss, cfg.scale, cfg.margin)
+    head = MarginHead(embed_dim, n_classes, cfg.loss, cfg.scale, cfg.margin)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, steps_per_epoch)
+    return model, head
 
-    card = SupernetCard(
+
+def _card(cfg: SupernetTrainConfig, model: OFAMobileNetV3Supernet, embed_dim: int, data: RetrievalData,
+          classes: list[str], terms: CompatTerms) -> SupernetCard:
+    return SupernetCard(
         supernet=model.config(), embed_dim=embed_dim, in_chans=data.channels, image_size=data.image_size,
-        mean=list(data.mean), std=list(data.std), classes=nd.classes, data=data.name, protocol=data.protocol,
+        mean=list(data.mean), std=list(data.std), classes=classes, data=data.name, protocol=data.protocol,
         data_seed=cfg.data_seed, val_fraction=cfg.val_fraction, val_max_per_class=cfg.val_max_per_class,
-        gallery=gallery_ref(g_card, cfg.gallery) if compatible else None,
-        bct_weight=cfg.bct_weight if bct is not None else 0.0,
-        regress_weight=cfg.regress_weight if g_model is not None else 0.0, loss=cfg.loss, scale=cfg.scale,
+        gallery=terms.gallery.reference() if terms else None,
+        bct_weight=cfg.bct_weight if "bct" in terms.keys else 0.0,
+        regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0, loss=cfg.loss, scale=cfg.scale,
         margin=cfg.margin, epochs=cfg.epochs)
-
-    history: list[dict] = []
-    start_epoch = 0
-    state_path = out / STATE
-    if resume and state_path.is_file():
-        from safetensors.torch import load_file
-
-        from .common import HEAD, WEIGHTS
-
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(load_file(str(out / WEIGHTS)))
-        head.weight.data.copy_(load_file(str(out / HEAD))["weight"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
-        log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
-
-    space = model.space
-    max_arch = space.max_arch()
-    for epoch in range(start_epoch, cfg.epochs):
-        phase, elastic = _phase_of(plan, epoch)
-        model.train()
-        head.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        rng = random.Random(cfg.seed * 100_003 + epoch)  # sub-network sampling: replayed exactly on resume
-        perm = torch.randperm(n, generator=gen)
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "own": 0.0, "bct": 0.0, "distill": 0.0, "regress": 0.0, "acc_largest": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs} [{phase}]", disable=not progress,
-                   leave=False, dynamic_ncols=True)
-        for step in bar:
-            idx = perm[step * batch:(step + 1) * batch]
-            x = normalize_images(images[idx], data.mean, data.std)
-            if aug:
-                x = _augment(x, aug, gen)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = targets[idx]
-            archs = [max_arch]
-            if elastic != []:
-                archs += [space.sample(rng, elastic) for _ in range(cfg.subnets_per_step)]
-                if cfg.sandwich:
-                    archs.append(space.sample(_MinRng(), elastic))
-            ref = None
-            if g_model is not None:  # one gallery forward pass, shared by the step's sub-networks
-                with torch.no_grad():
-                    ref = g_model(to_gallery(x))
-            opt.zero_grad(set_to_none=True)
-            teacher = None
-            step_loss = 0.0
-            for j, arch in enumerate(archs):
-                model.set_active_subnet(arch)
-                emb = model(x)
-                own = head(emb, y)
-                loss = own
-                sums["own"] += own.item() / len(archs)
-                if bct is not None:
-                    term = bct(emb, y)
-                    sums["bct"] += term.item() / len(archs)
-                    loss = loss + cfg.bct_weight * term
-                if ref is not None:
-                    term = _REGRESS(emb, y, ref_emb=ref)
-                    sums["regress"] += term.item() / len(archs)
-                    loss = loss + cfg.regress_weight * term
-                if cfg.distill > 0 and teacher is not None:
-                    term = _distill_loss(cfg.distill_kind, emb, teacher)
-                    sums["distill"] += term.item() / max(1, len(archs) - 1)
-                    loss = loss + cfg.distill * term
-                if j == 0:
-                    teacher = emb.detach()
-                    with torch.no_grad():
-                        sums["acc_largest"] += float((head.cosine(emb).argmax(1) == y).float().mean())
-                # the mean over sub-networks keeps the step size independent of how many are sampled
-                (loss / len(archs)).backward()
-                step_loss += loss.item() / len(archs)
-            if not torch.isfinite(torch.tensor(step_loss)):
-                raise NASError(f"loss became {step_loss} at epoch {epoch + 1} step {step}; lower --lr")
-            opt.step()
-            sched.step()
-            sums["loss"] += step_loss
-            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
-        bar.close()
-        model.set_active_subnet(max_arch)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "phase": phase, **{k: round(v / steps_per_epoch, 5) for k, v in sums.items()},
-               "subnets_per_step": len(archs), "lr": round(sched.get_last_lr()[0], 6), "seconds": round(seconds, 2),
-               "images_per_s": round(steps_per_epoch * batch / seconds, 1)}
-        history.append(row)
-        log("  ".join(f"{k}={v}" for k, v in row.items()))
-        _write_log(out / LOG, history)
-        card.epochs_done = epoch + 1
-        card.extra = {"final": row, "train_images": n}
-        save_supernet(out, model, head.weight.detach(), card)
-        ckpt.atomic_torch_save(state_path, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                            "epoch": epoch, "history": json.dumps(history)})
-        hooks.after_epoch(epoch)
-
-    log(f"saved {card.kind} supernet to {out} ({card.epochs_done} epochs, fingerprint {card.fingerprint})")
-    from .common import read_supernet_card
-
-    return read_supernet_card(out)
 
 
 class _MinRng(random.Random):
@@ -362,12 +339,3 @@ class _MinRng(random.Random):
 
     def choice(self, seq):  # type: ignore[override]
         return min(seq, key=lambda v: (v is not None, v if v is not None else 0))
-
-
-class _Hooks:
-    """Test seam: called after each finished epoch (a test raises here to simulate a kill)."""
-
-    after_epoch: Callable[[int], None] = staticmethod(lambda epoch: None)
-
-
-hooks = _Hooks()
