@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -107,10 +108,27 @@ class ModelCard:
 def save_model_folder(folder: str | os.PathLike, model: EmbeddingModel, card: ModelCard,
                       classifier: torch.Tensor | None = None) -> ModelCard:
     """Write weights (and classifier), fingerprint them, then write config.json last: a folder
-    with a config.json is complete."""
+    with a config.json is complete. Saving over an existing model folder replaces it as a whole
+    (:func:`hvs.fileio.replace_folder`): a kill at any instant leaves the old model or the new one,
+    never new weights beside the old card. Other files in the folder (a run's log) are kept."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fileio.remove_stale_temps(folder)  # left by a save that was killed
+    if not (folder / CONFIG).is_file():  # nothing committed to lose: write in place, config.json last
+        folder.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temps(folder)  # left by a save that was killed
+        return _write_model_files(folder, model, card, classifier)
+
+    def write(staging: Path) -> ModelCard:
+        for entry in folder.iterdir():  # keep what is not ours to replace (logs, a run's state)
+            if entry.is_file() and entry.name not in (WEIGHTS, CLASSIFIER, CONFIG) \
+                    and not fileio.is_temp_name(entry.name):
+                shutil.copy2(entry, staging / entry.name)
+        return _write_model_files(staging, model, card, classifier)
+
+    return fileio.replace_folder(folder, write)
+
+
+def _write_model_files(folder: Path, model: EmbeddingModel, card: ModelCard,
+                       classifier: torch.Tensor | None) -> ModelCard:
     atomic_save_tensors(folder / WEIGHTS, model.state_dict())
     if classifier is not None:
         atomic_save_tensors(folder / CLASSIFIER, {"weight": classifier})
@@ -122,6 +140,7 @@ def save_model_folder(folder: str | os.PathLike, model: EmbeddingModel, card: Mo
 
 def read_card(folder: str | os.PathLike) -> ModelCard:
     folder = Path(folder)
+    fileio.recover_folder(folder)  # a replacement killed midway: back to the old folder
     path = folder / CONFIG
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")

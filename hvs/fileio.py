@@ -13,10 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -78,3 +81,51 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_names(folder: Path) -> tuple[Path, Path]:
+    """The sibling names a folder replacement stages in: the new contents, and the old kept until the swap."""
+    return folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """Finish or undo a :func:`replace_folder` that was killed: if the folder is missing but its old
+    contents were already moved aside, move them back (the replacement had not committed); remove
+    whatever staging is left. A no-op when nothing was interrupted."""
+    folder = Path(folder)
+    new, old = _swap_names(folder)
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+        _fsync_dir(folder.parent)
+    for leftover in (new, old):
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def replace_folder(folder: str | os.PathLike, write: Callable[[Path], T]) -> T:
+    """Replace the whole of ``folder`` by what ``write(staging)`` puts in a fresh staging folder, so
+    that a reader (after :func:`recover_folder`) sees the old folder or the new one, never a mix of
+    their files: the staging folder is written and fsynced beside it, the old folder is renamed
+    aside, the new one renamed into place (the commit), then the old one deleted. A folder that does
+    not exist yet is simply created by the same rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
+    new, old = _swap_names(folder)
+    new.mkdir()
+    result = write(new)
+    _fsync_dir(new)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)  # the commit
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return result

@@ -168,7 +168,15 @@ class _Tracer:
         return os.path.abspath(p)
 
     def _mine(self, path: str | None) -> bool:
-        return path is not None and (path == self.root or path.startswith(self.root + os.sep))
+        """Under the artefact's folder, or in a sibling staging folder of it (``.NAME.*``, where a
+        whole-folder replacement writes before its rename)."""
+        if path is None:
+            return False
+        if path == self.root or path.startswith(self.root + os.sep):
+            return True
+        parent, name = os.path.split(self.root)
+        rel = os.path.relpath(path, parent)
+        return not rel.startswith("..") and rel.split(os.sep)[0].startswith(f".{name}.")
 
     def _rel(self, path: str) -> str:
         rel = os.path.relpath(path, self.root)

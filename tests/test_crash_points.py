@@ -151,10 +151,6 @@ def test_first_model_save_is_all_or_nothing(first_save_report):
     check(first_save_report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hvs.fileio.atomic_write_bytes removes its mkstemp file only on a Python exception: a kill between "
-    "mkstemp and os.replace leaves '.NAME.XXXXXXXX.tmp' in the folder, and the next save of the same "
-    "file does not remove it"))
 def test_a_killed_model_save_leaves_nothing_behind_once_retried(first_save_report):
     left = {o.where: o.recovered for o in first_save_report.outcomes if o.recovered}
     assert not left, "\n".join(f"killed {where}: left {names}" for where, names in left.items())
@@ -173,11 +169,6 @@ def test_overwritten_model_folder_never_fails_with_a_traceback(overwrite_report)
     assert any(o.verdict == "old" for o in report.outcomes) and any(o.verdict == "new" for o in report.outcomes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "save_model_folder over an existing model folder is three separate atomic replaces "
-    "(model.safetensors, classifier.safetensors, config.json): killed after the weights are replaced and "
-    "before config.json is, load_model raises CheckpointError 'weights do not match the fingerprint' "
-    "(new weights, old card), so the old model is lost and the new one not committed"))
 def test_overwritten_model_folder_keeps_the_old_model_or_the_new(overwrite_report):
     check(overwrite_report)
 
@@ -378,3 +369,8 @@ def test_index_build_is_all_or_nothing_and_keeps_finished_shards(tmp_path):
     # A later kill never costs more embedding than an earlier one, and some kill found every shard done.
     assert reused == sorted(reused), reused
     assert reused[0] == 0 and reused[-1] == -(-N_ITEMS // SHARD), reused
+
+
+def test_overwrite_is_traced_through_its_staging_folder(overwrite_report):
+    """The replacement writes in a sibling staging folder: the tracer must see (and kill at) those writes too."""
+    assert any(".new" in o.where for o in overwrite_report.outcomes), [o.where for o in overwrite_report.outcomes]
