@@ -14,4 +14,13 @@ class HVSError(ValueError):
     """An expected, explained failure (one-line message)."""
 
 
-__all__ = ["HVSError"]
+class ConfigError(HVSError):
+    """An option that names nothing registered (model, loss) or takes a value it cannot have."""
+
+
+class UsageError(HVSError):
+    """A command used in a way that cannot work: a malformed ``KEY=VALUE``, flags that need each
+    other, an optional dependency that is not installed."""
+
+
+__all__ = ["ConfigError", "HVSError", "UsageError"]
