@@ -17,7 +17,7 @@ service keeps its own decoding (size limits, decompression bombs) and locking, a
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

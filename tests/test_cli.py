@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import hvs.cli as cli
+from hvs import cli
 from hvs.cli import COMMANDS, build_parser, main
 from hvs.errors import HVSError, UsageError
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse_kv
 from ..errors import UsageError
+from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse_kv
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_gallery_model_arg
 from ..errors import UsageError
+from ._common import add_gallery_model_arg
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import argparse
 import json
 from typing import Any
 
-from ._common import add_gallery_model_arg, add_optimization_args, parse_kv
 from ..errors import UsageError
+from ._common import add_gallery_model_arg, add_optimization_args, parse_kv
 
 # Flags copied into the config dict, by config key; ``gallery`` is read from --gallery-model.
 _TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight",
@@ -25,6 +25,7 @@ _TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim",
 _SEARCH_FLAGS = ("supernet", "out", "gallery", "data", "flops", "latency_ms", "latency_mode", "latency_batch",
                  "reward", "metric", "penalty", "population", "iterations", "parents", "mutation_prob",
                  "mutate_ratio", "max_tries", "bn_images", "seed", "threads")
+_DEST = {"gallery": "gallery_model"}  # config key -> argparse dest, where the flag name differs
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -38,9 +39,6 @@ def _merge(config: str | None, args: argparse.Namespace, flags: tuple[str, ...])
     values = {k: getattr(args, _DEST.get(k, k)) for k in flags}
     merged.update({k: v for k, v in values.items() if v is not None})
     return merged
-
-
-_DEST = {"gallery": "gallery_model"}  # config key -> argparse dest, where the flag name differs
 
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
