@@ -17,6 +17,16 @@ class HVSError(ValueError):
     """An expected, explained failure (one-line message)."""
 
 
+class ConfigError(HVSError):
+    """An option that names nothing registered (model, loss) or takes a value it cannot have."""
+
+
+class UsageError(HVSError):
+    """A command used in a way that cannot work: a malformed ``KEY=VALUE``, flags that need each
+    other, an optional dependency that is not installed."""
+
+
+
 class HVSWarning(UserWarning):
     """Something that deserves the user's attention; printed as one line ``hvs: warning: ...``
     (no Python source line), and still a normal warning for ``pytest.warns`` and ``-W error``."""
@@ -33,4 +43,4 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:
 
 warnings.formatwarning = _formatwarning
 
-__all__ = ["HVSError", "HVSWarning"]
+__all__ = ["ConfigError", "HVSError", "HVSWarning", "UsageError"]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 MARGIN_LOSSES = ("normface", "cosface", "arcface")
 
 
@@ -38,7 +39,7 @@ def margin_logits(cosine: torch.Tensor, labels: torch.Tensor, kind: str, scale: 
                   margin: float) -> torch.Tensor:
     """Apply a margin to the target-class cosine and scale: the logits for cross-entropy."""
     if kind not in MARGIN_LOSSES:
-        raise ValueError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
+        raise ConfigError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
     if kind == "normface" or margin == 0:
         return scale * cosine
     target = cosine.gather(1, labels[:, None])
@@ -58,7 +59,7 @@ class MarginHead(nn.Module):
                  margin: float = 0.2) -> None:
         super().__init__()
         if kind not in MARGIN_LOSSES:
-            raise ValueError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
+            raise ConfigError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
         self.weight = nn.Parameter(torch.randn(num_classes, embed_dim) / math.sqrt(embed_dim))
         self.kind, self.scale, self.margin = kind, scale, margin
 
@@ -126,7 +127,7 @@ def list_compat_losses() -> list[str]:
 
 def compat_loss_class(name: str) -> type[CompatLoss]:
     if name not in _COMPAT_REGISTRY:
-        raise ValueError(f"unknown compatibility loss {name!r}; expected one of "
+        raise ConfigError(f"unknown compatibility loss {name!r}; expected one of "
                          f"{', '.join(['none', *list_compat_losses()])}")
     return _COMPAT_REGISTRY[name]
 
@@ -217,7 +218,7 @@ def parse_compat(specs: list[str] | str | None) -> list[tuple[str, float]]:
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"compatibility loss weight must be a number: {spec!r}") from None
+            raise ConfigError(f"compatibility loss weight must be a number: {spec!r}") from None
         out.append((name, w))
     return out
 

@@ -36,15 +36,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import HVSError
+
 __all__ = [
     "DEFAULT_FAR_TARGETS",
     "DEFAULT_FPIR_TARGETS",
+    "MetricsError",
     "bootstrap_ci",
     "paired_bootstrap_ci",
     "retrieval_metrics",
     "retrieval_metrics_from_scores",
     "similarity",
 ]
+
+
+
+class MetricsError(HVSError):
+    """Input a metric cannot be computed from: wrong shapes, NaN or infinite values, empty sets,
+    options out of range (a ``ValueError`` still, as before)."""
+
 
 DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_FPIR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
@@ -78,10 +88,10 @@ def _float_dtype(*xs: Tensor) -> torch.dtype:
 
 def _check_embeddings(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) tensor, got "
+        raise MetricsError(f"{name} must be a 2-D (N, D) tensor, got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise MetricsError(f"{name} contains NaN or infinite values")
 
 
 def _normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -99,7 +109,7 @@ def similarity(query_emb: Tensor, gallery_emb: Tensor) -> Tensor:
     _check_embeddings(query_emb, "query_emb")
     _check_embeddings(gallery_emb, "gallery_emb")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
+        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
                          f"{gallery_emb.shape[1]}")
     dtype = _float_dtype(query_emb, gallery_emb)
     return _normalize(query_emb, dtype) @ _normalize(gallery_emb.to(query_emb.device), dtype).T
@@ -113,9 +123,9 @@ def similarity(query_emb: Tensor, gallery_emb: Tensor) -> Tensor:
 def _labels(x: Any, n: int, name: str, device: torch.device) -> Tensor:
     t = torch.as_tensor(np.asarray(x.cpu() if isinstance(x, Tensor) else x))
     if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        raise MetricsError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex():
-        raise ValueError(f"{name} must be integer labels, got {t.dtype}")
+        raise MetricsError(f"{name} must be integer labels, got {t.dtype}")
     return t.to(device=device, dtype=torch.int64)
 
 
@@ -145,7 +155,7 @@ def _supported(
     for rate in targets:
         rate = float(rate)
         if not 0.0 < rate <= 1.0:
-            raise ValueError(f"{what} targets must lie in (0, 1], got {rate}")
+            raise MetricsError(f"{what} targets must lie in (0, 1], got {rate}")
         if n > 0 and rate >= min_count / n:
             out.append((rate, _budget(rate, n)))
     return out
@@ -243,7 +253,7 @@ def _matrix_chunks(scores: Tensor, rows: int) -> Iterator[Tensor]:
     for start in range(0, scores.shape[0], rows):
         chunk = scores[start:start + rows].to(dtype)
         if not bool(torch.isfinite(chunk).all()):
-            raise ValueError("scores contain NaN or infinite values")
+            raise MetricsError("scores contain NaN or infinite values")
         yield chunk
 
 
@@ -328,7 +338,7 @@ def retrieval_metrics(
     _check_embeddings(query_emb, "query_emb")
     _check_embeddings(gallery_emb, "gallery_emb")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
+        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
                          f"{gallery_emb.shape[1]}")
     n_q, n_g = query_emb.shape[0], gallery_emb.shape[0]
     rows = _chunk_rows(chunk_size, n_g)
@@ -361,7 +371,7 @@ def retrieval_metrics_from_scores(
     Scores must be finite; they are used in float32 unless given as float64.
     """
     if not isinstance(scores, Tensor) or scores.dim() != 2:
-        raise ValueError("scores must be a 2-D (Q, G) tensor")
+        raise MetricsError("scores must be a 2-D (Q, G) tensor")
     if not scores.is_floating_point():
         scores = scores.to(torch.float64)
     n_q, n_g = scores.shape
@@ -378,7 +388,7 @@ def _chunk_rows(chunk_size: int | None, n_g: int) -> int:
     if chunk_size is None:
         return max(1, _CHUNK_ELEMENTS // max(1, n_g))
     if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise MetricsError(f"chunk_size must be >= 1, got {chunk_size}")
     return int(chunk_size)
 
 
@@ -400,15 +410,15 @@ def _evaluate(
     pair_scores: bool = False,
 ) -> dict[str, Any]:
     if n_q < 1 or n_g < 1:
-        raise ValueError(f"need at least one query and one gallery item, got Q={n_q}, G={n_g}")
+        raise MetricsError(f"need at least one query and one gallery item, got Q={n_q}, G={n_g}")
     if exclude_self and n_q != n_g:
-        raise ValueError(f"exclude_self needs the query set to be the gallery set, got Q={n_q}, "
+        raise MetricsError(f"exclude_self needs the query set to be the gallery set, got Q={n_q}, "
                          f"G={n_g}")
     if int(min_count) < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
+        raise MetricsError(f"min_count must be >= 1, got {min_count}")
     ks = list(dict.fromkeys(int(k) for k in ks))
     if any(k < 1 for k in ks):
-        raise ValueError(f"ks must be positive, got {ks}")
+        raise MetricsError(f"ks must be positive, got {ks}")
     ql = _labels(query_labels, n_q, "query_labels", device)
     gl = _labels(gallery_labels, n_g, "gallery_labels", device)
     if nonmated_query_mask is not None:
@@ -416,7 +426,7 @@ def _evaluate(
             nonmated_query_mask.cpu() if isinstance(nonmated_query_mask, Tensor)
             else nonmated_query_mask))
         if nonmated.shape != (n_q,):
-            raise ValueError(f"nonmated_query_mask must have shape ({n_q},), got "
+            raise MetricsError(f"nonmated_query_mask must have shape ({n_q},), got "
                              f"{tuple(nonmated.shape)}")
         nonmated = nonmated.to(device=device, dtype=torch.bool)
 
@@ -583,9 +593,9 @@ _BOOT_ELEMENTS = 1 << 23
 def _as_1d(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
     if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {a.shape}")
+        raise MetricsError(f"{name} must be a non-empty 1-D array, got shape {a.shape}")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise MetricsError(f"{name} contains NaN or infinite values")
     return a
 
 
@@ -593,9 +603,9 @@ def _percentile_ci(
     x: np.ndarray, n_boot: int, alpha: float, seed: int
 ) -> tuple[float, float, float]:
     if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise MetricsError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        raise MetricsError(f"alpha must lie in (0, 1), got {alpha}")
     n_boot = int(n_boot)
     n = x.size
     rng = np.random.default_rng(seed)
@@ -636,7 +646,7 @@ def paired_bootstrap_ci(
     a = _as_1d(a, "a")
     b = _as_1d(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"a and b must be paired (same length), got {a.size} and {b.size}")
+        raise MetricsError(f"a and b must be paired (same length), got {a.size} and {b.size}")
     return _percentile_ci(a - b, n_boot, alpha, seed)
 
 
@@ -653,7 +663,7 @@ def resample_weights(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """(n_boot, n) int32 multiplicities: row b counts how often each of n items was drawn in
     resample b (n draws with replacement). Deterministic for a given seed."""
     if n < 1 or n_boot < 1:
-        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+        raise MetricsError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
     rng = np.random.default_rng(seed)
     out = np.empty((n_boot, n), dtype=np.int32)
     step = max(1, _BOOT_ELEMENTS // n)
@@ -699,9 +709,9 @@ def tpir_bootstrap(per_probe: dict, fpir: float, weights: np.ndarray) -> np.ndar
     nm = np.asarray(per_probe["nonmated_score"], dtype=np.float64)
     mq, nq = np.asarray(per_probe["mated_query"]), np.asarray(per_probe["nonmated_query"])
     if mq.size != ms.size or nq.size != nm.size:
-        raise ValueError("per_probe arrays disagree in length")
+        raise MetricsError("per_probe arrays disagree in length")
     if (mq.size and mq.max() >= weights.shape[1]) or (nq.size and nq.max() >= weights.shape[1]):
-        raise ValueError(f"weights cover {weights.shape[1]} queries, the probes index more")
+        raise MetricsError(f"weights cover {weights.shape[1]} queries, the probes index more")
     out = np.full(weights.shape[0], np.nan)
     if not ms.size or not nm.size:
         return out
@@ -728,7 +738,7 @@ def tar_bootstrap(pair_scores: dict, far: float, weights: np.ndarray) -> np.ndar
     imp_per_q = np.asarray(pair_scores["impostors_per_query"], dtype=np.int64)
     gen_per_q = np.asarray(pair_scores["genuine_per_query"], dtype=np.int64)
     if weights.shape[1] != imp_per_q.size:
-        raise ValueError(f"weights cover {weights.shape[1]} queries, the pairs {imp_per_q.size}")
+        raise MetricsError(f"weights cover {weights.shape[1]} queries, the pairs {imp_per_q.size}")
     imp, imp_q = pair_scores["impostor_top_score"], pair_scores["impostor_top_query"]
     gen, gen_q = pair_scores["genuine_score"], pair_scores["genuine_query"]
     n_imp_all = int(imp_per_q.sum())

@@ -72,10 +72,18 @@ def clustered(rng: np.random.Generator, n: int, d: int, centers: int = 32, noise
 # The shared behavioural suite.
 def test_specs_need_a_known_prefix(tmp_path):
     assert list_backends() == ["faiss", "milvus"]
-    with pytest.raises(IndexStoreError, match="faiss:DIR, milvus:URI"):
-        open_index(str(tmp_path))
-    with pytest.raises(IndexStoreError, match="no known backend prefix"):
+    with pytest.raises(IndexStoreError, match="no known backend prefix; use one of: faiss:DIR, milvus:URI"):
         open_index(f"annoy:{tmp_path}")
+
+
+def test_a_bare_folder_is_a_faiss_index(tmp_path):
+    with open_index(f"faiss:{tmp_path / 'idx'}", create=True, dim=4) as index:
+        index.add(np.eye(4, dtype=np.float32))
+    for bare in (str(tmp_path / "idx"), tmp_path / "idx"):
+        with open_index(bare) as index:
+            assert len(index) == 4 and index.spec == f"faiss:{tmp_path / 'idx'}"
+    with pytest.raises(IndexStoreError, match="is not an hvs index"):
+        open_index(str(tmp_path))  # a folder that holds no index is refused as one
 
 
 def test_flat_search_equals_brute_force(spec):

@@ -129,3 +129,25 @@ def test_index_without_a_recorded_gallery_model_is_refused(setup, tmp_path):
     assert Searcher(spec, root / "q", force=True).warning
     assert main(["index", "add", "--index", spec, "--gallery-model", str(root / "g"), "--label", "x",
                  str(images[0])]) == 2
+
+
+def test_add_defaults_to_the_recorded_gallery_model(setup, tmp_path, capsys):
+    """`hvs index add` and POST /gallery share hvs.gallery: without --gallery-model the index's own
+    gallery model embeds the images; labels are one for all or one per image."""
+    import shutil
+
+    from hvs.gallery import add_images
+
+    root, data, images = setup
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    idx = str(tmp_path / "idx")  # a bare folder, as for search
+    n = len(data.gallery)
+    assert main(["index", "add", "--index", idx, "--label", "a", "--label", "b", *map(str, images)]) == 2
+    assert "3 images but 2 labels" in capsys.readouterr().err
+    assert main(["index", "add", "--index", idx, "--label", "new", *map(str, images[:2])]) == 0
+    assert f"added ids {n}, {n + 1}" in capsys.readouterr().out
+    with open_index(idx) as index:
+        assert [r["label"] for r in index.records([n, n + 1])] == ["new", "new"]
+        assert add_images(index, [images[2]], ["x"]).tolist() == [n + 2]  # the library call itself
+    hits = Searcher(idx, root / "g").search_files(images, k=1)
+    assert [h[0]["id"] for h in hits] == [n, n + 1, n + 2] and all(h[0]["score"] > 0.999 for h in hits)

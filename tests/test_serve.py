@@ -342,3 +342,22 @@ def test_a_nan_embedding_is_a_json_error(world):
     client = TestClient(create_app(f"faiss:{root / 'idx'}", crashing, token=""), raise_server_exceptions=False)
     r = client.post("/search", **upload(png_of(data.query.images[0])))
     assert r.status_code == 500 and r.json()["detail"] == "internal error: RuntimeError: model exploded"
+
+
+def test_serve_takes_a_bare_index_folder_like_search(world, monkeypatch, capsys):
+    """`hvs serve --index DIR` opens the same FAISS index as `hvs search --index DIR`."""
+    from hvs.cli import main
+
+    root, data = world
+    client = TestClient(create_app(str(root / "idx"), root / "q", token=""))
+    r = client.post("/search?k=3", **upload(png_of(data.query.images[0])))
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    assert client.get("/stats").json()["index"]["spec"] == f"faiss:{root / 'idx'}"
+
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app.state.service))
+    assert main(["serve", "--index", str(root / "idx"), "--query-model", str(root / "q")]) == 0
+    assert len(served) == 1 and len(served[0].index) == len(data.gallery)
+    assert f"faiss:{root / 'idx'}" in capsys.readouterr().out

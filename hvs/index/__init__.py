@@ -8,8 +8,8 @@
     scores, ids = index.search(query_embeddings, k=10)   # cosine similarity, (q, k) each
     index.records(ids[0])                                # [{"id", "label", "source"}, ...]
 
-Specs always carry a backend prefix (a bare path is an error): ``faiss:DIR`` (the default choice:
-a folder searched in-process; any FAISS factory string) or ``milvus:URI`` (a Milvus Lite ``.db``
+Specs carry a backend prefix: ``faiss:DIR`` (the default choice: a folder searched in-process;
+any FAISS factory string; a bare ``DIR`` means ``faiss:DIR``) or ``milvus:URI`` (a Milvus Lite ``.db``
 file or an ``http(s)://`` Milvus server; ``Flat`` only; needs ``pip install pymilvus milvus-lite``).
 Both implement :class:`GalleryIndex` and behave the same: vectors are L2-normalised on add and on
 search, ids are stable int64 (0 .. 2**63-1), removal is real, k is capped at the index size
@@ -21,6 +21,8 @@ resumable, checksummed shards and writes the index in one step.
 
 from __future__ import annotations
 
+import os
+
 from .base import GalleryIndex, IndexStoreError, backend_class, list_backends, parse_spec, register_backend
 from .build import build_index
 
@@ -28,9 +30,9 @@ register_backend("faiss", "hvs.index.faiss_backend:FaissGalleryIndex")
 register_backend("milvus", "hvs.index.milvus_backend:MilvusGalleryIndex")
 
 
-def open_index(spec: str, *, create: bool = False, dim: int | None = None, factory: str = "Flat",
+def open_index(spec: str | os.PathLike, *, create: bool = False, dim: int | None = None, factory: str = "Flat",
                meta: dict | None = None) -> GalleryIndex:
-    """Open the gallery index at ``spec`` (``faiss:DIR`` or ``milvus:URI``).
+    """Open the gallery index at ``spec`` (``faiss:DIR``, a bare ``DIR`` meaning the same, or ``milvus:URI``).
 
     With ``create=True`` a new, empty index is made (``dim`` required; ``factory`` is a FAISS
     factory string such as ``"Flat"``, ``"HNSW32"``, ``"IVF64,Flat"``, ``"IVF16,PQ8"``; ``meta`` is

@@ -109,10 +109,20 @@ def _valid_specs() -> str:
     return ", ".join(examples.get(p, f"{p}:...") for p in list_backends())
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """Split ``"prefix:location"``; a bare path is an error, never a guess (STYLE 3)."""
+# A spec with no prefix is a folder of this backend: ``runs/index`` means ``faiss:runs/index``.
+DEFAULT_BACKEND = "faiss"
+
+
+def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
+    """Split ``"prefix:location"``. A path with no prefix (no ``:`` before its first ``/``) is a
+    folder of the default backend, ``faiss``, the one rule every command and the service share;
+    an unknown prefix is an error, never a guess (STYLE 3)."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         raise IndexStoreError(f"index spec must be a non-empty string like {_valid_specs()}, got {spec!r}")
+    if ":" not in spec.split("/", 1)[0]:
+        return DEFAULT_BACKEND, spec
     prefix, sep, rest = spec.partition(":")
     if not sep or prefix not in _BACKENDS:
         raise IndexStoreError(f"index spec {spec!r} has no known backend prefix; use one of: {_valid_specs()}")

@@ -88,7 +88,7 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+        raise dist.DistributedError(f"unknown device {device!r}; use auto, cpu or cuda")
     target = torch.device("cuda", dist.env_info().local_rank) if device == "cuda" else torch.device("cpu")
 
     if target.type == "cpu":

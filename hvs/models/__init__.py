@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from . import backbones as bb
 
 
@@ -58,7 +59,7 @@ def list_models(role: str | None = None) -> list[str]:
 
 def model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
@@ -68,7 +69,7 @@ def create_model(name: str, embed_dim: int = 128, in_chans: int = 1, **kwargs) -
     try:
         backbone = entry.builder(in_chans=in_chans, **kwargs)
     except TypeError as e:  # an argument the architecture does not take
-        raise ValueError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} "
+        raise ConfigError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} "
                          f"argument(s): {e}") from None
     return EmbeddingModel(backbone, embed_dim=embed_dim)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
@@ -42,7 +43,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 8, width: float = 1.0, in_chans: int = 1) -> None:
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         widths = [max(8, int(round(w * width))) for w in (16, 32, 64)]
         layers: list[nn.Module] = [_conv_bn(in_chans, widths[0])]

@@ -92,19 +92,19 @@ def _act(name: str) -> nn.Module:
         return nn.ReLU(inplace=True)
     if name == "h_swish":
         return nn.Hardswish(inplace=True)
-    raise ValueError(f"unknown activation {name!r}; use relu or h_swish")
+    raise ArchError(f"unknown activation {name!r}; use relu or h_swish")
 
 
 def _norm_shape(shape: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in, lists as lists (JSON), stage lists checked for one length."""
     unknown = sorted(set(shape) - set(SHAPE_KEYS))
     if unknown:
-        raise ValueError(f"unknown ofa-mbv3 shape argument(s) {', '.join(unknown)}; valid: {', '.join(SHAPE_KEYS)}")
+        raise ArchError(f"unknown ofa-mbv3 shape argument(s) {', '.join(unknown)}; valid: {', '.join(SHAPE_KEYS)}")
     out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in {**DEFAULT_SHAPE, **shape}.items()}
     n = len(out["stage_widths"])
     for key in ("stage_strides", "stage_acts", "stage_se"):
         if len(out[key]) != n:
-            raise ValueError(f"ofa-mbv3: {key} has {len(out[key])} entries but stage_widths has {n}")
+            raise ArchError(f"ofa-mbv3: {key} has {len(out[key])} entries but stage_widths has {n}")
     out["stage_se"] = [bool(s) for s in out["stage_se"]]
     return out
 
@@ -136,13 +136,13 @@ class ArchSpace:
         for name in ("ks_list", "expand_list", "depth_list", "width_mult_list"):
             values = getattr(self, name)
             if not values:
-                raise ValueError(f"ofa-mbv3: {name} must not be empty")
+                raise ArchError(f"ofa-mbv3: {name} must not be empty")
             object.__setattr__(self, name, tuple(sorted(values)))
         object.__setattr__(self, "resolution_list", tuple(sorted(self.resolution_list)))
         if any(k % 2 == 0 or k < 1 for k in self.ks_list):
-            raise ValueError(f"ofa-mbv3: kernel sizes must be odd, got {list(self.ks_list)}")
+            raise ArchError(f"ofa-mbv3: kernel sizes must be odd, got {list(self.ks_list)}")
         if min(self.depth_list) < 1:
-            raise ValueError(f"ofa-mbv3: depths must be >= 1, got {list(self.depth_list)}")
+            raise ArchError(f"ofa-mbv3: depths must be >= 1, got {list(self.depth_list)}")
 
     @property
     def max_depth(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from .common import NASError
 
 
 def plot_history(history: list[dict] | str | Path, out: str | Path, title: str | None = None) -> Path:
@@ -21,7 +22,7 @@ def plot_history(history: list[dict] | str | Path, out: str | Path, title: str |
         path = Path(history)
         history = json.loads((path / "history.json" if path.is_dir() else path).read_text())
     if not history:
-        raise ValueError("the search history is empty: nothing to plot")
+        raise NASError("the search history is empty: nothing to plot")
     it = [r["iteration"] for r in history]
     reward = [r["reward"] for r in history]
     mflops = [r["flops"] / 1e6 for r in history]

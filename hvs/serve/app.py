@@ -54,10 +54,11 @@ from PIL import Image
 
 from .. import checkpoint as ckpt
 from ..data.images import ImageError, load_image
-from ..errors import HVSError
+from ..errors import ConfigError, HVSError
+from ..gallery import embed_gallery_images, load_gallery_encoder
 from ..index import IndexStoreError
 from ..index.base import check_id, one_line
-from ..search import QueryEncoder, Searcher, load_query_encoder
+from ..search import QueryEncoder, Searcher
 from .page import INDEX_HTML
 from .thumbs import ThumbnailResolver
 
@@ -298,18 +299,10 @@ class SearchService:
         with self._gallery_lock:
             if self._gallery is not None:
                 return self._gallery
-            g = self.index.meta.get("gallery_model") or {}
-            path = g.get("path")
-            if not path:
-                raise HTTPException(409, "the index records no gallery model path (meta gallery_model.path); "
-                                         "cannot embed new gallery images")
             try:
-                enc = load_query_encoder(path)
-            except (ckpt.CheckpointError, OSError, ValueError) as e:
-                raise HTTPException(409, f"cannot load the index's gallery model: {_one_line(e)}") from None
-            if enc.fingerprint != g.get("fingerprint"):
-                raise HTTPException(409, f"gallery model at {path} has fingerprint {enc.fingerprint} but the index "
-                                         f"was built with {g.get('fingerprint')}; refusing to mix embeddings")
+                enc = load_gallery_encoder(self.index)
+            except (HVSError, OSError) as e:
+                raise HTTPException(409, f"cannot embed new gallery images: {_one_line(e)}") from None
             self._gallery = enc
             return enc
 
@@ -330,10 +323,10 @@ class SearchService:
     def add(self, data: bytes, name: str, label: str | None) -> dict[str, Any]:
         enc = self.gallery_encoder()
         image = self.decode(data, enc.preprocessing, name)
-        emb = np.asarray(enc.embed(image[None]))
-        if not np.isfinite(emb).all():
-            raise HTTPException(500, f"the gallery model {enc.name} returned a NaN or inf embedding for upload "
-                                     f"{name!r} (broken model weights?)")
+        try:
+            emb = embed_gallery_images(enc, image[None], [name])
+        except IndexStoreError as e:
+            raise HTTPException(500, _one_line(e)) from None
         digest = hashlib.sha256(data).hexdigest()[:16]
         with self.lock.write():
             stored = self._store_upload(data, digest)
@@ -433,7 +426,7 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
     ``faiss:DIR`` index) so their thumbnails can be served.
     """
     if max_upload_bytes < 1 or max_k < 1:
-        raise ValueError("max_upload_bytes and max_k must be positive")
+        raise ConfigError("max_upload_bytes and max_k must be positive")
     service = SearchService(index_spec, query_model, force=force, max_image_pixels=max_image_pixels,
                             uploads_dir=uploads_dir)
     secret = _resolve_token(token)

@@ -61,8 +61,8 @@ def format_info(data) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .data import DataError, parse_spec
-    from .data import kanji_fonts as kf
+    from ..data import DataError, parse_spec
+    from ..data import kanji_fonts as kf
 
     name, arg = parse_spec(args.spec)
     if name != "kanji-fonts":
@@ -91,8 +91,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .data import create_dataset, parse_spec, source_info
-    from .data import kanji_fonts  # noqa: F401  (registers the source)
+    from ..data import create_dataset, parse_spec, source_info
+    from ..data import kanji_fonts  # noqa: F401  (registers the source)
 
     protocol = args.protocol
     if protocol is None:  # a source that supports only some protocols says so; others default closed
@@ -108,7 +108,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_fonts(args: argparse.Namespace) -> int:
-    from .data import kanji_fonts as kf
+    from ..data import kanji_fonts as kf
 
     usable, excluded, unclassified = kf.discover_faces()
     for face in usable:
@@ -126,8 +126,8 @@ def cmd_fonts(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    d = sub.add_parser("data", help="inspect data sources; build the kanji-fonts cache")
+def configure(d: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs data``."""
     dsub = d.add_subparsers(dest="data_command", required=True)
 
     b = dsub.add_parser("build", help="render kanji-fonts once into its cache (.npz + manifest)")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
+from ._common import add_gallery_model_arg
+
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_json
-    from .export import DEFAULT_OPSET, check_export, export_onnx, format_report
+    from ..checkpoint import atomic_write_json
+    from ..export import DEFAULT_OPSET, check_export, export_onnx, format_report
 
     if args.check_data and not args.gallery_model:
-        raise ValueError("--check-data needs --gallery-model (the model that embeds the gallery side)")
+        raise UsageError("--check-data needs --gallery-model (the model that embeds the gallery side)")
     report = export_onnx(args.query_model, args.out, opset=args.opset or DEFAULT_OPSET, quantize_int8=args.int8,
                          int8_path=args.int8_out, calibration_data=args.calib_data or args.check_data,
                          calibration_images=args.calib_images, tol=args.tol)
@@ -30,10 +33,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .export import DEFAULT_OPSET, PARITY_TOL
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs export``."""
+    from ..export import DEFAULT_OPSET, PARITY_TOL
 
-    p = sub.add_parser("export", help="export a model folder for deployment (ONNX, optional int8)")
     formats = p.add_subparsers(dest="format", required=True)
     o = formats.add_parser("onnx", help="ONNX with hvs metadata, checked against PyTorch (parity <= 1e-4)")
     o.add_argument("--query-model", required=True, help="model folder to export (usually a query model)")
@@ -47,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--calib-images", type=int, default=64, help="training images used to calibrate int8")
     o.add_argument("--check-data", metavar="SPEC", help="measure M(q->g) Recall@1/mAP of torch vs ONNX vs int8 "
                                                         "on this dataset (needs --gallery-model)")
-    o.add_argument("--gallery-model", help="gallery model folder that embeds the gallery side for --check-data")
+    add_gallery_model_arg(o, help="gallery model folder that embeds the gallery side for --check-data")
     o.add_argument("--protocol", choices=["closed", "open"], default="closed")
     o.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     o.add_argument("--force", action="store_true", help="measure a query model made for another gallery model")
@@ -55,4 +58,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.set_defaults(fn=cmd_export_onnx)
 
 
-__all__ = ["add_parser", "cmd_export_onnx"]
+__all__ = ["cmd_export_onnx", "configure"]

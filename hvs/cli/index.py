@@ -1,7 +1,8 @@
-"""``hvs index build|add|remove|info`` and ``hvs search``: thin wrappers over hvs.search / hvs.index.
+"""``hvs index build|add|remove|info`` and ``hvs search``: thin wrappers over hvs.search, hvs.gallery
+and hvs.index (a bare folder is a FAISS index, as everywhere: see :func:`hvs.index.open_index`).
 
     hvs index build --gallery-model runs/gallery --data fashion-mnist --out faiss:runs/index [--factory HNSW32]
-    hvs index add --index faiss:runs/index --gallery-model runs/gallery --label Bag new_bag.png
+    hvs index add --index faiss:runs/index [--gallery-model runs/gallery] --label Bag new_bag.png
     hvs index remove --index faiss:runs/index 17 42 [--uploads DIR]
     hvs index info --index faiss:runs/index
     hvs search --index faiss:runs/index --query-model runs/query-bct photo.png [-k 10] [--json]
@@ -12,26 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _spec(value: str) -> str:
-    # index specs carry their backend prefix; a bare folder is accepted here as the default backend
-    return value if ":" in value.split("/")[0] else f"faiss:{value}"
+from ._common import add_gallery_model_arg
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .search import build_gallery_index
+    from .. import distributed
+    from ..search import build_gallery_index
 
     build = build_gallery_index
     if distributed.env_info().distributed:  # under torchrun: ranks embed disjoint shards, rank 0 writes
-        from .index.distributed_build import build_gallery_index_distributed as build
-    index = build(args.gallery_model, args.data, _spec(args.out), split=args.split, factory=args.factory,
+        from ..index.distributed_build import build_gallery_index_distributed as build
+    index = build(args.gallery_model, args.data, args.out, split=args.split, factory=args.factory,
                   protocol=args.protocol, batch_size=args.batch_size, shard_size=args.shard_size,
                   progress=not args.no_progress, strict=args.strict)
     if index is None:  # a rank other than 0
         return 0
     report = index.meta.get("build_report", {})
-    print(f"built {_spec(args.out)}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
+    print(f"built {index.spec}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
           + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, list)))
     skipped = report.get("skipped") or index.meta.get("data", {}).get("skipped") or []
     for item in skipped:
@@ -41,37 +39,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .embed import embed_images
-    from .index import open_index
-    from .search import SearchError
-    import torch
+    from ..gallery import add_images
+    from ..index import open_index
 
-    from .data.images import load_image
-
-    index = open_index(_spec(args.index))
-    try:
-        model, card = load_model(args.gallery_model)
-        expected = (index.meta.get("gallery_model") or {}).get("fingerprint")
-        if card.fingerprint != expected:
-            raise SearchError(f"{args.gallery_model} (fingerprint {card.fingerprint}) is not the gallery model "
-                              f"that built this index ({expected})")
-        images = torch.stack([load_image(p, card.image_size, card.in_chans) for p in args.images])
-        emb = embed_images(model, images, card.mean, card.std).numpy()
-        labels = args.label * len(args.images) if len(args.label) == 1 else args.label
-        if len(labels) != len(args.images):
-            raise SearchError(f"{len(args.images)} images but {len(labels)} labels: give one --label, or one per image")
-        ids = index.add(emb, labels=labels, sources=[str(p) for p in args.images])
+    with open_index(args.index) as index:
+        ids = add_images(index, args.images, args.label, gallery_model=args.gallery_model)
         print(f"added ids {', '.join(str(int(i)) for i in ids)}; index now holds {len(index)}")
-    finally:
-        index.close()
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from .index import open_index
+    from ..index import open_index
 
-    with open_index(_spec(args.index)) as index:
+    with open_index(args.index) as index:
         n, deleted = index.remove_with_uploads(args.ids, args.uploads)  # ids validated there (int64)
         print(f"removed {n}; index now holds {len(index)}"
               + (f"; deleted {len(deleted)} uploaded image(s)" if deleted else ""))
@@ -79,17 +59,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .index import open_index
+    from ..index import open_index
 
-    with open_index(_spec(args.index)) as index:
+    with open_index(args.index) as index:
         print(json.dumps(index.info(), indent=2, default=str))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import Searcher
+    from ..search import Searcher
 
-    searcher = Searcher(_spec(args.index), args.query_model, force=args.force)
+    searcher = Searcher(args.index, args.query_model, force=args.force)
     try:
         if searcher.warning:
             print(f"warning: {searcher.warning}")
@@ -106,16 +86,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    ix = sub.add_parser("index", help="build and maintain a persistent gallery index")
+def configure_index(ix: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs index``."""
     isub = ix.add_subparsers(dest="index_command", required=True)
 
     b = isub.add_parser("build", help="embed a dataset split with the gallery model into a new index")
-    b.add_argument("--gallery-model", required=True)
+    add_gallery_model_arg(b, required=True)
     b.add_argument("--data", default="fashion-mnist")
     b.add_argument("--split", default="gallery", choices=["train", "query", "gallery"])
     b.add_argument("--protocol", default="closed", choices=["closed", "open"])
-    b.add_argument("--out", required=True, help="faiss:DIR (default backend) or milvus:URI")
+    b.add_argument("--out", required=True, help="faiss:DIR (or a bare DIR) or milvus:URI")
     b.add_argument("--factory", default="Flat", help="FAISS index factory: Flat, HNSW32, IVF256,Flat, IVF256,PQ16, ...")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
@@ -125,7 +105,7 @@ def add_parser(sub) -> None:
 
     a = isub.add_parser("add", help="embed images with the gallery model and add them")
     a.add_argument("--index", required=True)
-    a.add_argument("--gallery-model", required=True)
+    add_gallery_model_arg(a, help="the gallery model that built the index (default: the folder it records)")
     a.add_argument("--label", action="append", required=True, help="label for every image, or one per image")
     a.add_argument("images", nargs="+")
     a.set_defaults(fn=cmd_add)
@@ -141,7 +121,10 @@ def add_parser(sub) -> None:
     i.add_argument("--index", required=True)
     i.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("search", help="search an index with query images embedded by the query model")
+
+
+def configure_search(s: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs search``."""
     s.add_argument("--index", required=True)
     s.add_argument("--query-model", required=True, help="query model folder (or exported .onnx file)")
     s.add_argument("-k", type=int, default=10)

@@ -13,18 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import UsageError
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .serve import create_app
+        from ..serve import create_app
     except ImportError as e:
-        raise ValueError(f"hvs serve needs {e.name}: pip install 'hvs[serve]'") from None
-    from .serve.app import TOKEN_ENV
+        raise UsageError(f"hvs serve needs {e.name}: pip install 'hvs[serve]'") from None
+    from ..serve.app import TOKEN_ENV
 
     if args.max_upload_mb <= 0:
-        raise ValueError("--max-upload-mb must be positive")
+        raise UsageError("--max-upload-mb must be positive")
     app = create_app(args.index, args.query_model, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_image_pixels=args.max_pixels, force=args.force, max_k=args.max_k,
                      uploads_dir=args.uploads)
@@ -39,9 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve searches over HTTP (FastAPI + uvicorn), with a search page")
-    p.add_argument("--index", required=True, help="gallery index spec, e.g. faiss:runs/index")
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs serve``."""
+    p.add_argument("--index", required=True, help="gallery index: faiss:DIR (or a bare DIR), milvus:URI")
     p.add_argument("--query-model", required=True, help="query model folder or exported .onnx file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -56,4 +58,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_serve)
 
 
-__all__ = ["add_parser", "cmd_serve"]
+__all__ = ["cmd_serve", "configure"]

@@ -1,8 +1,8 @@
 """``hvs nas``: CMP-NAS from the command line (each subcommand wraps one :mod:`hvs.nas` function).
 
-    hvs nas train-supernet --gallery G --data SPEC --out S [--epochs N --progressive kernel,depth,expand]
-    hvs nas search --supernet S --gallery G (--flops 5M | --latency-ms 2) --out R [--reward hetero|homo|penalized]
-    hvs nas export --supernet S --arch R/best.json --gallery G --out Q [--finetune-epochs N]
+    hvs nas train-supernet --gallery-model G --data SPEC --out S [--epochs N --progressive kernel,depth,expand]
+    hvs nas search --supernet S --gallery-model G (--flops 5M | --latency-ms 2) --out R [--reward hetero|homo|penalized]
+    hvs nas export --supernet S --arch R/best.json --gallery-model G --out Q [--finetune-epochs N]
     hvs nas inherit --supernet S --out-gallery G2 --out-query Q2 (--arch A | --flops 5M)
     hvs nas info --supernet S [--arch A]       search space, FLOPs range, training state
     hvs nas plot --search R [--out FILE]       reward vs iteration and vs MFLOPs
@@ -14,6 +14,10 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import UsageError
+from ._common import add_gallery_model_arg, add_optimization_args, parse_kv
+
+# Flags copied into the config dict, by config key; ``gallery`` is read from --gallery-model.
 _TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight",
                 "distill", "distill_kind", "subnets_per_step", "loss", "scale", "margin", "epochs", "batch_size",
                 "optimizer", "lr", "weight_decay", "augment", "train_subset", "val_fraction", "val_max_per_class",
@@ -21,6 +25,7 @@ _TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim",
 _SEARCH_FLAGS = ("supernet", "out", "gallery", "data", "flops", "latency_ms", "latency_mode", "latency_batch",
                  "reward", "metric", "penalty", "population", "iterations", "parents", "mutation_prob",
                  "mutate_ratio", "max_tries", "bn_images", "seed", "threads")
+_DEST = {"gallery": "gallery_model"}  # config key -> argparse dest, where the flag name differs
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -28,20 +33,20 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 def _merge(config: str | None, args: argparse.Namespace, flags: tuple[str, ...]) -> dict[str, Any]:
-    from .nas.common import load_mapping
+    from ..nas.common import load_mapping
 
     merged = load_mapping(config)
-    merged.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    values = {k: getattr(args, _DEST.get(k, k)) for k in flags}
+    merged.update({k: v for k, v in values.items() if v is not None})
     return merged
 
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
-    from .cli import _kv
-    from .nas.train import SupernetTrainConfig, train_supernet
+    from ..nas.train import SupernetTrainConfig, train_supernet
 
     merged = _merge(args.config, args, _TRAIN_FLAGS)
     if args.supernet_arg:
-        merged["supernet"] = {**merged.get("supernet", {}), **_kv(args.supernet_arg)}
+        merged["supernet"] = {**merged.get("supernet", {}), **parse_kv(args.supernet_arg)}
     for key in ("progressive", "phase_epochs"):
         value = _csv(getattr(args, key))
         if value is not None:
@@ -50,13 +55,13 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
         if getattr(args, key):
             merged[key] = True
     if "out" not in merged:
-        raise ValueError("no output folder: pass --out DIR")
+        raise UsageError("no output folder: pass --out DIR")
     train_supernet(SupernetTrainConfig.from_dict(merged), resume=args.resume, progress=not args.no_progress)
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .nas.search import SearchConfig, run_search
+    from ..nas.search import SearchConfig, run_search
 
     merged = _merge(args.config, args, _SEARCH_FLAGS)
     for key in ("force", "plot"):
@@ -64,18 +69,18 @@ def cmd_search(args: argparse.Namespace) -> int:
             merged[key] = True
     for key in ("supernet", "out"):
         if key not in merged:
-            raise ValueError(f"missing --{key}")
+            raise UsageError(f"missing --{key}")
     try:
         run_search(SearchConfig.from_dict(merged), progress=not args.no_progress)
     except ImportError as e:
-        raise ValueError(str(e)) from None
+        raise UsageError(str(e)) from None
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .nas.export import export_subnet
+    from ..nas.export import export_subnet
 
-    export_subnet(args.supernet, args.arch, args.out, gallery=args.gallery, data=args.data,
+    export_subnet(args.supernet, args.arch, args.out, gallery=args.gallery_model, data=args.data,
                   finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                   bct_weight=args.bct_weight, compat=_csv(args.compat), bn_images=args.bn_images, seed=args.seed,
                   force=args.force, progress=not args.no_progress)
@@ -83,8 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inherit(args: argparse.Namespace) -> int:
-    from .nas.common import parse_flops
-    from .nas.export import inherit
+    from ..nas.common import parse_flops
+    from ..nas.export import inherit
 
     inherit(args.supernet, args.out_gallery, args.out_query, arch=args.arch,
             flops=None if args.flops is None else parse_flops(args.flops), data=args.data, samples=args.samples,
@@ -93,8 +98,8 @@ def cmd_inherit(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .models.ofa import load_arch
-    from .nas.common import load_supernet
+    from ..models.ofa import load_arch
+    from ..nas.common import load_supernet
 
     model, _, card = load_supernet(args.supernet)
     space = model.space
@@ -119,27 +124,27 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .nas.plot import plot_history
+    from ..nas.plot import plot_history
 
     out = args.out or str(Path(args.search) / "search.png")
     try:
         print(f"wrote {plot_history(args.search, out)}")
     except ImportError as e:
-        raise ValueError(str(e)) from None
+        raise UsageError(str(e)) from None
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("nas", help="CMP-NAS: compatibility-aware supernet training, search, export, inheritance")
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``hvs nas``."""
     nas = p.add_subparsers(dest="nas_command", required=True)
 
-    t = nas.add_parser("train-supernet", help="train an OFA supernet, compatible with --gallery (BCT) if given")
+    t = nas.add_parser("train-supernet", help="train an OFA supernet, compatible with --gallery-model (BCT) if given")
     t.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     t.add_argument("--out", help="supernet folder")
     t.add_argument("--data", help="data source, e.g. fashion-mnist, synthetic:..., imagefolder:DIR")
     t.add_argument("--protocol", choices=["closed", "open"])
     t.add_argument("--image-size", type=int)
-    t.add_argument("--gallery", help="frozen gallery model folder: adds the BCT influence loss")
+    add_gallery_model_arg(t, help="frozen gallery model folder: adds the BCT influence loss")
     t.add_argument("--embed-dim", type=int, help="default: the gallery model's, else 128")
     t.add_argument("--supernet-arg", action="append", metavar="KEY=VALUE",
                    help="supernet shape/choices, e.g. stage_widths=[16,24,40] ks_list=[3,5,7] depth_list=[2,3,4]")
@@ -152,8 +157,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--sandwich", action="store_true", help="also train the smallest sub-network every step")
     t.add_argument("--progressive", help="progressive shrinking phases, e.g. full,kernel,depth,expand")
     t.add_argument("--phase-epochs", help="epochs per phase, e.g. 2,2,3,3 (default: even split)")
-    from .cli import add_optimization_args
-
     add_optimization_args(t)
     t.add_argument("--val-fraction", type=float, help="share of each training class held out for the search (0.1)")
     t.add_argument("--val-max-per-class", type=int, help="cap on held-out images per class (50)")
@@ -168,7 +171,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     s.add_argument("--supernet", help="supernet folder")
     s.add_argument("--out", help="search folder (best.json, history.json/.csv)")
-    s.add_argument("--gallery", help="gallery model folder (needed by the hetero and penalized rewards)")
+    add_gallery_model_arg(s, help="gallery model folder (needed by the hetero and penalized rewards)")
     s.add_argument("--data", help="default: the supernet's training data (same validation split)")
     s.add_argument("--flops", help="FLOPs budget, e.g. 5M, 0.5G, 5e6")
     s.add_argument("--latency-ms", type=float, help="CPU latency budget (this machine)")
@@ -195,7 +198,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = nas.add_parser("export", help="a searched sub-network as a query model folder (optional BCT fine-tune)")
     e.add_argument("--supernet", required=True)
     e.add_argument("--arch", required=True, help="inline JSON, an arch JSON file, or a search's best.json")
-    e.add_argument("--gallery", required=True, help="the gallery model the query model is for")
+    add_gallery_model_arg(e, required=True, help="the gallery model the query model is for")
     e.add_argument("--out", required=True)
     e.add_argument("--data", help="default: the supernet's training data")
     e.add_argument("--finetune-epochs", type=int, default=0)

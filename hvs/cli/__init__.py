@@ -1,44 +1,37 @@
 """The ``hvs`` command line: thin wrappers around the library (each subcommand calls one function).
 
     hvs models [--data fashion-mnist]          registered models with FLOPs and parameters
-    hvs train ...                              train a gallery model, or a query model with --gallery
+    hvs train ...                              train a gallery model, or a query model with --gallery-model
     hvs evaluate --gallery-model G --query-model Q --data SPEC [--json FILE]
     hvs demo                                   the end-to-end job on fashion-mnist
-    hvs index build|add|remove|info, hvs search  the gallery index (hvs/cli_index.py)
+    hvs index build|add|remove|info, hvs search  the gallery index (hvs/cli/index.py)
     hvs export onnx, hvs serve                 on-device export and the search service
-    hvs nas train-supernet|search|export|inherit|info|plot   CMP-NAS (hvs/cli_nas.py)
-    hvs data build|info|fonts                  dataset builds and summaries (hvs/cli_data.py)
+    hvs nas train-supernet|search|export|inherit|info|plot   CMP-NAS (hvs/cli/nas.py)
+    hvs data build|info|fonts                  dataset builds and summaries (hvs/cli/data.py)
 
 Multi-process training: ``torchrun --standalone --nproc_per_node N -m hvs train ...`` (see hvs.train).
+
+The commands of other modules are registered by name in :data:`COMMANDS` (``"module:function"``,
+as the index backends are) and only the module of the command being run is imported, so
+``hvs --help`` stays fast. Those modules share :mod:`hvs.cli._common` and never import this one.
+Errors: an :class:`hvs.errors.HVSError` (or an unusable path, ``OSError``) is printed as one line
+with exit status 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-# Bad input and unusable paths (missing, a directory, no permission) are one-line errors, not tracebacks.
-ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
-
-
-def _kv(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from ..errors import UsageError
+from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse_kv
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import create_model, list_models, model_entry
-    from .models.cost import count_flops, count_params
+    from ..models import create_model, list_models, model_entry
+    from ..models.cost import count_flops, count_params
 
     shape = (args.channels, args.image_size, args.image_size)
     print(f"{'model':<20}{'role':<9}{'MFLOPs':>10}{'params (M)':>12}  description   [input {shape}]")
@@ -51,16 +44,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_config, train
+    from ..train import load_config, train
 
     overrides = {k: getattr(args, k) for k in (
-        "out", "data", "protocol", "image_size", "model", "embed_dim", "gallery", "compat", "loss", "scale",
+        "out", "data", "protocol", "image_size", "model", "embed_dim", "compat", "loss", "scale",
         "margin", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "train_subset", "seed",
         "threads", "force", "strict", "device", "role", "init_from")}
+    overrides["gallery"] = args.gallery_model  # the config's name of the gallery model folder
     if args.sync_bn:
         overrides["sync_bn"] = True
     if args.model_arg:
-        overrides["model_kwargs"] = _kv(args.model_arg)
+        overrides["model_kwargs"] = parse_kv(args.model_arg)
     if not args.force:
         overrides["force"] = None
     if not args.strict:
@@ -73,10 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate, format_report, save_json
+    from ..evaluate import evaluate, format_report, save_json
 
     if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
-        raise ValueError(f"--json {args.json}: not a writable file path (a directory, or its folder is missing)")
+        raise UsageError(f"--json {args.json}: not a writable file path (a directory, or its folder is missing)")
     result = evaluate(args.gallery_model, args.query_model, args.data, protocol=args.protocol, force=args.force,
                       latency=not args.no_latency, n_boot=args.bootstrap, strict=args.strict)
     print(format_report(result))
@@ -87,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(out=args.out, gallery_epochs=args.gallery_epochs, query_epochs=args.query_epochs,
              gallery_model=args.gallery_model, query_model=args.query_model, data=args.data,
@@ -95,21 +89,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_optimization_args(p: argparse.ArgumentParser) -> None:
-    """Loss and optimisation flags shared by every trainer (models and supernets)."""
-    p.add_argument("--loss", choices=["normface", "cosface", "arcface"])
-    p.add_argument("--scale", type=float)
-    p.add_argument("--margin", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--augment", help="comma list of crop, flip, or none")
-    p.add_argument("--train-subset", type=int)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hvs`` parser, with the arguments of the command named in ``argv`` (every command is
+    listed, but only that one's module is imported; ``argv=None`` reads ``sys.argv``)."""
     p = argparse.ArgumentParser(prog="hvs", description="compatibility-aware heterogeneous visual search")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -120,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embed-dim", type=int, default=128)
     m.set_defaults(fn=cmd_models)
 
-    t = sub.add_parser("train", help="train a gallery model, or a query model compatible with --gallery")
+    t = sub.add_parser("train", help="train a gallery model, or a query model compatible with --gallery-model")
     t.add_argument("--config", help="YAML or JSON file of training options (flags override it)")
     t.add_argument("--out", help="run folder (becomes the model folder)")
     t.add_argument("--data", help="data source, e.g. fashion-mnist, imagefolder:DIR, csv:FILE, deepfashion2:DIR")
@@ -129,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="registered model name (hvs models)")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument, e.g. width=2")
     t.add_argument("--embed-dim", type=int)
-    t.add_argument("--gallery", help="frozen gallery model folder: trains a query model for it")
-    t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery)")
+    add_gallery_model_arg(t, help="frozen gallery model folder: trains a query model for it")
+    t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery-model)")
     t.add_argument("--init-from", help="model folder to start from (fine-tuning); its classifier too if classes match")
     t.add_argument("--compat", action="append", metavar="LOSS[=WEIGHT]",
                    help="compatibility loss: none, bct, l2, contrastive (repeat to compose)")
@@ -147,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="homogeneous and heterogeneous retrieval of a gallery/query model pair")
-    e.add_argument("--gallery-model", required=True)
+    add_gallery_model_arg(e, required=True)
     e.add_argument("--query-model", required=True)
     e.add_argument("--data", default="fashion-mnist")
     e.add_argument("--protocol", choices=["closed", "open"], default="closed")
@@ -170,25 +152,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
 
-    # Feature commands live in their own modules (hvs/cli_<feature>.py, each with add_parser(sub)).
-    import importlib
-
-    for feature in _FEATURES:
-        try:
-            module = importlib.import_module(f"hvs.cli_{feature}")
-        except ModuleNotFoundError as e:
-            if e.name != f"hvs.cli_{feature}":
-                raise
-            continue
-        module.add_parser(sub)
+    wanted = _command_in(argv)
+    for name, (target, help_text) in COMMANDS.items():
+        cp = sub.add_parser(name, help=help_text)
+        if name == wanted:  # only the command being run imports its module
+            module, _, fn = target.partition(":")
+            getattr(importlib.import_module(module), fn)(cp)
     return p
 
 
-_FEATURES = ("index", "export", "serve", "nas", "data")
+# Commands defined in other modules: name -> ("module:function", help). The function adds the
+# command's arguments (and sub-commands) to the parser it is given and sets ``fn``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "index": ("hvs.cli.index:configure_index", "build and maintain a persistent gallery index"),
+    "search": ("hvs.cli.index:configure_search", "search an index with query images embedded by the query model"),
+    "export": ("hvs.cli.export:configure", "export a model folder for deployment (ONNX, optional int8)"),
+    "serve": ("hvs.cli.serve:configure", "serve searches over HTTP (FastAPI + uvicorn), with a search page"),
+    "nas": ("hvs.cli.nas:configure",
+            "CMP-NAS: compatibility-aware supernet training, search, export, inheritance"),
+    "data": ("hvs.cli.data:configure", "inspect data sources; build the kanji-fonts cache"),
+}
+
+
+def _command_in(argv: list[str] | None) -> str | None:
+    """The command word of ``argv`` (its first non-option word; the top parser has only -h)."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if not word.startswith("-"):
+            return word
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
@@ -200,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hvs {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 if __name__ == "__main__":
