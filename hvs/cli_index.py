@@ -44,6 +44,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
+    from .compat import GallerySide, QuerySide, check_pair
     from .embed import embed_images
     from .index import open_index
     from .search import SearchError
@@ -54,10 +55,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     index = open_index(_spec(args.index))
     try:
         model, card = load_model(args.gallery_model)
-        expected = (index.meta.get("gallery_model") or {}).get("fingerprint")
-        if card.fingerprint != expected:
-            raise SearchError(f"{args.gallery_model} (fingerprint {card.fingerprint}) is not the gallery model "
-                              f"that built this index ({expected})")
+        check_pair(QuerySide.of_card(card, args.gallery_model, label="gallery model"),
+                   GallerySide.of_index_meta(index.meta), same_model=True)
         images = torch.stack([load_image(p, card.image_size, card.in_chans) for p in args.images])
         emb = embed_images(model, images, card.mean, card.std).numpy()
         labels = args.label * len(args.images) if len(args.label) == 1 else args.label

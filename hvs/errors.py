@@ -14,4 +14,12 @@ class HVSError(ValueError):
     """An expected, explained failure (one-line message)."""
 
 
-__all__ = ["HVSError"]
+class SearchError(HVSError):
+    """A search that cannot run as asked (one-line message)."""
+
+
+class ExportError(HVSError):
+    """An export (or an exported file) that cannot be used: one-line message."""
+
+
+__all__ = ["ExportError", "HVSError", "SearchError"]

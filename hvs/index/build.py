@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..compat import GallerySide, QuerySide, check_pair
 from ..fileio import atomic_save_npy, atomic_write_json
 from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec
 
@@ -185,12 +186,17 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
     manifest = {"spec": spec, "n": n, "shard_size": shard_size, "factory": factory,
                 "labels": _sha(list(labels)), "sources": _sha(sources),
                 "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")])}
+    made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
     manifest_path = work / MANIFEST
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             old = {}
+        if old.get("model") != manifest["model"] and isinstance(old.get("made_by"), dict):
+            # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
+            check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)), GallerySide.of_index_meta(old["made_by"]),
+                       same_model=True, remedy=f"delete {work} or pass another work_dir")
         diff = [key for key in manifest if old.get(key) != manifest[key]]
         if diff:
             raise IndexStoreError(f"work dir {work} belongs to a different build ({diff[0]}: {old.get(diff[0])!r} "
@@ -198,7 +204,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
         dim = old.get("dim")
     else:
         (work / "shards").mkdir(parents=True, exist_ok=True)
-        _write_manifest(manifest_path, manifest)
+        _write_manifest(manifest_path, dict(manifest, made_by=made_by))
         dim = None
     (work / "shards").mkdir(parents=True, exist_ok=True)
 
@@ -234,7 +240,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                 if dim is None:
                     dim = int(out.shape[1])
                     cls.check_factory(dim, factory)
-                    _write_manifest(manifest_path, dict(manifest, dim=dim))
+                    _write_manifest(manifest_path, dict(manifest, made_by=made_by, dim=dim))
                 elif out.shape[1] != dim:
                     raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}")
                 parts.append(out)

@@ -47,6 +47,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from .. import checkpoint as ckpt
+from ..compat import CompatError, GallerySide, QuerySide, check_pair
 from ..data.images import ImageError, load_image
 from ..index import IndexStoreError
 from ..index.base import one_line
@@ -275,9 +276,11 @@ class SearchService:
                 enc = load_query_encoder(path)
             except (ckpt.CheckpointError, OSError, ValueError) as e:
                 raise HTTPException(409, f"cannot load the index's gallery model: {_one_line(e)}") from None
-            if enc.fingerprint != g.get("fingerprint"):
-                raise HTTPException(409, f"gallery model at {path} has fingerprint {enc.fingerprint} but the index "
-                                         f"was built with {g.get('fingerprint')}; refusing to mix embeddings")
+            try:
+                check_pair(QuerySide.of_encoder(enc, path, label="gallery model"), GallerySide.of_index_meta(self.index.meta),
+                           same_model=True)
+            except CompatError as e:
+                raise HTTPException(409, str(e)) from None
             self._gallery = enc
             return enc
 
