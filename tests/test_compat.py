@@ -236,6 +236,13 @@ def _export_check(root, image, tmp_path):
                  latency=False)
 
 
+def _export_cli(root, image, tmp_path):
+    code = main(["export", "onnx", "--query-model", str(root / "q"), "--out", str(tmp_path / "q.onnx"),
+                 "--check-data", SPEC, "--gallery-model", str(root / "g2"), "--no-latency"])
+    assert not (tmp_path / "q.onnx").exists()  # refused before minutes of export, not after
+    return code
+
+
 def _nas_export(root, image, tmp_path):
     from hvs.nas.export import export_subnet
     from hvs.nas.common import load_supernet
@@ -254,7 +261,7 @@ ENTRY_POINTS = {
     "evaluate": _evaluate, "Searcher": _searcher, "search CLI": _search_cli, "index add CLI": _index_add_cli,
     "index build (resumed)": _index_build_resumed, "distributed build (resumed)": _distributed_build_resumed,
     "serve start-up": _serve_start, "serve POST /gallery": _serve_post_gallery, "ONNX export check": _export_check,
-    "nas export": _nas_export, "nas search": _nas_search,
+    "export onnx CLI": _export_cli, "nas export": _nas_export, "nas search": _nas_search,
 }
 
 
