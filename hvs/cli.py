@@ -78,7 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
         raise ValueError(f"--json {args.json}: not a writable file path (a directory, or its folder is missing)")
     result = evaluate(args.gallery_model, args.query_model, args.data, protocol=args.protocol, force=args.force,
-                      latency=not args.no_latency, n_boot=args.bootstrap)
+                      latency=not args.no_latency, n_boot=args.bootstrap, strict=args.strict)
     print(format_report(result))
     if args.json:
         save_json(result, args.json)
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="evaluate a query model trained for another gallery model")
     e.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    e.add_argument("--strict", action="store_true",
+                   help="refuse leaked items (same image in query and gallery, repeated rows) and unreadable images")
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("demo", help="train a paragon and query models on fashion-mnist and print the table")

@@ -2,7 +2,7 @@
 
     hvs index build --gallery-model runs/gallery --data fashion-mnist --out faiss:runs/index [--factory HNSW32]
     hvs index add --index faiss:runs/index --gallery-model runs/gallery --label Bag new_bag.png
-    hvs index remove --index faiss:runs/index 17 42
+    hvs index remove --index faiss:runs/index 17 42 [--uploads DIR]
     hvs index info --index faiss:runs/index
     hvs search --index faiss:runs/index --query-model runs/query-bct photo.png [-k 10] [--json]
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 
 
 def _spec(value: str) -> str:
@@ -73,8 +71,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from .index import open_index
 
     with open_index(_spec(args.index)) as index:
-        n = index.remove(np.asarray(args.ids, dtype=np.int64))
-        print(f"removed {n}; index now holds {len(index)}")
+        n, deleted = index.remove_with_uploads(args.ids, args.uploads)  # ids validated there (int64)
+        print(f"removed {n}; index now holds {len(index)}"
+              + (f"; deleted {len(deleted)} uploaded image(s)" if deleted else ""))
     return 0
 
 
@@ -132,6 +131,8 @@ def add_parser(sub) -> None:
 
     r = isub.add_parser("remove", help="remove items by id (really removed, ids never reused)")
     r.add_argument("--index", required=True)
+    r.add_argument("--uploads", help="folder of images added with POST /gallery, deleted with their items "
+                                     "(default: INDEX_DIR/uploads, as for hvs serve)")
     r.add_argument("ids", nargs="+", type=int)
     r.set_defaults(fn=cmd_remove)
 

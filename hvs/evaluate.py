@@ -25,6 +25,7 @@ from .errors import HVSError
 from . import checkpoint as ckpt
 from .compat import GallerySide, QuerySide, check_pair
 from .data import RetrievalData, create_dataset
+from .data.checks import check_duplicates
 from .embed import embed_images
 from .metrics import (TAR_BOOT_MAX_RANK, bootstrap_ci, paired_bootstrap_ci, percentile_interval, resample_weights,
                       retrieval_metrics, tar_bootstrap, tpir_bootstrap)
@@ -52,8 +53,15 @@ def model_cost(model: torch.nn.Module, card: ckpt.ModelCard, latency: bool = Tru
 
 def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | RetrievalData = "fashion-mnist", *,
              protocol: str = "closed", force: bool = False, latency: bool = True, n_boot: int = 1000,
-             batch_size: int = 256, data_seed: int = 0, per_query: bool = False) -> dict[str, Any]:
+             batch_size: int = 256, data_seed: int = 0, per_query: bool = False,
+             strict: bool = False) -> dict[str, Any]:
     """Evaluate a gallery/query model pair; returns every number as a JSON-able dict.
+
+    A spec ``data`` is loaded like an index build loads it (the gallery model's channels and
+    image size; only the query and gallery splits). Leaked items (the same image in query and
+    gallery, a row repeated in a split: :mod:`hvs.data.checks`) inflate every number: each kind
+    is a warning and a note in the result, and with ``strict`` (which also makes unreadable
+    images an error) a :class:`~hvs.data.DataError` instead.
 
     ``per_query=True`` adds ``"per_query"``: {pair: {array: numpy array}} (hit@K and AP of the queries
     with a mate, the probes' TPIR scores), for paired comparisons between models evaluated on the same
@@ -66,7 +74,12 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     if warning:
         notes.append(warning)
     if isinstance(data, str):
-        data = create_dataset(data, protocol=protocol, image_size=g_card.image_size, seed=data_seed)
+        data = create_dataset(data, protocol=protocol, image_size=g_card.image_size, channels=g_card.in_chans,
+                              seed=data_seed, strict=strict, splits=("query", "gallery"))
+        leaks = list(data.duplicates)  # create_dataset has warned (or refused, when strict)
+    else:
+        leaks = [d.message for d in check_duplicates(data, strict=strict)]
+    notes += [f"data: {line}" for line in leaks]
     if (data.channels, data.image_size) != (g_card.in_chans, g_card.image_size):
         raise EvaluationError(f"data is {data.channels}x{data.image_size}px but the models read "
                               f"{g_card.in_chans}x{g_card.image_size}px")
@@ -139,6 +152,7 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
                  + ("held-out identities" if nonmated_mask is not None else "leave-identity-out") + ")")
     result = {
         "data": data.name, "protocol": data.protocol, "n_query": len(data.query), "n_gallery": len(data.gallery),
+        "data_duplicates": leaks,
         "gallery_model": {"path": str(gallery_model), "model": g_card.model, "fingerprint": g_card.fingerprint},
         "query_model": {"path": str(query_model), "model": q_card.model, "fingerprint": q_card.fingerprint,
                         "compat": q_card.compat, "compatible_with": q_card.compatible_with},

@@ -37,7 +37,7 @@ def gallery_inputs(gallery_model: str | os.PathLike, data: str, *, split: str = 
     sources, and the sidecar meta (shared by the single- and multi-process builds)."""
     model, card = ckpt.load_model(gallery_model)
     dataset = create_dataset(data, protocol=protocol, image_size=card.image_size, channels=card.in_chans,
-                             strict=strict)
+                             strict=strict, splits=(split,))
     part = dataset.split(split)
     labels = [dataset.classes[i] for i in part.labels.tolist()]
     sources = part.sources or [f"{data}:{split}:{i}" for i in range(len(part))]

@@ -184,24 +184,25 @@ def _index_add_cli(root, image, tmp_path):
 
 
 def _started_build(root, tmp_path):
-    """A build of g's gallery, killed after writing its manifest (no shard embedded yet)."""
+    """A build of g's gallery killed after its first shard (the shards a resume would reuse)."""
     from hvs.index.build import build_index
     from hvs.search import gallery_inputs
     _, _, images, labels, sources, meta = gallery_inputs(root / "g", SPEC)
     out = f"faiss:{tmp_path / 'new-idx'}"
     assert build_index(out, images, labels, sources, lambda b: np.ones((len(b), 16), np.float32), meta=meta,
-                       only_shards=(), progress=False) is None
+                       shard_size=16, only_shards=[0], progress=False) is None
     return out
 
 
 def _index_build_resumed(root, image, tmp_path):
     from hvs.search import build_gallery_index
-    build_gallery_index(root / "g2", SPEC, _started_build(root, tmp_path), progress=False)
+    build_gallery_index(root / "g2", SPEC, _started_build(root, tmp_path), shard_size=16, progress=False)
 
 
 def _distributed_build_resumed(root, image, tmp_path):
     from hvs.index.distributed_build import build_gallery_index_distributed
-    build_gallery_index_distributed(root / "g2", SPEC, _started_build(root, tmp_path), progress=False, device="cpu")
+    build_gallery_index_distributed(root / "g2", SPEC, _started_build(root, tmp_path), shard_size=16, progress=False,
+                                    device="cpu")
 
 
 def _serve_start(root, image, tmp_path):

@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -429,6 +430,7 @@ def test_csv_with_split_and_bbox(tmp_path):
         assert close_to(mean_color(d.train.images[0]), "red", 2)
         assert close_to(mean_color(d.train.images[1]), "blue", 2)
         assert d.train.labels.tolist() == [1, 0]
+        assert d.duplicates == []  # crops of one photo are distinct items
 
 
 def test_csv_without_split_column_uses_protocol(tmp_path):
@@ -610,3 +612,131 @@ def test_every_registered_source_meets_the_contract(source, every_source):
         assert set(torch.cat([d.query.labels, d.gallery.labels]).tolist()) <= set(d.train.labels.tolist())
     img, label = d.train[0]
     assert img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1 and isinstance(label, int)
+
+
+@pytest.mark.parametrize("source", sorted(n for n in _SOURCES if n != "tiny-test"))
+def test_every_source_loads_one_split_alone_as_it_is_in_the_whole(source, every_source):
+    """``splits=("gallery",)`` (what an index build asks for) gives the gallery of a full load,
+    and nothing else; 1 and 3 channels alike (``in_chans`` of any model can be passed)."""
+    if source == "kanji-fonts":
+        from hvs.data import kanji_fonts
+
+        kinds = {face.kind for face in kanji_fonts.discover_faces()[0]}
+        if not {kanji_fonts.PRINT, kanji_fonts.HANDWRITING} <= kinds:
+            pytest.skip("kanji-fonts needs one print and one handwriting CJK font installed (make setup)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        whole = create_dataset(every_source[source], image_size=12, channels=1)
+        alone = create_dataset(every_source[source], image_size=12, channels=1, splits=("gallery",))
+    assert alone.loaded == ("gallery",) and alone.train is None and alone.query is None
+    assert torch.equal(alone.gallery.images, whole.gallery.images) and alone.gallery.sources == whole.gallery.sources
+    assert alone.channels == 1 and alone.mean == () and "train not loaded" in alone.summary()
+    with pytest.raises(DataError, match="the train split was not loaded"):
+        alone.split("train")
+
+
+# --------------------------------------------------------------------------- leaks, lazy splits
+
+
+def _leaky(arg, *, protocol, image_size, channels, strict, seed, sources=True):
+    """4 distinct images; query = 0, 1; gallery = 0 (same item), a copy of 1 under another name,
+    2, 3, 3 (a row twice); train = 0, 1, 2, 3."""
+    x = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    y = torch.tensor([0, 1, 0, 1])
+    names = [f"f{i}.png" for i in range(4)]
+
+    def part(idx, role, src):
+        return Split(x[idx], y[idx], src if sources else None, role)
+
+    return RetrievalData("leaky", part([0, 1, 2, 3], "train", names),
+                         part([0, 1], "query", names[:2]),
+                         part([0, 1, 2, 3, 3], "gallery", ["f0.png", "copy.png", "f2.png", "f3.png", "f3.png"]),
+                         ["a", "b"], protocol)
+
+
+def test_leaks_are_counted_per_kind_warned_and_refused_when_strict():
+    from hvs.data.checks import find_duplicates
+
+    register_source("leaky-test", _leaky)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = create_dataset("leaky-test")
+        found = {dup.kind: dup.count for dup in find_duplicates(d)}
+        assert found == {"gallery-item": 1, "query-gallery-item": 1, "query-gallery-pixels": 1}
+        lines = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+        assert lines == d.duplicates and len(lines) == 3 and all("\n" not in m for m in lines)
+        assert "1 query image(s) are pixel-identical to a gallery image, e.g. f1.png = copy.png" in lines[2]
+        with pytest.raises(DataError, match=r"leaky-test: 1 gallery item\(s\) are listed more than once.*"
+                                            r"\(and 2 more finding\(s\)\); refused in strict mode"):
+            create_dataset("leaky-test", strict=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            # without sources only pixels can tell: both query images are in the gallery
+            blind = create_dataset("leaky-test", sources=False)
+            assert [(d.kind, d.count) for d in find_duplicates(blind)] == [("query-gallery-pixels", 2)]
+            # the gallery alone: no query to compare with, the repeated row is still found
+            alone = create_dataset("leaky-test", splits=["gallery"])
+            assert [(d.kind, d.count) for d in find_duplicates(alone)] == [("gallery-item", 1)]
+    finally:
+        _SOURCES.pop("leaky-test", None)
+
+
+def test_bbox_crops_of_one_photo_are_not_duplicates(tmp_path):
+    img = Image.new("RGB", (20, 10), RGB["red"])
+    img.paste(RGB["blue"], (10, 0, 20, 10))
+    img.save(tmp_path / "two.png")
+    rows = [["path", "label", "split", "bbox"], ["two.png", "r", "train", "0 0 10 10"],
+            ["two.png", "b", "train", "10 0 20 10"], ["two.png", "r", "query", "0 0 9 10"],
+            ["two.png", "b", "gallery", "11 1 20 10"], ["two.png", "r", "gallery", ""]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        d = create_dataset(f"csv:{write_csv(tmp_path / 'm.csv', rows)}", image_size=8)
+    assert d.duplicates == []
+
+
+def test_csv_decodes_only_the_rows_of_the_splits_asked_for(tmp_path, monkeypatch):
+    from hvs.data import images as images_module
+
+    for i in range(6):
+        write_image(tmp_path / f"{i}.png", seed=i)
+    rows = [["path", "label", "split"]] + [[f"{i}.png", "ab"[i % 2], ("train", "train", "query", "query",
+                                                                       "gallery", "gallery")[i]] for i in range(6)]
+    decoded = []
+    real = images_module.load_image
+    monkeypatch.setattr(images_module, "load_image", lambda src, *a, **k: decoded.append(os.path.basename(src))
+                        or real(src, *a, **k))
+    d = create_dataset(f"csv:{write_csv(tmp_path / 'm.csv', rows)}", image_size=8, splits=("gallery",))
+    assert decoded == ["4.png", "5.png"] and len(d.gallery) == 2
+    with pytest.raises(DataError, match="splits must name some of train, query, gallery"):
+        create_dataset(f"csv:{tmp_path / 'm.csv'}", splits=("test",))
+
+
+def test_a_long_decode_says_what_it_decodes_on_a_terminal(tmp_path, monkeypatch):
+    from hvs.data import images as images_module
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(images_module, "PROGRESS_MIN_ITEMS", 2)
+    paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    images_module.load_images([(p, None) for p in paths], 8, 3, desc="decode csv:m.csv gallery")
+    assert "decode csv:m.csv gallery" in term.getvalue() and "3/3" in term.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    images_module.load_images([(p, None) for p in paths[:1]], 8, 3, desc="decode csv:m.csv gallery")
+    assert quiet.getvalue() == ""  # below the threshold: no bar
+
+
+def test_an_imagefolder_class_folder_without_images_is_not_a_class(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", classes=("a", "c"), per_class=3, corrupt=False)
+    os.makedirs(os.path.join(root, "b", "sub"))  # sorts between a and c, holds nothing usable
+    with open(os.path.join(root, "b", "sub", "notes.txt"), "w") as f:
+        f.write("not an image")
+    with pytest.warns(DataWarning, match=r"1 class folder\(s\) hold no images and are not used as "
+                                         r"classes: .*/b$"):
+        d = create_dataset(f"imagefolder:{root}", image_size=8)
+    assert d.classes == ["a", "c"] and sorted(set(d.train.labels.tolist())) == [0, 1]

@@ -475,3 +475,220 @@ def test_missing_pymilvus_gives_an_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pymilvus", None)  # makes `import pymilvus` raise ImportError
     with pytest.raises(IndexStoreError, match="pip install pymilvus milvus-lite"):
         open_index(f"milvus:{tmp_path / 'g.db'}", create=True, dim=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardening: k, ids, checksums, snapshots, uploads, retryable builds.
+def test_huge_k_is_capped_at_the_index_size(spec):
+    """k = 5e6 on a 3-item index must cost what 3 items cost (k = 1e9 used to allocate until OOM)."""
+    import tracemalloc
+
+    from hvs.index.base import MAX_PADDED_K
+
+    rng = np.random.default_rng(11)
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(rng, 3, 8))
+        tracemalloc.start()
+        try:
+            scores, ids = index.search(unit(rng, 2, 8), k=5_000_000)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2_000_000, f"searching 3 items with a huge k allocated {peak} bytes"
+        assert ids.shape == scores.shape == (2, MAX_PADDED_K)
+        assert sorted(ids[0, :3].tolist()) == [0, 1, 2] and (ids[:, 3:] == -1).all()
+        assert index.search(unit(rng, 1, 8), k=2)[1].shape == (1, 2)  # small k: exactly k columns
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(IndexStoreError, match="k must be a positive integer"):
+                index.search(unit(rng, 1, 8), k=bad)
+
+
+def test_ids_beyond_int64_are_one_line_errors(spec):
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(np.random.default_rng(12), 2, 8))
+        for bad in ([99999999999999999999999], 2 ** 63, np.array([2 ** 63], dtype=np.uint64)):
+            with pytest.raises(IndexStoreError, match="out of range: ids are integers from 0 to 9223372036854775807"):
+                index.remove(bad)
+            with pytest.raises(IndexStoreError, match="out of range"):
+                index.records(bad)
+        with pytest.raises(IndexStoreError, match="must be integers, got str"):
+            index.remove(["7", 10 ** 30])
+        assert index.remove([2 ** 63 - 1]) == 0 and len(index) == 2  # the largest valid id is just unknown
+
+
+def _flip(path: Path, offset: int, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_faiss_files_are_checksummed_and_verified_at_open(tmp_path):
+    root = tmp_path / "c"
+    spec = f"faiss:{root}"
+    x = unit(np.random.default_rng(13), 20, 8)
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(x, labels=[str(i) for i in range(20)])
+    vdir = _version_dir(root)
+    sums = json.loads((vdir / "checksums.json").read_text())
+    assert sums["algorithm"] == "sha256" and set(sums["files"]) == set(faiss_backend.FILES)
+    pristine = {name: (vdir / name).read_bytes() for name in faiss_backend.FILES}
+
+    def restore():
+        for name, data in pristine.items():
+            (vdir / name).write_bytes(data)
+
+    size = len(pristine["index.faiss"])
+    _flip(vdir / "index.faiss", size - 168 - 400, 100)  # inside the stored vectors (the id map is the last
+    # 8 + 20 * 8 bytes): FAISS reads such a file without complaint
+    _open_fails(spec, "v000002/index.faiss is corrupt: its SHA-256 does not match checksums.json")
+    restore()
+    vectors = np.load(vdir / "vectors.npy")
+    for value in (np.nan, 1000.0):
+        bad = vectors.copy()
+        bad[3] = value
+        np.save(vdir / "vectors.npy", bad)  # same shape, same size: only the checksum can tell
+        _open_fails(spec, "v000002/vectors.npy is corrupt")
+    restore()
+    (vdir / "ids.jsonl").write_text((vdir / "ids.jsonl").read_text().replace('"label": "7"', '"label": "X"'))
+    _open_fails(spec, "ids.jsonl is corrupt")
+    restore()
+    (vdir / "vector_ids.npy").write_bytes(pristine["vector_ids.npy"][:-8])
+    _open_fails(spec, r"vector_ids.npy is unreadable: \d+ bytes where checksums.json records")
+    restore()
+    meta = json.loads(pristine["meta.json"])
+    (vdir / "meta.json").write_text(json.dumps(dict(meta, gallery_model={"fingerprint": "forged"})))
+    _open_fails(spec, "meta.json is (corrupt|unreadable)")
+    restore()
+    (vdir / "checksums.json").write_text("{not json")
+    _open_fails(spec, "checksums.json is corrupt")
+    (vdir / "checksums.json").write_text(json.dumps(sums))
+    with open_index(spec) as index:
+        assert len(index) == 20
+
+
+def test_faiss_index_without_checksums_opens_with_a_warning_after_a_value_check(tmp_path):
+    """Versions written before checksums keep working (warned), but NaN or scaled rows in their
+    vectors.npy are still refused; their next commit records checksums."""
+    root = tmp_path / "old"
+    spec = f"faiss:{root}"
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(np.random.default_rng(14), 10, 8))
+    vdir = _version_dir(root)
+    (vdir / "checksums.json").unlink()
+    faiss_backend._WARNED_LEGACY.clear()
+    with pytest.warns(UserWarning, match="has no checksums.json"):
+        index = open_index(spec)
+    assert len(index) == 10
+    good = np.load(vdir / "vectors.npy")
+    for value in (np.nan, 1000.0):
+        bad = good.copy()
+        bad[4] = value
+        np.save(vdir / "vectors.npy", bad)
+        _open_fails(spec, r"vectors.npy row 4 \(id 4\) is not a finite unit vector")
+    np.save(vdir / "vectors.npy", good)
+    index.remove([0])
+    assert (_version_dir(root) / "checksums.json").is_file()
+    index.close()
+
+
+def test_a_reader_sees_newer_commits_only_when_it_refreshes(tmp_path):
+    spec = f"faiss:{tmp_path / 's'}"
+    x = unit(np.random.default_rng(15), 6, 8)
+    with open_index(spec, create=True, dim=8) as writer:
+        writer.add(x)
+    reader = open_index(spec)
+    assert not reader.stale() and not reader.refresh()
+    with open_index(spec) as writer:
+        writer.remove([2])
+    assert len(reader) == 6 and reader.stale()  # the snapshot holds until asked
+    assert reader.refresh() and len(reader) == 5 and not reader.stale()
+    assert 2 not in reader.search(x[2:3], k=6)[1][0].tolist()
+    with pytest.raises(IndexStoreError, match="not in index"):
+        reader.records([2])
+    reader.add(x[:1])  # its own commit does not make it stale
+    assert not reader.stale() and len(reader) == 6
+    reader.close()
+
+
+def test_removal_deletes_only_the_uploads_it_owned(spec, tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    dataset_image = tmp_path / "dataset.png"
+    files = [uploads / "a.png", uploads / "b.png", dataset_image]
+    for f in files:
+        f.write_bytes(b"img")
+    sources = [str(files[0]), str(files[1]), str(files[1]), str(dataset_image)]  # b.png shared by 1 and 2
+    with open_index(spec, create=True, dim=8) as index:
+        index.add(unit(np.random.default_rng(16), 4, 8), sources=sources)
+        assert index.remove_with_uploads([0, 1, 3, 77], uploads) == (3, [str(files[0])])
+        assert not files[0].exists() and files[1].exists() and dataset_image.exists()
+        assert index.remove_with_uploads([2], uploads) == (1, [str(files[1])])
+        assert not files[1].exists() and len(index) == 0
+        with pytest.raises(IndexStoreError, match="out of range"):
+            index.remove_with_uploads([10 ** 20], uploads)
+
+
+def test_build_checks_the_factory_before_embedding(tmp_path):
+    images, labels = _images(50), [str(i) for i in range(50)]
+    for meta, embedded in (({"gallery_model": {"embed_dim": 8}}, 0), ({}, 8)):  # no dim hint: one batch
+        embed = CountingEmbed()
+        with pytest.raises(IndexStoreError, match="'IVF256,Flat' needs at least 256 vectors to train, got 50"):
+            build_index(f"faiss:{tmp_path / 'f'}", images, labels, None, embed, factory="IVF256,Flat", meta=meta,
+                        batch_size=8, shard_size=16, progress=False)
+        assert embed.items == embedded
+    index = build_index(f"faiss:{tmp_path / 'f'}", images, labels, None, CountingEmbed(), factory="Flat",
+                        meta={}, batch_size=8, shard_size=16, progress=False)
+    assert len(index) == 50
+    index.close()
+
+
+def test_build_resumes_with_another_factory_and_verifies_shards(tmp_path):
+    n, images = 50, _images(50)
+    labels = [str(i) for i in range(n)]
+    kwargs = dict(meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16,
+                  work_dir=tmp_path / "work", progress=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_index(f"faiss:{tmp_path / 'x'}", images, labels, None, CountingEmbed(fail_on_call=6),
+                    factory="HNSW32", **kwargs)
+    _flip(tmp_path / "work" / "shards" / "shard_00000.npy", 200)  # damaged while the build was down
+    resumed = CountingEmbed()
+    index = build_index(f"faiss:{tmp_path / 'y'}", images, labels, None, resumed, factory="Flat", **kwargs)
+    assert resumed.items == 16 + 18  # shard 0 again (its checksum failed), shards 2-3; shard 1 reused
+    assert index.meta["build_report"]["n_reused_shards"] == 1 and index.meta["factory"] == "Flat"
+    full = CountingEmbed()(images)
+    np.testing.assert_array_equal(index.search(full[:3], k=1)[1][:, 0], [0, 1, 2])
+    index.close()
+
+
+def test_a_build_that_finished_no_shard_does_not_block_a_retry(tmp_path):
+    images, labels = _images(20), [str(i) for i in range(20)]
+    spec, work = f"faiss:{tmp_path / 'z'}", tmp_path / "z.build"
+
+    def nan_model(batch):
+        return np.full((len(batch), 8), np.nan, np.float32)
+
+    with pytest.raises(IndexStoreError, match="embedding of item 0 .* is NaN") as info:
+        build_index(spec, images, labels, None, nan_model, meta={"gallery_model": {"fingerprint": "broken"}},
+                    batch_size=8, shard_size=8, progress=False)
+    assert "skip_bad" not in str(info.value) and "work_dir" not in str(info.value)
+    assert (work / "build.json").exists() and not list((work / "shards").iterdir())
+    index = build_index(spec, images, labels, None, CountingEmbed(), meta={"gallery_model": {"fingerprint": "fixed"}},
+                        batch_size=8, shard_size=8, progress=False)
+    assert len(index) == 20 and not work.exists()
+    index.close()
+    # with finished shards, another model is refused, and the hint names no Python-only option
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_index(f"faiss:{tmp_path / 'w'}", images, labels, None, CountingEmbed(fail_on_call=2), meta={},
+                    batch_size=8, shard_size=8, progress=False)
+    with pytest.raises(IndexStoreError, match=r"different build \(another gallery model .*delete .*w.build") as info:
+        build_index(f"faiss:{tmp_path / 'w'}", images, labels, None, CountingEmbed(),
+                    meta={"gallery_model": {"fingerprint": "other"}}, batch_size=8, shard_size=8, progress=False)
+    assert "work_dir" not in str(info.value)
+
+
+def test_a_remote_milvus_build_needs_no_work_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    work = build_mod.default_work_dir("milvus", "http://db:19530#shoes")
+    assert work.parent == tmp_path / "hvs" / "index-builds"
+    assert work != build_mod.default_work_dir("milvus", "http://db:19530#bags")

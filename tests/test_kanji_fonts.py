@@ -233,17 +233,47 @@ def test_second_load_reuses_the_cache_without_rendering(installed, monkeypatch):
     assert data.channels == 3 and len(data.query) > 0
 
 
-def test_corrupt_cache_is_a_one_line_error_naming_the_file(installed, tmp_path):
-    good = kf.cache_path(installed, SIZE, LIMIT, FACES)
-    bad = kf.cache_path(str(tmp_path), SIZE, LIMIT, FACES)
+def _copy_cache(installed, tmp_path, blob=None):
+    """The installed test cache and its manifest copied into tmp_path (``blob`` replaces the .npz)."""
+    good, bad = kf.cache_path(installed, SIZE, LIMIT, FACES), kf.cache_path(str(tmp_path), SIZE, LIMIT, FACES)
     with open(good, "rb") as f:
-        blob = f.read()
+        data = f.read()
+    with open(bad, "wb") as f:
+        f.write(data if blob is None else blob)
+    with open(kf._manifest_path(good), "rb") as src, open(kf._manifest_path(bad), "wb") as dst:
+        dst.write(src.read())
+    return good, bad, data
+
+
+def test_corrupt_cache_is_a_one_line_error_naming_the_file(installed, tmp_path):
+    _, bad, blob = _copy_cache(installed, tmp_path)
     for damaged in (blob[: len(blob) // 2], b"PK\x03\x04 garbage"):
         with open(bad, "wb") as f:
             f.write(damaged)
         with pytest.raises(DataError) as err:
             load(tmp_path)
         assert bad in str(err.value) and "\n" not in str(err.value) and "corrupt" in str(err.value)
+
+
+def test_cache_altered_since_its_build_fails_the_recorded_sha256(installed, tmp_path):
+    # a well-formed cache whose images were changed after the build (np.load alone accepts it)
+    arrays = dict(np.load(kf.cache_path(installed, SIZE, LIMIT, FACES), allow_pickle=False))
+    arrays["images"] = 255 - arrays["images"]
+    _, bad, _ = _copy_cache(installed, tmp_path, kf._npz_bytes(arrays))
+    with pytest.raises(DataError) as err:
+        load(tmp_path)
+    msg = str(err.value)
+    assert bad in msg and "SHA-256" in msg and "\n" not in msg and "--force" in msg
+    assert main(["data", "info", f"kanji-fonts:{tmp_path},{SPEC_OPTS}"]) == 2
+
+
+def test_cache_without_its_manifest_is_an_interrupted_build_and_is_rebuilt(installed, tmp_path):
+    good, bad, blob = _copy_cache(installed, tmp_path, b"half a build")
+    os.remove(kf._manifest_path(bad))  # the manifest (with the checksum) is written last
+    data = load(tmp_path)
+    with open(bad, "rb") as f:
+        assert f.read() == blob  # rebuilt, byte-identical to the installed build
+    assert len(data.gallery) > 0 and kf.read_manifest(bad)["sha256"] == kf._sha256(bad)
 
 
 def test_jitter_is_deterministic_per_view(installed):

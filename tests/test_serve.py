@@ -7,6 +7,7 @@ import shutil
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,83 @@ def test_incompatible_query_model_is_refused_at_start(world):
         create_app(f"faiss:{root / 'idx'}", root / "q-other")
     forced = TestClient(create_app(f"faiss:{root / 'idx'}", root / "q-other", force=True))
     assert "0123456789abcdef" in forced.get("/stats").json()["warning"]
+
+
+def test_a_removal_from_the_command_line_is_enforced_at_once(world, index):
+    """The running service must not keep serving an item `hvs index remove` took down."""
+    from hvs.cli import main
+
+    root, data = world
+    client = TestClient(create_app(index, root / "g", token=""))
+    query = png_of(data.gallery.images[3])  # gallery item 3 itself: it comes back first
+    assert client.post("/search?k=1", **upload(query)).json()["results"][0]["id"] == 3
+    assert client.get("/thumb/3").status_code == 200
+    assert main(["index", "remove", "--index", index, "3"]) == 0
+    hits = client.post("/search?k=100", **upload(query)).json()["results"]
+    assert 3 not in [h["id"] for h in hits] and len(hits) == 17
+    assert client.get("/thumb/3").status_code == 404
+    assert client.get("/healthz").json()["index_size"] == 17
+    assert client.get("/stats").json()["index"]["size"] == 17
+    with open_index(index) as other:  # an add by another process shows up too
+        other.add(np.ones((1, 16), np.float32), labels=["cli"])
+    assert client.get("/healthz").json()["index_size"] == 18
+
+
+def test_a_damaged_newer_version_is_refused_not_served_stale(world, index):
+    root, data = world
+    client = TestClient(create_app(index, root / "g", token=""))
+    with open_index(index) as other:
+        other.remove([0])
+    folder = index.split(":", 1)[1]
+    current = (Path(folder) / "CURRENT").read_text().strip()
+    (Path(folder) / current / "ids.jsonl").write_text("{}\n")
+    r = client.post("/search", **upload(png_of(data.query.images[0])))
+    assert r.status_code == 503 and "ids.jsonl" in r.json()["detail"]
+
+
+def test_deleting_an_item_deletes_its_uploaded_image(world, index):
+    from hvs.cli import main
+
+    root, data = world
+    client = TestClient(create_app(index, root / "g", token="tok"))
+    auth = {"Authorization": "Bearer tok"}
+    added = [client.post("/gallery", headers=auth, data={"label": "mine"}, **upload(png_of(data.train.images[0])))
+             .json() for _ in range(2)]  # the same photo twice: two items, two files
+    paths = [Path(a["source"]) for a in added]
+    assert all(p.is_file() for p in paths) and paths[0] != paths[1]
+    assert paths[0].parent == Path(index.split(":", 1)[1]) / "uploads"
+    assert client.delete(f"/gallery/{added[0]['id']}", headers=auth).status_code == 200
+    assert not paths[0].exists() and paths[1].is_file()
+    assert main(["index", "remove", "--index", index, str(added[1]["id"])]) == 0  # the CLI path too
+    assert not paths[1].exists()
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == []
+
+
+def test_out_of_range_ids_are_404_not_409(world, index):
+    root, _ = world
+    client = TestClient(create_app(index, root / "g", token="tok"))
+    auth = {"Authorization": "Bearer tok"}
+    for path in ("/gallery/99999999999999999999999", "/gallery/-1"):
+        r = client.delete(path, headers=auth)
+        assert r.status_code == 404 and "no gallery item" in r.json()["detail"], r.text
+    r = client.get("/thumb/99999999999999999999999")
+    assert r.status_code == 404 and "out of range" in r.json()["detail"]
+
+
+def test_a_nan_embedding_is_a_json_error(world):
+    from hvs.search import load_query_encoder
+
+    root, data = world
+    real = load_query_encoder(root / "q")
+    broken = serve_app.QueryEncoder(**{**real.__dict__, "embed": lambda x: np.full((len(x), 16), np.nan, np.float32)})
+    client = TestClient(create_app(f"faiss:{root / 'idx'}", broken, token=""), raise_server_exceptions=False)
+    r = client.post("/search", **upload(png_of(data.query.images[0])))
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert "NaN or inf embedding" in r.json()["detail"]
+    def crash(x):
+        raise RuntimeError("model exploded")
+
+    crashing = serve_app.QueryEncoder(**{**real.__dict__, "embed": crash})
+    client = TestClient(create_app(f"faiss:{root / 'idx'}", crashing, token=""), raise_server_exceptions=False)
+    r = client.post("/search", **upload(png_of(data.query.images[0])))
+    assert r.status_code == 500 and r.json()["detail"] == "internal error: RuntimeError: model exploded"

@@ -2,7 +2,7 @@
 
 >>> from hvs.data import create_dataset, list_sources
 >>> list_sources()
-['csv', 'deepfashion2', 'fashion-mnist', 'imagefolder', 'synthetic']
+['csv', 'deepfashion2', 'fashion-mnist', 'imagefolder', 'kanji-fonts', 'synthetic']
 >>> data = create_dataset("synthetic:classes=4,size=16", protocol="open")
 >>> data.summary()  # doctest: +ELLIPSIS
 'synthetic:classes=4,size=16 [open-set] train 128 (2 classes), query 16, gallery 16, 1x16x16'
@@ -20,6 +20,7 @@ Sources are picked by an explicit prefix (see :mod:`hvs.data.registry`):
 """
 
 from .base import SPLITS, DataError, RetrievalData, Split
+from .checks import Duplicate, find_duplicates
 from .images import ImageError, channel_stats, load_image, to_float
 from .registry import (DataWarning, create_dataset, list_sources, parse_spec, register_source,
                        source_info, validate)
@@ -28,7 +29,7 @@ from .registry import (DataWarning, create_dataset, list_sources, parse_spec, re
 from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, kanji_fonts, synthetic  # noqa: E402,F401
 
 __all__ = [
-    "SPLITS", "DataError", "DataWarning", "ImageError", "RetrievalData", "Split",
-    "channel_stats", "create_dataset", "list_sources", "load_image", "parse_spec",
+    "SPLITS", "DataError", "DataWarning", "Duplicate", "ImageError", "RetrievalData", "Split",
+    "channel_stats", "create_dataset", "find_duplicates", "list_sources", "load_image", "parse_spec",
     "register_source", "source_info", "to_float", "validate",
 ]

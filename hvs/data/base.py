@@ -4,6 +4,10 @@ Images are kept in memory as ``uint8`` tensors of shape (N, C, H, W): on a 2-cor
 and DataLoader workers would compete with training for the same cores, so every source decodes
 (and resizes/crops) once at load time and the trainer slices tensors.
 
+A dataset may be created with only some of its splits (``create_dataset(..., splits=("gallery",))``,
+what building an index needs): the others are ``None`` and :meth:`RetrievalData.split` refuses
+them by name, so nothing silently works on a split that was never decoded.
+
 Labels index into ``RetrievalData.classes``, one global list of class (identity) names shared by
 all three splits, so that a query model trained on one dataset can be matched row by row to the
 classifier of a gallery model trained on another (BCT needs this to know which classes the gallery
@@ -61,31 +65,56 @@ class RetrievalData:
     """A retrieval dataset: train / query / gallery splits plus what a model needs to read it."""
 
     name: str  # the spec it was created from, e.g. "fashion-mnist" or "csv:/data/m.csv"
-    train: Split
-    query: Split
-    gallery: Split
+    train: Split | None  # None: not loaded (create_dataset(..., splits=...))
+    query: Split | None
+    gallery: Split | None
     classes: list[str]  # global class names; labels of every split index into this list
     protocol: str = "closed"  # "closed": test classes seen in training; "open": disjoint
+    # per-channel statistics of the training images; () when the train split is not loaded
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     skipped: list[str] = field(default_factory=list)  # "path: reason" for unreadable items
+    duplicates: list[str] = field(default_factory=list)  # one line per leak found (hvs.data.checks)
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The roles whose split was decoded, in ``SPLITS`` order."""
+        return tuple(role for role in SPLITS if getattr(self, role) is not None)
+
+    def _first(self) -> Split:
+        for role in SPLITS:
+            if getattr(self, role) is not None:
+                return getattr(self, role)
+        raise DataError(f"{self.name}: no split loaded")
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self._first().images.shape[1])
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return int(self._first().images.shape[-1])
 
     def split(self, role: str) -> Split:
         if role not in SPLITS:
             raise DataError(f"unknown split {role!r}; expected one of {', '.join(SPLITS)}")
-        return getattr(self, role)
+        part = getattr(self, role)
+        if part is None:
+            raise DataError(f"{self.name}: the {role} split was not loaded (loaded: "
+                            f"{', '.join(self.loaded) or 'none'}); create the dataset with it in splits=")
+        return part
 
     def summary(self) -> str:
-        n_train_classes = int(self.train.labels.unique().numel()) if len(self.train) else 0
-        return (f"{self.name} [{self.protocol}-set] train {len(self.train)} ({n_train_classes} classes), "
-                f"query {len(self.query)}, gallery {len(self.gallery)}, "
+        parts = []
+        for role in SPLITS:
+            part = getattr(self, role)
+            if part is None:
+                parts.append(f"{role} not loaded")
+            elif role == "train":
+                n_classes = int(part.labels.unique().numel()) if len(part) else 0
+                parts.append(f"train {len(part)} ({n_classes} classes)")
+            else:
+                parts.append(f"{role} {len(part)}")
+        return (f"{self.name} [{self.protocol}-set] {', '.join(parts)}, "
                 f"{self.channels}x{self.image_size}x{self.image_size}"
                 + (f", skipped {len(self.skipped)} unreadable" if self.skipped else ""))

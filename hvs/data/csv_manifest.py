@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Sequence
 
 from .base import SPLITS, DataError, RetrievalData
 from .imagefolder import DEFAULT_SIZE, from_files
@@ -94,9 +95,11 @@ def read_manifest(file: str, *, name: str | None = None
 @register_source("csv", arg="FILE", arg_required=True,
                  help="CSV/TSV manifest with columns path,label[,split][,bbox]")
 def csv_manifest(arg: str, *, protocol: str = "closed", image_size: int | None = None,
-                 channels: int | None = None, strict: bool = False, seed: int = 0
-                 ) -> RetrievalData:
-    """Rows of ``path,label[,split][,bbox]``; paths relative to the CSV's folder."""
+                 channels: int | None = None, strict: bool = False, seed: int = 0,
+                 splits: Sequence[str] | None = None) -> RetrievalData:
+    """Rows of ``path,label[,split][,bbox]``; paths relative to the CSV's folder.
+
+    With a ``split`` column, only the rows of the requested ``splits`` are decoded."""
     name = f"csv:{arg}"
     rows, has_split = read_manifest(arg, name=name)
     classes = sorted({label for _, _, label, _, _ in rows})
@@ -104,4 +107,5 @@ def csv_manifest(arg: str, *, protocol: str = "closed", image_size: int | None =
     return from_files(name, [(p, box) for p, box, _, _, _ in rows],
                       [index[label] for _, _, label, _, _ in rows], classes, protocol=protocol,
                       size=image_size or DEFAULT_SIZE, channels=channels or 3, strict=strict,
-                      seed=seed, roles=[s for _, _, _, s, _ in rows] if has_split else None)
+                      seed=seed, roles=[s for _, _, _, s, _ in rows] if has_split else None,
+                      splits=splits)

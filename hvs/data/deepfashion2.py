@@ -32,13 +32,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .base import DataError, RetrievalData, Split
-from .images import ImageError, channel_stats, crop_resize, open_image
+from .base import SPLITS, DataError, RetrievalData, Split
+from .images import ImageError, channel_stats, crop_resize, decode_progress, open_image
 from .registry import register_source
 from .splits import check_nonempty
 
@@ -128,9 +129,10 @@ def _item_order(key: str) -> tuple[int, str]:
     return (int(digits), key) if digits.isdigit() else (1 << 30, key)
 
 
-def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict: bool = False
-               ) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Crop every item (each image decoded once); returns (images, kept indices, skipped)."""
+def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict: bool = False,
+               desc: str | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Crop every item (each image decoded once); returns (images, kept indices, skipped).
+    ``desc`` labels a progress bar shown on a terminal."""
     out = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
     kept: list[int] = []
     skipped: list[str] = []
@@ -143,25 +145,33 @@ def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict
             raise ImageError(msg)
         skipped.append(msg)
 
-    for (folder, image_id), idx in by_image.items():
-        path = _image_path(root, folder, image_id)
-        if path is None:
-            bad(f"{os.path.join(root, folder, 'image', image_id)}.jpg: image file not found")
-            continue
+    with decode_progress(len(by_image), desc) as bar:
+        for (folder, image_id), idx in by_image.items():
+            bar.update(1)
+            _crop_image(root, folder, image_id, idx, items, out, size, channels, kept, bad)
+    return out[: len(kept)].clone(), kept, skipped
+
+
+def _crop_image(root: str, folder: str, image_id: str, idx: list[int], items: list[Item],
+                out: torch.Tensor, size: int, channels: int, kept: list[int], bad) -> None:
+    """Decode one photo and crop each of its items ``idx`` into ``out`` (failures go to ``bad``)."""
+    path = _image_path(root, folder, image_id)
+    if path is None:
+        bad(f"{os.path.join(root, folder, 'image', image_id)}.jpg: image file not found")
+        return
+    try:
+        img, scale = open_image(path, channels, size=size, bboxes=[items[i].bbox for i in idx])
+    except ImageError as err:
+        bad(str(err))
+        return
+    for i in idx:
         try:
-            img, scale = open_image(path, channels, size=size, bboxes=[items[i].bbox for i in idx])
+            out[len(kept)] = crop_resize(img, size, items[i].bbox, scale=scale,
+                                         name=f"{path}#{items[i].item}")
         except ImageError as err:
             bad(str(err))
             continue
-        for i in idx:
-            try:
-                out[len(kept)] = crop_resize(img, size, items[i].bbox, scale=scale,
-                                             name=f"{path}#{items[i].item}")
-            except ImageError as err:
-                bad(str(err))
-                continue
-            kept.append(i)
-    return out[: len(kept)].clone(), kept, skipped
+        kept.append(i)
 
 
 def _identity_key(name: str) -> tuple:
@@ -173,7 +183,8 @@ def _identity_key(name: str) -> tuple:
                  help="DeepFashion2 consumer-to-shop retrieval (train/ + validation/ folders)")
 def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = None,
                  channels: int | None = None, strict: bool = False, seed: int = 0,
-                 holdout: float = 0.2, limit: int | None = None) -> RetrievalData:
+                 holdout: float = 0.2, limit: int | None = None,
+                 splits: Sequence[str] | None = None) -> RetrievalData:
     """Items cropped by their boxes; identity ``pair_id:style``; always the open protocol."""
     name = f"deepfashion2:{arg}"
     root = os.path.abspath(os.path.expanduser(arg))
@@ -214,8 +225,13 @@ def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = N
     classes = train_ids + test_ids
     class_index = {c: i for i, c in enumerate(classes)}
 
-    def split(items: list[Item], role: str) -> Split:
-        images, kept, bad = crop_items(root, items, size, channels, strict=strict)
+    wanted = set(SPLITS if splits is None else splits)
+
+    def split(items: list[Item], role: str) -> Split | None:
+        if role not in wanted:
+            return None  # annotations are read for the class list; the photos are not decoded
+        images, kept, bad = crop_items(root, items, size, channels, strict=strict,
+                                       desc=f"decode {name} {role}")
         skipped.extend(bad)
         kept_items = [items[i] for i in kept]
         return Split(images, torch.tensor([class_index[it.identity] for it in kept_items],
@@ -226,5 +242,5 @@ def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = N
     train, query, gallery = (split(train_items, "train"), split(query_items, "query"),
                              split(gallery_items, "gallery"))
     check_nonempty(name, train=train, query=query, gallery=gallery)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train.images) if train is not None else ((), ())
     return RetrievalData(name, train, query, gallery, classes, "open", mean, std, skipped)

@@ -17,12 +17,13 @@ import gzip
 import os
 import subprocess
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DataError, RetrievalData, Split
+from .base import SPLITS, DataError, RetrievalData, Split
 from .images import channel_stats
 from .registry import register_source
 from .splits import check_nonempty, query_gallery_split
@@ -171,14 +172,15 @@ def _prepare(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 @register_source("fashion-mnist", arg="DIR",
                  help="Fashion-MNIST from its IDX .gz files (Debian dataset-fashion-mnist or DIR)")
 def fashion_mnist(arg: str | None, *, protocol: str = "closed", image_size: int | None = None,
-                  channels: int | None = None, strict: bool = False, seed: int = 0
-                  ) -> RetrievalData:
+                  channels: int | None = None, strict: bool = False, seed: int = 0,
+                  splits: Sequence[str] | None = None) -> RetrievalData:
     """Fashion-MNIST, 10 classes, 1x28x28 by default (``channels=3`` repeats the gray plane)."""
     name = "fashion-mnist" if arg is None else f"fashion-mnist:{arg}"
     if arg is not None and not os.path.isdir(arg):
         raise DataError(f"{name}: no such directory")
     train_x, train_y, test_x, test_y = load_arrays(arg)
     size, channels = image_size or 28, channels or 1
+    wanted = set(SPLITS if splits is None else splits)
     train_idx = torch.arange(len(train_y))
     test_idx = torch.arange(len(test_y))
     if protocol == "open":
@@ -188,6 +190,8 @@ def fashion_mnist(arg: str | None, *, protocol: str = "closed", image_size: int 
     q_idx, g_idx = test_idx[q], test_idx[g]
 
     def split(x, y, idx, role, file_split):
+        if role not in wanted:
+            return None  # not resized or copied: create_dataset(..., splits=) left it out
         # indexing copies, so the cached arrays are never handed out (and never mutated)
         return Split(_prepare(x[idx], size, channels), y[idx].clone(),
                      [f"fashion-mnist:{file_split}:{i}" for i in idx.tolist()], role)
@@ -198,5 +202,5 @@ def fashion_mnist(arg: str | None, *, protocol: str = "closed", image_size: int 
     check_nonempty(name, train=train, query=query, gallery=gallery)
     # exact statistics of the training images actually used (the published full-set values
     # MEAN/STD do not hold for the open-set half, resized images or a custom DIR)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train.images) if train is not None else ((), ())
     return RetrievalData(name, train, query, gallery, list(CLASSES), protocol, mean, std)

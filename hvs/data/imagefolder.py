@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import DataError, RetrievalData
+from .base import SPLITS, DataError, RetrievalData
 from .images import IMG_EXTENSIONS, BBox, load_images
-from .registry import register_source
+from .registry import data_warning, register_source
 from .splits import build, check_protocol, split_by_protocol
 
 DEFAULT_SIZE = 64
@@ -32,32 +32,61 @@ def is_image_file(fname: str) -> bool:
 
 
 def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(path, label), ...])`` of an ImageFolder tree, classes and files sorted."""
+    """``(classes, [(path, label), ...])`` of an ImageFolder tree, classes and files sorted.
+
+    A class folder with no image file below it is not a class (it would be a class no split
+    can hold, and it shifts every later label): it is left out with one :class:`DataWarning`
+    line naming the folder(s).
+    """
     if not os.path.isdir(root):
         raise DataError(f"imagefolder:{root}: no such directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes: list[str] = []
+    empty: list[str] = []
     files: list[tuple[str, int]] = []
-    for label, cls in enumerate(classes):
+    for cls in folders:
+        found = []
         for dirpath, dirnames, fnames in os.walk(os.path.join(root, cls), followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [(os.path.join(dirpath, f), label) for f in sorted(fnames) if is_image_file(f)]
+            found += [os.path.join(dirpath, f) for f in sorted(fnames) if is_image_file(f)]
+        if not found:
+            empty.append(cls)
+            continue
+        files += [(path, len(classes)) for path in found]
+        classes.append(cls)
     if not files:
         raise DataError(f"imagefolder:{root}: no images found (expected DIR/<class>/<image> with "
                         f"endings {' '.join(IMG_EXTENSIONS)})")
+    if empty:
+        data_warning(f"imagefolder:{root}: {len(empty)} class folder(s) hold no images and are not "
+                     f"used as classes: {', '.join(os.path.join(root, c) for c in empty[:5])}"
+                     + (", ..." if len(empty) > 5 else ""))
     return classes, files
 
 
 def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequence[int],
                classes: list[str], *, protocol: str, size: int, channels: int, strict: bool,
                seed: int, roles: Sequence[str] | None = None, names: Sequence[str] | None = None,
-               sources: Sequence[str] | None = None) -> RetrievalData:
+               sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
+               ) -> RetrievalData:
     """Decode ``items`` (path, bbox) and split them into a :class:`RetrievalData`.
 
     ``roles`` (one of train/query/gallery per item) fixes the split; without it the split
     follows ``protocol``. Failures are reported under ``names`` (default: the paths).
+    ``splits``: the roles wanted (default all). With ``roles`` only those items are decoded;
+    without, every item still is, because which files decode decides the protocol's split
+    (an unreadable file is dropped before splitting, so no class loses its training images).
     """
     check_protocol(protocol)
-    images, kept, skipped = load_images(items, size, channels, strict=strict, names=names)
+    wanted = tuple(SPLITS if splits is None else splits)
+    todo = list(range(len(items)))
+    if roles is not None and set(wanted) != set(SPLITS):
+        todo = [i for i in todo if roles[i] in wanted]
+    desc = f"decode {name} " + ("(all splits)" if len(todo) == len(items) else "+".join(wanted))
+    images, kept_todo, skipped = load_images([items[i] for i in todo], size, channels, strict=strict,
+                                             names=None if names is None else [names[i] for i in todo],
+                                             desc=desc)
+    kept = [todo[k] for k in kept_todo]
     kept_t = torch.as_tensor(kept, dtype=torch.long)
     lab = torch.as_tensor(list(labels), dtype=torch.long)[kept_t]
     src = [(sources or [p for p, _ in items])[i] for i in kept]
@@ -66,17 +95,17 @@ def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequ
     else:
         role_t = torch.as_tensor([ROLE_IDS[roles[i]] for i in kept], dtype=torch.long)
         index = tuple(torch.nonzero(role_t == r).flatten() for r in range(3))
-    return build(name, images, lab, src, classes, index, protocol, skipped)
+    return build(name, images, lab, src, classes, index, protocol, skipped, splits=wanted)
 
 
 @register_source("imagefolder", arg="DIR", arg_required=True,
                  help="torchvision ImageFolder tree DIR/<class>/<image>")
 def imagefolder(arg: str, *, protocol: str = "closed", image_size: int | None = None,
-                channels: int | None = None, strict: bool = False, seed: int = 0
-                ) -> RetrievalData:
+                channels: int | None = None, strict: bool = False, seed: int = 0,
+                splits: Sequence[str] | None = None) -> RetrievalData:
     """Images in ``DIR/<class>/...``; classes sorted; split by ``protocol`` with ``seed``."""
     root = os.path.abspath(os.path.expanduser(arg))
     classes, files = scan_folder(root)
     return from_files(f"imagefolder:{arg}", [(p, None) for p, _ in files], [l for _, l in files],
                       classes, protocol=protocol, size=image_size or DEFAULT_SIZE,
-                      channels=channels or 3, strict=strict, seed=seed)
+                      channels=channels or 3, strict=strict, seed=seed, splits=splits)

@@ -167,19 +167,42 @@ def load_image(src: ImageSource, size: int | None, channels: int = 3,
         raise ImageError(f"{_name(src)}: {_reason(err)}") from None
 
 
+# Below this many files decoding takes well under a second: no progress bar.
+PROGRESS_MIN_ITEMS = 500
+
+
+def decode_progress(total: int, desc: str | None):
+    """A tqdm bar on stderr for a long decode (``desc`` says what is decoded), shown only on a
+    terminal (``disable=None``) so that logs and tests stay clean; a no-op bar otherwise."""
+    from tqdm.auto import tqdm
+
+    quiet = desc is None or total < PROGRESS_MIN_ITEMS
+    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None)
+
+
 def load_images(items: Sequence[tuple[ImageSource, BBox | None]], size: int, channels: int,
-                *, strict: bool = False, names: Sequence[str] | None = None
-                ) -> tuple[torch.Tensor, list[int], list[str]]:
+                *, strict: bool = False, names: Sequence[str] | None = None,
+                desc: str | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode many images into one (N, C, size, size) ``uint8`` tensor.
 
     Returns ``(images, kept, skipped)``: ``kept`` are the indices into ``items`` that decoded
     (row i of ``images`` is ``items[kept[i]]``), ``skipped`` the ``"name: reason"`` lines of the
-    others. With ``strict=True`` the first failure raises :class:`ImageError` instead.
+    others. With ``strict=True`` the first failure raises :class:`ImageError` instead. ``desc``
+    (e.g. ``"decode csv:m.csv gallery"``) labels a progress bar shown on a terminal.
     """
     out = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
     kept: list[int] = []
     skipped: list[str] = []
+    with decode_progress(len(items), desc) as bar:
+        _decode_into(out, items, size, channels, strict, names, kept, skipped, bar)
+    return out[: len(kept)].clone() if len(kept) < len(items) else out, kept, skipped
+
+
+def _decode_into(out: torch.Tensor, items: Sequence[tuple[ImageSource, BBox | None]], size: int,
+                 channels: int, strict: bool, names: Sequence[str] | None, kept: list[int],
+                 skipped: list[str], bar) -> None:
     for i, (src, bbox) in enumerate(items):
+        bar.update(1)
         try:
             out[len(kept)] = load_image(src, size, channels, bbox)
         except ImageError as err:
@@ -191,7 +214,6 @@ def load_images(items: Sequence[tuple[ImageSource, BBox | None]], size: int, cha
             skipped.append(msg)
             continue
         kept.append(i)
-    return out[: len(kept)].clone() if len(kept) < len(items) else out, kept, skipped
 
 
 def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -40,8 +40,10 @@ KR/SC/TC/HK next to JP); any other face whose glyphs are (near-)identical to one
 (Takao = IPA, WenQuanYi Micro Hei = Droid Sans Fallback) is dropped by :func:`select_faces`.
 The cache is a compressed ``.npz`` (images, code points, face ids, a JSON face table with
 package, family, path, class and the font file's sha256) plus a manifest, written atomically
-and byte-for-byte deterministic for a given font set, so a cache built once can be copied to a
-machine without the fonts. Its name depends only on the render settings, not on the fonts
+and byte-for-byte deterministic for a given font set, so a cache built once can be copied (with
+its ``.json`` manifest) to a machine without the fonts. The manifest, written last, records the
+cache's SHA-256, checked at every open: an altered or damaged cache is a one-line error, and a
+cache without its manifest is an interrupted build, built again. Its name depends only on the render settings, not on the fonts
 found: after installing or removing fonts, rebuild with ``hvs data build kanji-fonts --force``.
 
     hvs data fonts --all                          what is installed and how it is classified
@@ -78,7 +80,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_bytes
-from .base import DataError, RetrievalData, Split
+from .base import SPLITS, DataError, RetrievalData, Split
 from .images import channel_stats
 from .registry import register_source
 from .splits import check_nonempty
@@ -524,7 +526,7 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
     """
     _check_render_options(size, limit, max_faces, jitter)
     path = cache_path(folder, size, limit, max_faces, jitter)
-    if os.path.exists(path) and not force:
+    if is_built(path) and not force:
         return read_manifest(path)
     t0 = time.perf_counter()
     excluded: list[FontFace] = []
@@ -629,23 +631,38 @@ def _manifest_path(npz_path: str) -> str:
     return os.path.splitext(npz_path)[0] + ".json"
 
 
+def is_built(npz_path: str) -> bool:
+    """True when the cache and its manifest both exist. The manifest (with the cache's SHA-256)
+    is written last, so a cache without one is an interrupted build, and is built again."""
+    return os.path.isfile(npz_path) and os.path.isfile(_manifest_path(npz_path))
+
+
 def read_manifest(npz_path: str) -> dict:
-    """The manifest next to a cache file; rebuilt from the cache itself if it is missing."""
+    """The manifest next to a cache file (a one-line :class:`DataError` if missing or corrupt)."""
+    manifest = _manifest_path(npz_path)
     try:
-        with open(_manifest_path(npz_path), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        arrays = load_cache(npz_path)
-        meta = dict(arrays["meta"])
-        kinds = [t["kind"] for t in meta["faces"]]
-        return {**meta, "print_faces": kinds.count(PRINT), "handwriting_faces": kinds.count(HANDWRITING),
-                "cache": os.path.basename(npz_path), "bytes": os.path.getsize(npz_path)}
+        with open(manifest, encoding="utf-8") as f:
+            out = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{npz_path}: kanji-fonts cache has no manifest {os.path.basename(manifest)} "
+                        f"(an interrupted build, or copied without it); {_REBUILD}") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{manifest}: corrupt kanji-fonts manifest ({_reason(err)}); {_REBUILD}") from None
+    if not isinstance(out, dict):
+        raise DataError(f"{manifest}: corrupt kanji-fonts manifest (not a JSON object); {_REBUILD}")
+    return out
+
+
+_REBUILD = "delete it, or rebuild with `hvs data build kanji-fonts --force`"
 
 
 def load_cache(path: str) -> dict:
     """``{"images", "codes", "face", "chars", "meta"}`` from a cache file (``meta`` parsed).
 
-    Any unreadable or inconsistent file raises a one-line :class:`DataError` naming it.
+    The file's SHA-256 is checked against the one its manifest recorded at build time (once
+    per process and file version), so a cache altered or damaged since is refused rather than
+    trained on. Any unreadable, unverifiable or inconsistent file raises a one-line
+    :class:`DataError` naming it.
     """
     try:
         st = os.stat(path)
@@ -656,7 +673,18 @@ def load_cache(path: str) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _load_cache(path: str, mtime_ns: int, nbytes: int) -> dict:
-    hint = "delete it, or rebuild with `hvs data build kanji-fonts --force`"
+    hint = _REBUILD
+    recorded = read_manifest(path).get("sha256")
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise DataError(f"{_manifest_path(path)}: no SHA-256 of the cache recorded (written by an older "
+                        f"hvs?); {hint}")
+    try:
+        actual = _sha256(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read kanji-fonts cache ({_reason(err)})") from None
+    if actual != recorded:
+        raise DataError(f"{path}: corrupt kanji-fonts cache (SHA-256 {actual[:12]}... differs from "
+                        f"{recorded[:12]}... recorded in {os.path.basename(_manifest_path(path))}); {hint}")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("images", "codes", "face", "chars")}
@@ -770,7 +798,7 @@ def load_arrays(opts: dict[str, object], progress: bool = True) -> tuple[str, di
     """``(cache path, arrays)`` for resolved options, building the cache when it is missing."""
     path = cache_path(opts["dir"], int(opts["size"]), opts["limit"], opts["max_faces"],
                       float(opts["jitter"]))
-    if not os.path.exists(path):
+    if not is_built(path):
         build_cache(opts["dir"], size=int(opts["size"]), limit=opts["limit"],
                     max_faces=opts["max_faces"], jitter=float(opts["jitter"]), progress=progress)
     return path, load_cache(path)
@@ -780,7 +808,7 @@ def load_arrays(opts: dict[str, object], progress: bool = True) -> tuple[str, di
                  help="JIS level-1 kanji from installed CJK fonts: print gallery, handwriting queries (open set)")
 def kanji_fonts(arg: str | None, *, protocol: str = "open", image_size: int | None = None,
                 channels: int | None = None, strict: bool = False, seed: int = 0,
-                progress: bool = True, **kwargs) -> RetrievalData:
+                progress: bool = True, splits: Sequence[str] | None = None, **kwargs) -> RetrievalData:
     """Open-set kanji identities: train on 2/3 of the characters, search the rest (IJB-C stand-in)."""
     opts = resolve_options(arg, image_size, seed, **kwargs)
     name = "kanji-fonts" if arg is None else f"kanji-fonts:{arg}"
@@ -803,17 +831,21 @@ def kanji_fonts(arg: str | None, *, protocol: str = "open", image_size: int | No
         "gallery": np.flatnonzero(np.isin(labels, mated) & kind),
     }
     ch = channels or 1
-    splits = {}
+    wanted = set(SPLITS if splits is None else splits)
+    parts: dict[str, Split | None] = {}
     for role, idx in index.items():
+        if role not in wanted:
+            parts[role] = None
+            continue
         images = torch.from_numpy(arrays["images"][idx]).unsqueeze(1)  # fancy indexing copies
         if ch == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
         sources = [f"kanji-fonts:{faces[f]['key']}:U+{c:04X}"
                    for f, c in zip(arrays["face"][idx].tolist(), codes[idx].tolist())]
-        splits[role] = Split(images, torch.from_numpy(labels[idx]), sources, role)
-    check_nonempty(name, **splits)
-    mean, std = channel_stats(splits["train"].images)
-    return RetrievalData(name, splits["train"], splits["query"], splits["gallery"], chars, "open",
+        parts[role] = Split(images, torch.from_numpy(labels[idx]), sources, role)
+    check_nonempty(name, **parts)
+    mean, std = channel_stats(parts["train"].images) if parts["train"] is not None else ((), ())
+    return RetrievalData(name, parts["train"], parts["query"], parts["gallery"], chars, "open",
                          mean, std, list(meta["skipped"]))
 
 

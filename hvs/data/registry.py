@@ -6,27 +6,54 @@ model comes from: ``fashion-mnist``, ``imagefolder:DIR``, ``csv:FILE``, ``deepfa
 DeepFashion2 annotations look alike); an unknown prefix fails with the list of valid ones.
 
 A source is a function ``fn(arg, *, protocol, image_size, channels, strict, seed, **kwargs)``
-registered with :func:`register_source`. :func:`create_dataset` checks the contract on what it
-returns (non-empty splits, labels inside ``classes``, one image shape, closed-set classes seen
-in training) so that a new source cannot hand the trainer an inconsistent dataset.
+registered with :func:`register_source`; one that also takes ``splits`` decodes only the splits
+asked for (a source without it is loaded whole and trimmed here, so callers see the same thing).
+:func:`create_dataset` checks the contract on what it returns (non-empty splits, labels inside
+``classes``, one image shape, closed-set classes seen in training) so that a new source cannot
+hand the trainer an inconsistent dataset, and looks for leaked items (the same image in query and
+gallery, a row twice in a split: :mod:`hvs.data.checks`).
+
+Warnings about data are :class:`DataWarning`\\ s, printed as one line ``hvs: warning: ...``
+(not Python's ``file:line: category`` plus a source line); they remain ordinary warnings, so
+``warnings.catch_warnings`` / ``pytest.warns`` see them and ``-W error`` turns them into errors.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .base import SPLITS, DataError, RetrievalData
+from .checks import check_duplicates
 from .splits import check_nonempty, check_protocol
 
 SourceFn = Callable[..., RetrievalData]
 
 
 class DataWarning(UserWarning):
-    """Something was skipped while reading a dataset; the details are in ``.skipped``."""
+    """Something in a dataset deserves attention (items skipped, leaked, empty class folders)."""
+
+
+def data_warning(message: str) -> None:
+    """Issue ``message`` (one line) as a :class:`DataWarning`."""
+    warnings.warn(message, DataWarning, stacklevel=2)
+
+
+_format_default = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    """One line ``hvs: warning: <message>`` for hvs's data warnings; others unchanged."""
+    if isinstance(category, type) and issubclass(category, DataWarning):
+        return f"hvs: warning: {' '.join(str(message).split())}\n"
+    return _format_default(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _formatwarning
 
 
 @dataclass(frozen=True)
@@ -93,56 +120,87 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | None = None,
                    channels: int | None = None, strict: bool = False, seed: int = 0,
-                   **source_kwargs) -> RetrievalData:
+                   splits: Sequence[str] | None = None, **source_kwargs) -> RetrievalData:
     """Load the dataset named by ``spec`` (``"name"`` or ``"name:ARG"``).
 
     ``protocol``: ``"closed"`` (query/gallery classes are seen in training) or ``"open"``
     (disjoint classes); DeepFashion2 is always open. ``image_size``/``channels``: output shape
-    (each source has its default). ``strict``: an unreadable item raises :class:`DataError`
-    instead of being skipped and listed in ``RetrievalData.skipped``. ``seed``: every random
-    split is a function of it. Remaining keyword arguments go to the source.
+    (each source has its default; every source converts to the channels asked for, so a model's
+    ``in_chans`` can always be passed). ``strict``: an unreadable item, or a leaked one (the same
+    image in query and gallery, a duplicate in a split), raises :class:`DataError` instead of
+    being skipped/warned about. ``seed``: every random split is a function of it. ``splits``:
+    the roles to load (default all); the others are ``None`` in the result, and sources that can
+    skip decoding them do. Remaining keyword arguments go to the source.
     """
     check_protocol(protocol)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     if channels is not None and channels not in (1, 3):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    wanted = _check_splits(splits)
     name, arg = parse_spec(spec)
     info = source_info(name)
     if arg is not None and not info.arg:
         raise DataError(f"data source {name!r} takes no argument, got {spec!r}")
     if arg is None and info.arg_required:
         raise DataError(f"data source {name!r} needs an argument: {info.usage}")
+    if splits is not None and "splits" in inspect.signature(info.fn).parameters:
+        source_kwargs["splits"] = wanted
     data = info.fn(arg, protocol=protocol, image_size=image_size, channels=channels,
                    strict=strict, seed=seed, **source_kwargs)
     data.name = spec
+    for role in SPLITS:
+        if role not in wanted:
+            setattr(data, role, None)
+    if data.train is None:
+        data.mean, data.std = (), ()
     validate(data)
     if data.skipped:
         warnings.warn(f"{spec}: skipped {len(data.skipped)} item(s) that could not be used, e.g. "
                       f"{data.skipped[0]} (all listed in RetrievalData.skipped)", DataWarning,
                       stacklevel=2)
+    data.duplicates = [d.message for d in check_duplicates(data, strict=strict)]
     return data
 
 
+def _check_splits(splits: Sequence[str] | None) -> tuple[str, ...]:
+    if splits is None:
+        return SPLITS
+    if isinstance(splits, str):
+        splits = (splits,)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise DataError(f"splits must name some of {', '.join(SPLITS)}, got {list(splits)!r}")
+    return tuple(role for role in SPLITS if role in splits)
+
+
 def validate(data: RetrievalData) -> None:
-    """Check the dataset contract; raises :class:`DataError` naming the first violation."""
+    """Check the dataset contract on its loaded splits; raises :class:`DataError` naming the
+    first violation."""
     check_protocol(data.protocol)
-    splits = {role: data.split(role) for role in SPLITS}
+    splits = {role: data.split(role) for role in data.loaded}
+    if not splits:
+        raise DataError(f"{data.name}: no split loaded")
     check_nonempty(data.name, **splits)
-    shape = tuple(data.train.images.shape[1:])
+    shape = tuple(next(iter(splits.values())).images.shape[1:])
     n_classes = len(data.classes)
     for role, split in splits.items():
         if tuple(split.images.shape[1:]) != shape:
             raise DataError(f"{data.name}: {role} images are {tuple(split.images.shape[1:])}, "
-                            f"train images {shape}")
+                            f"{next(iter(splits))} images {shape}")
         lo, hi = int(split.labels.min()), int(split.labels.max())
         if lo < 0 or hi >= n_classes:
             raise DataError(f"{data.name}: {role} labels span {lo}..{hi} but there are "
                             f"{n_classes} classes")
+    if data.train is None:
+        return  # mean/std and the protocol's class rules are about the training split
     if len(data.mean) != shape[0] or len(data.std) != shape[0]:
         raise DataError(f"{data.name}: mean/std need {shape[0]} values per channel")
+    tested = [data.split(r).labels for r in ("query", "gallery") if r in splits]
+    if not tested:
+        return
     seen = set(data.train.labels.unique().tolist())
-    test = set(torch.cat([data.query.labels, data.gallery.labels]).unique().tolist())
+    test = set(torch.cat(tested).unique().tolist())
     if data.protocol == "closed" and not test <= seen:
         unseen = sorted(test - seen)
         raise DataError(f"{data.name}: closed protocol but {len(unseen)} query/gallery class(es) "

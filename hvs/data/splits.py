@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import DataError, RetrievalData, Split
+from .base import SPLITS, DataError, RetrievalData, Split
 from .images import channel_stats
 
 PROTOCOLS = ("closed", "open")
@@ -130,22 +130,25 @@ def make_split(images: torch.Tensor, labels: torch.Tensor, sources: list[str] | 
 def build(name: str, images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None,
           classes: list[str], index: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
           protocol: str, skipped: list[str] | None = None, mean: tuple[float, ...] | None = None,
-          std: tuple[float, ...] | None = None) -> RetrievalData:
+          std: tuple[float, ...] | None = None, splits: Sequence[str] | None = None) -> RetrievalData:
     """Assemble a :class:`RetrievalData` from one pool of items and three index tensors.
 
-    Mean/std default to the exact per-channel statistics of the training images.
+    ``splits``: the roles to keep (default all); the others are left ``None``. Mean/std default
+    to the exact per-channel statistics of the training images (``()`` without a train split).
     """
-    train, query, gallery = (make_split(images, labels, sources, ix, role)
-                             for ix, role in zip(index, ("train", "query", "gallery")))
-    check_nonempty(name, train=train, query=query, gallery=gallery)
+    keep = set(SPLITS if splits is None else splits)
+    parts = {role: make_split(images, labels, sources, ix, role) if role in keep else None
+             for ix, role in zip(index, SPLITS)}
+    check_nonempty(name, **parts)
     if mean is None or std is None:
-        mean, std = channel_stats(train.images)
-    return RetrievalData(name, train, query, gallery, list(classes), protocol, tuple(mean),
-                         tuple(std), list(skipped or []))
+        mean, std = channel_stats(parts["train"].images) if parts["train"] is not None else ((), ())
+    return RetrievalData(name, parts["train"], parts["query"], parts["gallery"], list(classes),
+                         protocol, tuple(mean), tuple(std), list(skipped or []))
 
 
-def check_nonempty(name: str, **splits: Split) -> None:
+def check_nonempty(name: str, **splits: Split | None) -> None:
+    """Refuse an empty split (``None``, a split not loaded, is not checked)."""
     for role, split in splits.items():
-        if len(split) == 0:
+        if split is not None and len(split) == 0:
             raise DataError(f"{name}: the {role} split is empty (too few readable images or "
                             f"classes for this protocol)")

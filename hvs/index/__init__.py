@@ -12,8 +12,11 @@ Specs always carry a backend prefix (a bare path is an error): ``faiss:DIR`` (th
 a folder searched in-process; any FAISS factory string) or ``milvus:URI`` (a Milvus Lite ``.db``
 file or an ``http(s)://`` Milvus server; ``Flat`` only; needs ``pip install pymilvus milvus-lite``).
 Both implement :class:`GalleryIndex` and behave the same: vectors are L2-normalised on add and on
-search, ids are stable int64, removal is real, and results are -1/-inf padded to k.
-``build_index`` embeds a gallery in resumable shards and writes the index in one step.
+search, ids are stable int64 (0 .. 2**63-1), removal is real, k is capped at the index size
+(results are -1/-inf padded to k, but never wider than ``max(len(index), MAX_PADDED_K)``), and a
+long-lived reader picks up other processes' commits with ``stale()`` / ``refresh()``. FAISS
+version files are SHA-256 checksummed and verified at open. ``build_index`` embeds a gallery in
+resumable, checksummed shards and writes the index in one step.
 """
 
 from __future__ import annotations

@@ -15,8 +15,15 @@ Conventions every backend keeps (and the tests check on each one):
   items and rebuilds. When ``add`` gets no ids it assigns ``next_id, next_id + 1, ...``, where
   ``next_id`` is one past the largest id ever added (a high-water mark kept in the sidecar), so a
   removed id is never handed to a different image. Ids must be non-negative: -1 is the padding id.
-* **Padding.** ``search`` always returns (q, k) arrays; with fewer than k items the tail is
-  padded with id -1 and score -inf.
+* **k is capped, padding is bounded.** ``search`` never asks a backend for more than the index
+  holds, so an absurd k (``-k 1000000000``) costs what the index size costs, not k. Results are
+  (q, w) arrays with ``w = min(k, max(len(index), MAX_PADDED_K))``: with fewer than k items the
+  tail is padded with id -1 and score -inf, so small fixed-k batches keep a fixed shape, but a
+  result is never wider than ``max(len(index), MAX_PADDED_K)``. k < 1 is an error.
+* **Fresh snapshots on demand.** A handle reads the version that was current when it opened;
+  ``stale()`` cheaply says whether a newer one was committed since (by another process: the
+  CLI, another service) and ``refresh()`` loads it. A long-lived reader such as the search
+  service calls them per request, so a removal from the command line is enforced at once.
 * **Real removal.** ``remove`` deletes the vectors: the count drops and they are never returned.
 * **Self-describing sidecar** (``meta``): dim, metric, normalisation, factory string, count,
   next_id, created/updated times, hvs version, plus whatever the caller passes in ``meta`` at
@@ -29,9 +36,12 @@ Backends register by spec prefix (``faiss:DIR``, ``milvus:URI``): see ``hvs.inde
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,6 +53,10 @@ METRIC = "ip"
 RESERVED_META = ("format", "backend", "dim", "metric", "normalised", "factory", "count", "next_id",
                  "created", "updated", "hvs_version", "search_params")
 MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
+MAX_ID = 2 ** 63 - 1  # ids are int64; -1 is the padding id, so 0 .. MAX_ID
+# Columns of -1/-inf padding a search may return beyond what the index holds (see the module
+# docstring): enough for any fixed-k batch a caller stacks, small enough that k = 10**9 is free.
+MAX_PADDED_K = 1024
 
 
 class IndexStoreError(HVSError):
@@ -142,7 +156,18 @@ def l2_normalise(x: np.ndarray, what: str) -> np.ndarray:
     return x / norms if x.size else x
 
 
+def _id_range_error(value: Any, what: str) -> IndexStoreError:
+    return IndexStoreError(f"{what[:-1] if what.endswith('s') else what} {value} is out of range: "
+                           f"ids are integers from 0 to {MAX_ID} (int64)")
+
+
 def as_ids(ids: Any, n: int | None = None, what: str = "ids") -> np.ndarray:
+    """A 1-D int64 array of valid ids (0 .. 2**63-1), or a one-line error.
+
+    Python ints beyond int64 (which numpy turns into an object array, or ``OverflowError``) and
+    uint64 values above 2**63-1 (which a cast would wrap to negative ids) are refused by value,
+    so the CLI, the service and the library all say the same thing about ``99999999999999999999999``.
+    """
     if hasattr(ids, "detach"):
         ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids)
@@ -150,14 +175,28 @@ def as_ids(ids: Any, n: int | None = None, what: str = "ids") -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 1:
         raise IndexStoreError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype == object:  # Python ints too large for int64, or mixed junk
+        for v in arr.tolist():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise IndexStoreError(f"{what} must be integers, got {type(v).__name__} {v!r}"[:300])
+            if not 0 <= v <= MAX_ID:
+                raise _id_range_error(v, what)
+        raise IndexStoreError(f"{what} must be integers, got dtype object")  # not reached for valid ints
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise IndexStoreError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype == np.uint64 and int(arr.max()) > MAX_ID:
+        raise _id_range_error(int(arr.max()), what)
     arr = arr.astype(np.int64, copy=False)
     if n is not None and arr.shape[0] != n:
         raise IndexStoreError(f"{n} embeddings but {arr.shape[0]} {what}")
     if arr.size and arr.min() < 0:
         raise IndexStoreError(f"{what} must be non-negative (-1 is the padding id), got {int(arr.min())}")
     return arr
+
+
+def check_id(value: Any) -> int:
+    """One item id (a path parameter, a CLI argument) as an int in 0 .. 2**63-1, or a one-line error."""
+    return int(as_ids([value], 1, "ids")[0])
 
 
 def check_new_ids(ids: np.ndarray) -> None:
@@ -186,6 +225,20 @@ def check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexStoreError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def result_width(k: int, count: int) -> int:
+    """Columns a search returns for ``k`` on an index of ``count`` items (see the module docstring)."""
+    return min(k, max(count, MAX_PADDED_K))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (what index versions and build shards record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def padded(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,13 +325,89 @@ class GalleryIndex(abc.ABC):
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Delete these ids (unknown ids are ignored); return how many were removed."""
 
-    @abc.abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by cosine similarity: (scores (q, k) float32, ids (q, k) int64), -inf/-1 padded."""
+        """Top-k by cosine similarity: (scores (q, w) float32, ids (q, w) int64), -inf/-1 padded.
+
+        ``w = min(k, max(len(self), MAX_PADDED_K))``; the backend is asked for at most
+        ``len(self)`` neighbours, whatever k is. Non-finite or zero queries are an error.
+        """
+        self._check_open()
+        q = as_matrix(queries, self.dim, "queries")
+        k = check_k(k)
+        count = len(self)
+        scores, ids = padded(q.shape[0], result_width(k, count))
+        top = min(k, count)
+        if top and q.shape[0]:
+            got_scores, got_ids = self._search(q, top)
+            scores[:, :top], ids[:, :top] = got_scores, got_ids
+        return scores, ids
 
     @abc.abstractmethod
-    def records(self, ids: Sequence[int] | np.ndarray) -> list[dict]:
-        """``[{"id", "label", "source"}, ...]`` in the order asked; an unknown id is an error."""
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of checked, normalised queries with 1 <= k <= len(self): (q, k) scores and ids,
+        -inf/-1 where the backend found fewer than k."""
+
+    @abc.abstractmethod
+    def records(self, ids: Sequence[int] | np.ndarray, *, skip_missing: bool = False) -> list[dict]:
+        """``[{"id", "label", "source"}, ...]`` in the order asked; an unknown id is an error
+        (or, with ``skip_missing``, left out)."""
+
+    @abc.abstractmethod
+    def referenced(self, sources: Sequence[str]) -> set[str]:
+        """Which of these ``source`` strings some item of the index still has."""
+
+    def _check_open(self) -> None:
+        """Raise IndexStoreError if the index was closed (backends override)."""
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def stale(self) -> bool:
+        """Has a newer version been committed since this handle loaded its snapshot? Cheap
+        (a ``stat``): meant to be called per request. Backends whose reads are live say False."""
+        return False
+
+    def refresh(self) -> bool:
+        """Load the newest committed version if :meth:`stale`; True if something was reloaded."""
+        return False
+
+    # -- removal with the files it owns ------------------------------------------------------------
+    def default_uploads_dir(self) -> Path | None:
+        """Where images added through the service are kept for this index (None: no default)."""
+        return None
+
+    def remove_with_uploads(self, ids: Sequence[int] | np.ndarray,
+                            uploads_dir: str | os.PathLike | None = None) -> tuple[int, list[str]]:
+        """:meth:`remove`, then delete the uploaded image files those items owned.
+
+        A removed item whose ``source`` is a file inside ``uploads_dir`` (default
+        :meth:`default_uploads_dir`) had its image stored by hvs (``POST /gallery``); once the
+        removal has committed, that file is deleted unless another item still names it, and the
+        folder is fsync'ed, so a takedown leaves no copy of the photo. Files anywhere else (a
+        dataset's own images) are never touched. Returns (items removed, files deleted).
+        """
+        drop = as_ids(ids, what="ids")
+        folder = Path(uploads_dir) if uploads_dir is not None else self.default_uploads_dir()
+        owned: list[str] = []
+        if folder is not None and folder.is_dir():
+            root = folder.resolve()
+            for rec in self.records(drop, skip_missing=True):
+                src = rec.get("source")
+                if src and _inside(src, root):
+                    owned.append(src)
+        n = self.remove(drop)
+        if not owned:
+            return n, []
+        still = self.referenced(owned)
+        deleted = []
+        for src in dict.fromkeys(owned):
+            if src not in still:
+                try:
+                    os.unlink(src)
+                    deleted.append(src)
+                except FileNotFoundError:
+                    pass
+        if deleted:
+            fsync_path(folder)
+        return n, deleted
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -307,3 +436,21 @@ class GalleryIndex(abc.ABC):
             n = "?"
         return f"{type(self).__name__}({self.spec!r}, dim={self.dim}, count={n})"
 
+
+
+def _inside(path: str, root: Path) -> bool:
+    """Is ``path`` a file inside ``root`` (after resolving links: an upload may not escape it)?"""
+    try:
+        p = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return p.parent == root or root in p.parents
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's entries: renames and unlinks in it become durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

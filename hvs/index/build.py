@@ -7,12 +7,18 @@ a CPU), so ``build_index`` never loses finished work:
    in the gallery, so search results map straight back to the dataset).
 2. Each finished shard is saved atomically (temp file, fsync, ``os.replace``) as
    ``WORK/shards/shard_00000.npy`` (raw float32 embeddings) and ``shard_00000.ids.npy`` (their
-   int64 ids; written last, so its presence marks the shard complete).
-3. A build killed midway and started again with the same arguments finds the finished shards
-   and does not embed them again. ``WORK/build.json`` records what "the same arguments" means
-   (spec, item count, shard size, factory, fingerprints of labels, sources and the
-   ``gallery_model``/``preprocessing`` entries of ``meta``); a different build refuses to reuse
-   the shards rather than silently mixing two models' vectors.
+   int64 ids), then ``WORK/checksums/shard_00000.json`` records both files' SHA-256: written
+   last, its presence marks the shard complete, and a shard is reused only if both files still
+   match it (a damaged shard is embedded again, never indexed).
+3. A build killed midway (or failed) and started again finds the finished shards and does not
+   embed them again. ``WORK/build.json`` keys the shards by what the embeddings depend on and
+   nothing else: item count, shard size, the items' sources, the ``gallery_model`` and
+   ``preprocessing`` entries of ``meta`` and the data's spec/split/protocol. Not the factory nor
+   the output spec, so a build that failed at training ``IVF256,Flat`` is finished with ``Flat``
+   from the same shards. A different model or data refuses to reuse them rather than mix two
+   models' vectors, unless no shard was finished yet (nothing to protect: the build starts over).
+   The factory is checked against the gallery size (FAISS' training minimum) before anything is
+   embedded.
 4. When every shard is done the index is created and filled in one atomic step (for
    ``faiss:DIR`` a single version commit), the sidecar gets a ``build_report`` and the work
    folder is deleted.
@@ -35,9 +41,10 @@ import numpy as np
 
 from ..compat import GallerySide, QuerySide, check_pair
 from ..fileio import atomic_save_npy, atomic_write_json
-from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec
+from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec, sha256_file
 
 MANIFEST = "build.json"
+MANIFEST_FORMAT = "hvs-build-shards/2"  # /1 keyed shards by spec and factory too, and had no checksums
 MAX_LISTED_SKIPS = 20
 
 
@@ -54,10 +61,12 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 
 def default_work_dir(prefix: str, location: str) -> Path:
-    """``DIR.build`` beside a FAISS folder, ``FILE.db.build`` beside a Milvus Lite file."""
+    """``DIR.build`` beside a FAISS folder, ``FILE.db.build`` beside a Milvus Lite file, and for a
+    Milvus server a folder under the user cache (``$XDG_CACHE_HOME/hvs/index-builds``)."""
     target = location.partition("#")[0] if prefix == "milvus" else location
     if "://" in target:
-        raise IndexStoreError(f"building {prefix}:{location} needs work_dir= (a local folder for the shards)")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "hvs" / "index-builds" / hashlib.sha256(f"{prefix}:{location}".encode()).hexdigest()[:16]
     suffix = "" if "#" not in location else "-" + location.partition("#")[2]
     return Path(target.rstrip("/") + suffix + ".build")
 
@@ -131,10 +140,28 @@ def _shard_paths(work: Path, i: int) -> tuple[Path, Path]:
     return work / "shards" / f"shard_{i:05d}.npy", work / "shards" / f"shard_{i:05d}.ids.npy"
 
 
-def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
-    """A finished shard's (embeddings, ids), or None if it is missing or not valid."""
+def _sums_path(work: Path, i: int) -> Path:
+    return work / "checksums" / f"shard_{i:05d}.json"
+
+
+def _seal_shard(work: Path, i: int) -> None:
+    """Record the shard's files' SHA-256 (read back from disk); the record marks it finished."""
     vec_path, ids_path = _shard_paths(work, i)
-    if not ids_path.exists() or not vec_path.exists():
+    atomic_write_json(_sums_path(work, i), {"algorithm": "sha256", "vectors": sha256_file(vec_path),
+                                            "ids": sha256_file(ids_path)})
+
+
+def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
+    """A finished shard's (embeddings, ids), or None if it is missing, unsealed or damaged."""
+    vec_path, ids_path = _shard_paths(work, i)
+    sums_path = _sums_path(work, i)
+    if not ids_path.exists() or not vec_path.exists() or not sums_path.exists():
+        return None
+    try:
+        sums = json.loads(sums_path.read_text())
+        if sums.get("vectors") != sha256_file(vec_path) or sums.get("ids") != sha256_file(ids_path):
+            return None  # damaged since it was written: embed it again
+    except (OSError, ValueError, AttributeError):
         return None
     try:
         ids = np.load(ids_path, allow_pickle=False)
@@ -144,7 +171,20 @@ def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
     ok = (ids.dtype == np.int64 and ids.ndim == 1 and vectors.dtype == np.float32 and vectors.ndim == 2
           and vectors.shape[0] == ids.shape[0] and (dim is None or vectors.shape[1] == dim)
           and (ids.size == 0 or (ids.min() >= start and ids.max() < stop)))
+    if ok and vectors.size and not np.isfinite(vectors).all():
+        ok = False
     return (vectors, ids) if ok else None
+
+
+def _finished_shards(work: Path) -> int:
+    folder = work / "checksums"
+    return sum(1 for _ in folder.glob("shard_*.json")) if folder.is_dir() else 0
+
+
+def _dim_hint(meta: dict) -> int | None:
+    """The embedding dimension the sidecar meta promises (``gallery_model.embed_dim``), if any."""
+    dim = (meta.get("gallery_model") or {}).get("embed_dim") if isinstance(meta.get("gallery_model"), dict) else None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
 def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence[str] | None,
@@ -163,7 +203,10 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
 
     An embedding with NaN/inf is an error naming the item, unless ``skip_bad=True``, which leaves
     such items out (listed in the report). ``work_dir`` defaults to ``DIR.build`` beside a FAISS
-    folder (``FILE.db.build`` for Milvus Lite); rerun with the same arguments to resume.
+    folder (``FILE.db.build`` for Milvus Lite); rerun to resume, with the same or another
+    ``factory`` (see the module docstring for what the shards are keyed by). The factory is
+    checked against ``len(labels)`` before the first image is embedded when ``meta`` records
+    ``gallery_model.embed_dim``, else right after the first batch.
 
     ``only_shards`` (the hook for :mod:`hvs.index.distributed_build`): embed just these shard
     numbers into the work folder and return None without writing the index; a later call
@@ -182,31 +225,47 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
         raise IndexStoreError("build_index needs meta= (a dict; record gallery_model and preprocessing in it)")
     source = _Images(images, n, batch_size)
 
+    dim_hint = _dim_hint(meta)
+    if dim_hint is not None:
+        cls.check_factory(dim_hint, factory, n)  # before hours of embedding, not after
+
     work = Path(work_dir) if work_dir is not None else default_work_dir(prefix, location)
-    manifest = {"spec": spec, "n": n, "shard_size": shard_size, "factory": factory,
-                "labels": _sha(list(labels)), "sources": _sha(sources),
-                "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")])}
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    manifest = {"format": MANIFEST_FORMAT, "n": n, "shard_size": shard_size, "sources": _sha(sources),
+                "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
+                "data": _sha([data.get(key) for key in ("spec", "split", "protocol")])}
     made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
     manifest_path = work / MANIFEST
+    dim = None
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-        if old.get("model") != manifest["model"] and isinstance(old.get("made_by"), dict):
-            # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
-            check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)), GallerySide.of_index_meta(old["made_by"]),
-                       same_model=True, remedy=f"delete {work} or pass another work_dir")
+        old = old if isinstance(old, dict) else {}
         diff = [key for key in manifest if old.get(key) != manifest[key]]
-        if diff:
-            raise IndexStoreError(f"work dir {work} belongs to a different build ({diff[0]}: {old.get(diff[0])!r} "
-                                  f"vs {manifest[diff[0]]!r}); delete it or pass another work_dir")
-        dim = old.get("dim")
-    else:
+        if not diff:
+            dim = old.get("dim")
+        elif _finished_shards(work) and old.get("format") == MANIFEST_FORMAT:
+            if "model" in diff and isinstance(old.get("made_by"), dict):
+                # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
+                check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
+                           GallerySide.of_index_meta(old["made_by"]), same_model=True,
+                           remedy=f"delete {work} to start over")
+            what = {"n": "item count", "shard_size": "shard size", "sources": "gallery items",
+                    "model": "gallery model or preprocessing", "data": "data spec/split/protocol"}[diff[0]]
+            raise IndexStoreError(f"the shards in {work} belong to a different build (another {what}); "
+                                  f"delete {work} to start over")
+        else:  # nothing reusable there (no finished shard, or an older format without checksums)
+            shutil.rmtree(work / "shards", ignore_errors=True)
+            shutil.rmtree(work / "checksums", ignore_errors=True)
+    if dim is None:
         (work / "shards").mkdir(parents=True, exist_ok=True)
         _write_manifest(manifest_path, dict(manifest, made_by=made_by))
-        dim = None
     (work / "shards").mkdir(parents=True, exist_ok=True)
+    (work / "checksums").mkdir(parents=True, exist_ok=True)
+    if dim is not None and dim_hint is None:
+        cls.check_factory(dim, factory, n)
 
     from tqdm.auto import tqdm
 
@@ -239,7 +298,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                     raise IndexStoreError(f"embed_fn returned shape {out.shape} for a batch of {len(batch)} images")
                 if dim is None:
                     dim = int(out.shape[1])
-                    cls.check_factory(dim, factory)
+                    cls.check_factory(dim, factory, n)  # after one batch when meta gave no dim
                     _write_manifest(manifest_path, dict(manifest, made_by=made_by, dim=dim))
                 elif out.shape[1] != dim:
                     raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}")
@@ -253,11 +312,13 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                 first = int(ids[~good][0])
                 if not skip_bad:
                     raise IndexStoreError(f"embedding of item {first} ({sources[first] or labels[first]}) is NaN, "
-                                          "inf or zero; pass skip_bad=True to leave such items out")
+                                          "inf or zero: is the gallery model broken, or this image? (fix or "
+                                          "drop it from the data, then rerun: finished shards are kept)")
                 vectors, ids = vectors[good], ids[good]
             vec_path, ids_path = _shard_paths(work, i)
             _save_atomic(vec_path, vectors)
-            _save_atomic(ids_path, ids)  # last: its presence marks the shard finished
+            _save_atomic(ids_path, ids)
+            _seal_shard(work, i)  # last: the checksum record marks the shard finished
             done[i] = (vectors, ids)
     finally:
         bar.close()

@@ -11,6 +11,7 @@ Layout (every write makes a new *version* folder and then atomically repoints ``
         ids.jsonl        one {"id", "label", "source"} per item, in the row order of vectors.npy
         vectors.npy      the L2-normalised float32 vectors, (count, dim)
         vector_ids.npy   their int64 ids, (count,)
+        checksums.json   SHA-256 of each file above, written last; verified at open
       v000006/           the previous version, kept so a reader that has just read CURRENT can
                          still open it; older ones are deleted by the next writer
 
@@ -33,11 +34,19 @@ Why these choices:
   crash at any point leaves ``CURRENT`` naming a complete version; the debris is removed by the
   next writer. Each ``add``/``remove`` is one such commit, so batch adds rather than adding one
   vector at a time (each commit rewrites the folder).
+* **Checksums.** Every commit records the SHA-256 of each file of the version in
+  ``checksums.json``; opening a version (and reloading one) verifies them first, so flipped bytes
+  in ``index.faiss`` or rows edited in ``vectors.npy`` are refused with a one-line error naming
+  the file, never searched. A version written before checksums existed still opens, with a
+  warning, after a value check of ``vectors.npy`` (finite unit rows); its next commit records
+  checksums. Refusing it would strand every existing index for no protection gained: whoever can
+  edit the files can equally edit a checksum file (checksums catch damage, not an adversary).
 * **One writer, any number of readers.** A writer takes a non-blocking ``fcntl.flock`` on
   ``writer.lock`` at its first write and keeps it until ``close()``; a second writer gets "index
   DIR is locked by another writer (pid N)". Readers never lock: they see the version that was
-  current when they opened. A writer whose snapshot is older than ``CURRENT`` when it takes the
-  lock reloads first, so it never overwrites another writer's commit.
+  current when they opened (``stale()`` / ``refresh()`` move a long-lived reader to the newest
+  commit). A writer whose snapshot is older than ``CURRENT`` when it takes the lock reloads first,
+  so it never overwrites another writer's commit.
 """
 
 from __future__ import annotations
@@ -48,17 +57,21 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .base import (METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts, check_k,
+from .base import (METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts,
                    check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso, one_line,
-                   padded)
+                   sha256_file)
+from .base import fsync_path as _fsync_path
 
 FORMAT = "hvs-faiss-index/1"
 FILES = ("index.faiss", "meta.json", "ids.jsonl", "vectors.npy", "vector_ids.npy")
+CHECKSUMS = "checksums.json"  # {"algorithm": "sha256", "files": {name: hex}}; absent in versions before it
+UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored (L2-normalised float32) vector
 LOCK_NAME = "writer.lock"
 _VERSION_RE = re.compile(r"^v\d{6}$")
 FACTORY_EXAMPLES = "Flat, HNSW32, IVF64,Flat, IVF16,PQ8"
@@ -155,13 +168,26 @@ def apply_search_params(index, params: dict) -> None:
             raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch")
 
 
+def training_need(dim: int, factory: str, n: int) -> None:
+    """Raise IndexStoreError if ``factory`` cannot be trained on ``n`` vectors (FAISS' own minimum:
+    k-means needs at least as many points as centroids, for IVF lists and PQ codebooks alike)."""
+    index = make_index(dim, factory)
+    if index.is_trained:
+        return
+    need = min_train_size(index)
+    if n < need:
+        raise IndexStoreError(f"FAISS factory {factory!r} needs at least {need} vectors to train, got {n}: "
+                              f"use a factory with fewer lists or codes (Flat, HNSW32, IVF{max(1, n // 39)},Flat) "
+                              "or index more items")
+
+
 def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
     if index.is_trained:
         return
     need = min_train_size(index)
     if len(vectors) < need:
         raise IndexStoreError(f"FAISS factory {factory!r} needs at least {need} vectors to train, got "
-                              f"{len(vectors)}: add more in the first add() or use 'Flat'")
+                              f"{len(vectors)}: add at least {need} in the first write, or use 'Flat'")
     try:
         index.train(vectors)
     except RuntimeError as e:
@@ -175,15 +201,6 @@ def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Durable file writes. Each step is a module-level function so tests can make one fail.
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entries: renames inside it become durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_faiss(path: Path, index) -> None:
     _faiss().write_index(index, str(path))
     _fsync_path(path)
@@ -212,6 +229,66 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _write_checksums(vdir: Path) -> None:
+    """Record size and SHA-256 of every file of a version (read back from disk: what was written)."""
+    _write_json(vdir / CHECKSUMS, {"algorithm": "sha256", "files": {
+        name: {"sha256": sha256_file(vdir / name), "bytes": (vdir / name).stat().st_size} for name in FILES}})
+
+
+def _read_checksums(vdir: Path, where: str) -> dict | None:
+    """``{name: {"sha256", "bytes"}}`` of a version, or None for a version written before them."""
+    path = vdir / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        sums = record["files"]
+        if record.get("algorithm") != "sha256" or not all(
+                isinstance(sums[name]["sha256"], str) and isinstance(sums[name]["bytes"], int) for name in FILES):
+            raise KeyError("algorithm")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise IndexStoreError(f"{where}: {vdir.name}/{CHECKSUMS} is corrupt (not a sha256 list of the "
+                              f"version's files)") from None
+    return sums
+
+
+def _verify(vdir: Path, name: str, sums: dict | None, where: str) -> None:
+    """One file against its recorded size and SHA-256, before anything parses it: a truncated or
+    replaced file is "unreadable", a same-size one with flipped bytes "corrupt"; both name it."""
+    if sums is None:
+        return
+    size, want = (vdir / name).stat().st_size, sums[name]
+    if size != want["bytes"]:
+        raise IndexStoreError(f"{where}: {vdir.name}/{name} is unreadable: {size} bytes where {CHECKSUMS} "
+                              f"records {want['bytes']} (truncated or replaced file)")
+    if sha256_file(vdir / name) != want["sha256"]:
+        raise IndexStoreError(f"{where}: {vdir.name}/{name} is corrupt: its SHA-256 does not match "
+                              f"{CHECKSUMS} (restore the folder from a backup or rebuild the index)")
+
+
+def _check_unit_rows(vectors: np.ndarray, vec_ids: np.ndarray, where: str, version: str) -> None:
+    """Every stored vector is finite with norm 1 (they are L2-normalised on add): catches NaN,
+    inf and overwritten rows in a version that has no checksums to catch them."""
+    for start in range(0, len(vectors), 65536):  # chunked: vectors.npy is memory-mapped
+        norms = np.linalg.norm(np.asarray(vectors[start:start + 65536], dtype=np.float64), axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_TOLERANCE))  # NaN compares False
+        if bad.size:
+            row = start + int(bad[0])
+            raise IndexStoreError(f"{where}: {version}/vectors.npy row {row} (id {int(vec_ids[row])}) is not a "
+                                  f"finite unit vector (norm {norms[bad[0]]:.4g}): the file is corrupt")
+
+
+_WARNED_LEGACY: set[tuple[str, str]] = set()
+
+
+def _warn_legacy(root: Path, version: str) -> None:
+    key = (str(root), version)
+    if key not in _WARNED_LEGACY:
+        _WARNED_LEGACY.add(key)
+        warnings.warn(f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
+                      "value-checked only; the next write to the index records checksums", stacklevel=3)
+
+
 def _write_current(root: Path, version: str) -> None:
     """Point ``CURRENT`` at ``version`` atomically: the one step that makes a version visible."""
     tmp = root / f".CURRENT.{os.getpid()}.tmp"
@@ -221,6 +298,15 @@ def _write_current(root: Path, version: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, root / "CURRENT")
     _fsync_path(root)
+
+
+def _current_key(root: Path) -> tuple | None:
+    """What changes whenever CURRENT is replaced (os.replace gives it a new inode): a stat, no read."""
+    try:
+        st = os.stat(root / "CURRENT")
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _read_current(root: Path) -> str | None:
@@ -258,6 +344,9 @@ def _load_version(root: Path, version: str) -> _State:
     for name in FILES:
         if not (vdir / name).is_file():
             raise IndexStoreError(f"{where} is incomplete: {version}/{name} is missing")
+    # Each binary file is verified before it is parsed (a damaged one is named, never mis-read);
+    # meta.json last, so an edited sidecar gets the more precise consistency message below.
+    sums = _read_checksums(vdir, where)
     try:
         meta = json.loads((vdir / "meta.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -266,6 +355,7 @@ def _load_version(root: Path, version: str) -> _State:
     if meta.get("format") != FORMAT:
         raise IndexStoreError(f"{where}: meta.json format {meta.get('format')!r} is not {FORMAT!r}")
     dim, count = meta["dim"], meta["count"]
+    _verify(vdir, "index.faiss", sums, where)
     try:
         index = faiss.read_index(str(vdir / "index.faiss"))
     except Exception as e:
@@ -276,6 +366,8 @@ def _load_version(root: Path, version: str) -> _State:
         raise IndexStoreError(f"{where}: meta.json says dim {dim} but index.faiss has dim {index.d}")
     if index.ntotal != count:
         raise IndexStoreError(f"{where}: meta.json says count {count} but index.faiss holds {index.ntotal} vectors")
+    _verify(vdir, "vector_ids.npy", sums, where)
+    _verify(vdir, "vectors.npy", sums, where)
     try:
         vec_ids = np.load(vdir / "vector_ids.npy", allow_pickle=False)
         vectors = np.load(vdir / "vectors.npy", mmap_mode="r", allow_pickle=False)
@@ -290,6 +382,7 @@ def _load_version(root: Path, version: str) -> _State:
     if not np.array_equal(np.sort(faiss_ids), np.sort(vec_ids)):
         raise IndexStoreError(f"{where}: ids in index.faiss and vector_ids.npy differ")
     labels, sources = [], []
+    _verify(vdir, "ids.jsonl", sums, where)
     try:
         with open(vdir / "ids.jsonl", encoding="utf-8") as f:
             for row, line in enumerate(f):
@@ -304,6 +397,10 @@ def _load_version(root: Path, version: str) -> _State:
         raise IndexStoreError(f"{where}: ids.jsonl has {len(labels)} records but meta.json says count {count}")
     if vec_ids.size and int(vec_ids.max()) >= meta["next_id"]:
         raise IndexStoreError(f"{where}: meta.json next_id {meta['next_id']} is not above the largest id")
+    _verify(vdir, "meta.json", sums, where)
+    if sums is None:
+        _check_unit_rows(vectors, vec_ids, where, version)
+        _warn_legacy(root, version)
     apply_search_params(index, meta.get("search_params") or {})
     return _State(index, meta, vectors, vec_ids, labels, sources)
 
@@ -319,13 +416,14 @@ class FaissGalleryIndex(GalleryIndex):
         self.dim = int(state.meta["dim"])
         self._lock_fd: int | None = None
         self._closed = self._dirty = False
+        self._current_key: tuple | None = None  # stat of CURRENT when the snapshot was taken
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
     def check_creatable(cls, location: str) -> None:
         root = Path(location)
         if (root / "CURRENT").exists():
-            raise IndexStoreError(f"index {root} already exists; open it without create=True or delete it")
+            raise IndexStoreError(f"index {root} already exists: delete it first, or write to another location")
         if root.exists() and not root.is_dir():
             raise IndexStoreError(f"cannot create index {root}: it is a file, not a folder")
         if root.is_dir():
@@ -335,24 +433,61 @@ class FaissGalleryIndex(GalleryIndex):
                 raise IndexStoreError(f"cannot create index {root}: folder is not empty ({foreign[0]}, ...)")
 
     @classmethod
-    def check_factory(cls, dim: int, factory: str) -> None:
+    def check_factory(cls, dim: int, factory: str, n: int | None = None) -> None:
         make_index(dim, factory)
+        if n is not None:
+            training_need(dim, factory, n)
+
+    @staticmethod
+    def _load_current(root: Path) -> tuple[str, _State, tuple | None]:
+        """(version, state, stat key of CURRENT) of the newest committed version."""
+        for _ in range(3):  # a writer may replace CURRENT and delete old versions while we read
+            key = _current_key(root)  # before reading: a later commit then shows as a new key
+            version = _read_current(root)
+            if version is None:
+                raise IndexStoreError(f"{root} is not an hvs index (no CURRENT file)")
+            try:
+                return version, _load_version(root, version), key
+            except IndexStoreError:
+                if _read_current(root) == version:
+                    raise
+        raise IndexStoreError(f"index {root} kept changing while being opened; try again")
 
     @classmethod
     def open(cls, location: str) -> "FaissGalleryIndex":
         root = Path(location)
         if not root.is_dir():
-            raise IndexStoreError(f"no index at {root} (missing folder); create it with create=True")
-        for _ in range(3):  # a writer may replace CURRENT and delete old versions while we read
-            version = _read_current(root)
-            if version is None:
-                raise IndexStoreError(f"{root} is not an hvs index (no CURRENT file)")
-            try:
-                return cls(root, version, _load_version(root, version))
-            except IndexStoreError:
-                if _read_current(root) == version:
-                    raise
-        raise IndexStoreError(f"index {root} kept changing while being opened; try again")
+            raise IndexStoreError(f"no index at {root} (missing folder); build one first "
+                                  f"(hvs index build --out faiss:{root})")
+        version, state, key = cls._load_current(root)
+        self = cls(root, version, state)
+        self._current_key = key
+        return self
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def stale(self) -> bool:
+        if self._closed or self._lock_fd is not None:  # a lock holder's snapshot is the newest
+            return False
+        key = _current_key(self.root)
+        if key is None or key == self._current_key:
+            return False
+        if _read_current(self.root) == self._version:  # touched, same version
+            self._current_key = key
+            return False
+        return True
+
+    def refresh(self) -> bool:
+        if not self.stale():
+            return False
+        version, state, key = self._load_current(self.root)
+        if int(state.meta["dim"]) != self.dim:
+            raise IndexStoreError(f"index {self.root} was replaced by one of dim {state.meta['dim']} "
+                                  f"(this one has dim {self.dim}); reopen it")
+        self._version, self._state, self._current_key = version, state, key
+        return True
+
+    def default_uploads_dir(self) -> Path:
+        return self.root / "uploads"  # travels with the index folder
 
     @classmethod
     def create(cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None,
@@ -432,6 +567,7 @@ class FaissGalleryIndex(GalleryIndex):
         _write_npy(tmp / "vector_ids.npy", state.vec_ids)
         _write_idmap(tmp / "ids.jsonl", state.vec_ids, state.labels, state.sources)
         _write_json(tmp / "meta.json", state.meta)
+        _write_checksums(tmp)
         _fsync_path(tmp)
         final = self.root / version
         if final.exists():  # debris of a writer that crashed after its rename; CURRENT never named it
@@ -439,6 +575,7 @@ class FaissGalleryIndex(GalleryIndex):
         os.rename(tmp, final)
         _fsync_path(self.root)
         _write_current(self.root, version)
+        self._current_key = None  # our own commit: the next stale() re-reads CURRENT once
         # Map the vectors back from disk: a writer holds no second in-RAM copy of the gallery.
         state.vectors = np.load(final / "vectors.npy", mmap_mode="r", allow_pickle=False)
         previous, self._version, self._state = self._version, version, state
@@ -558,28 +695,27 @@ class FaissGalleryIndex(GalleryIndex):
 
         self._mutate(run)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        self._check_open()
-        q = as_matrix(queries, self.dim, "queries")
-        k = check_k(k)
-        index = self._state.index
-        if index.ntotal == 0 or q.shape[0] == 0:
-            return padded(q.shape[0], k)
-        scores, ids = index.search(q, k)
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._state.index.search(queries, k)
         missing = ids < 0
         if missing.any():  # FAISS pads inner-product results with -FLT_MAX; make it -inf
             scores[missing] = -np.inf
         return scores, ids
 
-    def records(self, ids) -> list[dict]:
+    def records(self, ids, *, skip_missing: bool = False) -> list[dict]:
         self._check_open()
         want = as_ids(ids, what="ids")
         s = self._state
         rows = s.row_of()
+        if skip_missing:
+            want = np.asarray([i for i in want.tolist() if i in rows], dtype=np.int64)
         missing = [i for i in want.tolist() if i not in rows]
         if missing:
             raise IndexStoreError(f"{len(missing)} id(s) not in index {self.root}, e.g. {missing[0]}")
         return [{"id": i, "label": s.labels[rows[i]], "source": s.sources[rows[i]]} for i in want.tolist()]
+
+    def referenced(self, sources) -> set[str]:
+        return set(sources) & set(self._state.sources)
 
     def vectors(self, ids) -> np.ndarray:
         """The stored (normalised) vectors of these ids, (n, dim) float32."""

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from .base import (MAX_TEXT, METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts,
-                   check_k, check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso,
-                   one_line, padded)
+                   check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso, one_line,
+                   padded)
 
 FORMAT = "hvs-milvus-index/1"
 DEFAULT_COLLECTION = "hvs_gallery"
@@ -132,13 +132,13 @@ class MilvusGalleryIndex(GalleryIndex):
         client = _connect(uri, lite)
         try:
             if client.has_collection(collection) or client.has_collection(collection + META_SUFFIX):
-                raise IndexStoreError(f"index milvus:{location} already exists (collection {collection}); "
-                                      "open it without create=True or drop it")
+                raise IndexStoreError(f"index milvus:{location} already exists (collection {collection}): "
+                                      "drop it first, or write to another collection (milvus:URI#name)")
         finally:
             client.close()
 
     @classmethod
-    def check_factory(cls, dim: int, factory: str) -> None:
+    def check_factory(cls, dim: int, factory: str, n: int | None = None) -> None:
         if factory not in FACTORIES:
             raise IndexStoreError(f"milvus backend supports factory {', '.join(map(repr, FACTORIES))} only, got "
                                   f"{factory!r}; use faiss:DIR for HNSW/IVF/PQ indexes")
@@ -149,7 +149,8 @@ class MilvusGalleryIndex(GalleryIndex):
         where = f"index milvus:{location}"
         _pymilvus()
         if lite and not Path(uri).exists():
-            raise IndexStoreError(f"no index at {where} (missing file {uri}); create it with create=True")
+            raise IndexStoreError(f"no index at {where} (missing file {uri}); build one first "
+                                  f"(hvs index build --out milvus:{location})")
         client = _connect(uri, lite)
         try:
             if not client.has_collection(collection) or not client.has_collection(collection + META_SUFFIX):
@@ -287,10 +288,8 @@ class MilvusGalleryIndex(GalleryIndex):
             self._save_meta()
         return len(present)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        self._check_open()
-        q = as_matrix(queries, self.dim, "queries")
-        k = check_k(k)
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # k is already capped at the collection size; only a gallery above Milvus' limit hits this
         if k > MAX_TOPK:
             raise IndexStoreError(f"milvus backend searches at most k={MAX_TOPK}, got k={k}")
         scores, ids = padded(q.shape[0], k)
@@ -303,7 +302,7 @@ class MilvusGalleryIndex(GalleryIndex):
                     scores[row, col] = hit["distance"]
         return scores, ids
 
-    def records(self, ids) -> list[dict]:
+    def records(self, ids, *, skip_missing: bool = False) -> list[dict]:
         self._check_open()
         want = as_ids(ids, what="ids")
         found: dict[int, dict] = {}
@@ -311,10 +310,23 @@ class MilvusGalleryIndex(GalleryIndex):
             chunk = np.unique(want[start:start + CHUNK]).tolist()
             for r in self._client.get(self.collection, ids=chunk, output_fields=["id", "label", "source"]):
                 found[int(r["id"])] = {"id": int(r["id"]), "label": r.get("label"), "source": r.get("source")}
+        if skip_missing:
+            want = np.asarray([i for i in want.tolist() if i in found], dtype=np.int64)
         missing = [i for i in want.tolist() if i not in found]
         if missing:
             raise IndexStoreError(f"{len(missing)} id(s) not in index {self.spec}, e.g. {missing[0]}")
         return [dict(found[i]) for i in want.tolist()]
+
+    def referenced(self, sources) -> set[str]:
+        self._check_open()
+        wanted, found = sorted(set(sources)), set()
+        for start in range(0, len(wanted), CHUNK):
+            chunk = wanted[start:start + CHUNK]
+            # a JSON list of strings is a valid Milvus string-list literal (Lite has no filter templates)
+            rows = self._client.query(self.collection, filter=f"source in {json.dumps(chunk)}",
+                                      output_fields=["source"])
+            found |= {r["source"] for r in rows}
+        return found
 
     def info(self) -> dict:
         out = super().info()

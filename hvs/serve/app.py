@@ -16,6 +16,11 @@ Endpoints (every error is ``{"detail": "<one line>"}``):
   ``Authorization: Bearer <HVS_TOKEN>``; with no token configured they are disabled (403).
 * ``GET /thumb/{id}`` a PNG of a gallery item; ``GET /`` a self-contained search page.
 
+The gallery on disk is the truth: before answering, every request checks (one ``stat``) whether
+a newer index version was committed by another process (``hvs index add/remove``, a rebuild) and
+loads it first, so a removal from the command line is enforced from the next request on. Removing
+an item (here or with ``hvs index remove``) also deletes the image ``POST /gallery`` stored for it.
+
 Start-up refuses a query model that was not trained for the index's gallery model (the
 :class:`~hvs.search.Searcher` check) unless ``force``. Uploads are refused before decoding when the
 body is over the limit (Content-Length, and counted while reading for chunked bodies), and images
@@ -32,6 +37,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections import defaultdict, deque
@@ -49,8 +55,9 @@ from PIL import Image
 from .. import checkpoint as ckpt
 from ..compat import CompatError, GallerySide, QuerySide, check_pair
 from ..data.images import ImageError, load_image
+from ..errors import HVSError
 from ..index import IndexStoreError
-from ..index.base import one_line
+from ..index.base import check_id, one_line
 from ..search import QueryEncoder, Searcher, load_query_encoder
 from .page import INDEX_HTML
 from .thumbs import ThumbnailResolver
@@ -216,9 +223,27 @@ class SearchService:
         self._gallery: QueryEncoder | None = None
         meta = self.index.meta
         self.thumbs = ThumbnailResolver(meta)
-        if uploads_dir is None and getattr(self.index, "prefix", "") == "faiss":
-            uploads_dir = Path(self.index.root) / "uploads"  # travels with the index folder
+        if uploads_dir is None:
+            uploads_dir = self.index.default_uploads_dir()  # faiss:DIR -> DIR/uploads, with the index
         self.uploads_dir = Path(uploads_dir) if uploads_dir is not None else None
+
+    # -- freshness ------------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Load a version another process committed since the last request (a cheap check when
+        nothing changed). Fails closed: if the newer version cannot be loaded the request gets 503,
+        not the old gallery (a takedown must not be undone by a damaged commit)."""
+        try:
+            if self.index.stale():
+                with self.lock.write():  # no search is half-way through the old snapshot
+                    if self.index.refresh():
+                        log.info("reloaded %s: %d items", self.index.spec, len(self.index))
+        except IndexStoreError as e:
+            raise HTTPException(503, f"the index on disk changed and cannot be loaded: {_one_line(e)}") from None
+
+    def size(self) -> int:
+        self.sync()
+        with self.lock.read():
+            return len(self.index)
 
     # -- images -------------------------------------------------------------------------------------
     def decode(self, data: bytes, preprocessing: dict, name: str) -> Any:
@@ -246,10 +271,17 @@ class SearchService:
         t0 = time.perf_counter()
         image = self.decode(data, self.encoder.preprocessing, name)
         t1 = time.perf_counter()
-        emb = self.encoder.embed(image[None])
+        emb = np.asarray(self.encoder.embed(image[None]))
         t2 = time.perf_counter()
+        if not np.isfinite(emb).all():
+            raise HTTPException(500, f"the query model {self.encoder.name} returned a NaN or inf embedding for "
+                                     f"upload {name!r} (broken model weights?)")
+        self.sync()
         with self.lock.read():
-            hits = self.searcher.search_embeddings(emb, k)[0]
+            try:
+                hits = self.searcher.search_embeddings(emb, k)[0]
+            except HVSError as e:
+                raise HTTPException(500, f"search failed: {_one_line(e)}") from None
             size = len(self.index)
         t3 = time.perf_counter()
         ms = lambda a, b: round(1000.0 * (b - a), 3)  # noqa: E731
@@ -284,38 +316,51 @@ class SearchService:
             self._gallery = enc
             return enc
 
-    def _store_upload(self, data: bytes, digest: str) -> str:
+    def _store_upload(self, data: bytes, digest: str) -> Path | None:
+        """Keep an added image (for its thumbnail) under a name of its own: one file per item, so
+        removing the item can delete it without asking who else uses it."""
         if self.uploads_dir is None:
-            return f"upload:{digest}"
+            return None
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format or ""
         except Exception:
             fmt = ""
-        path = (self.uploads_dir / f"{digest}{_EXT.get(fmt, '.img')}").resolve()
-        if not path.exists():  # content-addressed: the same image is stored once
-            ckpt.atomic_write_bytes(path, data)
-        return str(path)
+        path = (self.uploads_dir / f"{digest}-{secrets.token_hex(4)}{_EXT.get(fmt, '.img')}").resolve()
+        ckpt.atomic_write_bytes(path, data)
+        return path
 
     def add(self, data: bytes, name: str, label: str | None) -> dict[str, Any]:
         enc = self.gallery_encoder()
         image = self.decode(data, enc.preprocessing, name)
-        emb = enc.embed(image[None])
-        source = self._store_upload(data, hashlib.sha256(data).hexdigest()[:16])
+        emb = np.asarray(enc.embed(image[None]))
+        if not np.isfinite(emb).all():
+            raise HTTPException(500, f"the gallery model {enc.name} returned a NaN or inf embedding for upload "
+                                     f"{name!r} (broken model weights?)")
+        digest = hashlib.sha256(data).hexdigest()[:16]
         with self.lock.write():
+            stored = self._store_upload(data, digest)
             try:
-                new = self.index.add(emb, labels=[label], sources=[source])
+                new = self.index.add(emb, labels=[label], sources=[str(stored) if stored else f"upload:{digest}"])
             except IndexStoreError as e:
+                if stored is not None:  # not added: keep no copy of the photo
+                    stored.unlink(missing_ok=True)
                 raise HTTPException(409, f"cannot add to the index: {_one_line(e)}") from None
+            except BaseException:
+                if stored is not None:
+                    stored.unlink(missing_ok=True)
+                raise
             finally:
                 self.index.release_writer()  # let `hvs index add/remove` write between requests
             size = len(self.index)
-        return {"id": int(new[0]), "label": label, "source": source, "index_size": size}
+        return {"id": int(new[0]), "label": label, "source": str(stored) if stored else f"upload:{digest}",
+                "index_size": size}
 
     def remove(self, item_id: int) -> dict[str, Any]:
+        item_id = self._check_id(item_id)
         with self.lock.write():
             try:
-                n = self.index.remove([item_id])
+                n, _ = self.index.remove_with_uploads([item_id], self.uploads_dir)
             except IndexStoreError as e:
                 raise HTTPException(409, f"cannot remove from the index: {_one_line(e)}") from None
             finally:
@@ -325,8 +370,18 @@ class SearchService:
             raise HTTPException(404, f"no gallery item with id {item_id}")
         return {"removed": item_id, "index_size": size}
 
+    @staticmethod
+    def _check_id(item_id: Any) -> int:
+        """An id no item can have (negative, beyond int64) is a 404, as for any unknown id."""
+        try:
+            return check_id(item_id)
+        except IndexStoreError as e:
+            raise HTTPException(404, f"no gallery item with id {item_id}: {_one_line(e)}") from None
+
     # -- reads ----------------------------------------------------------------------------------------
     def thumb(self, item_id: int) -> bytes:
+        item_id = self._check_id(item_id)
+        self.sync()
         with self.lock.read():
             try:
                 record = self.index.records([item_id])[0]
@@ -339,6 +394,7 @@ class SearchService:
         return png
 
     def info(self) -> dict[str, Any]:
+        self.sync()
         with self.lock.read():
             size = len(self.index)
             meta = self.index.meta
@@ -396,6 +452,12 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
     app.state.service, app.state.stats = service, stats
     app.add_middleware(_LimitAndMeasure, limit=max_upload_bytes + FORM_SLACK, stats=stats)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The API promises JSON errors: a bug still answers {"detail": ...} (and is logged in full).
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {_one_line(f'{type(exc).__name__}: {exc}')}"}, 500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -443,9 +505,7 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        with service.lock.read():
-            size = len(service.index)
-        return {"status": "ok", "index_size": size}
+        return {"status": "ok", "index_size": service.size()}
 
     @app.get("/stats")
     def get_stats() -> dict[str, Any]:
@@ -476,14 +536,10 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
     @app.delete("/gallery/{item_id}")
     def delete_gallery(item_id: int, request: Request) -> dict[str, Any]:
         require_token(request)
-        if item_id < 0:
-            raise HTTPException(404, f"no gallery item with id {item_id}")
         return service.remove(item_id)
 
     @app.get("/thumb/{item_id}")
     def thumb(item_id: int) -> Response:
-        if item_id < 0:
-            raise HTTPException(404, f"no gallery item with id {item_id}")
         return Response(service.thumb(item_id), media_type="image/png",
                         headers={"Cache-Control": "public, max-age=86400"})  # ids are never reused
 
