@@ -200,7 +200,7 @@ def check_pair(query: QuerySide, gallery: GallerySide, *, force: bool = False, s
         return None
     elif same_model:
         what = "built this index" if gallery.kind == INDEX else "made the gallery vectors"
-        msg = (f"{query.path or query.long_label} (fingerprint {query.fingerprint}) is not the gallery model "
+        msg = (f"{query.path or query.long_label} (fingerprint {query.fingerprint or 'none'}) is not the gallery model "
                f"that {what} ({target}): its vectors would live in another embedding space")
     elif made_for == target:
         return None

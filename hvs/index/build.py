@@ -247,10 +247,11 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
         if not diff:
             dim = old.get("dim")
         elif _finished_shards(work) and old.get("format") == MANIFEST_FORMAT:
-            if "model" in diff and isinstance(old.get("made_by"), dict):
+            recorded = old.get("made_by") if isinstance(old.get("made_by"), dict) else {}
+            if "model" in diff and (recorded.get("gallery_model") or {}).get("fingerprint"):
                 # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
                 check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
-                           GallerySide.of_index_meta(old["made_by"]), same_model=True,
+                           GallerySide.of_index_meta(recorded), same_model=True,
                            remedy=f"delete {work} to start over")
             what = {"n": "item count", "shard_size": "shard size", "sources": "gallery items",
                     "model": "gallery model or preprocessing", "data": "data spec/split/protocol"}[diff[0]]

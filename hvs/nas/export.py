@@ -69,8 +69,8 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
     arch = model.space.validate(load_arch(arch) if isinstance(arch, str) else arch)
     g_card = ckpt.read_card(gallery)
     # fine-tuning against this gallery model makes the pair compatible whatever the supernet was trained for
-    warning = check_pair(QuerySide.of_card(card, supernet, label="the supernet"), GallerySide.of_card(g_card, gallery),
-                         force=force or finetune_epochs > 0,
+    warning = check_pair(QuerySide.of_card(card, supernet, label="the supernet"),
+                         GallerySide.of_card(g_card, gallery), force=force or finetune_epochs > 0,
                          remedy="fine-tune with --finetune-epochs N, use `hvs nas inherit`, or pass --force")
     if warning and finetune_epochs <= 0:
         log(f"warning: {warning} (forced)")

@@ -397,8 +397,9 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
         g_model, g_card = ckpt.load_model(cfg.gallery)
         trained_for = (card.gallery or {}).get("fingerprint")
         # a plain supernet searches any gallery (allow_independent): M(q->g) then measures inherited compatibility
-        check_pair(QuerySide.of_card(card, cfg.supernet, label="the supernet"), GallerySide.of_card(g_card, cfg.gallery),
-                   force=cfg.force, allow_independent=True, action="search against it")
+        check_pair(QuerySide.of_card(card, cfg.supernet, label="the supernet"),
+                   GallerySide.of_card(g_card, cfg.gallery), force=cfg.force, allow_independent=True,
+                   action="search against it")
         if not trained_for:
             log("note: a plain supernet (trained without a gallery model): M(q->g) measures inherited compatibility")
     elif reward.needs_gallery:

@@ -309,8 +309,8 @@ class SearchService:
             except (ckpt.CheckpointError, OSError, ValueError) as e:
                 raise HTTPException(409, f"cannot load the index's gallery model: {_one_line(e)}") from None
             try:
-                check_pair(QuerySide.of_encoder(enc, path, label="gallery model"), GallerySide.of_index_meta(self.index.meta),
-                           same_model=True)
+                check_pair(QuerySide.of_encoder(enc, path, label="gallery model"),
+                           GallerySide.of_index_meta(self.index.meta), same_model=True)
             except CompatError as e:
                 raise HTTPException(409, str(e)) from None
             self._gallery = enc
