@@ -297,38 +297,3 @@ def load_classifier(folder: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing {CLASSIFIER} (BCT needs the gallery model's classifier)")
     return load_file(str(path))["weight"]
-
-
-def compatibility_issue(name: str, fingerprint: str, made_for: str | None, target: str | None,
-                        target_desc: str) -> str | None:
-    """The one compatibility rule: a model may search vectors made by the gallery model with
-    fingerprint ``target`` when it *is* that model, or was trained for it. Returns why not, or None.
-
-    ``target_desc`` names the other side in the message ("the gallery model has", "the index was
-    built by gallery model resnet8 with")."""
-    if not target:
-        return (f"{target_desc} no recorded fingerprint, so query model {name} cannot be checked for "
-                "compatibility")
-    if fingerprint == target or made_for == target:
-        return None
-    return (f"query model {name} was trained for gallery fingerprint {made_for or 'none (independent)'}, "
-            f"but {target_desc} fingerprint {target}")
-
-
-def check_compatible(query: ModelCard, gallery_fingerprint: str, gallery_dim: int, *, force: bool = False,
-                     allow_independent: bool = False, what: str = "gallery model") -> str | None:
-    """Refuse a query model made for another gallery; returns a warning string when forced.
-
-    ``allow_independent`` lets a query model trained without any gallery through with a warning:
-    evaluation measures exactly how incompatible such a model is."""
-    if query.embed_dim != gallery_dim:
-        raise CheckpointError(f"query model embeds {query.embed_dim}-d vectors but the {what} uses {gallery_dim}-d")
-    made_for = (query.compatible_with or {}).get("fingerprint")
-    msg = compatibility_issue(query.model, query.fingerprint, made_for, gallery_fingerprint, f"the {what} has")
-    if msg is None:
-        return None
-    if made_for is None and allow_independent and gallery_fingerprint:
-        return f"query model {query.model} was trained independently (no compatibility with any gallery model)"
-    if not force:
-        raise CheckpointError(msg + "; pass --force to search anyway")
-    return msg

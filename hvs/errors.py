@@ -17,6 +17,15 @@ class HVSError(ValueError):
     """An expected, explained failure (one-line message)."""
 
 
+class SearchError(HVSError):
+    """A search that cannot run as asked (one-line message)."""
+
+
+class ExportError(HVSError):
+    """An export (or an exported file) that cannot be used: one-line message."""
+
+
+
 class ConfigError(HVSError):
     """An option that names nothing registered (model, loss) or takes a value it cannot have."""
 
@@ -43,4 +52,4 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:
 
 warnings.formatwarning = _formatwarning
 
-__all__ = ["ConfigError", "HVSError", "HVSWarning", "UsageError"]
+__all__ = ["ConfigError", "ExportError", "HVSError", "HVSWarning", "SearchError", "UsageError"]

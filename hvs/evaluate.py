@@ -23,6 +23,7 @@ import torch
 
 from .errors import HVSError
 from . import checkpoint as ckpt
+from .compat import GallerySide, QuerySide, check_pair
 from .data import RetrievalData, create_dataset
 from .data.checks import check_duplicates
 from .embed import embed_images
@@ -68,13 +69,10 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     g_model, g_card = ckpt.load_model(gallery_model)
     q_model, q_card = ckpt.load_model(query_model)
     notes: list[str] = []
-    warning = ckpt.check_compatible(q_card, g_card.fingerprint, g_card.embed_dim, force=force,
-                                    allow_independent=True)
+    warning = check_pair(QuerySide.of_card(q_card), GallerySide.of_card(g_card), force=force,
+                         allow_independent=True, action="evaluate")
     if warning:
         notes.append(warning)
-    if g_card.input_shape != q_card.input_shape:
-        raise EvaluationError(f"gallery model reads {g_card.input_shape} images but the query model reads "
-                              f"{q_card.input_shape}: evaluate them on data of one shape")
     if isinstance(data, str):
         data = create_dataset(data, protocol=protocol, image_size=g_card.image_size, channels=g_card.in_chans,
                               seed=data_seed, strict=strict, splits=("query", "gallery"))

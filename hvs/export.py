@@ -12,9 +12,12 @@ normalisation inside) with a dynamic batch axis: input ``images`` float32 (N, C,
 normalised as ``(x / 255 - mean) / std``, output ``embeddings`` float32 (N, D) of unit length.
 Everything a search service needs to trust the file travels in its ``metadata_props`` (JSON
 strings): ``preprocessing`` (channels, image_size, mean, std), ``embed_dim``, ``model``, ``role``,
-``fingerprint`` (of the PyTorch weights it came from) and ``compatible_with`` (the gallery model's
-fingerprint), so an ``.onnx`` query encoder is refused by an index built by another gallery model
-exactly as its model folder would be (:func:`hvs.search.check_encoder`).
+``fingerprint`` (of the PyTorch weights it came from), ``compatible_with`` (the gallery model's
+fingerprint) and ``weights_sha256`` (of the graph itself, verified when the file is loaded), so an
+``.onnx`` query encoder is refused by an index built by another gallery model exactly as its model
+folder would be (:func:`hvs.compat.check_pair`), and an altered file is refused by name. Reading
+and running exports (ONNX Runtime sessions, metadata, latency) is :mod:`hvs.encoders`' job; this
+module only writes files.
 
 Why these choices (measured on this repo's models with torch 2.14 / onnxruntime 1.32, 2 CPU cores):
 
@@ -46,7 +49,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -57,139 +59,24 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import HVSError
 from . import checkpoint as ckpt
+from .compat import GallerySide, check_pair
 from .data.images import to_float
-from .search import ENCODER_LOADERS, QueryEncoder
+# The ONNX Runtime side (sessions, metadata, the query encoder, latency) lives in hvs.encoders;
+# its public names are re-exported here for callers that import them from hvs.export.
+from .encoders import (INPUT, OUTPUT, WEIGHTS_KEY, graph_sha256, import_onnx, load_onnx_encoder,
+                       load_query_encoder, measure_ort_latency, ort_session, read_metadata)
+from .errors import ExportError
 
 DEFAULT_OPSET = 18
 PARITY_TOL = 1e-4  # max |ONNX - torch| over embedding coordinates (unit vectors; fp32 gives ~1e-7)
-INPUT, OUTPUT = "images", "embeddings"
-METADATA_KEYS = ("preprocessing", "embed_dim", "model", "role", "fingerprint", "compatible_with")
 EXPORT_FORMAT = "hvs-onnx/1"
-
-
-class ExportError(HVSError):
-    """An export (or an exported file) that cannot be used: one-line message."""
-
-
-def _onnx():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ExportError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
-                          "pip install 'hvs[export]'") from None
-    return onnx, onnxruntime
 
 
 def int8_path_for(out_path: str | os.PathLike) -> Path:
     """``q.onnx`` -> ``q.int8.onnx``: where the int8 copy of an export goes by default."""
     out = Path(out_path)
     return out.with_name(f"{out.stem}.int8{out.suffix or '.onnx'}")
-
-
-# ----------------------------------------------------------------------------------------------
-# ONNX Runtime sessions and the query encoder they back.
-def ort_session(model: str | os.PathLike | bytes, threads: int | None = None):
-    """A CPU InferenceSession; ``threads`` sets intra-op threads (default: ORT's, one per core)."""
-    _, ort = _onnx()
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3  # errors only: ORT warns about unused initializers otherwise
-    src = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
-        where = "ONNX model" if isinstance(model, bytes) else str(model)
-        raise ExportError(f"{where}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") from None
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The hvs metadata of an exported ``.onnx`` file (values decoded from their JSON strings)."""
-    onnx, _ = _onnx()
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-    return _metadata_of(proto, path)
-
-
-def _metadata_of(proto, where: Any) -> dict[str, Any]:
-    raw = {p.key: p.value for p in proto.metadata_props}
-    missing = [k for k in METADATA_KEYS if k not in raw]
-    if missing:
-        raise ExportError(f"{where}: ONNX file has no hvs metadata ({', '.join(missing)} missing); "
-                          "export it with `hvs export onnx`")
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value  # foreign keys (e.g. onnxruntime's own) may be plain strings
-    pre = meta["preprocessing"]
-    if not isinstance(pre, dict) or any(k not in pre for k in ("channels", "image_size", "mean", "std")):
-        raise ExportError(f"{where}: ONNX metadata 'preprocessing' lacks channels/image_size/mean/std")
-    return meta
-
-
-def _embed_fn(session, pre: dict, batch_size: int = 256):
-    name = session.get_inputs()[0].name
-    mean, std = pre["mean"], pre["std"]
-
-    def embed(images: torch.Tensor) -> np.ndarray:
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start:start + batch_size], mean, std).numpy()
-            out.append(session.run(None, {name: x})[0])
-        if not out:
-            return np.zeros((0, session.get_outputs()[0].shape[-1]), np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-    return embed
-
-
-def load_onnx_encoder(path: str | os.PathLike, threads: int | None = None) -> QueryEncoder:
-    """A :class:`~hvs.search.QueryEncoder` backed by an ONNX Runtime session on an hvs export.
-
-    Registered as ``hvs.search.ENCODER_LOADERS[".onnx"]``, so ``load_query_encoder("q.onnx")`` and
-    ``Searcher(index, "q.onnx")`` work like a model folder (same compatibility checks)."""
-    meta = read_metadata(path)
-    session = ort_session(path, threads)
-    pre = meta["preprocessing"]
-    shape = session.get_inputs()[0].shape  # ["batch", C, H, W]
-    want = [pre["channels"], pre["image_size"], pre["image_size"]]
-    if len(shape) != 4 or list(shape[1:]) != want:
-        raise ExportError(f"{path}: ONNX input shape {shape} does not match its metadata (N, {want})")
-    return QueryEncoder(
-        name=str(meta["model"]), embed_dim=int(meta["embed_dim"]), fingerprint=str(meta["fingerprint"]),
-        compatible_with=meta["compatible_with"], role=str(meta["role"]),
-        preprocessing={k: pre[k] for k in ("channels", "image_size", "mean", "std")},
-        embed=_embed_fn(session, pre))
-
-
-ENCODER_LOADERS[".onnx"] = load_onnx_encoder
-
-
-def measure_ort_latency(session, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5,
-                        repeats: int = 20, min_seconds: float = 0.3) -> float:
-    """Median wall time (ms) of one ``session.run`` on a random batch, timed like
-    :func:`hvs.models.cost.measure_latency` (at least ``repeats`` runs and ``min_seconds``)."""
-    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
-    feed = {session.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 10_000):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +127,7 @@ def _set_metadata(proto, card: ckpt.ModelCard, extra: dict | None = None) -> Non
         "io": {"input": f"{INPUT}: float32 (N, C, H, W), (x / 255 - mean) / std",
                "output": f"{OUTPUT}: float32 (N, D), L2-normalised"},
         **(extra or {}),
+        WEIGHTS_KEY: graph_sha256(proto),  # the graph is final here: loading verifies this digest
     }
     keep = [p for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
@@ -277,7 +165,7 @@ def export_onnx(model_folder: str | os.PathLike, out_path: str | os.PathLike, op
     agreement with the fp32 export is measured on held-out (query split) images and reported,
     not enforced. Returns a JSON-able report: paths, opset, exporter, sizes, parity, int8.
     """
-    onnx, _ = _onnx()
+    onnx, _ = import_onnx()
     started = time.perf_counter()
     out = Path(out_path)
     if out.suffix.lower() != ".onnx":
@@ -361,7 +249,7 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike
     Calibrates on ``calibration_images`` training images (seeded choice) and measures agreement
     with the fp32 file on up to 256 query-split images it was not calibrated on. Written
     atomically with the same metadata plus a ``quantization`` entry. Returns the report."""
-    onnx, _ = _onnx()
+    onnx, _ = import_onnx()
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -421,7 +309,6 @@ def check_export(report: dict[str, Any], gallery_model: str | os.PathLike, data:
     from .embed import embed_images
     from .metrics import retrieval_metrics
     from .models.cost import measure_latency
-    from .search import SearchError, check_encoder, index_meta, load_query_encoder
 
     g_model, g_card = ckpt.load_model(gallery_model)
     datasets: dict[tuple[int, int], Any] = {}
@@ -435,7 +322,7 @@ def check_export(report: dict[str, Any], gallery_model: str | os.PathLike, data:
 
     gal = dataset(g_card.image_size, g_card.in_chans).gallery
     g_emb = embed_images(g_model, gal.images, g_card.mean, g_card.std)
-    meta = index_meta(g_card, gallery_model)
+    gallery_side = GallerySide.of_card(g_card, gallery_model)
     encoders = {"torch": report["model_folder"], "onnx": report["onnx"]}
     if report.get("int8"):
         encoders["int8"] = report["int8"]["path"]
@@ -443,12 +330,7 @@ def check_export(report: dict[str, Any], gallery_model: str | os.PathLike, data:
     note = None
     for kind, path in encoders.items():
         enc = load_query_encoder(path)
-        try:
-            warning = check_encoder(enc, meta, force=force)
-        except SearchError as e:
-            msg = str(e).replace("pass --force to search anyway", "pass --force to measure anyway")
-            raise ExportError(msg) from None
-        note = note or warning
+        note = note or check_pair(enc.side, gallery_side, force=force, action="measure")
         pre = enc.preprocessing
         query = dataset(pre["image_size"], pre["channels"]).query
         q_emb = torch.from_numpy(np.ascontiguousarray(enc.embed(query.images)))

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .compat import GallerySide, QuerySide, check_pair
 from .data.images import load_image
 from .index import GalleryIndex, IndexStoreError
-from .search import QueryEncoder, load_query_encoder
+from .encoders import QueryEncoder, load_query_encoder
 
 
 def load_gallery_encoder(index: GalleryIndex, gallery_model: str | os.PathLike | None = None) -> QueryEncoder:
@@ -36,14 +37,9 @@ def load_gallery_encoder(index: GalleryIndex, gallery_model: str | os.PathLike |
     if not path:
         raise IndexStoreError(f"{index.spec} records no gallery model path (meta gallery_model.path); "
                               f"cannot embed new gallery images")
-    expected = recorded.get("fingerprint")
     encoder = load_query_encoder(path)
-    if expected is None:
-        raise IndexStoreError(f"{index.spec} records no gallery model fingerprint, so {path} cannot be checked "
-                              f"to be the gallery model that built this index; refusing to mix embeddings")
-    if encoder.fingerprint != expected:
-        raise IndexStoreError(f"{path} (fingerprint {encoder.fingerprint}) is not the gallery model that built "
-                              f"this index ({expected}); refusing to mix embeddings")
+    check_pair(QuerySide.of_encoder(encoder, path, label="gallery model"), GallerySide.of_index_meta(index.meta),
+               same_model=True)
     return encoder
 
 

@@ -7,39 +7,28 @@
     hits = searcher.search_files(["shoe.png"], k=10)   # [[{"id", "label", "source", "score"}, ...]]
 
 The index sidecar records the gallery model's fingerprint and preprocessing; a query encoder is
-accepted only if it was trained for that fingerprint (or is the gallery model itself), and only if
-its embedding dimension matches. Query encoders are PyTorch model folders, or exported ONNX files
-(see :mod:`hvs.export`), behind one small interface.
+accepted only if :func:`hvs.compat.check_pair` accepts the pair (it was trained for that
+fingerprint or is the gallery model itself, with the same embedding dimension and input). Query
+encoders are PyTorch model folders, or exported ONNX files (see :mod:`hvs.export`), loaded by
+:mod:`hvs.encoders`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .errors import HVSError
 from . import checkpoint as ckpt
+from .compat import GallerySide, check_pair, index_meta
 from .data import create_dataset
 from .data.images import load_image
 from .embed import embed_images
+from .encoders import QueryEncoder, load_query_encoder
+from .errors import SearchError
 from .index import GalleryIndex, IndexStoreError, build_index, open_index
-
-
-class SearchError(HVSError):
-    """A search that cannot run as asked (one-line message)."""
-
-
-def index_meta(card: ckpt.ModelCard, folder: str | os.PathLike) -> dict:
-    """What an index sidecar records about the gallery model that made its vectors."""
-    return {"gallery_model": {"model": card.model, "fingerprint": card.fingerprint, "embed_dim": card.embed_dim,
-                              "path": str(Path(folder).resolve())},
-            "preprocessing": {"channels": card.in_chans, "image_size": card.image_size,
-                              "mean": list(card.mean), "std": list(card.std)}}
 
 
 def gallery_inputs(gallery_model: str | os.PathLike, data: str, *, split: str = "gallery", protocol: str = "closed",
@@ -71,73 +60,19 @@ def build_gallery_index(gallery_model: str | os.PathLike, data: str, out: str, *
                        batch_size=batch_size, shard_size=shard_size, progress=progress)
 
 
-@dataclass
-class QueryEncoder:
-    """Anything that turns uint8 query images into embeddings, with what it was made for."""
-
-    name: str
-    embed_dim: int
-    fingerprint: str  # of the encoder's own weights
-    compatible_with: str | None  # fingerprint of the gallery model it was trained for
-    role: str
-    preprocessing: dict  # channels, image_size, mean, std
-    embed: Callable[[torch.Tensor], np.ndarray]  # uint8 (N, C, H, W) -> float32 (N, D)
-
-
-def _torch_encoder(folder: str | os.PathLike) -> QueryEncoder:
-    model, card = ckpt.load_model(folder)
-    return QueryEncoder(
-        name=card.model, embed_dim=card.embed_dim, fingerprint=card.fingerprint,
-        compatible_with=(card.compatible_with or {}).get("fingerprint"), role=card.role,
-        preprocessing={"channels": card.in_chans, "image_size": card.image_size, "mean": list(card.mean),
-                       "std": list(card.std)},
-        embed=lambda x: embed_images(model, x, card.mean, card.std).numpy())
-
-
-# Loaders by file kind: a model folder, or (registered by hvs.export) an ``.onnx`` file.
-ENCODER_LOADERS: dict[str, Callable[[str], QueryEncoder]] = {}
-
-
-def load_query_encoder(path: str | os.PathLike) -> QueryEncoder:
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in ENCODER_LOADERS:
-        return ENCODER_LOADERS[suffix](str(path))
-    if suffix == ".onnx":
-        from . import export  # noqa: F401  registers the ONNX loader
-        if suffix in ENCODER_LOADERS:
-            return ENCODER_LOADERS[suffix](str(path))
-    return _torch_encoder(path)
-
-
-def check_encoder(encoder: QueryEncoder, meta: dict, *, force: bool = False) -> str | None:
-    """Refuse a query encoder that was not made for the index's gallery model."""
-    g = meta.get("gallery_model") or {}
-    dim = int(meta.get("dim", g.get("embed_dim", encoder.embed_dim)))
-    if encoder.embed_dim != dim:
-        raise SearchError(f"query model embeds {encoder.embed_dim}-d vectors but the index holds {dim}-d vectors")
-    pre = meta.get("preprocessing") or {}
-    for key in ("channels", "image_size"):
-        if key in pre and pre[key] != encoder.preprocessing[key]:
-            raise SearchError(f"query model reads {key}={encoder.preprocessing[key]} but the index was built "
-                              f"with {key}={pre[key]}")
-    msg = ckpt.compatibility_issue(encoder.name, encoder.fingerprint, encoder.compatible_with, g.get("fingerprint"),
-                                   f"the index was built by gallery model {g.get('model')} with")
-    if msg is None:
-        return None
-    if not force:
-        raise SearchError(msg + "; pass --force to search anyway")
-    return msg
-
-
 class Searcher:
     """An index plus a compatible query encoder: images in, ranked gallery records out."""
 
     def __init__(self, index: str | GalleryIndex, query_model: str | os.PathLike | QueryEncoder, *,
                  force: bool = False) -> None:
         self.index = open_index(index) if isinstance(index, str) else index
-        self.encoder = query_model if isinstance(query_model, QueryEncoder) else load_query_encoder(query_model)
-        self.warning = check_encoder(self.encoder, self.index.meta, force=force)
+        try:
+            self.encoder = query_model if isinstance(query_model, QueryEncoder) else load_query_encoder(query_model)
+            self.warning = check_pair(self.encoder.side, GallerySide.of_index_meta(self.index.meta), force=force)
+        except BaseException:
+            if isinstance(index, str):  # opened here: do not leak it
+                self.index.close()
+            raise
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[dict[str, Any]]]:
         scores, ids = self.index.search(queries, k)
@@ -161,6 +96,7 @@ class Searcher:
         return self.search_images(self.load(sources), k)
 
 
-__all__ = ["QueryEncoder", "SearchError", "Searcher", "build_gallery_index", "check_encoder", "gallery_inputs",
-           "index_meta",
-           "load_query_encoder", "IndexStoreError"]
+# QueryEncoder, load_query_encoder, SearchError and index_meta are re-exported from their homes
+# (hvs.encoders, hvs.errors, hvs.compat) for callers that import them from here.
+__all__ = ["IndexStoreError", "QueryEncoder", "SearchError", "Searcher", "build_gallery_index", "gallery_inputs",
+           "index_meta", "load_query_encoder"]

@@ -17,7 +17,9 @@ from hvs import checkpoint as ckpt  # noqa: E402
 from hvs.cli import main  # noqa: E402
 from hvs.export import (ExportError, export_onnx, load_onnx_encoder, measure_ort_latency, ort_session,  # noqa: E402
                         read_metadata)
-from hvs.search import ENCODER_LOADERS, SearchError, Searcher, load_query_encoder  # noqa: E402
+from hvs.compat import CompatError  # noqa: E402
+from hvs.encoders import encoder_kind, encoder_loader, graph_sha256  # noqa: E402
+from hvs.search import SearchError, Searcher, load_query_encoder  # noqa: E402
 
 from conftest import build_tiny_world  # noqa: E402
 
@@ -67,7 +69,9 @@ def test_metadata_round_trip(setup):
     assert meta["compatible_with"] == card.compatible_with["fingerprint"] == ckpt.read_card(root / "g").fingerprint
     raw = {p.key: p.value for p in onnx.load(str(root / "q.onnx")).metadata_props}
     assert json.loads(raw["preprocessing"])["image_size"] == 12  # stored as JSON strings
-    assert ENCODER_LOADERS[".onnx"] is load_onnx_encoder
+    assert encoder_kind(root / "q.onnx") == "onnx" and encoder_kind(root / "q") == "torch"
+    assert encoder_loader("onnx") is load_onnx_encoder  # hvs.export re-exports hvs.encoders' loader
+    assert json.loads(raw["weights_sha256"]) == graph_sha256(onnx.load(str(root / "q.onnx")))
     onnx_enc, torch_enc = load_query_encoder(root / "q.onnx"), load_query_encoder(root / "q")
     for field in ("name", "embed_dim", "fingerprint", "compatible_with", "role", "preprocessing"):
         assert getattr(onnx_enc, field) == getattr(torch_enc, field), field
@@ -109,9 +113,33 @@ def test_index_refuses_an_onnx_model_made_for_another_gallery(setup, tmp_path):
     config["compatible_with"]["fingerprint"] = "0123456789abcdef"  # trained for some other gallery model
     (other / ckpt.CONFIG).write_text(json.dumps(config))
     export_onnx(other, tmp_path / "other.onnx")
-    with pytest.raises(SearchError, match="trained for gallery fingerprint 0123456789abcdef"):
+    with pytest.raises(CompatError, match="trained for gallery fingerprint 0123456789abcdef") as e:
         Searcher(f"faiss:{root / 'idx'}", tmp_path / "other.onnx")
+    assert isinstance(e.value, SearchError)  # callers catching SearchError still do
     assert "0123456789abcdef" in Searcher(f"faiss:{root / 'idx'}", tmp_path / "other.onnx", force=True).warning
+
+
+@pytest.mark.parametrize("tamper", ["initializer", "node"])
+def test_an_altered_onnx_file_is_refused_by_name(setup, tmp_path, tamper):
+    """The recorded fingerprint is of the PyTorch weights; the file's own graph digest is what
+    catches weights changed after export (which would otherwise search under the old fingerprint)."""
+    root, _, _ = setup
+    proto = onnx.load(str(root / "q.onnx"))
+    if tamper == "initializer":
+        init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        arr = onnx.numpy_helper.to_array(init).copy()
+        arr.flat[0] += 0.5
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    else:
+        proto.graph.node[-1].name += "-edited"
+    bad = tmp_path / "altered.onnx"
+    onnx.save(proto, str(bad))  # metadata (fingerprint, weights_sha256) left as exported
+    for load in (load_query_encoder, lambda p: Searcher(f"faiss:{root / 'idx'}", p), read_metadata):
+        with pytest.raises(ExportError, match=r"altered\.onnx: ONNX graph does not match the weights_sha256") as e:
+            load(bad)
+        assert "\n" not in str(e.value)
+    assert main(["search", "--index", str(root / "idx"), "--query-model", str(bad), str(bad)]) == 2
+    assert read_metadata(bad, verify=False)["model"] == "cnn-nano"  # the metadata itself is still readable
 
 
 def test_failed_parity_writes_nothing(setup, tmp_path, monkeypatch):

@@ -19,6 +19,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     if args.check_data and not args.gallery_model:
         raise UsageError("--check-data needs --gallery-model (the model that embeds the gallery side)")
+    if args.check_data:  # refuse a mismatched pair before the export, not after it
+        from ..checkpoint import read_card
+        from ..compat import GallerySide, QuerySide, check_pair
+
+        check_pair(QuerySide.of_card(read_card(args.query_model)), GallerySide.of_card(read_card(args.gallery_model)),
+                   force=args.force, action="measure")
     report = export_onnx(args.query_model, args.out, opset=args.opset or DEFAULT_OPSET, quantize_int8=args.int8,
                          int8_path=args.int8_out, calibration_data=args.calib_data or args.check_data,
                          calibration_images=args.calib_images, tol=args.tol)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..compat import GallerySide, QuerySide, check_pair
 from ..fileio import atomic_save_npy, atomic_write_json
 from .base import GalleryIndex, IndexStoreError, backend_class, parse_spec, sha256_file
 
@@ -233,6 +234,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
     manifest = {"format": MANIFEST_FORMAT, "n": n, "shard_size": shard_size, "sources": _sha(sources),
                 "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
                 "data": _sha([data.get(key) for key in ("spec", "split", "protocol")])}
+    made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
     manifest_path = work / MANIFEST
     dim = None
     if manifest_path.exists():
@@ -245,6 +247,12 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
         if not diff:
             dim = old.get("dim")
         elif _finished_shards(work) and old.get("format") == MANIFEST_FORMAT:
+            recorded = old.get("made_by") if isinstance(old.get("made_by"), dict) else {}
+            if "model" in diff and (recorded.get("gallery_model") or {}).get("fingerprint"):
+                # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
+                check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
+                           GallerySide.of_index_meta(recorded), same_model=True,
+                           remedy=f"delete {work} to start over")
             what = {"n": "item count", "shard_size": "shard size", "sources": "gallery items",
                     "model": "gallery model or preprocessing", "data": "data spec/split/protocol"}[diff[0]]
             raise IndexStoreError(f"the shards in {work} belong to a different build (another {what}); "
@@ -254,7 +262,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
             shutil.rmtree(work / "checksums", ignore_errors=True)
     if dim is None:
         (work / "shards").mkdir(parents=True, exist_ok=True)
-        _write_manifest(manifest_path, manifest)
+        _write_manifest(manifest_path, dict(manifest, made_by=made_by))
     (work / "shards").mkdir(parents=True, exist_ok=True)
     (work / "checksums").mkdir(parents=True, exist_ok=True)
     if dim is not None and dim_hint is None:
@@ -292,7 +300,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                 if dim is None:
                     dim = int(out.shape[1])
                     cls.check_factory(dim, factory, n)  # after one batch when meta gave no dim
-                    _write_manifest(manifest_path, dict(manifest, dim=dim))
+                    _write_manifest(manifest_path, dict(manifest, made_by=made_by, dim=dim))
                 elif out.shape[1] != dim:
                     raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}")
                 parts.append(out)

@@ -1,78 +1,17 @@
 """Model registry: ``create_model(name, embed_dim=..., in_chans=...)`` and ``list_models()``.
 
-Every model is an :class:`EmbeddingModel`: a backbone giving pooled features, a linear embedding
-layer with BatchNorm, and L2 normalisation, so gallery and query models of any architecture produce
-vectors on the same unit sphere and can be compared by inner product.
+The registry itself lives in :mod:`hvs.models._registry`; this module registers the built-in
+architectures (and imports :mod:`hvs.models.ofa`, which registers ``ofa-mbv3``). Every model is
+an :class:`EmbeddingModel`: a backbone giving pooled features, a linear embedding layer with
+BatchNorm, and L2 normalisation, so gallery and query models of any architecture produce vectors
+on the same unit sphere and can be compared by inner product.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ..errors import ConfigError
 from . import backbones as bb
-
-
-class EmbeddingModel(nn.Module):
-    """backbone -> linear -> BatchNorm1d -> L2 normalise."""
-
-    def __init__(self, backbone: nn.Module, embed_dim: int = 128) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.embed_dim = embed_dim
-        self.neck = nn.Linear(backbone.num_features, embed_dim, bias=False)
-        self.bn = nn.BatchNorm1d(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.bn(self.neck(self.backbone(x))), dim=-1)
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    builder: Callable[..., nn.Module]  # (in_chans=..., **kwargs) -> backbone
-    role: str  # "gallery" or "query": what the model is meant for (both can be used either way)
-    description: str
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def register_model(name: str, role: str, description: str):
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, role, description)
-        return fn
-
-    return deco
-
-
-def list_models(role: str | None = None) -> list[str]:
-    return sorted(n for n, e in _REGISTRY.items() if role is None or e.role == role)
-
-
-def model_entry(name: str) -> ModelEntry:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
-    return _REGISTRY[name]
-
-
-def create_model(name: str, embed_dim: int = 128, in_chans: int = 1, **kwargs) -> EmbeddingModel:
-    """Build a registered model with random weights (nothing is ever downloaded)."""
-    entry = model_entry(name)
-    try:
-        backbone = entry.builder(in_chans=in_chans, **kwargs)
-    except TypeError as e:  # an argument the architecture does not take
-        raise ConfigError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} "
-                         f"argument(s): {e}") from None
-    return EmbeddingModel(backbone, embed_dim=embed_dim)
-
+from ._registry import ModelEntry, create_model, list_models, model_entry, register_model
+from .embedding import EmbeddingModel
 
 # Gallery backbones: the ResNet family.
 for _depth in (8, 14, 20, 32):
@@ -107,4 +46,6 @@ register_model("cnn-small", "query", "plain CNN 32/64/128, ~8 MFLOPs at 28 px")(
     lambda in_chans=1: bb.PlainCNN((32, 64, 128), in_chans))
 register_model("cnn-nano", "query", "plain CNN 8/16/32, ~0.5 MFLOPs at 28 px")(
     lambda in_chans=1: bb.PlainCNN((8, 16, 32), in_chans))
-from . import ofa  # noqa: E402,F401
+from . import ofa  # noqa: E402,F401  registers ofa-mbv3
+
+__all__ = ["EmbeddingModel", "ModelEntry", "create_model", "list_models", "model_entry", "register_model"]

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HVSError
-from . import EmbeddingModel, create_model, register_model
+from ._registry import create_model, register_model
+from .embedding import EmbeddingModel
 
 DEFAULT_SHAPE: dict[str, Any] = {
     "stem_width": 16,

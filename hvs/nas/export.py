@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 
 from .. import checkpoint as ckpt
+from ..compat import GallerySide, QuerySide, check_pair
 from ..data import RetrievalData
 from ..losses import MarginHead, parse_compat
 from ..models.ofa import OFAMobileNetV3Supernet, load_arch
@@ -66,19 +67,13 @@ def export_subnet(supernet: str | os.PathLike, arch: dict | str, out: str | os.P
     model, head_w, card = load_supernet(supernet)
     arch = model.space.validate(load_arch(arch) if isinstance(arch, str) else arch)
     g_card = ckpt.read_card(gallery)
-    if g_card.embed_dim != card.embed_dim:
-        raise NASError(f"the supernet embeds {card.embed_dim}-d vectors but the gallery model {g_card.embed_dim}-d")
-    if (g_card.in_chans, g_card.image_size) != (card.in_chans, card.image_size):
-        raise NASError(f"the gallery model reads {g_card.in_chans}x{g_card.image_size}px images, the supernet "
-                       f"{card.in_chans}x{card.image_size}px")
+    # fine-tuning against this gallery model makes the pair compatible whatever the supernet was trained for
+    warning = check_pair(QuerySide.of_card(card, supernet, label="the supernet"),
+                         GallerySide.of_card(g_card, gallery), force=force or finetune_epochs > 0,
+                         remedy="fine-tune with --finetune-epochs N, use `hvs nas inherit`, or pass --force")
+    if warning and finetune_epochs <= 0:
+        log(f"warning: {warning} (forced)")
     trained_for = (card.gallery or {}).get("fingerprint")
-    if trained_for != g_card.fingerprint and finetune_epochs <= 0:
-        why = (f"was trained for gallery fingerprint {trained_for}" if trained_for
-               else "was trained without a gallery model")
-        msg = f"the supernet {why}, not {g_card.fingerprint}"
-        if not force:
-            raise NASError(f"{msg}: fine-tune with --finetune-epochs N, use `hvs nas inherit`, or pass --force")
-        log(f"warning: {msg} (forced)")
 
     data = load_data(data if data is not None else card.data, card.protocol, card.image_size, card.data_seed)
     nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import checkpoint as ckpt
+from ..compat import GallerySide, QuerySide, check_pair
 from ..data import RetrievalData
 from ..embed import embed_images
 from ..metrics import retrieval_metrics
@@ -394,12 +395,11 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
     g_model = g_card = None
     if cfg.gallery:
         g_model, g_card = ckpt.load_model(cfg.gallery)
-        if g_card.embed_dim != card.embed_dim:
-            raise NASError(f"the supernet embeds {card.embed_dim}-d vectors but the gallery model {g_card.embed_dim}-d")
         trained_for = (card.gallery or {}).get("fingerprint")
-        if trained_for and trained_for != g_card.fingerprint and not cfg.force:
-            raise NASError(f"the supernet was trained for gallery fingerprint {trained_for}, but {cfg.gallery} has "
-                           f"{g_card.fingerprint}; pass --force to search against it anyway")
+        # a plain supernet searches any gallery (allow_independent): M(q->g) then measures inherited compatibility
+        check_pair(QuerySide.of_card(card, cfg.supernet, label="the supernet"),
+                   GallerySide.of_card(g_card, cfg.gallery), force=cfg.force, allow_independent=True,
+                   action="search against it")
         if not trained_for:
             log("note: a plain supernet (trained without a gallery model): M(q->g) measures inherited compatibility")
     elif reward.needs_gallery:
