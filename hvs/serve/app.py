@@ -53,6 +53,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from .. import checkpoint as ckpt
+from ..compat import CompatError
 from ..data.images import ImageError, load_image
 from ..errors import ConfigError, HVSError
 from ..gallery import embed_gallery_images, load_gallery_encoder
@@ -301,6 +302,8 @@ class SearchService:
                 return self._gallery
             try:
                 enc = load_gallery_encoder(self.index)
+            except CompatError as e:  # the contract's own wording, as on every other path
+                raise HTTPException(409, str(e)) from None
             except (HVSError, OSError) as e:
                 raise HTTPException(409, f"cannot embed new gallery images: {_one_line(e)}") from None
             self._gallery = enc
