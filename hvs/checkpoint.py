@@ -92,6 +92,7 @@ class ModelCard:
     model_kwargs: dict = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)  # classifier row order
     fingerprint: str = ""  # of this model's weights
+    classifier_fingerprint: str = ""  # of classifier.safetensors ("" for a folder without one, or an older hvs)
     compatible_with: dict | None = None  # {"fingerprint", "model", "path"} of the gallery model
     compat: list = field(default_factory=list)  # [(loss, weight)] used for compatibility
     extra: dict = field(default_factory=dict)  # data spec, metrics at save time, ...
@@ -132,6 +133,7 @@ def _write_model_files(folder: Path, model: EmbeddingModel, card: ModelCard,
     atomic_save_tensors(folder / WEIGHTS, model.state_dict())
     if classifier is not None:
         atomic_save_tensors(folder / CLASSIFIER, {"weight": classifier})
+        card.classifier_fingerprint = file_fingerprint(folder / CLASSIFIER)
     card.fingerprint = file_fingerprint(folder / WEIGHTS)
     card.hvs_version = hvs_version()
     atomic_write_json(folder / CONFIG, card.to_dict())
@@ -293,7 +295,15 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[Embeddin
 
 
 def load_classifier(folder: str | os.PathLike) -> torch.Tensor:
+    """The classifier rows of a model folder (BCT's fixed targets), checked against the fingerprint
+    its card records (folders written before hvs recorded one are read unchecked)."""
     path = Path(folder) / CLASSIFIER
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing {CLASSIFIER} (BCT needs the gallery model's classifier)")
-    return load_file(str(path))["weight"]
+    expected = read_card(folder).classifier_fingerprint
+    if expected and file_fingerprint(path) != expected:
+        raise CheckpointError(f"{path}: classifier does not match the fingerprint in {CONFIG} (corrupt or replaced)")
+    try:
+        return load_file(str(path))["weight"]
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise CheckpointError(f"{path}: cannot load the classifier ({str(e).splitlines()[0]})") from None

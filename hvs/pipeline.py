@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .compat import CompatError, GallerySide, QuerySide, check_pair
 from . import evaluate as hvs_eval
 from . import train as hvs_train
 from .data import RetrievalData
@@ -215,11 +216,10 @@ def check_made_for(folder: str | Path, gallery: str | Path) -> None:
     """Raise when the query model in ``folder`` was trained for other weights than ``gallery``'s
     now (the gallery was retrained after it): reusing it would pair two spaces that do not match."""
     card, g_card = ckpt.read_card(folder), ckpt.read_card(gallery)
-    made_for = (card.compatible_with or {}).get("fingerprint")
-    issue = ckpt.compatibility_issue(card.model, card.fingerprint, made_for, g_card.fingerprint,
-                                     f"{gallery} now has")
-    if issue is not None:
-        raise PipelineError(f"{folder} is stale: {issue}; remove {folder} to train it again")
+    try:
+        check_pair(QuerySide.of_card(card, folder), GallerySide.of_card(g_card, gallery))
+    except CompatError as e:
+        raise PipelineError(f"{folder} is stale: {e}; remove {folder} to train it again") from None
 
 
 def evaluation_is_current(result_json: str | Path, gallery: str | Path, query: str | Path) -> bool:

@@ -125,6 +125,21 @@ def test_replaced_weights_are_refused_by_name(gallery, tmp_path, capsys):
     one_line_error(rc, err, str(g / ckpt.WEIGHTS), "fingerprint")
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_classifier_is_refused_by_name(gallery, tmp_path, capsys, damage):
+    """BCT trains the query model against the gallery model's classifier rows: a changed file would train it
+    into another space without a word."""
+    g = copy_of(gallery, tmp_path)
+    raw = bytearray((g / ckpt.CLASSIFIER).read_bytes())
+    if damage == "flip":
+        raw[-1] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    (g / ckpt.CLASSIFIER).write_bytes(bytes(raw))
+    rc, err = run_cli(capsys, "train", *FLAGS, "--gallery", str(g), "--compat", "bct", "--out", str(tmp_path / "q"))
+    one_line_error(rc, err, str(g / ckpt.CLASSIFIER), "fingerprint")
+
+
 def test_a_truncated_checkpoint_is_refused_by_name(gallery, tmp_path, capsys):
     run = copy_of(gallery, tmp_path)
     state = run / "state.pt"

@@ -29,3 +29,18 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "gallery" / "config.json").is_file()
     assert (tmp_path / "runs" / "query" / "config.json").is_file()
     assert (tmp_path / "runs" / "index").is_dir()
+
+
+def test_every_public_name_resolves_and_survives_importing_its_module():
+    import importlib
+
+    import hvs
+
+    for name in hvs.__all__:
+        assert getattr(hvs, name) is not None, name
+    importlib.import_module("hvs.train")
+    importlib.import_module("hvs.evaluate")
+    assert callable(hvs.train_model) and hvs.train_model.__name__ == "train"
+    assert callable(hvs.evaluate_pair) and hvs.evaluate_pair.__name__ == "evaluate"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hvs.nope  # noqa: B018
