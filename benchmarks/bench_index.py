@@ -60,9 +60,17 @@ def ann_table(gallery_model: str, query_model: str | None, data: str, factories:
                 exact_ids = ids
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
             index.close()
-            rows.append({"factory": factory, "recall@10": recall, "queries_per_s": len(queries) / search_s,
-                         "bytes_per_vector": dir_bytes(path) / len(base), "build_s": build_s, "n": len(base),
-                         "queries": len(queries)})
+            rows.append(
+                {
+                    "factory": factory,
+                    "recall@10": recall,
+                    "queries_per_s": len(queries) / search_s,
+                    "bytes_per_vector": dir_bytes(path) / len(base),
+                    "build_s": build_s,
+                    "n": len(base),
+                    "queries": len(queries),
+                }
+            )
     return rows
 
 
@@ -101,20 +109,28 @@ def main(argv: list[str] | None = None) -> None:
     print("== 1. hvs search path vs raw FAISS (Flat, exact)")
     bench_index_overhead.main(["--n", str(args.overhead_n), "--repeats", "7"])
 
-    print(f"\n== 2. approximate indexes on real embeddings ({args.data} train set by {args.gallery_model}; "
-          f"queries = test set by {args.query_model})")
+    print(
+        f"\n== 2. approximate indexes on real embeddings ({args.data} train set by {args.gallery_model}; "
+        f"queries = test set by {args.query_model})"
+    )
     rows = ann_table(args.gallery_model, args.query_model, args.data, args.factories.split(";"))
-    print(f"| {'factory':<14} | {'recall@10 vs exact':>18} | {'queries/s':>10} | {'bytes/vector':>12} | {'build s':>8} |")
+    print(
+        f"| {'factory':<14} | {'recall@10 vs exact':>18} | {'queries/s':>10} | {'bytes/vector':>12} | {'build s':>8} |"
+    )
     print(f"|{'-' * 16}|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 10}|")
     for r in rows:
-        print(f"| {r['factory']:<14} | {r['recall@10']:>18.4f} | {r['queries_per_s']:>10.0f} | "
-              f"{r['bytes_per_vector']:>12.1f} | {r['build_s']:>8.2f} |")
+        print(
+            f"| {r['factory']:<14} | {r['recall@10']:>18.4f} | {r['queries_per_s']:>10.0f} | "
+            f"{r['bytes_per_vector']:>12.1f} | {r['build_s']:>8.2f} |"
+        )
     print(f"({rows[0]['n']} vectors, {rows[0]['queries']} queries, k=10)")
 
     print("\n== 3. index build throughput vs the bare forward pass")
     b = build_throughput(args.gallery_model, args.data)
-    print(f"{b['images']} images: bare forward {b['bare_forward_img_s']:.0f} img/s, hvs index build "
-          f"{b['index_build_img_s']:.0f} img/s, ratio build/forward = {b['ratio']:.2f}")
+    print(
+        f"{b['images']} images: bare forward {b['bare_forward_img_s']:.0f} img/s, hvs index build "
+        f"{b['index_build_img_s']:.0f} img/s, ratio build/forward = {b['ratio']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -63,15 +63,18 @@ def main(argv: list[str] | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         index = open_index(f"faiss:{tmp}/gallery", create=True, dim=args.dim, factory="Flat")
         index.add(gallery)
-        t_raw, t_hvs = median_times([lambda: raw.search(queries, args.k),
-                                     lambda: index.search(queries, args.k)], args.repeats)
+        t_raw, t_hvs = median_times(
+            [lambda: raw.search(queries, args.k), lambda: index.search(queries, args.k)], args.repeats
+        )
         # same answers, or the comparison means nothing
         assert np.array_equal(raw.search(queries, args.k)[1], index.search(queries, args.k)[1])
         index.close()
 
     ratio = t_hvs / t_raw
-    print(f"gallery {args.n} x {args.dim}-d Flat IP, {args.queries} queries, k={args.k}, "
-          f"median of {args.repeats}, {faiss.omp_get_max_threads()} FAISS threads")
+    print(
+        f"gallery {args.n} x {args.dim}-d Flat IP, {args.queries} queries, k={args.k}, "
+        f"median of {args.repeats}, {faiss.omp_get_max_threads()} FAISS threads"
+    )
     print(f"raw faiss.IndexFlatIP.search : {t_raw * 1e3:8.1f} ms")
     print(f"hvs GalleryIndex.search      : {t_hvs * 1e3:8.1f} ms")
     print(f"ratio hvs / raw              : {ratio:8.3f}  (target <= 1.2)")

@@ -49,8 +49,12 @@ def build_setup(root: Path, log=print) -> tuple[str, str]:
     common = dict(data=SPEC, embed_dim=32, epochs=1, batch_size=64, lr=0.05)
     log(f"setup: training cnn-small (gallery) and cnn-tiny (query, BCT) for 1 epoch on {SPEC}")
     train(TrainConfig(out=str(root / "g"), model="cnn-small", **common), data=data, progress=False, log=lambda s: None)
-    train(TrainConfig(out=str(root / "q"), model="cnn-tiny", gallery=str(root / "g"), compat=["bct"], **common),
-          data=data, progress=False, log=lambda s: None)
+    train(
+        TrainConfig(out=str(root / "q"), model="cnn-tiny", gallery=str(root / "g"), compat=["bct"], **common),
+        data=data,
+        progress=False,
+        log=lambda s: None,
+    )
     build_gallery_index(root / "g", SPEC, f"faiss:{root / 'idx'}", progress=False)
     return f"faiss:{root / 'idx'}", str(root / "q")
 
@@ -90,19 +94,36 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if k != "HVS_TOKEN"}
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hvs", "serve", "--index", index, "--query-model",
-                                      query_model, "--port", str(port), "--log-level", "warning"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hvs",
+                "serve",
+                "--index",
+                index,
+                "--query-model",
+                query_model,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         import httpx
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"hvs serve exited with {self.proc.returncode}: "
-                                   f"{self.log.read().strip().splitlines()[-1:]}")
+                raise RuntimeError(
+                    f"hvs serve exited with {self.proc.returncode}: {self.log.read().strip().splitlines()[-1:]}"
+                )
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
@@ -159,10 +180,15 @@ def load(url: str, images: list[bytes], clients: int, requests: int, k: int, tim
     wall = time.perf_counter() - t0
     lat = np.asarray([x for per in latencies for x in per], dtype=np.float64)
     server = httpx.get(url + "/stats", timeout=5).json()["latency_ms"].get("POST /search", {})
-    return {"ok": int(lat.size), "errors": int(sum(errors)), "wall_s": wall,
-            "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-            "p99": float(np.percentile(lat, 99)) if lat.size else float("nan"),
-            "throughput": lat.size / wall if wall > 0 else 0.0, "server_p50": server.get("p50", float("nan"))}
+    return {
+        "ok": int(lat.size),
+        "errors": int(sum(errors)),
+        "wall_s": wall,
+        "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "throughput": lat.size / wall if wall > 0 else 0.0,
+        "server_p50": server.get("p50", float("nan")),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -204,9 +230,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     where = index if args.index else SPEC
     print(f"\n{args.clients} clients x {args.requests} requests, k={args.k}, loopback, index {where}")
-    rows = [("requests ok", "ok", "{:d}"), ("errors", "errors", "{:d}"), ("latency p50 (ms)", "p50", "{:.2f}"),
-            ("latency p99 (ms)", "p99", "{:.2f}"), ("throughput (req/s)", "throughput", "{:.1f}"),
-            ("server p50 (ms)", "server_p50", "{:.2f}"), ("wall (s)", "wall_s", "{:.1f}")]
+    rows = [
+        ("requests ok", "ok", "{:d}"),
+        ("errors", "errors", "{:d}"),
+        ("latency p50 (ms)", "p50", "{:.2f}"),
+        ("latency p99 (ms)", "p99", "{:.2f}"),
+        ("throughput (req/s)", "throughput", "{:.1f}"),
+        ("server p50 (ms)", "server_p50", "{:.2f}"),
+        ("wall (s)", "wall_s", "{:.1f}"),
+    ]
     print(f"{'':<20}{'torch':>12}{'onnx':>12}")
     for label, key, fmt in rows:
         print(f"{label:<20}" + "".join(f"{fmt.format(results[n][key]):>12}" for n in ("torch", "onnx")))

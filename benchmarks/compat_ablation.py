@@ -29,8 +29,9 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,15 +53,27 @@ def variant_profile(profile: dict, spec: dict) -> dict:
     return out
 
 
-def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, budgets: list[float],
-             variants: dict[str, dict], metrics: list[str], log: Callable[[str], None]) -> list[dict]:
+def run_seed(
+    root: Path,
+    profile: dict,
+    data: str,
+    full,
+    train_data,
+    seed: int,
+    budgets: list[float],
+    variants: dict[str, dict],
+    metrics: list[str],
+    log: Callable[[str], None],
+) -> list[dict]:
     from hvs.models.cost import count_flops
 
     sd = root / f"seed{seed}"
     gallery = sd / "paragon"
     if not (gallery / ckpt.CONFIG).is_file() or not (sd / "supernet" / "config.json").is_file():
-        raise PipelineError(f"{sd} has no paragon or supernet: run benchmarks/tradeoff.py with the same --data, "
-                           f"--profile and --seeds first")
+        raise PipelineError(
+            f"{sd} has no paragon or supernet: run benchmarks/tradeoff.py with the same --data, "
+            f"--profile and --seeds first"
+        )
     g_model, g_card = ckpt.load_model(gallery)
     paragon_flops = count_flops(g_model, g_card.input_shape)
     n_boot = int((profile.get("evaluate") or {}).get("n_boot", 1000))
@@ -90,11 +103,19 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
             result = runner.evaluate("ablation", gallery, folder, eval_json)
             base = json.loads(base_json.read_text())
             row: dict[str, Any] = {
-                "seed": seed, "variant": name, "spec": spec, "budget_ratio": ratio, "arch": best["key"],
-                "val_reward": best.get("reward"), "flops": result["cost"]["query"]["flops"],
-                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"], "eval_json": str(eval_json),
-                "baseline_eval_json": str(base_json), "metrics": {},
-                "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]}}
+                "seed": seed,
+                "variant": name,
+                "spec": spec,
+                "budget_ratio": ratio,
+                "arch": best["key"],
+                "val_reward": best.get("reward"),
+                "flops": result["cost"]["query"]["flops"],
+                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"],
+                "eval_json": str(eval_json),
+                "baseline_eval_json": str(base_json),
+                "metrics": {},
+                "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]},
+            }
             a, b = (load_q2g(p.with_suffix(".npz")) for p in (eval_json, base_json))
             for metric in metrics:
                 blk, bblk = metric_block(result, metric), metric_block(base, metric)
@@ -109,24 +130,35 @@ def run_seed(root: Path, profile: dict, data: str, full, train_data, seed: int, 
 
 def markdown(rows: list[dict], metrics: list[str]) -> str:
     m0 = metrics[0]
-    lines = [f"| seed | budget | variant | MFLOPs | val R@1 (search) | {m0} q->g | vs benchmark's CMP-NAS "
-             f"(paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
-             + "".join(f" {m} q->g | vs benchmark |" for m in metrics[1:]),
-             "|" + "---|" * (10 + 2 * (len(metrics) - 1))]
+    lines = [
+        f"| seed | budget | variant | MFLOPs | val R@1 (search) | {m0} q->g | vs benchmark's CMP-NAS "
+        f"(paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
+        + "".join(f" {m} q->g | vs benchmark |" for m in metrics[1:]),
+        "|" + "---|" * (10 + 2 * (len(metrics) - 1)),
+    ]
     for r in rows:
         b = r["metrics"][m0]
         crit = b.get("criterion") or {}
-        cells = [str(r["seed"]), f"{r['budget_ratio']:g}x", r["variant"], f"{r['flops'] / 1e6:.2f}",
-                 pct(r.get("val_reward")), pct(b["q->g"]) + ci_cell(b["q->g_ci95"]),
-                 diff_cell(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"],
-                                                                       b["diff_vs_baseline_ci95"])),
-                 pct(b["q->q"]), pct(b["gap"], True) + ci_cell(b["gap_ci95"], True),
-                 pct(crit.get("difference"), True) if isinstance(crit, dict) else "-"]
+        cells = [
+            str(r["seed"]),
+            f"{r['budget_ratio']:g}x",
+            r["variant"],
+            f"{r['flops'] / 1e6:.2f}",
+            pct(r.get("val_reward")),
+            pct(b["q->g"]) + ci_cell(b["q->g_ci95"]),
+            diff_cell(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"], b["diff_vs_baseline_ci95"])),
+            pct(b["q->q"]),
+            pct(b["gap"], True) + ci_cell(b["gap_ci95"], True),
+            pct(crit.get("difference"), True) if isinstance(crit, dict) else "-",
+        ]
         for m in metrics[1:]:
             bm = r["metrics"][m]
-            cells += [pct(bm["q->g"]) + ci_cell(bm["q->g_ci95"]),
-                      diff_cell(None if bm["diff_vs_baseline"] is None else (bm["diff_vs_baseline"],
-                                                                             bm["diff_vs_baseline_ci95"]))]
+            cells += [
+                pct(bm["q->g"]) + ci_cell(bm["q->g_ci95"]),
+                diff_cell(
+                    None if bm["diff_vs_baseline"] is None else (bm["diff_vs_baseline"], bm["diff_vs_baseline_ci95"])
+                ),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,8 +194,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         if missing:
             raise PipelineError(f"no ablation variant(s) {missing} in profile {name}; it has {sorted(variants)}")
         variants = {v: variants[v] for v in pick}
-    seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
-             else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))])
+    seeds = (
+        [int(s) for s in args.seeds.split(",") if s.strip()]
+        if args.seeds
+        else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))]
+    )
     budgets = [float(b) for b in ab.get("budgets", (profile.get("search") or {}).get("budgets", []))]
     metrics = profile_metrics(profile, args.data, ["recall@1"])
     if profile.get("threads"):
@@ -171,19 +206,34 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     data_dir = Path(args.out) / args.data.replace(":", "_").replace("/", "_")
     root = data_dir / name
     full, train_data = load_dataset(profile, args.data)
-    rows = [r for s in seeds for r in run_seed(root, profile, args.data, full, train_data, s, budgets, variants,
-                                               metrics, log)]
-    md = (f"# Compatibility-loss ablation: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
-          f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed; "
-          f"* = the paired 95% CI excludes 0. val R@1 = the search's reward on the validation split "
-          f"(training identities) for the architecture used.\n\n{markdown(rows, metrics)}\n")
+    rows = [
+        r
+        for s in seeds
+        for r in run_seed(root, profile, args.data, full, train_data, s, budgets, variants, metrics, log)
+    ]
+    md = (
+        f"# Compatibility-loss ablation: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
+        f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed; "
+        f"* = the paired 95% CI excludes 0. val R@1 = the search's reward on the validation split "
+        f"(training identities) for the architecture used.\n\n{markdown(rows, metrics)}\n"
+    )
     log("\n" + md)
-    summary = {"command": shlex.join([sys.executable, str(Path(__file__).resolve()),
-                                      *(argv if argv is not None else sys.argv[1:])]),
-               "data": args.data, "profile_name": name, "profile_path": str(profile_path), "seeds": seeds,
-               "budgets": budgets, "variants": variants, "metrics": metrics, "rows": rows,
-               "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
+    summary = {
+        "command": shlex.join(
+            [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "data": args.data,
+        "profile_name": name,
+        "profile_path": str(profile_path),
+        "seeds": seeds,
+        "budgets": budgets,
+        "variants": variants,
+        "metrics": metrics,
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     ckpt.atomic_write_json(data_dir / f"{name}_ablation.json", json.loads(json.dumps(summary, default=float)))
     (data_dir / f"{name}_ablation.md").write_text(md)
     log(f"wrote {data_dir / (name + '_ablation.json')} and .md; {summary['wall_seconds']:.0f} s")

@@ -44,8 +44,9 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,15 +60,21 @@ ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 STAGES = ("paragon", "offshelf", "supernet", "nas", "inherit", "latency")
 DATASETS = ("fashion-mnist", "kanji-fonts")
-KIND_LABEL = {"offshelf-bct": "off-the-shelf + BCT", "offshelf-independent": "off-the-shelf, independent",
-              "cmp-nas": "CMP-NAS (hetero reward)", "nas-homo": "NAS, homo reward",
-              "nas-independent": "NAS pick, independent", "weight-inheritance": "weight inheritance",
-              "cmp-nas-latency": "CMP-NAS, latency budget"}
+KIND_LABEL = {
+    "offshelf-bct": "off-the-shelf + BCT",
+    "offshelf-independent": "off-the-shelf, independent",
+    "cmp-nas": "CMP-NAS (hetero reward)",
+    "nas-homo": "NAS, homo reward",
+    "nas-independent": "NAS pick, independent",
+    "weight-inheritance": "weight inheritance",
+    "cmp-nas-latency": "CMP-NAS, latency budget",
+}
 
 
 # ------------------------------------------------------------------------------------------
 # Stages (each reused when complete: hvs.profiles / hvs.pipeline)
 # ------------------------------------------------------------------------------------------
+
 
 class Runner(ProfileStages):
     """The benchmark's stages of one dataset and profile, seed by seed."""
@@ -96,15 +103,19 @@ class Runner(ProfileStages):
             tr = dict(off.get("train") or {})
             from hvs.models import create_model
 
-            arch_flops = count_flops(create_model(arch, embed_dim=self.embed_dim, in_chans=self.full.channels,
-                                                  **tr.get("model_kwargs", {})), g_card.input_shape)
+            arch_flops = count_flops(
+                create_model(arch, embed_dim=self.embed_dim, in_chans=self.full.channels, **tr.get("model_kwargs", {})),
+                g_card.input_shape,
+            )
             if arch_flops >= paragon_flops:  # not a query model of this paragon
                 why = f"{arch_flops / 1e6:.2f} MFLOPs is not below the paragon's {paragon_flops / 1e6:.2f}"
                 results["meta"].setdefault("offshelf_skipped", {})[arch] = why
                 self.event("offshelf", arch, "not-cheaper", why=why)
                 continue
-            for kind, kw in (("offshelf-bct", {"gallery": str(gallery), "compat": ["bct"]}),
-                             ("offshelf-independent", {"role": "query", "compat": []})):
+            for kind, kw in (
+                ("offshelf-bct", {"gallery": str(gallery), "compat": ["bct"]}),
+                ("offshelf-independent", {"role": "query", "compat": []}),
+            ):
                 folder = sd / f"{'bct' if kind == 'offshelf-bct' else 'ind'}-{arch}"
                 if self.train("offshelf", folder, model=arch, seed=seed, **tr, **kw):
                     r = self.evaluate("offshelf", gallery, folder, sd / f"eval-{folder.name}.json")
@@ -116,8 +127,12 @@ class Runner(ProfileStages):
         budgets = [float(b) for b in search_p.get("budgets", [])]
         supernet = sd / "supernet"
         have_supernet = False
-        if budgets and (self.allowed("nas") or self.allowed("inherit") or self.allowed("supernet")
-                        or (supernet / "config.json").is_file()):
+        if budgets and (
+            self.allowed("nas")
+            or self.allowed("inherit")
+            or self.allowed("supernet")
+            or (supernet / "config.json").is_file()
+        ):
             have_supernet = self.supernet(supernet, gallery)
         smallest = None
         if have_supernet:
@@ -131,10 +146,13 @@ class Runner(ProfileStages):
             limit = paragon_flops / ratio
             tag = f"{ratio:g}x"
             if smallest > limit:
-                why = (f"budget {limit / 1e6:.4g} MFLOPs (paragon / {tag}) is below the smallest sub-network "
-                       f"({smallest / 1e6:.4g} MFLOPs)")
-                results["infeasible"].append({"budget_ratio": ratio, "budget_flops": limit,
-                                              "smallest_subnet_flops": smallest, "why": why})
+                why = (
+                    f"budget {limit / 1e6:.4g} MFLOPs (paragon / {tag}) is below the smallest sub-network "
+                    f"({smallest / 1e6:.4g} MFLOPs)"
+                )
+                results["infeasible"].append(
+                    {"budget_ratio": ratio, "budget_flops": limit, "smallest_subnet_flops": smallest, "why": why}
+                )
                 self.event("nas", tag, "infeasible", why=why)
                 continue
             picks = {}
@@ -149,20 +167,38 @@ class Runner(ProfileStages):
                     r = self.evaluate("nas", gallery, folder, sd / f"eval-{name}.json")
                     if r is not None:
                         kind = "cmp-nas" if reward == "hetero" else f"nas-{reward}"
-                        results["evals"][name] = {"kind": kind, "arch": f"ofa-mbv3 [{best['key']}]",
-                                                  "budget_ratio": ratio, "budget_flops": limit, "search": best}
+                        results["evals"][name] = {
+                            "kind": kind,
+                            "arch": f"ofa-mbv3 [{best['key']}]",
+                            "budget_ratio": ratio,
+                            "budget_flops": limit,
+                            "search": best,
+                        }
                         results["evals"][name]["result"] = r
                 ind = dict(p.get("nas_independent") or {})
                 if ind and reward in ind.pop("rewards", [reward]):
                     mk = ckpt.read_card(folder).model_kwargs if (folder / ckpt.CONFIG).is_file() else None
                     ind_folder = sd / f"ind-{name}"
-                    if mk is not None and self.train("nas", ind_folder, model="ofa-mbv3", model_kwargs=mk,
-                                                     role="query", compat=[], seed=seed, **dict(ind)):
+                    if mk is not None and self.train(
+                        "nas",
+                        ind_folder,
+                        model="ofa-mbv3",
+                        model_kwargs=mk,
+                        role="query",
+                        compat=[],
+                        seed=seed,
+                        **dict(ind),
+                    ):
                         r = self.evaluate("nas", gallery, ind_folder, sd / f"eval-{ind_folder.name}.json")
                         if r is not None:
                             results["evals"][ind_folder.name] = {
-                                "kind": "nas-independent", "arch": f"ofa-mbv3 [{best['key']}]", "twin_of": name,
-                                "budget_ratio": ratio, "budget_flops": limit, "result": r}
+                                "kind": "nas-independent",
+                                "arch": f"ofa-mbv3 [{best['key']}]",
+                                "twin_of": name,
+                                "budget_ratio": ratio,
+                                "budget_flops": limit,
+                                "result": r,
+                            }
 
             # weight inheritance at the same budget
             inh = p.get("inherit")
@@ -198,8 +234,16 @@ class Runner(ProfileStages):
         table.save()
         results["latency"] = table.entries
 
-    def latency_searches(self, sd: Path, supernet: Path, gallery: Path, g_model: torch.nn.Module,
-                         g_card: ckpt.ModelCard, ratios: list[float], results: dict) -> None:
+    def latency_searches(
+        self,
+        sd: Path,
+        supernet: Path,
+        gallery: Path,
+        g_model: torch.nn.Module,
+        g_card: ckpt.ModelCard,
+        ratios: list[float],
+        results: dict,
+    ) -> None:
         from hvs.models.cost import measure_latency
         from hvs.nas.common import InfeasibleBudget
 
@@ -207,8 +251,9 @@ class Runner(ProfileStages):
         if ref.is_file():
             par_ms = float(json.loads(ref.read_text())["latency_ms_batch1"])
         else:
-            par_ms = measure_latency(g_model.to(memory_format=torch.channels_last), g_card.input_shape, 1,
-                                     min_seconds=1.0)
+            par_ms = measure_latency(
+                g_model.to(memory_format=torch.channels_last), g_card.input_shape, 1, min_seconds=1.0
+            )
             ckpt.atomic_write_json(ref, {"latency_ms_batch1": par_ms, "threads": torch.get_num_threads()})
         results["meta"]["paragon_latency_ms_batch1_at_search"] = par_ms
         for ratio in ratios:
@@ -235,12 +280,17 @@ class Runner(ProfileStages):
             if self.export(folder, supernet, gallery, best):
                 r = self.evaluate("nas", gallery, folder, sd / f"eval-{name}.json")
                 if r is not None:
-                    results["evals"][name] = {"kind": "cmp-nas-latency", "arch": f"ofa-mbv3 [{best['key']}]",
-                                              "latency_ratio": ratio, "budget_latency_ms": limit,
-                                              "paragon_latency_ms": par_ms, "search": best, "result": r}
+                    results["evals"][name] = {
+                        "kind": "cmp-nas-latency",
+                        "arch": f"ofa-mbv3 [{best['key']}]",
+                        "latency_ratio": ratio,
+                        "budget_latency_ms": limit,
+                        "paragon_latency_ms": par_ms,
+                        "search": best,
+                        "result": r,
+                    }
 
-    def inherit_at_budget(self, sd: Path, supernet: Path, ratio: float, limit: float, inh: dict,
-                          results: dict) -> None:
+    def inherit_at_budget(self, sd: Path, supernet: Path, ratio: float, limit: float, inh: dict, results: dict) -> None:
         """Weight inheritance at one FLOPs budget, from the BCT supernet or a plain one, evaluated."""
         tag = f"{ratio:g}x"
         which = inh.pop("supernet", "bct")
@@ -258,14 +308,20 @@ class Runner(ProfileStages):
         r = self.evaluate("inherit", g_out, q_out, sd / f"eval-{folder.name}.json")
         if r is not None:
             key = ckpt.read_card(q_out).extra["nas"]["arch_key"]
-            results["evals"][folder.name] = {"kind": "weight-inheritance", "arch": f"ofa-mbv3 [{key}]",
-                                             "budget_ratio": ratio, "budget_flops": limit, "supernet": which,
-                                             "result": r}
+            results["evals"][folder.name] = {
+                "kind": "weight-inheritance",
+                "arch": f"ofa-mbv3 [{key}]",
+                "budget_ratio": ratio,
+                "budget_flops": limit,
+                "supernet": which,
+                "result": r,
+            }
 
 
 # ------------------------------------------------------------------------------------------
 # Records, table, plots
 # ------------------------------------------------------------------------------------------
+
 
 def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
     records = []
@@ -275,8 +331,14 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
         paragon = None
         if first is not None:
             r = first["result"]
-            paragon = {"kind": "paragon", "name": "paragon", "arch": r["gallery_model"]["model"], "seed": seed,
-                       **cost_block(r, "gallery"), "metrics": {}}
+            paragon = {
+                "kind": "paragon",
+                "name": "paragon",
+                "arch": r["gallery_model"]["model"],
+                "seed": seed,
+                **cost_block(r, "gallery"),
+                "metrics": {},
+            }
             for metric in metrics:
                 b = metric_block(r, metric)
                 paragon["metrics"][metric] = {"g->g": b["g->g"], "g->g_ci95": b["g->g_ci95"]}
@@ -284,26 +346,51 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
             paragon["torch_ms_batch1"], paragon["ort_ms_batch1"] = lat.get("torch_ms_batch1"), lat.get("ort_ms_batch1")
             records.append(paragon)
         ind_qq = {}  # architecture -> its independent twin's metrics
-        for name, e in evals.items():
+        for e in evals.values():
             if e["kind"] in ("offshelf-independent", "nas-independent"):
                 ind_qq[e.get("twin_of") or e["arch"]] = e["result"]
         for name, e in evals.items():
             r = e["result"]
-            rec = {"kind": e["kind"], "name": name, "arch": e["arch"], "seed": seed, **cost_block(r, "query"),
-                   "flops_ratio": r["cost"]["ratio_gallery_over_query"]["flops"],
-                   "gallery": {"model": r["gallery_model"]["model"], **cost_block(r, "gallery")},
-                   "eval_json": r.get("_path"), "metrics": {}}
-            for k in ("budget_ratio", "budget_flops", "supernet", "latency_ratio", "budget_latency_ms",
-                      "paragon_latency_ms", "twin_of"):
+            rec = {
+                "kind": e["kind"],
+                "name": name,
+                "arch": e["arch"],
+                "seed": seed,
+                **cost_block(r, "query"),
+                "flops_ratio": r["cost"]["ratio_gallery_over_query"]["flops"],
+                "gallery": {"model": r["gallery_model"]["model"], **cost_block(r, "gallery")},
+                "eval_json": r.get("_path"),
+                "metrics": {},
+            }
+            for k in (
+                "budget_ratio",
+                "budget_flops",
+                "supernet",
+                "latency_ratio",
+                "budget_latency_ms",
+                "paragon_latency_ms",
+                "twin_of",
+            ):
                 if k in e:
                     rec[k] = e[k]
             lat = (sr.get("latency") or {}).get(name, {})
             rec["torch_ms_batch1"], rec["ort_ms_batch1"] = lat.get("torch_ms_batch1"), lat.get("ort_ms_batch1")
             rec["per_query_npz"] = str(Path(r["_path"]).with_suffix(".npz")) if r.get("_path") else None
             if "search" in e:
-                rec["search"] = {k: e["search"][k] for k in ("key", "reward", "reward_kind", "metric", "scores",
-                                                             "evaluations", "seconds", "latency_ms_measured")
-                                 if k in e["search"]}
+                rec["search"] = {
+                    k: e["search"][k]
+                    for k in (
+                        "key",
+                        "reward",
+                        "reward_kind",
+                        "metric",
+                        "scores",
+                        "evaluations",
+                        "seconds",
+                        "latency_ms_measured",
+                    )
+                    if k in e["search"]
+                }
             twin = None
             if e["kind"] == "offshelf-independent" or e["kind"] == "nas-independent":
                 twin = r
@@ -319,8 +406,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                     b["paragon_g->g"] = paragon["metrics"][metric]["g->g"]
                     b["note"] = "g->g and gap are against the inherited gallery (the supernet's largest sub-network)"
                 qq_ind = None if twin is None else twin["metrics"]["query->query"].get(metric)
-                b["headroom"] = (None if qq_ind is None or b.get("paragon_g->g") is None
-                                 else b["paragon_g->g"] - qq_ind)
+                b["headroom"] = None if qq_ind is None or b.get("paragon_g->g") is None else b["paragon_g->g"] - qq_ind
                 rec["metrics"][metric] = b
             records.append(rec)
     return records
@@ -349,8 +435,20 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
     par_torch = _mean([r.get("torch_ms_batch1") for r in par])
     par_ort = _mean([r.get("ort_ms_batch1") for r in par])
     m0 = metrics[0]
-    head = ["method", "size", "seeds", "MFLOPs", "FLOPs ratio", "torch b1 ms (ratio)", "ORT b1 ms (ratio)",
-            f"{m0} q->g, per seed", f"{m0} q->g mean", f"{m0} q->q", f"{m0} gap", f"{m0} headroom"]
+    head = [
+        "method",
+        "size",
+        "seeds",
+        "MFLOPs",
+        "FLOPs ratio",
+        "torch b1 ms (ratio)",
+        "ORT b1 ms (ratio)",
+        f"{m0} q->g, per seed",
+        f"{m0} q->g mean",
+        f"{m0} q->q",
+        f"{m0} gap",
+        f"{m0} headroom",
+    ]
     head += [f"{m} q->g mean" for m in metrics[1:]] + [f"criterion {m0}"]
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
@@ -359,18 +457,38 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
             return "-"
         return f"{x:.3f}" + (f" ({ref / x:.1f}x)" if ref else "")
 
-    order = ["paragon", "offshelf-bct", "offshelf-independent", "cmp-nas", "nas-homo", "cmp-nas-latency",
-             "nas-independent", "weight-inheritance"]
-    for key in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else 99,
-                                             -_mean([r["flops"] for r in groups[k]]))):
+    order = [
+        "paragon",
+        "offshelf-bct",
+        "offshelf-independent",
+        "cmp-nas",
+        "nas-homo",
+        "cmp-nas-latency",
+        "nas-independent",
+        "weight-inheritance",
+    ]
+    for key in sorted(
+        groups, key=lambda k: (order.index(k[0]) if k[0] in order else 99, -_mean([r["flops"] for r in groups[k]]))
+    ):
         rs = sorted(groups[key], key=lambda r: r["seed"])
         flops = _mean([r["flops"] for r in rs])
         ratio = f"{par_flops / flops:.1f}x" if par_flops and flops else "-"
         if key[0] == "paragon":
             vals = [r["metrics"][m0]["g->g"] for r in rs]
-            cells = [KIND_LABEL.get(key[0], key[0]), f"`{key[1]}`", str(len(rs)), f"{flops / 1e6:.2f}", "1x",
-                     lat(par_torch, None), lat(par_ort, None), " / ".join(pct(v) for v in vals) + " (g->g)",
-                     pct(_mean(vals)), "-", "-", "-"]
+            cells = [
+                KIND_LABEL.get(key[0], key[0]),
+                f"`{key[1]}`",
+                str(len(rs)),
+                f"{flops / 1e6:.2f}",
+                "1x",
+                lat(par_torch, None),
+                lat(par_ort, None),
+                " / ".join(pct(v) for v in vals) + " (g->g)",
+                pct(_mean(vals)),
+                "-",
+                "-",
+                "-",
+            ]
             cells += [pct(_mean([r["metrics"][m]["g->g"] for r in rs])) + " (g->g)" for m in metrics[1:]]
             cells.append("-")
         else:
@@ -378,13 +496,20 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
             size = key[1] if key[0] not in ("offshelf-bct", "offshelf-independent") else "-"
             arch = key[1] if key[0] in ("offshelf-bct", "offshelf-independent") else "ofa-mbv3 @ " + size
             holds = sum(bool((r["metrics"][m0].get("criterion") or {}).get("holds")) for r in rs)
-            cells = [KIND_LABEL.get(key[0], key[0]), f"`{arch}`", str(len(rs)), f"{flops / 1e6:.2f}", ratio,
-                     lat(_mean([r.get("torch_ms_batch1") for r in rs]), par_torch),
-                     lat(_mean([r.get("ort_ms_batch1") for r in rs]), par_ort),
-                     " / ".join(pct(v) for v in vals), pct(_mean(vals)),
-                     pct(_mean([r["metrics"][m0]["q->q"] for r in rs])),
-                     pct(_mean([r["metrics"][m0]["gap"] for r in rs]), True),
-                     pct(_mean([r["metrics"][m0].get("headroom") for r in rs]), True)]
+            cells = [
+                KIND_LABEL.get(key[0], key[0]),
+                f"`{arch}`",
+                str(len(rs)),
+                f"{flops / 1e6:.2f}",
+                ratio,
+                lat(_mean([r.get("torch_ms_batch1") for r in rs]), par_torch),
+                lat(_mean([r.get("ort_ms_batch1") for r in rs]), par_ort),
+                " / ".join(pct(v) for v in vals),
+                pct(_mean(vals)),
+                pct(_mean([r["metrics"][m0]["q->q"] for r in rs])),
+                pct(_mean([r["metrics"][m0]["gap"] for r in rs]), True),
+                pct(_mean([r["metrics"][m0].get("headroom") for r in rs]), True),
+            ]
             cells += [pct(_mean([r["metrics"][m]["q->g"] for r in rs])) for m in metrics[1:]]
             cells.append(f"holds in {holds}/{len(rs)}")
         rows.append("| " + " | ".join(cells) + " |")
@@ -417,8 +542,9 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
                 d = (a_v - b_v, None)
             cells.append(diff_cell(d))
             if m == m0 and d is not None:
-                diffs_all.append({"budget_ratio": r["budget_ratio"], "seed": r["seed"], "difference": d[0],
-                                  "ci95": d[1]})
+                diffs_all.append(
+                    {"budget_ratio": r["budget_ratio"], "seed": r["seed"], "difference": d[0], "ci95": d[1]}
+                )
         arr = per_query_array(m0)
         if arr and pa is not None and pb is not None and arr in pa and arr in pb:
             pooled.append(pa[arr] - pb[arr])
@@ -439,19 +565,32 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
             verdict = "not met (the agnostic search is better)"
         else:
             verdict = "not met (no significant difference)"
-        lines += ["### Compatibility-aware (CMP-NAS) vs compatibility-agnostic search, equal FLOPs budget",
-                  "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *rows, "",
-                  (f"Pooled over the {pool['pairs']} (budget, seed) pairs: {m0} "
-                   f"{pct(pool['difference'], True)}{ci_cell(pool['ci95'], True)} points (per-query differences "
-                   "averaged over the pairs, bootstrap over queries). " if pool else "")
-                  + f"Paired bootstrap over queries per pair, * = CI excludes 0. Target (aware beats agnostic): "
-                  f"**{verdict}**.", ""]
+        lines += [
+            "### Compatibility-aware (CMP-NAS) vs compatibility-agnostic search, equal FLOPs budget",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+            *rows,
+            "",
+            (
+                f"Pooled over the {pool['pairs']} (budget, seed) pairs: {m0} "
+                f"{pct(pool['difference'], True)}{ci_cell(pool['ci95'], True)} points (per-query differences "
+                "averaged over the pairs, bootstrap over queries). "
+                if pool
+                else ""
+            )
+            + f"Paired bootstrap over queries per pair, * = CI excludes 0. Target (aware beats agnostic): "
+            f"**{verdict}**.",
+            "",
+        ]
         out["aware_vs_agnostic"] = {"pairs": diffs_all, "pooled": pool, "verdict": verdict}
 
     # 2. gap to the paragon at >= 23x and >= 80x fewer FLOPs, with the headroom
     rows, gap_rows = [], []
-    for r in sorted((r for r in records if r["kind"] in ("cmp-nas", "offshelf-bct", "cmp-nas-latency")),
-                    key=lambda r: (-r["flops"], r["seed"])):
+    for r in sorted(
+        (r for r in records if r["kind"] in ("cmp-nas", "offshelf-bct", "cmp-nas-latency")),
+        key=lambda r: (-r["flops"], r["seed"]),
+    ):
         p = par.get(r["seed"])
         if p is None:
             continue
@@ -469,22 +608,57 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
             verdict = "met by the point estimate only (CI reaches above the target)"
         else:
             verdict = "missed"
-        budget = (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r
-                  else f" @{r['latency_ratio']:g}x latency" if "latency_ratio" in r else "")
-        rows.append(f"| {KIND_LABEL[r['kind']]}{budget} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | {ratio:.1f}x | "
-                    f"{pct(b['paragon_g->g'])} | {pct(b['q->g'])} | {pct(gap, True)}{ci_cell(ci, True)} | "
-                    f"{pct(b.get('headroom'), True)} | <= {target} | {verdict} |")
-        gap_rows.append({"kind": r["kind"], "arch": r["arch"], "seed": r["seed"], "flops_ratio": ratio,
-                         "gap": gap, "gap_ci95": ci, "headroom": b.get("headroom"), "target_points": target,
-                         "verdict": verdict})
+        budget = (
+            f" @{r['budget_ratio']:g}x"
+            if "budget_ratio" in r
+            else f" @{r['latency_ratio']:g}x latency"
+            if "latency_ratio" in r
+            else ""
+        )
+        rows.append(
+            f"| {KIND_LABEL[r['kind']]}{budget} | `{r['arch'].replace('|', chr(92) + '|')}` | {r['seed']} | "
+            f"{ratio:.1f}x | "
+            f"{pct(b['paragon_g->g'])} | {pct(b['q->g'])} | {pct(gap, True)}{ci_cell(ci, True)} | "
+            f"{pct(b.get('headroom'), True)} | <= {target} | {verdict} |"
+        )
+        gap_rows.append(
+            {
+                "kind": r["kind"],
+                "arch": r["arch"],
+                "seed": r["seed"],
+                "flops_ratio": ratio,
+                "gap": gap,
+                "gap_ci95": ci,
+                "headroom": b.get("headroom"),
+                "target_points": target,
+                "verdict": verdict,
+            }
+        )
     if rows:
-        head = ["method", "architecture", "seed", "FLOPs ratio", f"paragon {m0}", f"{m0} q->g", "gap [95% CI]",
-                "headroom", "target gap", "verdict"]
-        lines += [f"### Gap to the paragon at >= 23x fewer query FLOPs ({m0})", "",
-                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *rows, "",
-                  "Targets: within 1.6 points at >= 23x, within 0.3 at >= 80x, judged on the upper end of the "
-                  "paired 95% CI of the gap; headroom = paragon M(g->g) - M(q->q) of the same architecture "
-                  "trained alone (what the compatibility has to bridge).", ""]
+        head = [
+            "method",
+            "architecture",
+            "seed",
+            "FLOPs ratio",
+            f"paragon {m0}",
+            f"{m0} q->g",
+            "gap [95% CI]",
+            "headroom",
+            "target gap",
+            "verdict",
+        ]
+        lines += [
+            f"### Gap to the paragon at >= 23x fewer query FLOPs ({m0})",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+            *rows,
+            "",
+            "Targets: within 1.6 points at >= 23x, within 0.3 at >= 80x, judged on the upper end of the "
+            "paired 95% CI of the gap; headroom = paragon M(g->g) - M(q->q) of the same architecture "
+            "trained alone (what the compatibility has to bridge).",
+            "",
+        ]
         out["gap_at_high_ratios"] = gap_rows
 
     # 3. Pareto dominance over the off-the-shelf architectures: point comparison of seed means over
@@ -496,23 +670,35 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         for r in records:
             if r["kind"] == kind and r["seed"] in off_seeds:
                 g.setdefault(r["arch"] if kind == "offshelf-bct" else f"{r.get('budget_ratio')}", []).append(r)
-        pts = {k: (_mean([x["flops"] for x in v]), _mean([x["metrics"][m0].get("q->g") for x in v])) for k, v in g.items()}
+        pts = {
+            k: (_mean([x["flops"] for x in v]), _mean([x["metrics"][m0].get("q->g") for x in v])) for k, v in g.items()
+        }
         return {k: v for k, v in pts.items() if v[0] is not None and v[1] is not None}
+
     nas_pts = means("cmp-nas")
     rows, dom = [], {}
     for arch, (fl, acc) in sorted(means("offshelf-bct").items(), key=lambda kv: kv[1][0]):
         better = [(f, a) for f, a in nas_pts.values() if f <= fl and a >= acc]
         best = max(better, key=lambda t: t[1]) if better else None
         dom[arch] = best is not None
-        rows.append(f"| `{arch}` | {fl / 1e6:.2f} | {pct(acc)} | "
-                    + (f"{best[0] / 1e6:.2f} MFLOPs, {pct(best[1])}" if best else "none") + " |")
+        rows.append(
+            f"| `{arch}` | {fl / 1e6:.2f} | {pct(acc)} | "
+            + (f"{best[0] / 1e6:.2f} MFLOPs, {pct(best[1])}" if best else "none")
+            + " |"
+        )
     if rows and nas_pts:
         verdict = "met" if all(dom.values()) else f"not met ({sum(dom.values())}/{len(dom)} dominated)"
-        lines += [f"### Pareto dominance over off-the-shelf query architectures ({m0} M(q->g))", "",
-                  "| off-the-shelf + BCT | MFLOPs | q->g | a CMP-NAS model with <= FLOPs and >= accuracy |",
-                  "|---|---|---|---|", *rows, "",
-                  f"Point comparison of means over seeds {sorted(off_seeds)} (the seeds with off-the-shelf runs). "
-                  f"Target (CMP-NAS dominates every one): **{verdict}**.", ""]
+        lines += [
+            f"### Pareto dominance over off-the-shelf query architectures ({m0} M(q->g))",
+            "",
+            "| off-the-shelf + BCT | MFLOPs | q->g | a CMP-NAS model with <= FLOPs and >= accuracy |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Point comparison of means over seeds {sorted(off_seeds)} (the seeds with off-the-shelf runs). "
+            f"Target (CMP-NAS dominates every one): **{verdict}**.",
+            "",
+        ]
         out["pareto"] = {"dominated": dom, "verdict": verdict, "seeds": sorted(off_seeds)}
     out["seeds"] = seeds
     return "\n".join(lines), out
@@ -531,18 +717,34 @@ def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dic
         ort1 = "-" if r.get("ort_ms_batch1") is None else f"{r['ort_ms_batch1']:.3f}"
         latb = "-" if r.get("latency_ms_batched") is None else f"{r['latency_ms_batched']:.2f} (b{r['latency_batch']})"
         ratio = paragon_flops.get(r["seed"], r["flops"]) / max(1, r["flops"])
-        size = (f" @{r['budget_ratio']:g}x" if "budget_ratio" in r
-                else f" @{r['latency_ratio']:g}x latency ({r['budget_latency_ms']:.3f} ms)" if "latency_ratio" in r else "")
-        cells = [KIND_LABEL.get(r["kind"], r["kind"]) + size,
-                 "`" + r["arch"].replace("|", "\\|") + "`", str(r["seed"]), f"{r['flops'] / 1e6:.3f}", f"{ratio:.1f}x",
-                 lat1, ort1, latb]
+        size = (
+            f" @{r['budget_ratio']:g}x"
+            if "budget_ratio" in r
+            else f" @{r['latency_ratio']:g}x latency ({r['budget_latency_ms']:.3f} ms)"
+            if "latency_ratio" in r
+            else ""
+        )
+        cells = [
+            KIND_LABEL.get(r["kind"], r["kind"]) + size,
+            "`" + r["arch"].replace("|", "\\|") + "`",
+            str(r["seed"]),
+            f"{r['flops'] / 1e6:.3f}",
+            f"{ratio:.1f}x",
+            lat1,
+            ort1,
+            latb,
+        ]
         for m in metrics:
             b = r["metrics"].get(m, {})
             if r["kind"] == "paragon":
                 cells += [f"{pct(b.get('g->g'))}{ci_cell(b.get('g->g_ci95'))} (g->g)", "-", "-", "-"]
             else:
-                cells += [f"{pct(b.get('q->g'))}{ci_cell(b.get('q->g_ci95'))}", pct(b.get("q->q")),
-                          f"{pct(b.get('gap'), True)}{ci_cell(b.get('gap_ci95'), True)}", pct(b.get("headroom"), True)]
+                cells += [
+                    f"{pct(b.get('q->g'))}{ci_cell(b.get('q->g_ci95'))}",
+                    pct(b.get("q->q")),
+                    f"{pct(b.get('gap'), True)}{ci_cell(b.get('gap_ci95'), True)}",
+                    pct(b.get("headroom"), True),
+                ]
         if r["kind"] == "paragon":
             cells.append("-")
         else:
@@ -554,11 +756,13 @@ def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dic
         rows.append("| " + " | ".join(cells) + " |")
     lines = rows
     for inf in infeasible:
-        what = (f"{inf['budget_ratio']:g}x FLOPs" if "budget_ratio" in inf else f"{inf['latency_ratio']:g}x latency")
+        what = f"{inf['budget_ratio']:g}x FLOPs" if "budget_ratio" in inf else f"{inf['latency_ratio']:g}x latency"
         lines.append(f"\nseed {inf['seed']}: {what} infeasible: {inf['why']}")
-    lines.append("\nheadroom = paragon M(g->g) - M(q->q) of the same architecture trained independently; "
-                 "gap = M(g->g) - M(q->g) (paired bootstrap 95% CI). Weight-inheritance rows: q->g and gap are "
-                 "against the inherited gallery model (the supernet's largest sub-network), not the paragon.")
+    lines.append(
+        "\nheadroom = paragon M(g->g) - M(q->q) of the same architecture trained independently; "
+        "gap = M(g->g) - M(q->g) (paired bootstrap 95% CI). Weight-inheritance rows: q->g and gap are "
+        "against the inherited gallery model (the supernet's largest sub-network), not the paragon."
+    )
     return "\n".join(lines)
 
 
@@ -572,8 +776,10 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
     for r in records:
         if r["kind"] == "offshelf-independent" or r["kind"] == "nas-independent":
             continue  # q->g of an independent model is chance: not on the trade-off plot
-        key = (r["kind"], r["arch"] if r["kind"] in ("paragon", "offshelf-bct")
-               else r.get("budget_ratio", r.get("latency_ratio")))
+        key = (
+            r["kind"],
+            r["arch"] if r["kind"] in ("paragon", "offshelf-bct") else r.get("budget_ratio", r.get("latency_ratio")),
+        )
         groups.setdefault(key, []).append(r)
 
     def mean(rs, f):
@@ -584,29 +790,35 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
 
     def xval(r: dict, xkey: str) -> float | None:
         return r.get(xkey)
+
     written = []
-    for xkey, xlabel, suffix in (("flops", "query MFLOPs", "flops"),
-                                 ("torch_ms_batch1", "query CPU latency, eager PyTorch, batch 1 (ms)", "latency")):
+    for xkey, xlabel, suffix in (
+        ("flops", "query MFLOPs", "flops"),
+        ("torch_ms_batch1", "query CPU latency, eager PyTorch, batch 1 (ms)", "latency"),
+    ):
         fig, ax = plt.subplots(figsize=(9.5, 4.5))
         par = [g for k, g in groups.items() if k[0] == "paragon"]
         if par:
             y = mean(par[0], lambda r: r["metrics"][metric]["g->g"])
             if y is not None:
                 ax.axhline(100 * y, color="k", ls="--", lw=1, label=f"paragon {par[0][0]['arch']} M(g->g)")
-        for i, ((kind, arch), rs) in enumerate(sorted((k, g) for k, g in groups.items()
-                                                      if k[0] == "offshelf-bct")):
-            x = mean(rs, lambda r: xval(r, xkey))
+        for i, ((_, arch), rs) in enumerate(sorted((k, g) for k, g in groups.items() if k[0] == "offshelf-bct")):
+            x = mean(rs, lambda r: xval(r, xkey))  # noqa: B023  (called here, in this iteration)
             y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
             if x is not None and y is not None:
                 x = x / 1e6 if xkey == "flops" else x
                 ax.scatter([x], [100 * y], marker=markers[i % len(markers)], s=60, label=f"{arch} + BCT")
-        for kind, style, color in (("cmp-nas", "-o", "tab:red"), ("nas-homo", "--s", "tab:gray"),
-                                   ("weight-inheritance", ":^", "tab:green"), ("cmp-nas-latency", "P", "tab:purple")):
+        for kind, style, color in (
+            ("cmp-nas", "-o", "tab:red"),
+            ("nas-homo", "--s", "tab:gray"),
+            ("weight-inheritance", ":^", "tab:green"),
+            ("cmp-nas-latency", "P", "tab:purple"),
+        ):
             pts = []
             for (k, _), rs in groups.items():
                 if k != kind:
                     continue
-                x = mean(rs, lambda r: xval(r, xkey))
+                x = mean(rs, lambda r: xval(r, xkey))  # noqa: B023  (called here, in this iteration)
                 y = mean(rs, lambda r: r["metrics"][metric]["q->g"])
                 if x is not None and y is not None:
                     pts.append((x / 1e6 if xkey == "flops" else x, 100 * y))
@@ -635,6 +847,7 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
 # ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tradeoff.py", description=__doc__.split("\n\n")[0])
@@ -665,8 +878,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     only = set(s.strip() for s in (args.only or "").split(",") if s.strip())
     if only - set(STAGES) - {"report"}:
         raise PipelineError(f"unknown stage(s) {sorted(only - set(STAGES))}; use {', '.join(STAGES)}")
-    seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
-             else [int(s) for s in profile.get("seeds", [0])])
+    seeds = (
+        [int(s) for s in args.seeds.split(",") if s.strip()]
+        if args.seeds
+        else [int(s) for s in profile.get("seeds", [0])]
+    )
     metrics = profile_metrics(profile, args.data, ["recall@1", "map"])
     if profile.get("threads"):
         torch.set_num_threads(int(profile["threads"]))
@@ -685,13 +901,17 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     records = build_records(seed_results, metrics)
     table = markdown_table(records, metrics, infeasible)
     claims_md, claims_d = claims(records, metrics, int((profile.get("evaluate") or {}).get("n_boot", 1000)))
-    title = (f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
-             f"({runner.entry['spec']}, {full.protocol}-set)")
-    md = (f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n"
-          f"## Summary (mean over seeds)\n\n{summary_table(records, metrics)}\n\n"
-          f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
-          f"measured in one pass after training; ratio = paragon / model.\n\n"
-          f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n")
+    title = (
+        f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
+        f"({runner.entry['spec']}, {full.protocol}-set)"
+    )
+    md = (
+        f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n"
+        f"## Summary (mean over seeds)\n\n{summary_table(records, metrics)}\n\n"
+        f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
+        f"measured in one pass after training; ratio = paragon / model.\n\n"
+        f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n"
+    )
     log("\n" + md)
     plots = []
     if args.plot:
@@ -701,21 +921,37 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         except ImportError as e:
             log(f"no plot: {e}")
     summary = {
-        "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None
-                                                                                else sys.argv[1:])]),
-        "data": args.data, "data_spec": runner.entry["spec"], "protocol": full.protocol,
-        "n_train": len(train_data.train), "n_query": len(full.query), "n_gallery": len(full.gallery),
-        "profile_name": profile_name, "profile_path": str(profile_path), "profile": profile, "seeds": seeds,
-        "metrics": metrics, "records": records, "claims": claims_d, "infeasible_budgets": infeasible,
-        "meta": {str(sr["seed"]): sr["meta"] for sr in seed_results}, "stages": runner.events,
-        "plots": plots, "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "command": shlex.join(
+            [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "data": args.data,
+        "data_spec": runner.entry["spec"],
+        "protocol": full.protocol,
+        "n_train": len(train_data.train),
+        "n_query": len(full.query),
+        "n_gallery": len(full.gallery),
+        "profile_name": profile_name,
+        "profile_path": str(profile_path),
+        "profile": profile,
+        "seeds": seeds,
+        "metrics": metrics,
+        "records": records,
+        "claims": claims_d,
+        "infeasible_budgets": infeasible,
+        "meta": {str(sr["seed"]): sr["meta"] for sr in seed_results},
+        "stages": runner.events,
+        "plots": plots,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     ckpt.atomic_write_json(data_dir / f"{profile_name}.json", json.loads(json.dumps(summary, default=float)))
     (data_dir / f"{profile_name}.md").write_text(md)
     ran = sum(e["status"] == "ran" for e in runner.events)
-    log(f"wrote {data_dir / (profile_name + '.json')} and .md; {ran} stages ran, "
-        f"{sum(e['status'] == 'reused' for e in runner.events)} reused; {summary['wall_seconds']:.0f} s")
+    log(
+        f"wrote {data_dir / (profile_name + '.json')} and .md; {ran} stages ran, "
+        f"{sum(e['status'] == 'reused' for e in runner.events)} reused; {summary['wall_seconds']:.0f} s"
+    )
     return 0
 
 

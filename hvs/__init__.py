@@ -28,14 +28,21 @@ __version__ = "0.1.0"
 # public name -> "module" (same name there) or "module:name"
 _API = {
     "HVSError": "hvs.errors",
-    "create_model": "hvs.models", "list_models": "hvs.models",
-    "create_dataset": "hvs.data", "list_sources": "hvs.data",
-    "TrainConfig": "hvs.train", "train_model": "hvs.train:train",
-    "create_compat_loss": "hvs.losses", "list_compat_losses": "hvs.losses",
+    "create_model": "hvs.models",
+    "list_models": "hvs.models",
+    "create_dataset": "hvs.data",
+    "list_sources": "hvs.data",
+    "TrainConfig": "hvs.train",
+    "train_model": "hvs.train:train",
+    "create_compat_loss": "hvs.losses",
+    "list_compat_losses": "hvs.losses",
     "load_model": "hvs.checkpoint",
-    "evaluate_pair": "hvs.evaluate:evaluate", "evaluate_embeddings": "hvs.evaluate", "format_report": "hvs.evaluate",
+    "evaluate_pair": "hvs.evaluate:evaluate",
+    "evaluate_embeddings": "hvs.evaluate",
+    "format_report": "hvs.evaluate",
     "check_pair": "hvs.compat",
-    "build_gallery_index": "hvs.search", "Searcher": "hvs.search",
+    "build_gallery_index": "hvs.search",
+    "Searcher": "hvs.search",
     "open_index": "hvs.index",
 }
 

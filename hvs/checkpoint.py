@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file
 
-from .errors import HVSError
 from . import fileio
+from .errors import HVSError
 from .fileio import atomic_write_bytes
 from .models import EmbeddingModel, create_model
 
@@ -106,8 +106,9 @@ class ModelCard:
         return dict(self.__dict__)
 
 
-def save_model_folder(folder: str | os.PathLike, model: EmbeddingModel, card: ModelCard,
-                      classifier: torch.Tensor | None = None) -> ModelCard:
+def save_model_folder(
+    folder: str | os.PathLike, model: EmbeddingModel, card: ModelCard, classifier: torch.Tensor | None = None
+) -> ModelCard:
     """Write weights (and classifier), fingerprint them, then write config.json last: a folder
     with a config.json is complete. Saving over an existing model folder replaces it as a whole
     (:func:`hvs.fileio.replace_folder`): a kill at any instant leaves the old model or the new one,
@@ -120,16 +121,20 @@ def save_model_folder(folder: str | os.PathLike, model: EmbeddingModel, card: Mo
 
     def write(staging: Path) -> ModelCard:
         for entry in folder.iterdir():  # keep what is not ours to replace (logs, a run's state)
-            if entry.is_file() and entry.name not in (WEIGHTS, CLASSIFIER, CONFIG) \
-                    and not fileio.is_temp_name(entry.name):
+            if (
+                entry.is_file()
+                and entry.name not in (WEIGHTS, CLASSIFIER, CONFIG)
+                and not fileio.is_temp_name(entry.name)
+            ):
                 shutil.copy2(entry, staging / entry.name)
         return _write_model_files(staging, model, card, classifier)
 
     return fileio.replace_folder(folder, write)
 
 
-def _write_model_files(folder: Path, model: EmbeddingModel, card: ModelCard,
-                       classifier: torch.Tensor | None) -> ModelCard:
+def _write_model_files(
+    folder: Path, model: EmbeddingModel, card: ModelCard, classifier: torch.Tensor | None
+) -> ModelCard:
     atomic_save_tensors(folder / WEIGHTS, model.state_dict())
     if classifier is not None:
         atomic_save_tensors(folder / CLASSIFIER, {"weight": classifier})
@@ -155,8 +160,14 @@ def read_card(folder: str | os.PathLike) -> ModelCard:
     return card_from_dict(ModelCard, raw, path)
 
 
-def card_from_dict(cls: type[C], raw: Any, path: str | os.PathLike, *, error: type[HVSError] = CheckpointError,
-                   ignore: frozenset[str] = frozenset()) -> C:
+def card_from_dict(
+    cls: type[C],
+    raw: Any,
+    path: str | os.PathLike,
+    *,
+    error: type[HVSError] = CheckpointError,
+    ignore: frozenset[str] = frozenset(),
+) -> C:
     """Build the dataclass ``cls`` (a card) from the JSON object ``raw`` read from ``path``, checking
     every value against the field's type annotation, so a hand-edited or damaged file is a
     one-line ``error`` naming the key, the expected type and the file instead of a traceback later.
@@ -179,8 +190,10 @@ def card_from_dict(cls: type[C], raw: Any, path: str | os.PathLike, *, error: ty
                 raise error(f"{path}: corrupt config, required key {name!r} is missing")
             continue
         if not _has_type(raw[name], hints[name]):
-            raise error(f"{path}: {name} must be {_type_name(hints[name])}, got {_json_type(raw[name])} "
-                        f"{json.dumps(raw[name])[:40]}")
+            raise error(
+                f"{path}: {name} must be {_type_name(hints[name])}, got {_json_type(raw[name])} "
+                f"{json.dumps(raw[name])[:40]}"
+            )
     return cls(**{k: v for k, v in raw.items() if k in spec})
 
 
@@ -210,16 +223,30 @@ def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
-             type(None): "null", Any: "any value"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "an object",
+        type(None): "null",
+        Any: "any value",
+    }
     if (origin or hint) in (list, tuple):
         return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s" if args else "a list"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def state_digest(obj: Any) -> str:
@@ -230,7 +257,7 @@ def state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
@@ -263,8 +290,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or garbled zip
-        raise CheckpointError(f"{path}: cannot read the training checkpoint, truncated or corrupt "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
+        raise CheckpointError(
+            f"{path}: cannot read the training checkpoint, truncated or corrupt "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict); {hint}")
     recorded = state.pop(STATE_CHECKSUM, None)

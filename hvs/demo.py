@@ -23,19 +23,35 @@ def _reuse_line(event: Event) -> str | None:
     return f"[reuse] {event['name']} is already trained" if event["status"] == REUSED else None
 
 
-def run_demo(out: str = "runs/demo", *, data: str = "fashion-mnist", gallery_model: str = "resnet8",
-             query_model: str = "cnn-tiny", gallery_epochs: int = 6, query_epochs: int = 6,
-             train_subset: int | None = None, progress: bool = True, log=print) -> dict:
+def run_demo(
+    out: str = "runs/demo",
+    *,
+    data: str = "fashion-mnist",
+    gallery_model: str = "resnet8",
+    query_model: str = "cnn-tiny",
+    gallery_epochs: int = 6,
+    query_epochs: int = 6,
+    train_subset: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     t_start = time.perf_counter()
     root = Path(out)
     dataset = create_dataset(data)
     common = dict(data=data, train_subset=train_subset)
     stages = {
         "gallery": TrainConfig(out=str(root / "gallery"), model=gallery_model, epochs=gallery_epochs, **common),
-        "query-independent": TrainConfig(out=str(root / "query-independent"), model=query_model, role="query",
-                                         epochs=query_epochs, **common),
-        "query-bct": TrainConfig(out=str(root / "query-bct"), model=query_model, epochs=query_epochs,
-                                 gallery=str(root / "gallery"), compat=["bct"], **common),
+        "query-independent": TrainConfig(
+            out=str(root / "query-independent"), model=query_model, role="query", epochs=query_epochs, **common
+        ),
+        "query-bct": TrainConfig(
+            out=str(root / "query-bct"),
+            model=query_model,
+            epochs=query_epochs,
+            gallery=str(root / "gallery"),
+            compat=["bct"],
+            **common,
+        ),
     }
     pipe = Pipeline(log=log, event_line=_reuse_line, progress=progress)
     seconds = {}
@@ -64,14 +80,19 @@ def summary_table(results: dict[str, dict]) -> str:
     any_result = next(iter(results.values()))
     gg = any_result["metrics"]["gallery->gallery"]
     g_cost = any_result["cost"]["gallery"]
-    head = (f"| {'model':<26} | {'MFLOPs':>7} | {'FLOPs ratio':>11} | {'latency ratio b1':>16} | "
-            f"{'R@1 q->q':>8} | {'R@1 q->g':>8} | {'R@1 gap [95% CI]':>22} | {'mAP q->q':>8} | {'mAP q->g':>8} | "
-            f"{'mAP gap [95% CI]':>22} | criterion R@1 / mAP |")
+    head = (
+        f"| {'model':<26} | {'MFLOPs':>7} | {'FLOPs ratio':>11} | {'latency ratio b1':>16} | "
+        f"{'R@1 q->q':>8} | {'R@1 q->g':>8} | {'R@1 gap [95% CI]':>22} | {'mAP q->q':>8} | {'mAP q->g':>8} | "
+        f"{'mAP gap [95% CI]':>22} | criterion R@1 / mAP |"
+    )
     sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
-    rows = [head, sep,
-            f"| {'paragon ' + g_cost['model'] + ' (g->g)':<26} | {g_cost['flops'] / 1e6:>7.2f} | {'1.0x':>11} | "
-            f"{'1.0x':>16} | {100 * gg['recall@1']:>8.2f} | {100 * gg['recall@1']:>8.2f} | {'-':>22} | "
-            f"{100 * gg['map']:>8.2f} | {100 * gg['map']:>8.2f} | {'-':>22} | {'-':<19} |"]
+    rows = [
+        head,
+        sep,
+        f"| {'paragon ' + g_cost['model'] + ' (g->g)':<26} | {g_cost['flops'] / 1e6:>7.2f} | {'1.0x':>11} | "
+        f"{'1.0x':>16} | {100 * gg['recall@1']:>8.2f} | {100 * gg['recall@1']:>8.2f} | {'-':>22} | "
+        f"{100 * gg['map']:>8.2f} | {100 * gg['map']:>8.2f} | {'-':>22} | {'-':<19} |",
+    ]
 
     def gap(r, k):
         g = r["gap_to_paragon"][k]
@@ -85,7 +106,9 @@ def summary_table(results: dict[str, dict]) -> str:
         label = f"{q['model']} {name.replace('query-', '')}"
         lat = f"{ratio['latency_batch1']:.1f}x" if "latency_batch1" in ratio else "-"
         crit_s = " / ".join("holds" if crit[k]["holds"] else "fails" for k in ("recall@1", "map"))
-        rows.append(f"| {label:<26} | {q['flops'] / 1e6:>7.2f} | {ratio['flops']:>10.1f}x | {lat:>16} | "
-                    f"{100 * qq['recall@1']:>8.2f} | {100 * qg['recall@1']:>8.2f} | {gap(r, 'recall@1'):>22} | "
-                    f"{100 * qq['map']:>8.2f} | {100 * qg['map']:>8.2f} | {gap(r, 'map'):>22} | {crit_s:<19} |")
+        rows.append(
+            f"| {label:<26} | {q['flops'] / 1e6:>7.2f} | {ratio['flops']:>10.1f}x | {lat:>16} | "
+            f"{100 * qq['recall@1']:>8.2f} | {100 * qg['recall@1']:>8.2f} | {gap(r, 'recall@1'):>22} | "
+            f"{100 * qq['map']:>8.2f} | {100 * qg['map']:>8.2f} | {gap(r, 'map'):>22} | {crit_s:<19} |"
+        )
     return "\n".join(rows)

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
 from .errors import HVSError
 
 T = TypeVar("T")
@@ -63,6 +65,7 @@ class DistInfo:
 
 def env_info() -> DistInfo:
     """Rank, world size and local rank from torchrun's environment variables (1 process if unset)."""
+
     def get(name: str, default: int) -> int:
         value = os.environ.get(name, "")
         try:
@@ -71,8 +74,9 @@ def env_info() -> DistInfo:
             raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
     world = get("WORLD_SIZE", 1)
-    return DistInfo(rank=get("RANK", 0) if world > 1 else 0, world_size=world,
-                    local_rank=get("LOCAL_RANK", 0) if world > 1 else 0)
+    return DistInfo(
+        rank=get("RANK", 0) if world > 1 else 0, world_size=world, local_rank=get("LOCAL_RANK", 0) if world > 1 else 0
+    )
 
 
 def default_backend(device: torch.device | str | None = None) -> str:
@@ -82,8 +86,9 @@ def default_backend(device: torch.device | str | None = None) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init(backend: str | None = None, *, device: torch.device | str | None = None,
-         timeout_s: float | None = None) -> DistInfo:
+def init(
+    backend: str | None = None, *, device: torch.device | str | None = None, timeout_s: float | None = None
+) -> DistInfo:
     """Join the process group torchrun set up; a no-op without ``WORLD_SIZE`` > 1.
 
     Idempotent: if a process group already exists (a caller's own script made it, or an earlier
@@ -121,8 +126,12 @@ def info() -> DistInfo:
     if not is_initialized():
         return DistInfo()
     env = env_info()
-    return DistInfo(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=env.local_rank,
-                    backend=str(tdist.get_backend()))
+    return DistInfo(
+        rank=tdist.get_rank(),
+        world_size=tdist.get_world_size(),
+        local_rank=env.local_rank,
+        backend=str(tdist.get_backend()),
+    )
 
 
 def rank() -> int:
@@ -171,15 +180,15 @@ class _GatherLocalGrad(torch.autograd.Function):
         ctx.sizes, ctx.rank = sizes, rank
         top = max(sizes)
         padded = torch.zeros((top, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        padded[:tensor.shape[0]] = tensor
+        padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in sizes]
         tdist.all_gather(parts, padded.contiguous())
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -293,8 +302,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                          else self.momentum)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 n = float(count)
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(var.detach() * n / max(n - 1, 1), alpha=factor)
@@ -310,8 +318,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu"
     if torch.device(device).type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, _BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        new = CPUSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
@@ -322,6 +331,24 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu"
     return module
 
 
-__all__ = ["CPUSyncBatchNorm", "DistInfo", "DistributedError", "all_gather", "all_gather_object",
-           "all_reduce_sum", "barrier", "cleanup", "convert_sync_batchnorm", "default_backend", "env_info",
-           "info", "init", "is_initialized", "is_main", "mean_over_ranks", "rank", "run_together", "world_size"]
+__all__ = [
+    "CPUSyncBatchNorm",
+    "DistInfo",
+    "DistributedError",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "convert_sync_batchnorm",
+    "default_backend",
+    "env_info",
+    "info",
+    "init",
+    "is_initialized",
+    "is_main",
+    "mean_over_ranks",
+    "rank",
+    "run_together",
+    "world_size",
+]

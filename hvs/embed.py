@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,8 +11,14 @@ from .data.images import to_float as normalize_images  # one preprocessing for e
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 batch_size: int = 256, channels_last: bool = True) -> torch.Tensor:
+def embed_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    channels_last: bool = True,
+) -> torch.Tensor:
     """Embeddings (N, D) of uint8 images, in eval mode, batch by batch.
 
     ``channels_last`` converts the model (in place) and the inputs to NHWC: 2-3.5x faster convs on
@@ -23,7 +29,7 @@ def embed_images(model: nn.Module, images: torch.Tensor, mean: Sequence[float], 
         model.to(memory_format=torch.channels_last)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = normalize_images(images[start:start + batch_size], mean, std)
+        x = normalize_images(images[start : start + batch_size], mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(model(x).float())

@@ -27,9 +27,10 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,11 +110,19 @@ def load_torch_encoder(folder: str | os.PathLike) -> QueryEncoder:
     """A :class:`QueryEncoder` on a model folder (weights checked against its fingerprint)."""
     model, card = ckpt.load_model(folder)
     return QueryEncoder(
-        name=card.model, embed_dim=card.embed_dim, fingerprint=card.fingerprint,
-        compatible_with=(card.compatible_with or {}).get("fingerprint"), role=card.role,
-        preprocessing={"channels": card.in_chans, "image_size": card.image_size, "mean": list(card.mean),
-                       "std": list(card.std)},
-        embed=lambda x: embed_images(model, x, card.mean, card.std).numpy())
+        name=card.model,
+        embed_dim=card.embed_dim,
+        fingerprint=card.fingerprint,
+        compatible_with=(card.compatible_with or {}).get("fingerprint"),
+        role=card.role,
+        preprocessing={
+            "channels": card.in_chans,
+            "image_size": card.image_size,
+            "mean": list(card.mean),
+            "std": list(card.std),
+        },
+        embed=lambda x: embed_images(model, x, card.mean, card.std).numpy(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +133,9 @@ def import_onnx():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ExportError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
-                          "pip install 'hvs[export]'") from None
+        raise ExportError(
+            f"ONNX export needs onnx and onnxruntime ({e.name} is missing): pip install 'hvs[export]'"
+        ) from None
     return onnx, onnxruntime
 
 
@@ -176,16 +186,19 @@ def read_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict[str, 
 
 def _verify_graph(proto, meta: dict[str, Any], where: Any) -> None:
     if graph_sha256(proto) != meta[WEIGHTS_KEY]:
-        raise ExportError(f"{where}: ONNX graph does not match the {WEIGHTS_KEY} recorded at export (weights "
-                          "altered or replaced); export it again with `hvs export onnx`")
+        raise ExportError(
+            f"{where}: ONNX graph does not match the {WEIGHTS_KEY} recorded at export (weights "
+            "altered or replaced); export it again with `hvs export onnx`"
+        )
 
 
 def _metadata_of(proto, where: Any) -> dict[str, Any]:
     raw = {p.key: p.value for p in proto.metadata_props}
     missing = [k for k in METADATA_KEYS if k not in raw]
     if missing:
-        raise ExportError(f"{where}: ONNX file has no hvs metadata ({', '.join(missing)} missing); "
-                          "export it with `hvs export onnx`")
+        raise ExportError(
+            f"{where}: ONNX file has no hvs metadata ({', '.join(missing)} missing); export it with `hvs export onnx`"
+        )
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
@@ -205,7 +218,7 @@ def _embed_fn(session, pre: dict, batch_size: int = 256) -> Callable[[torch.Tens
     def embed(images: torch.Tensor) -> np.ndarray:
         out = []
         for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start:start + batch_size], mean, std).numpy()
+            x = to_float(images[start : start + batch_size], mean, std).numpy()
             out.append(session.run(None, {name: x})[0])
         if not out:
             return np.zeros((0, session.get_outputs()[0].shape[-1]), np.float32)
@@ -231,14 +244,24 @@ def load_onnx_encoder(path: str | os.PathLike, threads: int | None = None) -> Qu
     if len(shape) != 4 or list(shape[1:]) != want:
         raise ExportError(f"{path}: ONNX input shape {shape} does not match its metadata (N, {want})")
     return QueryEncoder(
-        name=str(meta["model"]), embed_dim=int(meta["embed_dim"]), fingerprint=str(meta["fingerprint"]),
-        compatible_with=meta["compatible_with"], role=str(meta["role"]),
+        name=str(meta["model"]),
+        embed_dim=int(meta["embed_dim"]),
+        fingerprint=str(meta["fingerprint"]),
+        compatible_with=meta["compatible_with"],
+        role=str(meta["role"]),
         preprocessing={k: pre[k] for k in ("channels", "image_size", "mean", "std")},
-        embed=_embed_fn(session, pre))
+        embed=_embed_fn(session, pre),
+    )
 
 
-def measure_ort_latency(session, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5,
-                        repeats: int = 20, min_seconds: float = 0.3) -> float:
+def measure_ort_latency(
+    session,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 20,
+    min_seconds: float = 0.3,
+) -> float:
     """Median wall time (ms) of one ``session.run`` on a random batch, timed like
     :func:`hvs.models.cost.measure_latency` (at least ``repeats`` runs and ``min_seconds``)."""
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
@@ -258,6 +281,21 @@ register_encoder("torch", "hvs.encoders:load_torch_encoder")
 register_encoder("onnx", "hvs.encoders:load_onnx_encoder", suffixes=(".onnx",))
 
 
-__all__ = ["INPUT", "METADATA_KEYS", "OUTPUT", "QueryEncoder", "encoder_kind", "encoder_loader", "graph_sha256",
-           "import_onnx", "list_encoders", "load_onnx_encoder", "load_query_encoder", "load_torch_encoder",
-           "measure_ort_latency", "ort_session", "read_metadata", "register_encoder"]
+__all__ = [
+    "INPUT",
+    "METADATA_KEYS",
+    "OUTPUT",
+    "QueryEncoder",
+    "encoder_kind",
+    "encoder_loader",
+    "graph_sha256",
+    "import_onnx",
+    "list_encoders",
+    "load_onnx_encoder",
+    "load_query_encoder",
+    "load_torch_encoder",
+    "measure_ort_latency",
+    "ort_session",
+    "read_metadata",
+    "register_encoder",
+]

@@ -9,7 +9,6 @@ traceback. Each area of the library has its own subclass (``DataError``, ``Check
 
 from __future__ import annotations
 
-
 import warnings
 
 
@@ -25,7 +24,6 @@ class ExportError(HVSError):
     """An export (or an exported file) that cannot be used: one-line message."""
 
 
-
 class ConfigError(HVSError):
     """An option that names nothing registered (model, loss) or takes a value it cannot have."""
 
@@ -33,7 +31,6 @@ class ConfigError(HVSError):
 class UsageError(HVSError):
     """A command used in a way that cannot work: a malformed ``KEY=VALUE``, flags that need each
     other, an optional dependency that is not installed."""
-
 
 
 class HVSWarning(UserWarning):

@@ -15,24 +15,36 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import HVSError
 from . import checkpoint as ckpt
 from .compat import GallerySide, QuerySide, check_pair
 from .data import RetrievalData, create_dataset
 from .data.checks import check_duplicates
 from .embed import embed_images
-from .metrics import (TAR_BOOT_MAX_RANK, bootstrap_ci, paired_bootstrap_ci, percentile_interval, resample_weights,
-                      retrieval_metrics, tar_bootstrap, tpir_bootstrap)
+from .errors import HVSError
+from .metrics import (
+    TAR_BOOT_MAX_RANK,
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    percentile_interval,
+    resample_weights,
+    retrieval_metrics,
+    tar_bootstrap,
+    tpir_bootstrap,
+)
 from .models.cost import count_flops, count_params, measure_latency
 
-PAIRS = {"gallery->gallery": ("gallery", "gallery"), "query->query": ("query", "query"),
-         "query->gallery": ("query", "gallery")}
+PAIRS = {
+    "gallery->gallery": ("gallery", "gallery"),
+    "query->query": ("query", "query"),
+    "query->gallery": ("query", "gallery"),
+}
 # per-query arrays behind each headline metric (for bootstrap intervals)
 PER_QUERY = {"recall@1": "hit@1", "recall@5": "hit@5", "recall@10": "hit@10", "map": "ap"}
 
@@ -51,10 +63,20 @@ def model_cost(model: torch.nn.Module, card: ckpt.ModelCard, latency: bool = Tru
     return cost
 
 
-def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | RetrievalData = "fashion-mnist", *,
-             protocol: str = "closed", force: bool = False, latency: bool = True, n_boot: int = 1000,
-             batch_size: int = 256, data_seed: int = 0, per_query: bool = False,
-             strict: bool = False) -> dict[str, Any]:
+def evaluate(
+    gallery_model: str | Path,
+    query_model: str | Path,
+    data: str | RetrievalData = "fashion-mnist",
+    *,
+    protocol: str = "closed",
+    force: bool = False,
+    latency: bool = True,
+    n_boot: int = 1000,
+    batch_size: int = 256,
+    data_seed: int = 0,
+    per_query: bool = False,
+    strict: bool = False,
+) -> dict[str, Any]:
     """Evaluate a gallery/query model pair; returns every number as a JSON-able dict.
 
     A spec ``data`` is loaded like an index build loads it (the gallery model's channels and
@@ -69,28 +91,45 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
     g_model, g_card = ckpt.load_model(gallery_model)
     q_model, q_card = ckpt.load_model(query_model)
     notes: list[str] = []
-    warning = check_pair(QuerySide.of_card(q_card), GallerySide.of_card(g_card), force=force,
-                         allow_independent=True, action="evaluate")
+    warning = check_pair(
+        QuerySide.of_card(q_card), GallerySide.of_card(g_card), force=force, allow_independent=True, action="evaluate"
+    )
     if warning:
         notes.append(warning)
     if isinstance(data, str):
-        data = create_dataset(data, protocol=protocol, image_size=g_card.image_size, channels=g_card.in_chans,
-                              seed=data_seed, strict=strict, splits=("query", "gallery"))
+        data = create_dataset(
+            data,
+            protocol=protocol,
+            image_size=g_card.image_size,
+            channels=g_card.in_chans,
+            seed=data_seed,
+            strict=strict,
+            splits=("query", "gallery"),
+        )
         leaks = list(data.duplicates)  # create_dataset has warned (or refused, when strict)
     else:
         leaks = [d.message for d in check_duplicates(data, strict=strict)]
     notes += [f"data: {line}" for line in leaks]
     if (data.channels, data.image_size) != (g_card.in_chans, g_card.image_size):
-        raise EvaluationError(f"data is {data.channels}x{data.image_size}px but the models read "
-                              f"{g_card.in_chans}x{g_card.image_size}px")
+        raise EvaluationError(
+            f"data is {data.channels}x{data.image_size}px but the models read {g_card.in_chans}x{g_card.image_size}px"
+        )
 
     emb = {}
     for role, model, card in (("gallery", g_model, g_card), ("query", q_model, q_card)):
-        emb[role] = {split: embed_images(model, data.split(split).images, card.mean, card.std, batch_size)
-                     for split in ("query", "gallery")}
+        emb[role] = {
+            split: embed_images(model, data.split(split).images, card.mean, card.std, batch_size)
+            for split in ("query", "gallery")
+        }
 
-    scores = evaluate_embeddings(data.query.labels, data.gallery.labels, query_model_emb=emb["query"],
-                                 gallery_model_emb=emb["gallery"], n_boot=n_boot, per_query=per_query)
+    scores = evaluate_embeddings(
+        data.query.labels,
+        data.gallery.labels,
+        query_model_emb=emb["query"],
+        gallery_model_emb=emb["gallery"],
+        n_boot=n_boot,
+        per_query=per_query,
+    )
     metrics = scores["metrics"]
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
     ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
@@ -102,24 +141,44 @@ def evaluate(gallery_model: str | Path, query_model: str | Path, data: str | Ret
 
     m_gg = metrics["gallery->gallery"]
     open_set = bool(set(data.query.labels.tolist()) - set(data.gallery.labels.tolist()))
-    notes.append(f"TAR@FAR down to FAR={m_gg.get('smallest_far_supported')} "
-                 f"({m_gg['n_impostor_pairs']} impostor pairs); TPIR@FPIR down to "
-                 f"FPIR={m_gg.get('smallest_fpir_supported')} ({m_gg['n_nonmated_probes']} non-mated probes, "
-                 + ("held-out identities" if open_set else "leave-identity-out") + ")")
+    notes.append(
+        f"TAR@FAR down to FAR={m_gg.get('smallest_far_supported')} "
+        f"({m_gg['n_impostor_pairs']} impostor pairs); TPIR@FPIR down to "
+        f"FPIR={m_gg.get('smallest_fpir_supported')} ({m_gg['n_nonmated_probes']} non-mated probes, "
+        + ("held-out identities" if open_set else "leave-identity-out")
+        + ")"
+    )
     result = {
-        "data": data.name, "protocol": data.protocol, "n_query": len(data.query), "n_gallery": len(data.gallery),
+        "data": data.name,
+        "protocol": data.protocol,
+        "n_query": len(data.query),
+        "n_gallery": len(data.gallery),
         "data_duplicates": leaks,
         "gallery_model": {"path": str(gallery_model), "model": g_card.model, "fingerprint": g_card.fingerprint},
-        "query_model": {"path": str(query_model), "model": q_card.model, "fingerprint": q_card.fingerprint,
-                        "compat": q_card.compat, "compatible_with": q_card.compatible_with},
-        **scores, "cost": cost, "notes": notes,
+        "query_model": {
+            "path": str(query_model),
+            "model": q_card.model,
+            "fingerprint": q_card.fingerprint,
+            "compat": q_card.compat,
+            "compatible_with": q_card.compatible_with,
+        },
+        **scores,
+        "cost": cost,
+        "notes": notes,
     }
     return result
 
 
-def evaluate_embeddings(query_labels: Any, gallery_labels: Any, *, query_model_emb: Mapping[str, Any],
-                        gallery_model_emb: Mapping[str, Any], n_boot: int = 1000, per_query: bool = False,
-                        nonmated_query_mask: Any = None) -> dict[str, Any]:
+def evaluate_embeddings(
+    query_labels: Any,
+    gallery_labels: Any,
+    *,
+    query_model_emb: Mapping[str, Any],
+    gallery_model_emb: Mapping[str, Any],
+    n_boot: int = 1000,
+    per_query: bool = False,
+    nonmated_query_mask: Any = None,
+) -> dict[str, Any]:
     """Every number of :func:`evaluate` from embeddings you made yourself.
 
     ``query_model_emb`` and ``gallery_model_emb`` map a split (``"query"``, ``"gallery"``) to the
@@ -138,12 +197,17 @@ def evaluate_embeddings(query_labels: Any, gallery_labels: Any, *, query_model_e
         r["metrics"]["query->gallery"]["recall@1"], r["compatibility_criterion"]["map"]["holds"]
     """
     emb = {"query": dict(query_model_emb), "gallery": dict(gallery_model_emb)}
-    pairs = {key: sides for key, sides in PAIRS.items() if sides[0] in emb and "query" in emb[sides[0]]
-             and sides[1] in emb and "gallery" in emb[sides[1]]}
+    pairs = {
+        key: sides
+        for key, sides in PAIRS.items()
+        if sides[0] in emb and "query" in emb[sides[0]] and sides[1] in emb and "gallery" in emb[sides[1]]
+    }
     if "query->gallery" not in pairs:
-        raise EvaluationError("evaluate_embeddings needs the query model's embeddings of the queries "
-                              "(query_model_emb['query']) and the gallery model's of the gallery "
-                              "(gallery_model_emb['gallery'])")
+        raise EvaluationError(
+            "evaluate_embeddings needs the query model's embeddings of the queries "
+            "(query_model_emb['query']) and the gallery model's of the gallery "
+            "(gallery_model_emb['gallery'])"
+        )
     q_labels, g_labels = torch.as_tensor(np.asarray(query_labels)), torch.as_tensor(np.asarray(gallery_labels))
     if nonmated_query_mask is None:
         gallery_ids = set(g_labels.tolist())
@@ -152,9 +216,19 @@ def evaluate_embeddings(query_labels: Any, gallery_labels: Any, *, query_model_e
 
     metrics, per_q, per_probe, pair_scores = {}, {}, {}, {}
     for key, (q_side, g_side) in pairs.items():
-        m = retrieval_metrics(torch.as_tensor(emb[q_side]["query"]), q_labels, torch.as_tensor(emb[g_side]["gallery"]),
-                              g_labels, nonmated_query_mask=nonmated_query_mask, pair_scores=n_boot > 0)
-        per_q[key], per_probe[key], pair_scores[key] = m.pop("per_query"), m.pop("per_probe"), m.pop("pair_scores", None)
+        m = retrieval_metrics(
+            torch.as_tensor(emb[q_side]["query"]),
+            q_labels,
+            torch.as_tensor(emb[g_side]["gallery"]),
+            g_labels,
+            nonmated_query_mask=nonmated_query_mask,
+            pair_scores=n_boot > 0,
+        )
+        per_q[key], per_probe[key], pair_scores[key] = (
+            m.pop("per_query"),
+            m.pop("per_probe"),
+            m.pop("pair_scores", None),
+        )
         for name, arr_key in PER_QUERY.items():
             _, lo, hi = bootstrap_ci(np.asarray(per_q[key][arr_key]), n_boot=n_boot)
             m[f"{name}_ci95"] = [lo, hi]
@@ -165,9 +239,13 @@ def evaluate_embeddings(query_labels: Any, gallery_labels: Any, *, query_model_e
         _threshold_intervals(metrics, criterion, gap, boot)
     out: dict[str, Any] = {"metrics": metrics, "compatibility_criterion": criterion, "gap_to_paragon": gap}
     if per_query:
-        out["per_query"] = {key: {**{k: np.asarray(v) for k, v in per_q[key].items()},
-                                  **{f"probe_{k}": np.asarray(v) for k, v in per_probe[key].items() if k != "fpir"}}
-                            for key in pairs}
+        out["per_query"] = {
+            key: {
+                **{k: np.asarray(v) for k, v in per_q[key].items()},
+                **{f"probe_{k}": np.asarray(v) for k, v in per_probe[key].items() if k != "fpir"},
+            }
+            for key in pairs
+        }
     return out
 
 
@@ -180,13 +258,19 @@ def _paired_differences(metrics: dict, per_q: dict, n_boot: int) -> tuple[dict, 
     het = per_q["query->gallery"]
     for name, arr_key in PER_QUERY.items():
         if "query->query" in per_q:
-            d, lo, hi = paired_bootstrap_ci(np.asarray(het[arr_key]), np.asarray(per_q["query->query"][arr_key]),
-                                            n_boot=n_boot)
-            criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"][name]),
-                               "difference": d, "ci95": [lo, hi], "significant": bool(lo > 0)}
+            d, lo, hi = paired_bootstrap_ci(
+                np.asarray(het[arr_key]), np.asarray(per_q["query->query"][arr_key]), n_boot=n_boot
+            )
+            criterion[name] = {
+                "holds": bool(metrics["query->gallery"][name] > metrics["query->query"][name]),
+                "difference": d,
+                "ci95": [lo, hi],
+                "significant": bool(lo > 0),
+            }
         if "gallery->gallery" in per_q:
-            g, lo, hi = paired_bootstrap_ci(np.asarray(per_q["gallery->gallery"][arr_key]), np.asarray(het[arr_key]),
-                                            n_boot=n_boot)
+            g, lo, hi = paired_bootstrap_ci(
+                np.asarray(per_q["gallery->gallery"][arr_key]), np.asarray(het[arr_key]), n_boot=n_boot
+            )
             gap[name] = {"gap": g, "ci95": [lo, hi]}
     for name in metrics["query->gallery"]:
         if not name.startswith(("tar@", "tpir@")):
@@ -207,14 +291,18 @@ def _threshold_intervals(metrics: dict, criterion: dict, gap: dict, boot: dict) 
                 metrics[key][f"{name}_ci95"] = percentile_interval(reps[key])
         if name in criterion and "query->query" in reps:
             ci = percentile_interval(reps["query->gallery"] - reps["query->query"])
-            criterion[name].update(difference=metrics["query->gallery"][name] - metrics["query->query"][name],
-                                   ci95=ci, significant=bool(ci is not None and ci[0] > 0))
+            criterion[name].update(
+                difference=metrics["query->gallery"][name] - metrics["query->query"][name],
+                ci95=ci,
+                significant=bool(ci is not None and ci[0] > 0),
+            )
         if name in gap and "gallery->gallery" in reps:
             gap[name]["ci95"] = percentile_interval(reps["gallery->gallery"] - reps["query->gallery"])
 
 
-def _threshold_replicates(metrics: dict, per_probe: dict, pairs: dict, n_queries: int, n_boot: int,
-                          seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def _threshold_replicates(
+    metrics: dict, per_probe: dict, pairs: dict, n_queries: int, n_boot: int, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
     """{metric: {pair: n_boot bootstrap replicates}} for every TAR@FAR / TPIR@FPIR reported."""
     out: dict[str, dict[str, np.ndarray]] = {}
     # one resample = one multiset of queries, applied to every pair and every metric (paired CIs)
@@ -240,30 +328,44 @@ def format_report(result: dict[str, Any]) -> str:
     m = result["metrics"]
     names = [k for k in ("recall@1", "recall@5", "recall@10", "map")]
     names += [k for k in m["query->gallery"] if k.startswith(("tar@", "tpir@")) and not k.endswith("_ci95")]
-    lines = [f"{result['data']} [{result['protocol']}-set]: {result['n_query']} queries, "
-             f"{result['n_gallery']} gallery items; gallery model {result['gallery_model']['model']}, "
-             f"query model {result['query_model']['model']}",
-             f"{'metric':<16}{'M(g->g)':>9}{'M(q->q)':>9}{'M(q->g)':>9}{'gap [95% CI]':>24}  criterion q->g > q->q"]
+    lines = [
+        f"{result['data']} [{result['protocol']}-set]: {result['n_query']} queries, "
+        f"{result['n_gallery']} gallery items; gallery model {result['gallery_model']['model']}, "
+        f"query model {result['query_model']['model']}",
+        f"{'metric':<16}{'M(g->g)':>9}{'M(q->q)':>9}{'M(q->g)':>9}{'gap [95% CI]':>24}  criterion q->g > q->q",
+    ]
     for name in names:
         gap = result["gap_to_paragon"].get(name)
         crit = result["compatibility_criterion"].get(name, {})
-        gap_s = "-" if gap is None else f"{100 * gap['gap']:+.2f}" + (
-            f" [{100 * gap['ci95'][0]:+.2f},{100 * gap['ci95'][1]:+.2f}]" if gap.get("ci95") else "")
+        gap_s = (
+            "-"
+            if gap is None
+            else f"{100 * gap['gap']:+.2f}"
+            + (f" [{100 * gap['ci95'][0]:+.2f},{100 * gap['ci95'][1]:+.2f}]" if gap.get("ci95") else "")
+        )
         crit_s = ("holds" if crit.get("holds") else "FAILS") + (
             f" (diff {100 * crit['difference']:+.2f} [{100 * crit['ci95'][0]:+.2f},{100 * crit['ci95'][1]:+.2f}])"
-            if crit.get("ci95") else "")
-        lines.append(f"{name:<16}{_pct(m['gallery->gallery'].get(name)):>9}{_pct(m['query->query'].get(name)):>9}"
-                     f"{_pct(m['query->gallery'].get(name)):>9}{gap_s:>24}  {crit_s}")
+            if crit.get("ci95")
+            else ""
+        )
+        lines.append(
+            f"{name:<16}{_pct(m['gallery->gallery'].get(name)):>9}{_pct(m['query->query'].get(name)):>9}"
+            f"{_pct(m['query->gallery'].get(name)):>9}{gap_s:>24}  {crit_s}"
+        )
     cost = result["cost"]
     r = cost["ratio_gallery_over_query"]
     g, q = cost["gallery"], cost["query"]
-    line = (f"cost: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
-            f"fewer query FLOPs")
+    line = (
+        f"cost: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
+        f"fewer query FLOPs"
+    )
     if "latency_batch1" in r:
         b = g["latency_batch"]
-        line += (f"; CPU latency batch 1: {g['latency_ms_batch1']:.2f} / {q['latency_ms_batch1']:.2f} ms = "
-                 f"{r['latency_batch1']:.1f}x, batch {b}: {g[f'latency_ms_batch{b}']:.1f} / "
-                 f"{q[f'latency_ms_batch{b}']:.1f} ms = {r[f'latency_batch{b}']:.1f}x")
+        line += (
+            f"; CPU latency batch 1: {g['latency_ms_batch1']:.2f} / {q['latency_ms_batch1']:.2f} ms = "
+            f"{r['latency_batch1']:.1f}x, batch {b}: {g[f'latency_ms_batch{b}']:.1f} / "
+            f"{q[f'latency_ms_batch{b}']:.1f} ms = {r[f'latency_batch{b}']:.1f}x"
+        )
     lines.append(line)
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

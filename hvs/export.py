@@ -52,9 +52,10 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,10 +63,21 @@ import torch
 from . import checkpoint as ckpt
 from .compat import GallerySide, check_pair
 from .data.images import to_float
+
 # The ONNX Runtime side (sessions, metadata, the query encoder, latency) lives in hvs.encoders;
 # its public names are re-exported here for callers that import them from hvs.export.
-from .encoders import (INPUT, OUTPUT, WEIGHTS_KEY, graph_sha256, import_onnx, load_onnx_encoder,
-                       load_query_encoder, measure_ort_latency, ort_session, read_metadata)
+from .encoders import (
+    INPUT,
+    OUTPUT,
+    WEIGHTS_KEY,
+    graph_sha256,
+    import_onnx,
+    load_onnx_encoder,
+    load_query_encoder,
+    measure_ort_latency,
+    ort_session,
+    read_metadata,
+)
 from .errors import ExportError
 
 DEFAULT_OPSET = 18
@@ -100,17 +112,33 @@ def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path, ops
     errors = []
     try:
         with _quiet():
-            torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                              opset_version=opset, dynamo=True, verbose=False, external_data=False,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}},
+            )
         return "dynamo"
     except Exception as e:  # torch.export cannot trace every model: try the TorchScript exporter
         errors.append(f"dynamo: {' '.join(str(e).split())[:200]}")
     try:
         with _quiet():
-            torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                              opset_version=opset, dynamo=False,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
         return "torchscript"
     except Exception as e:
         errors.append(f"torchscript: {' '.join(str(e).split())[:200]}")
@@ -119,13 +147,22 @@ def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path, ops
 
 def _set_metadata(proto, card: ckpt.ModelCard, extra: dict | None = None) -> None:
     values = {
-        "preprocessing": {"channels": card.in_chans, "image_size": card.image_size,
-                          "mean": list(card.mean), "std": list(card.std)},
-        "embed_dim": card.embed_dim, "model": card.model, "role": card.role, "fingerprint": card.fingerprint,
+        "preprocessing": {
+            "channels": card.in_chans,
+            "image_size": card.image_size,
+            "mean": list(card.mean),
+            "std": list(card.std),
+        },
+        "embed_dim": card.embed_dim,
+        "model": card.model,
+        "role": card.role,
+        "fingerprint": card.fingerprint,
         "compatible_with": (card.compatible_with or {}).get("fingerprint"),
         "hvs_format": EXPORT_FORMAT,
-        "io": {"input": f"{INPUT}: float32 (N, C, H, W), (x / 255 - mean) / std",
-               "output": f"{OUTPUT}: float32 (N, D), L2-normalised"},
+        "io": {
+            "input": f"{INPUT}: float32 (N, C, H, W), (x / 255 - mean) / std",
+            "output": f"{OUTPUT}: float32 (N, D), L2-normalised",
+        },
         **(extra or {}),
         WEIGHTS_KEY: graph_sha256(proto),  # the graph is final here: loading verifies this digest
     }
@@ -135,15 +172,20 @@ def _set_metadata(proto, card: ckpt.ModelCard, extra: dict | None = None) -> Non
         proto.metadata_props.add(key=p.key, value=p.value)
     for key, value in values.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
-    proto.doc_string = (f"hvs {card.role} model {card.model} (fingerprint {card.fingerprint}); "
-                        f"input {INPUT} (N, {card.in_chans}, {card.image_size}, {card.image_size}) "
-                        "normalised as (x/255-mean)/std, output L2-normalised embeddings")
+    proto.doc_string = (
+        f"hvs {card.role} model {card.model} (fingerprint {card.fingerprint}); "
+        f"input {INPUT} (N, {card.in_chans}, {card.image_size}, {card.image_size}) "
+        "normalised as (x/255-mean)/std, output L2-normalised embeddings"
+    )
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min()),
-            "mean_cosine": float(cos.mean())}
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+    }
 
 
 def _random_images(card: ckpt.ModelCard, n: int, seed: int) -> torch.Tensor:
@@ -151,10 +193,18 @@ def _random_images(card: ckpt.ModelCard, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, *card.input_shape), generator=g, dtype=torch.uint8)
 
 
-def export_onnx(model_folder: str | os.PathLike, out_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                quantize_int8: bool = False, *, int8_path: str | os.PathLike | None = None,
-                calibration_data: str | None = None, calibration_images: int = 64,
-                tol: float = PARITY_TOL, seed: int = 0) -> dict[str, Any]:
+def export_onnx(
+    model_folder: str | os.PathLike,
+    out_path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    quantize_int8: bool = False,
+    *,
+    int8_path: str | os.PathLike | None = None,
+    calibration_data: str | None = None,
+    calibration_images: int = 64,
+    tol: float = PARITY_TOL,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Export a model folder to ONNX at ``out_path`` after checking parity with PyTorch.
 
     Raises :class:`ExportError` (and writes nothing) if the checker rejects the graph or ONNX
@@ -174,8 +224,10 @@ def export_onnx(model_folder: str | os.PathLike, out_path: str | os.PathLike, op
         raise ExportError(f"output {out} is a folder")
     supported = range(7, getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 23) + 1)
     if opset not in supported:
-        raise ExportError(f"opset {opset} is not supported by torch {torch.__version__} "
-                          f"(use {supported.start}..{supported.stop - 1}; default {DEFAULT_OPSET})")
+        raise ExportError(
+            f"opset {opset} is not supported by torch {torch.__version__} "
+            f"(use {supported.start}..{supported.stop - 1}; default {DEFAULT_OPSET})"
+        )
     model, card = ckpt.load_model(model_folder)
     model = model.float().to(memory_format=torch.contiguous_format).eval()
     example = to_float(_random_images(card, 2, seed), card.mean, card.std)
@@ -194,20 +246,30 @@ def export_onnx(model_folder: str | os.PathLike, out_path: str | os.PathLike, op
         parity = _parity(model, session, card, seed)
         parity["tol"] = tol
         if not parity["max_abs_diff"] <= tol:  # also catches NaN
-            raise ExportError(f"ONNX Runtime and PyTorch embeddings differ by {parity['max_abs_diff']:.2e} "
-                              f"(> {tol:.0e}) for {card.model}; nothing written")
+            raise ExportError(
+                f"ONNX Runtime and PyTorch embeddings differ by {parity['max_abs_diff']:.2e} "
+                f"(> {tol:.0e}) for {card.model}; nothing written"
+            )
         ckpt.atomic_write_bytes(out, data)
     report: dict[str, Any] = {
-        "model": card.model, "role": card.role, "model_folder": str(model_folder), "onnx": str(out),
-        "opset": opset, "exporter": exporter, "input": [None, *card.input_shape], "embed_dim": card.embed_dim,
-        "fingerprint": card.fingerprint, "compatible_with": (card.compatible_with or {}).get("fingerprint"),
+        "model": card.model,
+        "role": card.role,
+        "model_folder": str(model_folder),
+        "onnx": str(out),
+        "opset": opset,
+        "exporter": exporter,
+        "input": [None, *card.input_shape],
+        "embed_dim": card.embed_dim,
+        "fingerprint": card.fingerprint,
+        "compatible_with": (card.compatible_with or {}).get("fingerprint"),
         "parity": parity,
         "size_bytes": {"torch": (Path(model_folder) / ckpt.WEIGHTS).stat().st_size, "onnx": out.stat().st_size},
     }
     if quantize_int8:
         q_out = Path(int8_path) if int8_path is not None else int8_path_for(out)
-        report["int8"] = quantize_onnx_int8(out, q_out, card, calibration_data=calibration_data,
-                                            calibration_images=calibration_images, seed=seed)
+        report["int8"] = quantize_onnx_int8(
+            out, q_out, card, calibration_data=calibration_data, calibration_images=calibration_images, seed=seed
+        )
         report["size_bytes"]["int8"] = q_out.stat().st_size
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
@@ -222,8 +284,9 @@ def _parity(model: torch.nn.Module, session, card: ckpt.ModelCard, seed: int) ->
     got5 = session.run(None, {name: x.numpy()})[0]
     got1 = session.run(None, {name: x[:1].numpy()})[0]
     if got5.shape != want.shape or got1.shape != want[:1].shape:
-        raise ExportError(f"ONNX output shapes {got1.shape}/{got5.shape} differ from PyTorch's "
-                          f"{want[:1].shape}/{want.shape}")
+        raise ExportError(
+            f"ONNX output shapes {got1.shape}/{got5.shape} differ from PyTorch's {want[:1].shape}/{want.shape}"
+        )
     agree = _agreement(np.concatenate([got1, got5]), np.concatenate([want[:1], want]))
     return {**agree, "batch_sizes": [1, 5]}
 
@@ -233,36 +296,56 @@ def _calibration_split(card: ckpt.ModelCard, spec: str | None, protocol: str | N
 
     spec = spec or card.extra.get("data")
     if not spec:
-        raise ExportError("int8 calibration needs images: the model's config.json records no training data, "
-                          "pass calibration_data=SPEC (--calib-data)")
+        raise ExportError(
+            "int8 calibration needs images: the model's config.json records no training data, "
+            "pass calibration_data=SPEC (--calib-data)"
+        )
     protocol = protocol or card.extra.get("protocol") or "closed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped unreadable items are irrelevant to calibration
         return create_dataset(spec, protocol=protocol, image_size=card.image_size, channels=card.in_chans), spec
 
 
-def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, card: ckpt.ModelCard | None = None,
-                       *, calibration_data: str | None = None, protocol: str | None = None,
-                       calibration_images: int = 64, seed: int = 0) -> dict[str, Any]:
+def quantize_onnx_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    card: ckpt.ModelCard | None = None,
+    *,
+    calibration_data: str | None = None,
+    protocol: str | None = None,
+    calibration_images: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Statically quantize an hvs ONNX export to int8 (QDQ, per-channel weights, MinMax).
 
     Calibrates on ``calibration_images`` training images (seeded choice) and measures agreement
     with the fp32 file on up to 256 query-split images it was not calibrated on. Written
     atomically with the same metadata plus a ``quantization`` entry. Returns the report."""
     onnx, _ = import_onnx()
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, out = Path(fp32_path), Path(out_path)
     meta = read_metadata(fp32_path)
     pre = meta["preprocessing"]
     if card is None:
-        card = ckpt.ModelCard(model=meta["model"], embed_dim=meta["embed_dim"], in_chans=pre["channels"],
-                              image_size=pre["image_size"], mean=pre["mean"], std=pre["std"], role=meta["role"],
-                              fingerprint=meta["fingerprint"],
-                              compatible_with={"fingerprint": meta["compatible_with"]} if meta["compatible_with"]
-                              else None)
+        card = ckpt.ModelCard(
+            model=meta["model"],
+            embed_dim=meta["embed_dim"],
+            in_chans=pre["channels"],
+            image_size=pre["image_size"],
+            mean=pre["mean"],
+            std=pre["std"],
+            role=meta["role"],
+            fingerprint=meta["fingerprint"],
+            compatible_with={"fingerprint": meta["compatible_with"]} if meta["compatible_with"] else None,
+        )
     data, spec = _calibration_split(card, calibration_data, protocol)
     g = torch.Generator().manual_seed(seed)
     n = max(1, min(int(calibration_images), len(data.train)))
@@ -272,7 +355,7 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter([{INPUT: calib[i:i + batch]} for i in range(0, len(calib), batch)])
+            self._batches = iter([{INPUT: calib[i : i + batch]} for i in range(0, len(calib), batch)])
 
         def get_next(self):
             return next(self._batches, None)
@@ -282,26 +365,47 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike
         # ONNX shape inference + ORT graph optimisation; ORT's symbolic shape inference cannot
         # follow the Expand of the L2 normalisation, and static shapes are all it would add here.
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-        quantize_static(str(prepped), str(quant), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibTensorRangeSymmetric": False})
+        quantize_static(
+            str(prepped),
+            str(quant),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
         proto = onnx.load(str(quant))
-    method = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8",
-              "calibration": {"method": "minmax", "data": spec, "split": "train", "images": n}}
+    method = {
+        "format": "QDQ",
+        "weights": "int8 per-channel",
+        "activations": "uint8",
+        "calibration": {"method": "minmax", "data": spec, "split": "train", "images": n},
+    }
     _set_metadata(proto, card, {"quantization": method})
     blob = proto.SerializeToString()
     ref = ort_session(fp32_path).run(None, {INPUT: held_out})[0]
     got = ort_session(blob).run(None, {INPUT: held_out})[0]
     ckpt.atomic_write_bytes(out, blob)
-    return {"path": str(out), **method, "agreement": {**_agreement(got, ref), "images": len(held_out),
-                                                      "on": f"{spec} query split (held out)"}}
+    return {
+        "path": str(out),
+        **method,
+        "agreement": {**_agreement(got, ref), "images": len(held_out), "on": f"{spec} query split (held out)"},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Measured effect of the export on retrieval and latency.
-def check_export(report: dict[str, Any], gallery_model: str | os.PathLike, data: str, *, protocol: str = "closed",
-                 latency: bool = True, force: bool = False) -> dict[str, Any]:
+def check_export(
+    report: dict[str, Any],
+    gallery_model: str | os.PathLike,
+    data: str,
+    *,
+    protocol: str = "closed",
+    latency: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
     """M(q->g) Recall@1/mAP and batch-1 latency of the torch query model and of its ONNX (and
     int8) exports, on ``data``'s query split against its gallery split embedded by
     ``gallery_model``. Returns ``{"rows": {"torch"|"onnx"|"int8": {...}}, "note": ...}``."""
@@ -344,8 +448,15 @@ def check_export(report: dict[str, Any], gallery_model: str | os.PathLike, data:
             else:
                 row["latency_ms_batch1"] = measure_ort_latency(ort_session(path, torch.get_num_threads()), shape, 1)
         rows[kind] = row
-    return {"data": data, "protocol": protocol, "gallery_model": str(gallery_model), "n_query": len(query),
-            "n_gallery": len(gal), "rows": rows, "note": note}
+    return {
+        "data": data,
+        "protocol": protocol,
+        "gallery_model": str(gallery_model),
+        "n_query": len(query),
+        "n_gallery": len(gal),
+        "rows": rows,
+        "note": note,
+    }
 
 
 def format_report(report: dict[str, Any], check: dict[str, Any] | None = None) -> str:
@@ -365,24 +476,43 @@ def format_report(report: dict[str, Any], check: dict[str, Any] | None = None) -
     if report.get("int8"):
         q = report["int8"]
         a = q["agreement"]
-        lines.append(f"  int8 -> {q['path']}: {q['format']} {q['weights']} weights, {q['activations']} activations, "
-                     f"calibrated on {q['calibration']['images']} {q['calibration']['split']} images")
-        lines.append(f"  int8 vs fp32 on {a['images']} held-out images: min cosine {a['min_cosine']:.5f}, "
-                     f"mean {a['mean_cosine']:.5f}, max |diff| {a['max_abs_diff']:.2e}")
+        lines.append(
+            f"  int8 -> {q['path']}: {q['format']} {q['weights']} weights, {q['activations']} activations, "
+            f"calibrated on {q['calibration']['images']} {q['calibration']['split']} images"
+        )
+        lines.append(
+            f"  int8 vs fp32 on {a['images']} held-out images: min cosine {a['min_cosine']:.5f}, "
+            f"mean {a['mean_cosine']:.5f}, max |diff| {a['max_abs_diff']:.2e}"
+        )
     lines.append(f"  export took {report['seconds']:.1f} s")
     if check:
-        lines.append(f"M(q->g) on {check['data']} ({check['n_query']} queries, {check['n_gallery']} gallery "
-                     f"embedded by {check['gallery_model']}):")
+        lines.append(
+            f"M(q->g) on {check['data']} ({check['n_query']} queries, {check['n_gallery']} gallery "
+            f"embedded by {check['gallery_model']}):"
+        )
         lines.append(f"  {'query encoder':<15}{'R@1':>8}{'R@5':>8}{'mAP':>8}{'batch-1 ms':>12}")
         for kind, row in check["rows"].items():
             lat = f"{row['latency_ms_batch1']:.3f}" if "latency_ms_batch1" in row else "-"
-            lines.append(f"  {kind:<15}{100 * row['recall@1']:>8.2f}{100 * row['recall@5']:>8.2f}"
-                         f"{100 * row['map']:>8.2f}{lat:>12}")
+            lines.append(
+                f"  {kind:<15}{100 * row['recall@1']:>8.2f}{100 * row['recall@5']:>8.2f}"
+                f"{100 * row['map']:>8.2f}{lat:>12}"
+            )
         if check.get("note"):
             lines.append(f"  note: {check['note']}")
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_OPSET", "ExportError", "PARITY_TOL", "check_export", "export_onnx", "format_report",
-           "int8_path_for", "load_onnx_encoder", "measure_ort_latency", "ort_session", "quantize_onnx_int8",
-           "read_metadata"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportError",
+    "PARITY_TOL",
+    "check_export",
+    "export_onnx",
+    "format_report",
+    "int8_path_for",
+    "load_onnx_encoder",
+    "measure_ort_latency",
+    "ort_session",
+    "quantize_onnx_int8",
+    "read_metadata",
+]

@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -24,8 +24,8 @@ import torch
 
 from .compat import GallerySide, QuerySide, check_pair
 from .data.images import load_image
-from .index import GalleryIndex, IndexStoreError
 from .encoders import QueryEncoder, load_query_encoder
+from .index import GalleryIndex, IndexStoreError
 
 
 def load_gallery_encoder(index: GalleryIndex, gallery_model: str | os.PathLike | None = None) -> QueryEncoder:
@@ -35,16 +35,19 @@ def load_gallery_encoder(index: GalleryIndex, gallery_model: str | os.PathLike |
     recorded = index.meta.get("gallery_model") or {}
     path = gallery_model if gallery_model is not None else recorded.get("path")
     if not path:
-        raise IndexStoreError(f"{index.spec} records no gallery model path (meta gallery_model.path); "
-                              f"cannot embed new gallery images")
+        raise IndexStoreError(
+            f"{index.spec} records no gallery model path (meta gallery_model.path); cannot embed new gallery images"
+        )
     encoder = load_query_encoder(path)
-    check_pair(QuerySide.of_encoder(encoder, path, label="gallery model"), GallerySide.of_index_meta(index.meta),
-               same_model=True)
+    check_pair(
+        QuerySide.of_encoder(encoder, path, label="gallery model"),
+        GallerySide.of_index_meta(index.meta),
+        same_model=True,
+    )
     return encoder
 
 
-def embed_gallery_images(encoder: QueryEncoder, images: torch.Tensor,
-                         names: Sequence[str] | None = None) -> np.ndarray:
+def embed_gallery_images(encoder: QueryEncoder, images: torch.Tensor, names: Sequence[str] | None = None) -> np.ndarray:
     """uint8 ``(N, C, H, W)`` images at the encoder's size -> ``(N, D)`` float32 embeddings.
 
     A NaN or infinite embedding (broken weights) is an error naming the image, not a vector
@@ -53,8 +56,9 @@ def embed_gallery_images(encoder: QueryEncoder, images: torch.Tensor,
     bad = np.flatnonzero(~np.isfinite(emb).reshape(len(emb), -1).all(axis=1))
     if bad.size:
         name = names[int(bad[0])] if names is not None else f"image {int(bad[0])}"
-        raise IndexStoreError(f"the gallery model {encoder.name} returned a NaN or inf embedding for {name!r} "
-                              f"(broken model weights?)")
+        raise IndexStoreError(
+            f"the gallery model {encoder.name} returned a NaN or inf embedding for {name!r} (broken model weights?)"
+        )
     return emb
 
 
@@ -68,8 +72,13 @@ def broadcast_labels(labels: Sequence[str], n: int) -> list[str]:
     return labels
 
 
-def add_images(index: GalleryIndex, sources: Sequence[str | os.PathLike], labels: Sequence[str], *,
-               gallery_model: str | os.PathLike | None = None) -> np.ndarray:
+def add_images(
+    index: GalleryIndex,
+    sources: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    *,
+    gallery_model: str | os.PathLike | None = None,
+) -> np.ndarray:
     """Embed image files with the index's gallery model and add them; returns their new ids.
 
     ``labels``: one for all images or one per image. ``gallery_model`` defaults to the path the

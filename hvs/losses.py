@@ -24,19 +24,20 @@ Compatibility losses, each a small ``nn.Module`` applied as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+
 MARGIN_LOSSES = ("normface", "cosface", "arcface")
 
 
-def margin_logits(cosine: torch.Tensor, labels: torch.Tensor, kind: str, scale: float,
-                  margin: float) -> torch.Tensor:
+def margin_logits(cosine: torch.Tensor, labels: torch.Tensor, kind: str, scale: float, margin: float) -> torch.Tensor:
     """Apply a margin to the target-class cosine and scale: the logits for cross-entropy."""
     if kind not in MARGIN_LOSSES:
         raise ConfigError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
@@ -47,16 +48,18 @@ def margin_logits(cosine: torch.Tensor, labels: torch.Tensor, kind: str, scale: 
         new_target = target - margin
     else:  # arcface; beyond theta + m > pi the angle would wrap, use CosFace's linear penalty instead
         theta = torch.acos(target.clamp(-1 + 1e-6, 1 - 1e-6))
-        new_target = torch.where(theta + margin < math.pi, torch.cos(theta + margin),
-                                 target - margin * math.sin(margin))
+        new_target = torch.where(
+            theta + margin < math.pi, torch.cos(theta + margin), target - margin * math.sin(margin)
+        )
     return scale * cosine.scatter(1, labels[:, None], new_target)
 
 
 class MarginHead(nn.Module):
     """A cosine classifier: one weight row per training class."""
 
-    def __init__(self, embed_dim: int, num_classes: int, kind: str = "cosface", scale: float = 16.0,
-                 margin: float = 0.2) -> None:
+    def __init__(
+        self, embed_dim: int, num_classes: int, kind: str = "cosface", scale: float = 16.0, margin: float = 0.2
+    ) -> None:
         super().__init__()
         if kind not in MARGIN_LOSSES:
             raise ConfigError(f"unknown margin loss {kind!r}; expected one of {', '.join(MARGIN_LOSSES)}")
@@ -68,8 +71,7 @@ class MarginHead(nn.Module):
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the margin-softmax logits."""
-        return F.cross_entropy(margin_logits(self.cosine(emb), labels, self.kind, self.scale, self.margin),
-                               labels)
+        return F.cross_entropy(margin_logits(self.cosine(emb), labels, self.kind, self.scale, self.margin), labels)
 
 
 @dataclass
@@ -100,7 +102,7 @@ class CompatLoss(nn.Module):
     global_ref: bool = False
 
     @classmethod
-    def for_training(cls, ctx: CompatContext) -> "CompatLoss":
+    def for_training(cls, ctx: CompatContext) -> CompatLoss:
         """The loss as a trainer builds it from what it knows (default: no arguments)."""
         return cls()
 
@@ -110,6 +112,7 @@ _COMPAT_REGISTRY: dict[str, type[CompatLoss]] = {}
 
 def register_compat_loss(name: str) -> Callable[[type[CompatLoss]], type[CompatLoss]]:
     """Class decorator: make a :class:`CompatLoss` subclass available as ``name`` (``--compat name``)."""
+
     def deco(cls: type[CompatLoss]) -> type[CompatLoss]:
         if name in _COMPAT_REGISTRY or name == "none":
             raise ValueError(f"compatibility loss {name!r} registered twice")
@@ -127,8 +130,9 @@ def list_compat_losses() -> list[str]:
 
 def compat_loss_class(name: str) -> type[CompatLoss]:
     if name not in _COMPAT_REGISTRY:
-        raise ConfigError(f"unknown compatibility loss {name!r}; expected one of "
-                         f"{', '.join(['none', *list_compat_losses()])}")
+        raise ConfigError(
+            f"unknown compatibility loss {name!r}; expected one of {', '.join(['none', *list_compat_losses()])}"
+        )
     return _COMPAT_REGISTRY[name]
 
 
@@ -141,25 +145,34 @@ def create_compat_loss(name: str, **kwargs: Any) -> CompatLoss:
 class BCTLoss(CompatLoss):
     """Influence loss through a frozen gallery classifier (rows already aligned to our labels)."""
 
-    def __init__(self, gallery_weight: torch.Tensor, kind: str = "cosface", scale: float = 16.0,
-                 margin: float = 0.2) -> None:
+    def __init__(
+        self, gallery_weight: torch.Tensor, kind: str = "cosface", scale: float = 16.0, margin: float = 0.2
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", F.normalize(gallery_weight.detach(), dim=-1))
         self.kind, self.scale, self.margin = kind, scale, margin
 
     @classmethod
-    def for_training(cls, ctx: CompatContext) -> "BCTLoss":
+    def for_training(cls, ctx: CompatContext) -> BCTLoss:
         """Rows of the gallery classifier for the query's classes; unseen classes get their mean
         gallery embedding (see :func:`synthesize_gallery_classifier`)."""
-        rows, synthesized = synthesize_gallery_classifier(ctx.gallery_classifier(), ctx.gallery_classes,
-                                                          ctx.classes, ctx.class_mean)
+        rows, synthesized = synthesize_gallery_classifier(
+            ctx.gallery_classifier(), ctx.gallery_classes, ctx.classes, ctx.class_mean
+        )
         if synthesized:
-            ctx.log(f"bct: {len(synthesized)} of {len(ctx.classes)} classes unseen by the gallery model; "
-                    "their classifier rows are their mean gallery embeddings")
+            ctx.log(
+                f"bct: {len(synthesized)} of {len(ctx.classes)} classes unseen by the gallery model; "
+                "their classifier rows are their mean gallery embeddings"
+            )
         return cls(rows, ctx.kind, ctx.scale, ctx.margin)
 
-    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
-                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cosine = F.normalize(query_emb, dim=-1) @ self.weight.t()
         return F.cross_entropy(margin_logits(cosine, labels, self.kind, self.scale, self.margin), labels)
 
@@ -170,8 +183,13 @@ class L2Regression(CompatLoss):
 
     needs_ref = True
 
-    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor | None, ref_emb: torch.Tensor | None = None,
-                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        labels: torch.Tensor | None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if ref_emb is None:
             raise ValueError("l2 compatibility loss needs the gallery embeddings (ref_emb)")
         return (query_emb - ref_emb.detach()).pow(2).sum(-1).mean()
@@ -188,8 +206,13 @@ class CrossModelContrastive(CompatLoss):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, query_emb: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor | None = None,
-                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if ref_emb is None:
             raise ValueError("contrastive compatibility loss needs the gallery embeddings (ref_emb)")
         ref_labels = labels if ref_labels is None else ref_labels
@@ -224,9 +247,12 @@ def parse_compat(specs: list[str] | str | None) -> list[tuple[str, float]]:
 
 
 @torch.no_grad()
-def synthesize_gallery_classifier(gallery_weight: torch.Tensor, gallery_classes: list[str],
-                                  classes: list[str], class_mean_embedding: Callable[[int], torch.Tensor]
-                                  ) -> tuple[torch.Tensor, list[str]]:
+def synthesize_gallery_classifier(
+    gallery_weight: torch.Tensor,
+    gallery_classes: list[str],
+    classes: list[str],
+    class_mean_embedding: Callable[[int], torch.Tensor],
+) -> tuple[torch.Tensor, list[str]]:
     """Rows of the gallery classifier for each of ``classes`` (the query training label order).
 
     A class the gallery model was trained on keeps its row; an unseen class gets the normalised

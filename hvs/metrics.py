@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 
-
 class MetricsError(HVSError):
     """Input a metric cannot be computed from: wrong shapes, NaN or infinite values, empty sets,
     options out of range (a ``ValueError`` still, as before)."""
@@ -88,8 +87,9 @@ def _float_dtype(*xs: Tensor) -> torch.dtype:
 
 def _check_embeddings(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
-        raise MetricsError(f"{name} must be a 2-D (N, D) tensor, got "
-                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        raise MetricsError(
+            f"{name} must be a 2-D (N, D) tensor, got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+        )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise MetricsError(f"{name} contains NaN or infinite values")
 
@@ -109,8 +109,7 @@ def similarity(query_emb: Tensor, gallery_emb: Tensor) -> Tensor:
     _check_embeddings(query_emb, "query_emb")
     _check_embeddings(gallery_emb, "gallery_emb")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
-                         f"{gallery_emb.shape[1]}")
+        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery {gallery_emb.shape[1]}")
     dtype = _float_dtype(query_emb, gallery_emb)
     return _normalize(query_emb, dtype) @ _normalize(gallery_emb.to(query_emb.device), dtype).T
 
@@ -147,9 +146,7 @@ def _budget(rate: float, n: int) -> int:
     return k
 
 
-def _supported(
-    targets: Sequence[float], n: int, min_count: int, what: str
-) -> list[tuple[float, int]]:
+def _supported(targets: Sequence[float], n: int, min_count: int, what: str) -> list[tuple[float, int]]:
     """(rate, k) for each target the sample supports: rate >= min_count / n (n > 0)."""
     out = []
     for rate in targets:
@@ -245,13 +242,13 @@ def _embedding_chunks(query_emb: Tensor, gallery_emb: Tensor, rows: int) -> Iter
     dtype = _float_dtype(query_emb, gallery_emb)
     g = _normalize(gallery_emb.to(query_emb.device), dtype)
     for start in range(0, query_emb.shape[0], rows):
-        yield _normalize(query_emb[start:start + rows], dtype) @ g.T
+        yield _normalize(query_emb[start : start + rows], dtype) @ g.T
 
 
 def _matrix_chunks(scores: Tensor, rows: int) -> Iterator[Tensor]:
     dtype = scores.dtype if scores.dtype == torch.float64 else torch.float32
     for start in range(0, scores.shape[0], rows):
-        chunk = scores[start:start + rows].to(dtype)
+        chunk = scores[start : start + rows].to(dtype)
         if not bool(torch.isfinite(chunk).all()):
             raise MetricsError("scores contain NaN or infinite values")
         yield chunk
@@ -338,14 +335,23 @@ def retrieval_metrics(
     _check_embeddings(query_emb, "query_emb")
     _check_embeddings(gallery_emb, "gallery_emb")
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery "
-                         f"{gallery_emb.shape[1]}")
+        raise MetricsError(f"embedding sizes differ: query {query_emb.shape[1]} vs gallery {gallery_emb.shape[1]}")
     n_q, n_g = query_emb.shape[0], gallery_emb.shape[0]
     rows = _chunk_rows(chunk_size, n_g)
     return _evaluate(
-        _embedding_chunks(query_emb, gallery_emb, rows), n_q, n_g, rows, query_emb.device,
-        query_labels, gallery_labels, ks=ks, exclude_self=exclude_self, far_targets=far_targets,
-        fpir_targets=fpir_targets, nonmated_query_mask=nonmated_query_mask, min_count=min_count,
+        _embedding_chunks(query_emb, gallery_emb, rows),
+        n_q,
+        n_g,
+        rows,
+        query_emb.device,
+        query_labels,
+        gallery_labels,
+        ks=ks,
+        exclude_self=exclude_self,
+        far_targets=far_targets,
+        fpir_targets=fpir_targets,
+        nonmated_query_mask=nonmated_query_mask,
+        min_count=min_count,
         pair_scores=pair_scores,
     )
 
@@ -377,9 +383,19 @@ def retrieval_metrics_from_scores(
     n_q, n_g = scores.shape
     rows = _chunk_rows(chunk_size, n_g)
     return _evaluate(
-        _matrix_chunks(scores, rows), n_q, n_g, rows, scores.device, query_labels,
-        gallery_labels, ks=ks, exclude_self=exclude_self, far_targets=far_targets,
-        fpir_targets=fpir_targets, nonmated_query_mask=nonmated_query_mask, min_count=min_count,
+        _matrix_chunks(scores, rows),
+        n_q,
+        n_g,
+        rows,
+        scores.device,
+        query_labels,
+        gallery_labels,
+        ks=ks,
+        exclude_self=exclude_self,
+        far_targets=far_targets,
+        fpir_targets=fpir_targets,
+        nonmated_query_mask=nonmated_query_mask,
+        min_count=min_count,
         pair_scores=pair_scores,
     )
 
@@ -412,8 +428,7 @@ def _evaluate(
     if n_q < 1 or n_g < 1:
         raise MetricsError(f"need at least one query and one gallery item, got Q={n_q}, G={n_g}")
     if exclude_self and n_q != n_g:
-        raise MetricsError(f"exclude_self needs the query set to be the gallery set, got Q={n_q}, "
-                         f"G={n_g}")
+        raise MetricsError(f"exclude_self needs the query set to be the gallery set, got Q={n_q}, G={n_g}")
     if int(min_count) < 1:
         raise MetricsError(f"min_count must be >= 1, got {min_count}")
     ks = list(dict.fromkeys(int(k) for k in ks))
@@ -422,12 +437,11 @@ def _evaluate(
     ql = _labels(query_labels, n_q, "query_labels", device)
     gl = _labels(gallery_labels, n_g, "gallery_labels", device)
     if nonmated_query_mask is not None:
-        nonmated = torch.as_tensor(np.asarray(
-            nonmated_query_mask.cpu() if isinstance(nonmated_query_mask, Tensor)
-            else nonmated_query_mask))
+        nonmated = torch.as_tensor(
+            np.asarray(nonmated_query_mask.cpu() if isinstance(nonmated_query_mask, Tensor) else nonmated_query_mask)
+        )
         if nonmated.shape != (n_q,):
-            raise MetricsError(f"nonmated_query_mask must have shape ({n_q},), got "
-                             f"{tuple(nonmated.shape)}")
+            raise MetricsError(f"nonmated_query_mask must have shape ({n_q},), got {tuple(nonmated.shape)}")
         nonmated = nonmated.to(device=device, dtype=torch.bool)
 
     # Positives per query from label counts, before the pass: this fixes the pair counts, hence
@@ -460,7 +474,7 @@ def _evaluate(
     for s in chunks:
         c = s.shape[0]
         r = torch.arange(c, device=device)
-        same = ql[start:start + c, None] == gl[None, :]
+        same = ql[start : start + c, None] == gl[None, :]
         pos = same
         if exclude_self:
             self_mask = torch.zeros_like(same)
@@ -470,8 +484,8 @@ def _evaluate(
 
         vals, order = torch.sort(s, dim=1, descending=True, stable=True)
         pos_sorted = pos.gather(1, order)
-        top1_score[start:start + c] = vals[:, 0].to(torch.float64)
-        top1_correct[start:start + c] = pos_sorted[:, 0]
+        top1_score[start : start + c] = vals[:, 0].to(torch.float64)
+        top1_correct[start : start + c] = pos_sorted[:, 0]
 
         # AP from the positions of the positives: nonzero() lists them row by row in rank
         # order, so the j-th positive of a row (1-based) at 0-based rank p adds j / (p + 1).
@@ -483,12 +497,12 @@ def _evaluate(
         ap_sum = torch.zeros(c, dtype=torch.float64, device=device).index_add_(0, qi, prec)
         got = npos_row > 0
         ap = torch.where(got, ap_sum / npos_row.clamp(min=1).to(torch.float64), ap_sum)
-        per_q_ap[start:start + c] = ap
-        per_q_first[start:start + c][got] = rank[first[got]]  # rank of the first positive
+        per_q_ap[start : start + c] = ap
+        per_q_first[start : start + c][got] = rank[first[got]]  # rank of the first positive
 
         # Leave-identity-out non-mate score: best match among other identities (self is -inf).
         nonmate = s.masked_fill(same, float("-inf")).amax(1)
-        nonmate_score[start:start + c] = nonmate.to(torch.float64)
+        nonmate_score[start : start + c] = nonmate.to(torch.float64)
 
         if need_pairs:
             genuine.append(s[pos])
@@ -524,8 +538,11 @@ def _evaluate(
                 "genuine_query": torch.cat(genuine_q).cpu().numpy() if genuine_q else np.empty(0, np.int64),
                 "impostor_top_score": imp_vals.to(torch.float64).cpu().numpy(),
                 "impostor_top_query": imp_ids.cpu().numpy(),
-                "impostors_per_query": (torch.full((n_q,), n_g - int(exclude_self), dtype=torch.int64,
-                                                   device=device) - n_pos).cpu().numpy(),
+                "impostors_per_query": (
+                    torch.full((n_q,), n_g - int(exclude_self), dtype=torch.int64, device=device) - n_pos
+                )
+                .cpu()
+                .numpy(),
                 "genuine_per_query": n_pos.cpu().numpy(),
                 "far": [f for f, _ in far_sup],
             }
@@ -548,12 +565,18 @@ def _evaluate(
     # per probe, for resampling probes (tpir_bootstrap): a mated probe's score counts only when
     # its rank-1 item is its mate, so a miss is -inf
     out["per_probe"] = {
-        "mated_score": torch.where(top1_correct[mated], top1_score[mated],
-                                   torch.full_like(top1_score[mated], float("-inf"))).cpu().numpy(),
+        "mated_score": torch.where(
+            top1_correct[mated], top1_score[mated], torch.full_like(top1_score[mated], float("-inf"))
+        )
+        .cpu()
+        .numpy(),
         "nonmated_score": nm_scores.cpu().numpy(),
         "mated_query": torch.nonzero(mated).flatten().cpu().numpy(),
-        "nonmated_query": (torch.nonzero(nonmated).flatten() if nonmated_query_mask is not None
-                           else torch.arange(n_q, device=device)).cpu().numpy(),
+        "nonmated_query": (
+            torch.nonzero(nonmated).flatten() if nonmated_query_mask is not None else torch.arange(n_q, device=device)
+        )
+        .cpu()
+        .numpy(),
         "fpir": [f for f, _ in fpir_sup],
     }
     if fpir_sup:
@@ -561,8 +584,7 @@ def _evaluate(
         correct_scores = torch.sort(top1_score[mated & top1_correct]).values
         for fpir, k in fpir_sup:
             t = _threshold(nm_desc, k, n_nm)
-            out[_rate_key("tpir@fpir", fpir)] = (_count_above(correct_scores, t) / n_mated
-                                                 if n_mated else nan)
+            out[_rate_key("tpir@fpir", fpir)] = _count_above(correct_scores, t) / n_mated if n_mated else nan
 
     out["n_queries"] = n_q
     out["n_queries_without_positive"] = n_q - n_with
@@ -599,9 +621,7 @@ def _as_1d(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _percentile_ci(
-    x: np.ndarray, n_boot: int, alpha: float, seed: int
-) -> tuple[float, float, float]:
+def _percentile_ci(x: np.ndarray, n_boot: int, alpha: float, seed: int) -> tuple[float, float, float]:
     if int(n_boot) < 1:
         raise MetricsError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
@@ -670,7 +690,7 @@ def resample_weights(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     for b0 in range(0, n_boot, step):
         rows = min(n_boot, b0 + step) - b0
         idx = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
-        out[b0:b0 + rows] = np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n)
+        out[b0 : b0 + rows] = np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n)
     return out
 
 
@@ -678,8 +698,9 @@ def _budgets(rate: float, n: np.ndarray) -> np.ndarray:
     return np.array([_budget(rate, int(x)) for x in n], dtype=np.int64)
 
 
-def _weighted_thresholds(scores: np.ndarray, owner: np.ndarray, weights: np.ndarray, k: np.ndarray,
-                         complete: bool) -> np.ndarray:
+def _weighted_thresholds(
+    scores: np.ndarray, owner: np.ndarray, weights: np.ndarray, k: np.ndarray, complete: bool
+) -> np.ndarray:
     """Per resample b, the score at 0-based rank k[b] of the descending list in which score i
     appears weights[b, owner[i]] times (``_threshold`` with multiplicities): -inf when k[b] is
     past the end of a complete list, NaN when the list is only the top of the scores and too
@@ -690,12 +711,12 @@ def _weighted_thresholds(scores: np.ndarray, owner: np.ndarray, weights: np.ndar
     n = desc.size
     rows = max(1, min(64, (1 << 22) // max(n, 1)))  # resamples per block: bounds the (rows, n) cumsum
     for b0 in range(0, weights.shape[0], rows):
-        w = weights[b0:b0 + rows][:, own]
+        w = weights[b0 : b0 + rows][:, own]
         cs = np.cumsum(w, axis=1, dtype=np.int64)
-        kb = k[b0:b0 + rows]
+        kb = k[b0 : b0 + rows]
         pos = (cs <= kb[:, None]).sum(axis=1)
         t = desc[np.minimum(pos, max(n - 1, 0))] if n else np.full(pos.shape, -np.inf)
-        out[b0:b0 + rows] = np.where(pos < n, t, -np.inf if complete else np.nan)
+        out[b0 : b0 + rows] = np.where(pos < n, t, -np.inf if complete else np.nan)
     return out
 
 

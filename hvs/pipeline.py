@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .compat import CompatError, GallerySide, QuerySide, check_pair
 from . import evaluate as hvs_eval
 from . import train as hvs_train
+from .compat import CompatError, GallerySide, QuerySide, check_pair
 from .data import RetrievalData
 from .errors import HVSError
 from .fileio import atomic_write_json
@@ -55,9 +55,11 @@ class PipelineError(HVSError):
 
 def default_event_line(event: Event) -> str | None:
     """``[ran] offshelf bct-cnn-nano (12.3 s)``, ``[skipped] nas 40x: not in --only``."""
-    return (f"[{event['status']}] {event['stage']} {event['name']}"
-            + (f" ({event['seconds']:.1f} s)" if event["status"] == RAN else "")
-            + (f": {event['why']}" if "why" in event else ""))
+    return (
+        f"[{event['status']}] {event['stage']} {event['name']}"
+        + (f" ({event['seconds']:.1f} s)" if event["status"] == RAN else "")
+        + (f": {event['why']}" if "why" in event else "")
+    )
 
 
 def file_logger(path: str | Path) -> Log:
@@ -69,6 +71,7 @@ def file_logger(path: str | Path) -> Log:
     def log(msg: str) -> None:
         with open(path, "a") as f:
             f.write(msg.rstrip() + "\n")
+
     return log
 
 
@@ -79,9 +82,15 @@ class Pipeline:
     skipped, not built. ``log`` gets one line per event (``event_line`` makes it, None: no line);
     ``lib_log`` gets what the library's jobs print (training epochs, search progress)."""
 
-    def __init__(self, *, only: set[str] | frozenset[str] = frozenset(), log: Log = print,
-                 lib_log: Log | None = None, event_line: Callable[[Event], str | None] = default_event_line,
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        only: set[str] | frozenset[str] = frozenset(),
+        log: Log = print,
+        lib_log: Log | None = None,
+        event_line: Callable[[Event], str | None] = default_event_line,
+        progress: bool = False,
+    ) -> None:
         self.only = frozenset(only)
         self.log, self.lib_log = log, lib_log if lib_log is not None else log
         self.event_line, self.progress = event_line, progress
@@ -98,8 +107,9 @@ class Pipeline:
             self.log(line)
         return e
 
-    def stage(self, stage: str, name: str, *, done: Callable[[], bool], run: Callable[[], Any],
-              redo: Path | None = None) -> bool:
+    def stage(
+        self, stage: str, name: str, *, done: Callable[[], bool], run: Callable[[], Any], redo: Path | None = None
+    ) -> bool:
         """Reuse (``done()``), skip (stage not allowed) or run one stage; True when its output
         exists afterwards. ``redo``: a partial output removed before running (a job that cannot
         resume, such as a search or an export, starts clean)."""
@@ -117,8 +127,9 @@ class Pipeline:
         return True
 
     # -- the stages of hvs's jobs ---------------------------------------------------------------
-    def train(self, stage: str, cfg: hvs_train.TrainConfig, data: RetrievalData | None = None,
-              name: str | None = None) -> bool:
+    def train(
+        self, stage: str, cfg: hvs_train.TrainConfig, data: RetrievalData | None = None, name: str | None = None
+    ) -> bool:
         """A model folder (``hvs.train.train``): reused when trained (and, for a compatible query
         model, still made for its gallery folder), resumed when interrupted."""
         out = Path(cfg.out)
@@ -129,9 +140,19 @@ class Pipeline:
             if cfg.gallery:
                 check_made_for(out, cfg.gallery)
             return True
-        return self.stage(stage, name or out.name, done=done, run=lambda: hvs_train.train(
-            cfg, resume=(out / hvs_train.TRAIN_CONFIG).is_file(), progress=self.progress, data=data,
-            log=self.lib_log))
+
+        return self.stage(
+            stage,
+            name or out.name,
+            done=done,
+            run=lambda: hvs_train.train(
+                cfg,
+                resume=(out / hvs_train.TRAIN_CONFIG).is_file(),
+                progress=self.progress,
+                data=data,
+                log=self.lib_log,
+            ),
+        )
 
     def supernet(self, cfg: Any, data: RetrievalData | None = None, stage: str = "supernet") -> bool:
         """An OFA supernet (``hvs.nas.train_supernet``, ``cfg`` a ``SupernetTrainConfig``): reused
@@ -144,9 +165,19 @@ class Pipeline:
             if not ((out / ckpt.CONFIG).is_file() and (out / nas_train.TRAIN_CONFIG).is_file()):
                 return False
             return json.loads((out / ckpt.CONFIG).read_text()).get("epochs_done", 0) >= cfg.epochs
-        return self.stage(stage, out.name, done=done, run=lambda: nas_train.train_supernet(
-            cfg, resume=(out / nas_train.TRAIN_CONFIG).is_file(), progress=self.progress, data=data,
-            log=self.lib_log))
+
+        return self.stage(
+            stage,
+            out.name,
+            done=done,
+            run=lambda: nas_train.train_supernet(
+                cfg,
+                resume=(out / nas_train.TRAIN_CONFIG).is_file(),
+                progress=self.progress,
+                data=data,
+                log=self.lib_log,
+            ),
+        )
 
     def search(self, cfg: Any, data: RetrievalData | None = None, stage: str = "nas") -> dict | None:
         """An architecture search (``hvs.nas.run_search``, ``cfg`` a ``SearchConfig``): its
@@ -158,12 +189,22 @@ class Pipeline:
 
         def run() -> None:
             best.update(nas_search.run_search(cfg, progress=self.progress, data=data, log=self.lib_log))
+
         if not self.stage(stage, out.name, done=(out / "best.json").is_file, run=run, redo=out):
             return None
         return best or json.loads((out / "best.json").read_text())
 
-    def export(self, out: Path, supernet: Path, arch: dict, *, gallery: Path | None, data: RetrievalData | None,
-               stage: str = "nas", **kw: Any) -> bool:
+    def export(
+        self,
+        out: Path,
+        supernet: Path,
+        arch: dict,
+        *,
+        gallery: Path | None,
+        data: RetrievalData | None,
+        stage: str = "nas",
+        **kw: Any,
+    ) -> bool:
         """A searched sub-network exported as a model folder (``hvs.nas.export_subnet``, fine-tuned
         per ``kw``); an interrupted export is redone."""
         import hvs.nas.export as nas_export
@@ -174,24 +215,45 @@ class Pipeline:
             if gallery is not None and ckpt.read_card(out).compatible_with:
                 check_made_for(out, gallery)
             return True
-        return self.stage(stage, out.name, done=done, redo=out, run=lambda: nas_export.export_subnet(
-            supernet, arch, out, gallery=gallery, data=data, progress=self.progress, log=self.lib_log, **kw))
 
-    def inherit(self, out: Path, supernet: Path, *, flops: float, data: RetrievalData | None,
-                stage: str = "inherit", **kw: Any) -> tuple[Path, Path] | None:
+        return self.stage(
+            stage,
+            out.name,
+            done=done,
+            redo=out,
+            run=lambda: nas_export.export_subnet(
+                supernet, arch, out, gallery=gallery, data=data, progress=self.progress, log=self.lib_log, **kw
+            ),
+        )
+
+    def inherit(
+        self, out: Path, supernet: Path, *, flops: float, data: RetrievalData | None, stage: str = "inherit", **kw: Any
+    ) -> tuple[Path, Path] | None:
         """Weight inheritance (``hvs.nas.inherit``): ``out/gallery`` and ``out/query`` from one
         supernet, both reused when complete, both redone otherwise. Returns the two folders."""
         import hvs.nas.export as nas_export
 
         g_out, q_out = out / "gallery", out / "query"
-        ok = self.stage(stage, out.name, redo=out,
-                        done=lambda: (g_out / ckpt.CONFIG).is_file() and (q_out / ckpt.CONFIG).is_file(),
-                        run=lambda: nas_export.inherit(supernet, g_out, q_out, flops=flops, data=data,
-                                                       log=self.lib_log, **kw))
+        ok = self.stage(
+            stage,
+            out.name,
+            redo=out,
+            done=lambda: (g_out / ckpt.CONFIG).is_file() and (q_out / ckpt.CONFIG).is_file(),
+            run=lambda: nas_export.inherit(supernet, g_out, q_out, flops=flops, data=data, log=self.lib_log, **kw),
+        )
         return (g_out, q_out) if ok else None
 
-    def evaluate(self, stage: str, gallery: Path, query: Path, out: Path, data: RetrievalData, *,
-                 n_boot: int = 1000, latency: bool = True) -> dict | None:
+    def evaluate(
+        self,
+        stage: str,
+        gallery: Path,
+        query: Path,
+        out: Path,
+        data: RetrievalData,
+        *,
+        n_boot: int = 1000,
+        latency: bool = True,
+    ) -> dict | None:
         """``hvs.evaluate.evaluate`` of a pair into ``out`` (JSON) and its per-query arrays
         (``out`` with ``.npz``, for paired comparisons): reused while both exist and both model
         folders still hold the weights evaluated; the JSON alone is reused when this stage may not
@@ -200,13 +262,17 @@ class Pipeline:
         name = f"evaluate {out.stem}"
 
         def done() -> bool:
-            return (out.is_file() and (npz.is_file() or not self.allowed(stage))
-                    and evaluation_is_current(out, gallery, query))
+            return (
+                out.is_file()
+                and (npz.is_file() or not self.allowed(stage))
+                and evaluation_is_current(out, gallery, query)
+            )
 
         def run() -> None:
             result = hvs_eval.evaluate(gallery, query, data, n_boot=n_boot, latency=latency, per_query=True)
             hvs_eval.save_per_query(result, npz)
             hvs_eval.save_json(result, out)
+
         if not self.stage(stage, name, done=done, run=run):
             return None
         return json.loads(out.read_text())
@@ -226,8 +292,10 @@ def evaluation_is_current(result_json: str | Path, gallery: str | Path, query: s
     """Whether an evaluation file measured the weights the two model folders hold now."""
     try:
         r = json.loads(Path(result_json).read_text())
-        return (r["gallery_model"]["fingerprint"] == ckpt.read_card(gallery).fingerprint
-                and r["query_model"]["fingerprint"] == ckpt.read_card(query).fingerprint)
+        return (
+            r["gallery_model"]["fingerprint"] == ckpt.read_card(gallery).fingerprint
+            and r["query_model"]["fingerprint"] == ckpt.read_card(query).fingerprint
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -259,8 +327,9 @@ class FingerprintTable:
             self.changed = False
 
 
-def folder_latency(folder: str | Path, threads: int | None = None, batch_size: int = 1,
-                   min_seconds: float = 1.0) -> dict[str, Any]:
+def folder_latency(
+    folder: str | Path, threads: int | None = None, batch_size: int = 1, min_seconds: float = 1.0
+) -> dict[str, Any]:
     """Latency (ms, median) of a model folder on this CPU, in eager PyTorch (channels-last) and in
     ONNX Runtime after :func:`hvs.export.export_onnx` to a temporary file: ``{"threads",
     "torch_ms_batch<B>", "ort_ms_batch<B>"}``. When the export or ORT fails, ``"ort_error"`` says
@@ -270,18 +339,31 @@ def folder_latency(folder: str | Path, threads: int | None = None, batch_size: i
 
     threads = int(threads or torch.get_num_threads())
     model, card = ckpt.load_model(folder)
-    row: dict[str, Any] = {"threads": threads, f"torch_ms_batch{batch_size}": measure_latency(
-        model.to(memory_format=torch.channels_last), card.input_shape, batch_size, min_seconds=min_seconds)}
+    row: dict[str, Any] = {
+        "threads": threads,
+        f"torch_ms_batch{batch_size}": measure_latency(
+            model.to(memory_format=torch.channels_last), card.input_shape, batch_size, min_seconds=min_seconds
+        ),
+    }
     with tempfile.TemporaryDirectory(prefix="hvs-latency-") as tmp:
         onnx = Path(tmp) / "model.onnx"
         try:
             hvs_export.export_onnx(folder, onnx)
             row[f"ort_ms_batch{batch_size}"] = hvs_export.measure_ort_latency(
-                hvs_export.ort_session(onnx, threads), card.input_shape, batch_size, min_seconds=min_seconds)
+                hvs_export.ort_session(onnx, threads), card.input_shape, batch_size, min_seconds=min_seconds
+            )
         except Exception as e:  # noqa: BLE001 -- export or ORT failure: no ORT figure, say why
             row["ort_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return row
 
 
-__all__ = ["FingerprintTable", "Pipeline", "PipelineError", "check_made_for", "default_event_line",
-           "evaluation_is_current", "file_logger", "folder_latency"]
+__all__ = [
+    "FingerprintTable",
+    "Pipeline",
+    "PipelineError",
+    "check_made_for",
+    "default_event_line",
+    "evaluation_is_current",
+    "file_logger",
+    "folder_latency",
+]

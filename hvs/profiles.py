@@ -21,8 +21,10 @@ from . import train as hvs_train
 from .data import RetrievalData, create_dataset
 from .pipeline import Event, Pipeline, PipelineError, file_logger
 
-DEFAULT_METRICS = {"fashion-mnist": ["recall@1", "recall@10", "map"],
-                   "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"]}
+DEFAULT_METRICS = {
+    "fashion-mnist": ["recall@1", "recall@10", "map"],
+    "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"],
+}
 
 
 def load_profile(name: str, configs_dir: str | Path) -> tuple[dict, Path]:
@@ -66,8 +68,9 @@ def load_dataset(profile: dict, data: str) -> tuple[RetrievalData, RetrievalData
 
 def profile_metrics(profile: dict, data: str, fallback: list[str] | None = None) -> list[str]:
     """The metrics a profile reports for ``data`` (the first is the headline one)."""
-    return ((profile.get("metrics") or {}).get(data) or DEFAULT_METRICS.get(data)
-            or list(fallback or ["recall@1", "map"]))
+    return (
+        (profile.get("metrics") or {}).get(data) or DEFAULT_METRICS.get(data) or list(fallback or ["recall@1", "map"])
+    )
 
 
 class ProfileStages:
@@ -76,8 +79,17 @@ class ProfileStages:
     Training and search read ``train_data`` (the profile's training subset), evaluation ``full``.
     The library's own logs go to ``root/log.txt``; ``log`` gets one line per stage."""
 
-    def __init__(self, root: Path, profile: dict, data_name: str, full: RetrievalData, train_data: RetrievalData,
-                 only: set[str], log: Callable[[str], None], seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        profile: dict,
+        data_name: str,
+        full: RetrievalData,
+        train_data: RetrievalData,
+        only: set[str],
+        log: Callable[[str], None],
+        seed: int = 0,
+    ) -> None:
         self.root, self.profile, self.data_name = root, profile, data_name
         self.full, self.train_data, self.log, self.seed = full, train_data, log, seed
         self.entry = data_entry(profile, data_name)
@@ -96,8 +108,14 @@ class ProfileStages:
 
     def train(self, stage: str, out: Path, **kw: Any) -> bool:
         """A model folder trained on the profile's data (``kw``: TrainConfig fields)."""
-        cfg = hvs_train.TrainConfig(out=str(out), data=self.entry["spec"], protocol=self.entry["protocol"],
-                                    embed_dim=self.embed_dim, threads=self.profile.get("threads"), **kw)
+        cfg = hvs_train.TrainConfig(
+            out=str(out),
+            data=self.entry["spec"],
+            protocol=self.entry["protocol"],
+            embed_dim=self.embed_dim,
+            threads=self.profile.get("threads"),
+            **kw,
+        )
         return self.pipe.train(stage, cfg, data=self.train_data)
 
     def supernet(self, out: Path, gallery: Path | None) -> bool:
@@ -105,43 +123,79 @@ class ProfileStages:
         from .nas.train import SupernetTrainConfig
 
         opts = dict(self.profile.get("supernet") or {})
-        cfg = SupernetTrainConfig.from_dict({
-            **opts, "out": str(out), "data": self.entry["spec"], "protocol": self.entry["protocol"],
-            "gallery": None if gallery is None else str(gallery), "threads": self.profile.get("threads"),
-            "embed_dim": self.embed_dim, "seed": opts.get("seed", self.seed)})
+        cfg = SupernetTrainConfig.from_dict(
+            {
+                **opts,
+                "out": str(out),
+                "data": self.entry["spec"],
+                "protocol": self.entry["protocol"],
+                "gallery": None if gallery is None else str(gallery),
+                "threads": self.profile.get("threads"),
+                "embed_dim": self.embed_dim,
+                "seed": opts.get("seed", self.seed),
+            }
+        )
         return self.pipe.supernet(cfg, data=self.train_data)
 
-    def search(self, out: Path, supernet: Path, gallery: Path, limit: float | None, reward: str,
-               latency_ms: float | None = None) -> dict | None:
+    def search(
+        self,
+        out: Path,
+        supernet: Path,
+        gallery: Path,
+        limit: float | None,
+        reward: str,
+        latency_ms: float | None = None,
+    ) -> dict | None:
         """The profile's search under ``limit`` FLOPs, or ``latency_ms`` (batch-1 CPU latency from
         the per-layer table); its best pick."""
         from .nas.search import SearchConfig
 
-        opts = {k: v for k, v in (self.profile.get("search") or {}).items()
-                if k not in ("budgets", "rewards", "latency_budgets")}
-        cfg = SearchConfig.from_dict({
-            **opts, "supernet": str(supernet), "out": str(out), "gallery": str(gallery), "flops": limit,
-            "latency_ms": latency_ms, "reward": reward, "seed": opts.get("seed", self.seed),
-            "threads": self.profile.get("threads")})
+        opts = {
+            k: v
+            for k, v in (self.profile.get("search") or {}).items()
+            if k not in ("budgets", "rewards", "latency_budgets")
+        }
+        cfg = SearchConfig.from_dict(
+            {
+                **opts,
+                "supernet": str(supernet),
+                "out": str(out),
+                "gallery": str(gallery),
+                "flops": limit,
+                "latency_ms": latency_ms,
+                "reward": reward,
+                "seed": opts.get("seed", self.seed),
+                "threads": self.profile.get("threads"),
+            }
+        )
         return self.pipe.search(cfg, data=self.train_data)
 
     def export(self, out: Path, supernet: Path, gallery: Path, best: dict) -> bool:
         """A search's pick exported and fine-tuned per the profile's ``export`` options."""
         opts = dict(self.profile.get("export") or {})
-        return self.pipe.export(out, supernet, best["arch"], gallery=gallery, data=self.train_data,
-                                seed=opts.pop("seed", self.seed), **opts)
+        return self.pipe.export(
+            out, supernet, best["arch"], gallery=gallery, data=self.train_data, seed=opts.pop("seed", self.seed), **opts
+        )
 
     def inherit(self, out: Path, supernet: Path, flops: float, opts: dict) -> tuple[Path, Path] | None:
         """Weight inheritance at ``flops`` (``opts``: ``hvs.nas.inherit`` options)."""
         opts = dict(opts)
-        return self.pipe.inherit(out, supernet, flops=flops, data=self.train_data,
-                                 seed=opts.pop("seed", self.seed), **opts)
+        return self.pipe.inherit(
+            out, supernet, flops=flops, data=self.train_data, seed=opts.pop("seed", self.seed), **opts
+        )
 
     def evaluate(self, stage: str, gallery: Path, query: Path, out: Path) -> dict | None:
         """A pair evaluated on the full data per the profile's ``evaluate`` options."""
         ev = self.profile.get("evaluate") or {}
-        return self.pipe.evaluate(stage, gallery, query, out, self.full, n_boot=int(ev.get("n_boot", 1000)),
-                                  latency=bool(ev.get("latency", True)))
+        return self.pipe.evaluate(
+            stage,
+            gallery,
+            query,
+            out,
+            self.full,
+            n_boot=int(ev.get("n_boot", 1000)),
+            latency=bool(ev.get("latency", True)),
+        )
 
 
 __all__ = ["DEFAULT_METRICS", "ProfileStages", "data_entry", "load_dataset", "load_profile", "profile_metrics"]

@@ -25,10 +25,20 @@ SIDES = (("q->g", "query->gallery"), ("q->q", "query->query"), ("g->g", "gallery
 # One metric of one evaluation: the three sides with their 95% CIs, the gap to the paragon
 # (M(g->g) - M(q->g), paired CI) and the compatibility criterion (M(q->g) > M(q->q)). The keys
 # name who embedded which side, so the functional form of TypedDict.
-MetricBlock = TypedDict("MetricBlock", {
-    "q->g": float | None, "q->g_ci95": list[float] | None, "q->q": float | None, "q->q_ci95": list[float] | None,
-    "g->g": float | None, "g->g_ci95": list[float] | None, "gap": float | None, "gap_ci95": list[float] | None,
-    "criterion": dict | None})
+MetricBlock = TypedDict(
+    "MetricBlock",
+    {
+        "q->g": float | None,
+        "q->g_ci95": list[float] | None,
+        "q->q": float | None,
+        "q->q_ci95": list[float] | None,
+        "g->g": float | None,
+        "g->g_ci95": list[float] | None,
+        "gap": float | None,
+        "gap_ci95": list[float] | None,
+        "criterion": dict | None,
+    },
+)
 
 
 class CostBlock(TypedDict):
@@ -59,8 +69,13 @@ def cost_block(result: dict, side: str) -> CostBlock:
     """The :class:`CostBlock` of ``side`` (``"query"`` or ``"gallery"``) in an evaluation result."""
     c = result["cost"][side]
     b = c.get("latency_batch")
-    return {"flops": c["flops"], "params": c["params"], "latency_ms_batch1": c.get("latency_ms_batch1"),
-            "latency_batch": b, "latency_ms_batched": c.get(f"latency_ms_batch{b}") if b else None}
+    return {
+        "flops": c["flops"],
+        "params": c["params"],
+        "latency_ms_batch1": c.get("latency_ms_batch1"),
+        "latency_batch": b,
+        "latency_ms_batched": c.get(f"latency_ms_batch{b}") if b else None,
+    }
 
 
 def per_query_array(metric: str) -> str | None:
@@ -78,8 +93,9 @@ def load_q2g(npz: str | Path | None) -> dict[str, np.ndarray] | None:
     return load_per_query(npz)["query->gallery"]
 
 
-def paired_difference(a: dict | None, b: dict | None, metric: str, n_boot: int = 1000,
-                      seed: int = 0) -> tuple[float, list[float] | None] | None:
+def paired_difference(
+    a: dict | None, b: dict | None, metric: str, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, list[float] | None] | None:
     """``M_a(q->g) - M_b(q->g)`` for two query models on the same queries and gallery, from their
     per-query q->g arrays (:func:`load_q2g`), with a paired bootstrap 95% CI over queries.
 
@@ -105,6 +121,7 @@ def paired_difference(a: dict | None, b: dict | None, metric: str, n_boot: int =
 
 # -- markdown cells: points, with signs for differences ------------------------------------------
 
+
 def pct(x: float | None, sign: bool = False) -> str:
     """A rate as points (``0.8123`` -> ``81.23``), ``-`` for a missing or NaN value."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -126,5 +143,15 @@ def diff_cell(d: tuple | None) -> str:
     return f"{pct(d[0], True)}{ci_cell(d[1], True)}" + (" *" if d[1] and (d[1][0] > 0 or d[1][1] < 0) else "")
 
 
-__all__ = ["CostBlock", "MetricBlock", "ci_cell", "cost_block", "diff_cell", "load_q2g", "metric_block",
-           "paired_difference", "pct", "per_query_array"]
+__all__ = [
+    "CostBlock",
+    "MetricBlock",
+    "ci_cell",
+    "cost_block",
+    "diff_cell",
+    "load_q2g",
+    "metric_block",
+    "paired_difference",
+    "pct",
+    "per_query_array",
+]

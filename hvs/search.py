@@ -16,7 +16,8 @@ encoders are PyTorch model folders, or exported ONNX files (see :mod:`hvs.export
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +32,20 @@ from .errors import SearchError
 from .index import GalleryIndex, IndexStoreError, build_index, open_index
 
 
-def gallery_inputs(gallery_model: str | os.PathLike, data: str, *, split: str = "gallery", protocol: str = "closed",
-                   strict: bool = False) -> tuple[torch.nn.Module, ckpt.ModelCard, torch.Tensor, list, list, dict]:
+def gallery_inputs(
+    gallery_model: str | os.PathLike,
+    data: str,
+    *,
+    split: str = "gallery",
+    protocol: str = "closed",
+    strict: bool = False,
+) -> tuple[torch.nn.Module, ckpt.ModelCard, torch.Tensor, list, list, dict]:
     """What building an index needs: the gallery model and card, the split's images, labels,
     sources, and the sidecar meta (shared by the single- and multi-process builds)."""
     model, card = ckpt.load_model(gallery_model)
-    dataset = create_dataset(data, protocol=protocol, image_size=card.image_size, channels=card.in_chans,
-                             strict=strict, splits=(split,))
+    dataset = create_dataset(
+        data, protocol=protocol, image_size=card.image_size, channels=card.in_chans, strict=strict, splits=(split,)
+    )
     part = dataset.split(split)
     labels = [dataset.classes[i] for i in part.labels.tolist()]
     sources = part.sources or [f"{data}:{split}:{i}" for i in range(len(part))]
@@ -46,25 +54,47 @@ def gallery_inputs(gallery_model: str | os.PathLike, data: str, *, split: str = 
     return model, card, part.images, labels, sources, meta
 
 
-def build_gallery_index(gallery_model: str | os.PathLike, data: str, out: str, *, split: str = "gallery",
-                        factory: str = "Flat", protocol: str = "closed", batch_size: int = 256,
-                        shard_size: int = 4096, progress: bool = True, strict: bool = False) -> GalleryIndex:
+def build_gallery_index(
+    gallery_model: str | os.PathLike,
+    data: str,
+    out: str,
+    *,
+    split: str = "gallery",
+    factory: str = "Flat",
+    protocol: str = "closed",
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    progress: bool = True,
+    strict: bool = False,
+) -> GalleryIndex:
     """Embed one split of a dataset with the gallery model into a new index at ``out``; resumable."""
-    model, card, images, labels, sources, meta = gallery_inputs(gallery_model, data, split=split,
-                                                                protocol=protocol, strict=strict)
+    model, card, images, labels, sources, meta = gallery_inputs(
+        gallery_model, data, split=split, protocol=protocol, strict=strict
+    )
 
     def embed_fn(batch: torch.Tensor) -> np.ndarray:
         return embed_images(model, batch, card.mean, card.std, batch_size).numpy()
 
-    return build_index(out, images, labels, sources, embed_fn, factory=factory, meta=meta,
-                       batch_size=batch_size, shard_size=shard_size, progress=progress)
+    return build_index(
+        out,
+        images,
+        labels,
+        sources,
+        embed_fn,
+        factory=factory,
+        meta=meta,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        progress=progress,
+    )
 
 
 class Searcher:
     """An index plus a compatible query encoder: images in, ranked gallery records out."""
 
-    def __init__(self, index: str | GalleryIndex, query_model: str | os.PathLike | QueryEncoder, *,
-                 force: bool = False) -> None:
+    def __init__(
+        self, index: str | GalleryIndex, query_model: str | os.PathLike | QueryEncoder, *, force: bool = False
+    ) -> None:
         self.index = open_index(index) if isinstance(index, str) else index
         try:
             self.encoder = query_model if isinstance(query_model, QueryEncoder) else load_query_encoder(query_model)
@@ -98,5 +128,13 @@ class Searcher:
 
 # QueryEncoder, load_query_encoder, SearchError and index_meta are re-exported from their homes
 # (hvs.encoders, hvs.errors, hvs.compat) for callers that import them from here.
-__all__ = ["IndexStoreError", "QueryEncoder", "SearchError", "Searcher", "build_gallery_index", "gallery_inputs",
-           "index_meta", "load_query_encoder"]
+__all__ = [
+    "IndexStoreError",
+    "QueryEncoder",
+    "SearchError",
+    "Searcher",
+    "build_gallery_index",
+    "gallery_inputs",
+    "index_meta",
+    "load_query_encoder",
+]

@@ -67,9 +67,10 @@ see :mod:`hvs.distributed`; without them nothing below happens and no process gr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,8 +81,7 @@ from .data import RetrievalData, create_dataset
 from .losses import MarginHead, parse_compat
 from .models import create_model
 from .training import core
-from .training.core import (KILL_AFTER_EPOCH_ENV, Batches, TrainError, hooks, make_optimizer,  # noqa: F401
-                            read_mapping)
+from .training.core import KILL_AFTER_EPOCH_ENV, Batches, TrainError, hooks, make_optimizer, read_mapping  # noqa: F401
 from .training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
 from .training.run import LOG, STATE, TRAIN_CONFIG, RunFolder  # noqa: F401  (re-exported)
 
@@ -121,7 +121,7 @@ class TrainConfig:
     strict: bool = False  # unreadable images are an error instead of skipped
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return core.config_from_dict(cls, d, "training")
 
 
@@ -182,9 +182,17 @@ class _ModelTask:
         pass  # the model folder is written once, at the end
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: RetrievalData | None = None,
-          log: Callable[[str], None] = print, model: nn.Module | None = None,
-          classifier: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> ckpt.ModelCard:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data: RetrievalData | None = None,
+    log: Callable[[str], None] = print,
+    model: nn.Module | None = None,
+    classifier: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ckpt.ModelCard:
     """Train a model as configured; returns the card of the finished model folder ``cfg.out``.
 
     ``model``: a module to train (in place) instead of a new ``cfg.model``, whose weights it must
@@ -201,12 +209,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     run = RunFolder(cfg.out, TrainError)
     run.check(asdict(cfg), asdict(TrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
 
-    data = data if data is not None else create_dataset(cfg.data, protocol=cfg.protocol, image_size=cfg.image_size,
-                                                        seed=cfg.data_seed, strict=cfg.strict)
+    data = (
+        data
+        if data is not None
+        else create_dataset(
+            cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed, strict=cfg.strict
+        )
+    )
     _log_data(cfg, data, device, log)
     classes, images, targets = _training_set(cfg, data)
-    batches = Batches(images, targets, data.mean, data.std, cfg.batch_size, aug, cfg.seed, cfg.channels_last,
-                      device, dist.rank(), dist.world_size())
+    batches = Batches(
+        images,
+        targets,
+        data.mean,
+        data.std,
+        cfg.batch_size,
+        aug,
+        cfg.seed,
+        cfg.channels_last,
+        device,
+        dist.rank(),
+        dist.world_size(),
+    )
     gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log)
     net = _build_net(cfg, data, classes, model, classifier, device).to(device)
     terms.to(device)
@@ -217,8 +241,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     task = _ModelTask(net, terms, device)
     start, history = core.resume(run, task, opt, sched, cfg.epochs, log) if resume else (0, [])
-    history = core.fit(task, run, batches, opt, sched, epochs=cfg.epochs, start_epoch=start, history=history,
-                       progress=progress, log=log)
+    history = core.fit(
+        task,
+        run,
+        batches,
+        opt,
+        sched,
+        epochs=cfg.epochs,
+        start_epoch=start,
+        history=history,
+        progress=progress,
+        log=log,
+    )
     if dist.is_main():
         card = _model_card(cfg, data, classes, compat, gallery, history, extra)
         core.save_trained_model(cfg.out, net.model, card, classifier=net.head.weight)
@@ -240,8 +274,10 @@ def _check_options(cfg: TrainConfig) -> tuple[list[tuple[str, float]], set[str]]
         raise TrainError(f"unknown role {cfg.role!r}; use gallery or query")
     aug = core.parse_augment(cfg.augment)
     if cfg.batch_size % dist.world_size():
-        raise TrainError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
-                         f"{dist.world_size()} processes")
+        raise TrainError(
+            f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
+            f"{dist.world_size()} processes"
+        )
     return compat, aug
 
 
@@ -249,9 +285,11 @@ def _log_data(cfg: TrainConfig, data: RetrievalData, device: torch.device, log: 
     log(data.summary())
     world = dist.world_size()
     if world > 1:
-        log(f"data-parallel on {world} processes ({dist.info().backend}, {device.type}): global batch "
+        log(
+            f"data-parallel on {world} processes ({dist.info().backend}, {device.type}): global batch "
             f"{cfg.batch_size} = {world} x {cfg.batch_size // world}"
-            + (", BatchNorm synchronised" if cfg.sync_bn else ", BatchNorm per process"))
+            + (", BatchNorm synchronised" if cfg.sync_bn else ", BatchNorm per process")
+        )
 
 
 def _training_set(cfg: TrainConfig, data: RetrievalData) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -265,13 +303,19 @@ def _training_set(cfg: TrainConfig, data: RetrievalData) -> tuple[list[str], tor
     row_of[class_ids] = torch.arange(len(class_ids))
     order = torch.arange(len(split))
     if cfg.train_subset and cfg.train_subset < len(order):
-        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(cfg.data_seed))[:cfg.train_subset]
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.train_subset]
     return [data.classes[i] for i in class_ids.tolist()], split.images[order], row_of[split.labels][order]
 
 
-def _compat_terms(cfg: TrainConfig, compat: list[tuple[str, float]], data: RetrievalData, classes: list[str],
-                  images: torch.Tensor, targets: torch.Tensor, log: Callable[[str], None]
-                  ) -> tuple[FrozenGallery | None, CompatTerms]:
+def _compat_terms(
+    cfg: TrainConfig,
+    compat: list[tuple[str, float]],
+    data: RetrievalData,
+    classes: list[str],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    log: Callable[[str], None],
+) -> tuple[FrozenGallery | None, CompatTerms]:
     """The frozen gallery model (with --gallery) and the compatibility losses built on it."""
     if not cfg.gallery:
         return None, CompatTerms([])
@@ -281,8 +325,14 @@ def _compat_terms(cfg: TrainConfig, compat: list[tuple[str, float]], data: Retri
     return gallery, build_compat_terms(compat, gallery, context, to_gallery=renormalizer(data, gallery.card))
 
 
-def _build_net(cfg: TrainConfig, data: RetrievalData, classes: list[str], model: nn.Module | None,
-               classifier: torch.Tensor | None, device: torch.device) -> _Net:
+def _build_net(
+    cfg: TrainConfig,
+    data: RetrievalData,
+    classes: list[str],
+    model: nn.Module | None,
+    classifier: torch.Tensor | None,
+    device: torch.device,
+) -> _Net:
     """The model (new from the registry, the given module, or --init-from's weights) and its head."""
     torch.manual_seed(cfg.seed)  # not offset by rank: every rank starts from the same weights
     registered = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **cfg.model_kwargs)
@@ -294,8 +344,10 @@ def _build_net(cfg: TrainConfig, data: RetrievalData, classes: list[str], model:
         _init_weights(model, head, classes, cfg.init_from)
     if classifier is not None:
         if tuple(classifier.shape) != tuple(head.weight.shape):
-            raise TrainError(f"classifier of shape {tuple(classifier.shape)} does not fit {len(classes)} classes x "
-                             f"{cfg.embed_dim}-d embeddings")
+            raise TrainError(
+                f"classifier of shape {tuple(classifier.shape)} does not fit {len(classes)} classes x "
+                f"{cfg.embed_dim}-d embeddings"
+            )
         head.weight.data.copy_(classifier)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.seed + dist.rank())  # anything random from here on differs between ranks
@@ -310,8 +362,9 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str, n
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise TrainError(f"{what}: its weights do not fit model {name} as configured "
-                         f"({str(e).splitlines()[0]})") from None
+        raise TrainError(
+            f"{what}: its weights do not fit model {name} as configured ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def _init_weights(model: nn.Module, head: MarginHead, classes: list[str], folder: str) -> None:
@@ -322,15 +375,35 @@ def _init_weights(model: nn.Module, head: MarginHead, classes: list[str], folder
         head.weight.data.copy_(ckpt.load_classifier(folder))
 
 
-def _model_card(cfg: TrainConfig, data: RetrievalData, classes: list[str], compat: list[tuple[str, float]],
-                gallery: FrozenGallery | None, history: list[dict], extra: dict[str, Any] | None) -> ckpt.ModelCard:
+def _model_card(
+    cfg: TrainConfig,
+    data: RetrievalData,
+    classes: list[str],
+    compat: list[tuple[str, float]],
+    gallery: FrozenGallery | None,
+    history: list[dict],
+    extra: dict[str, Any] | None,
+) -> ckpt.ModelCard:
     return ckpt.ModelCard(
-        model=cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, image_size=data.image_size,
-        mean=list(data.mean), std=list(data.std), role=cfg.role or ("query" if cfg.gallery else "gallery"),
-        model_kwargs=dict(cfg.model_kwargs), classes=classes, compat=[list(c) for c in compat],
+        model=cfg.model,
+        embed_dim=cfg.embed_dim,
+        in_chans=data.channels,
+        image_size=data.image_size,
+        mean=list(data.mean),
+        std=list(data.std),
+        role=cfg.role or ("query" if cfg.gallery else "gallery"),
+        model_kwargs=dict(cfg.model_kwargs),
+        classes=classes,
+        compat=[list(c) for c in compat],
         compatible_with=None if gallery is None else gallery.reference(),
-        extra={"data": cfg.data, "protocol": data.protocol, "epochs": cfg.epochs,
-               "final": history[-1] if history else {}, **(extra or {})})
+        extra={
+            "data": cfg.data,
+            "protocol": data.protocol,
+            "epochs": cfg.epochs,
+            "final": history[-1] if history else {},
+            **(extra or {}),
+        },
+    )
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -26,7 +26,11 @@ def build_tiny_world(root, spec: str = TINY_SPEC):
     data = create_dataset(spec)
     common = dict(data=spec, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05)
     train(TrainConfig(out=str(root / "g"), **common), data=data, progress=False, log=lambda _: None)
-    train(TrainConfig(out=str(root / "q"), gallery=str(root / "g"), compat=["bct"], **common), data=data,
-          progress=False, log=lambda _: None)
+    train(
+        TrainConfig(out=str(root / "q"), gallery=str(root / "g"), compat=["bct"], **common),
+        data=data,
+        progress=False,
+        log=lambda _: None,
+    )
     build_gallery_index(root / "g", spec, f"faiss:{root / 'idx'}", progress=False)
     return data

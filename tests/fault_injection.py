@@ -47,9 +47,10 @@ import shutil
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 KILLED = 137  # exit status of a process killed by SIGKILL, as a shell reports it
 
@@ -59,9 +60,25 @@ KILLED = 137  # exit status of a process killed by SIGKILL, as a shell reports i
 OPAQUE_WRITERS: dict[str, dict[str, int]] = {"faiss": {"write_index": 1}}
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_REAL = {name: getattr(os, name) for name in ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync",
-                                               "close", "replace", "rename", "unlink", "remove", "rmdir",
-                                               "mkdir", "chmod")}
+_REAL = {
+    name: getattr(os, name)
+    for name in (
+        "open",
+        "write",
+        "pwrite",
+        "ftruncate",
+        "fsync",
+        "fdatasync",
+        "close",
+        "replace",
+        "rename",
+        "unlink",
+        "remove",
+        "rmdir",
+        "mkdir",
+        "chmod",
+    )
+}
 _REAL_IO_OPEN = io.open
 
 
@@ -187,8 +204,9 @@ class _Tracer:
         op = Op(len(self.ops), kind, path, size)
         self.ops.append(op)
         if self.crash is not None and self.crash.op == op.index:
-            self.report({"killed_at": op.index, "kinds": [o.kind for o in self.ops],
-                         "sizes": [o.size for o in self.ops]})
+            self.report(
+                {"killed_at": op.index, "kinds": [o.kind for o in self.ops], "sizes": [o.size for o in self.ops]}
+            )
             if self.crash.torn and torn is not None:
                 torn()
             os._exit(KILLED)
@@ -231,8 +249,9 @@ class _Tracer:
             if p is None:
                 return real["pwrite"](fd, data, offset)
             view = memoryview(data).cast("B")
-            i = t.op("pwrite", t._rel(p), view.nbytes,
-                     torn=lambda: real["pwrite"](fd, view[: view.nbytes // 2], offset))
+            i = t.op(
+                "pwrite", t._rel(p), view.nbytes, torn=lambda: real["pwrite"](fd, view[: view.nbytes // 2], offset)
+            )
             return t.run(i, real["pwrite"], fd, data, offset)
 
         def on_fd(name):
@@ -243,6 +262,7 @@ class _Tracer:
                 if name in ("fsync", "fdatasync"):
                     return t.run(i, _checked_no_sync, fd)  # see _checked_no_sync
                 return t.run(i, real[name], fd, *args)
+
             return fn
 
         def close(fd):
@@ -252,9 +272,13 @@ class _Tracer:
         def two_paths(name):
             def fn(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
                 a, b = t._abs(src, src_dir_fd), t._abs(dst, dst_dir_fd)
-                i = (t.op(name, f"{t._rel(a) if a else src} -> {t._rel(b) if b else dst}")
-                     if t._mine(a) or t._mine(b) else None)
+                i = (
+                    t.op(name, f"{t._rel(a) if a else src} -> {t._rel(b) if b else dst}")
+                    if t._mine(a) or t._mine(b)
+                    else None
+                )
                 return t.run(i, real[name], src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
             return fn
 
         def one_path(name):
@@ -264,12 +288,15 @@ class _Tracer:
                 if dir_fd is not None:
                     kwargs["dir_fd"] = dir_fd
                 return t.run(i, real[name], path, *args, **kwargs)
+
             return fn
 
-        def io_open(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True,
-                    opener=None):
-            p = t.fds.get(file) if isinstance(file, int) else (
-                t._abs(file) if isinstance(file, (str, bytes, os.PathLike)) else None)
+        def io_open(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+            p = (
+                t.fds.get(file)
+                if isinstance(file, int)
+                else (t._abs(file) if isinstance(file, (str, bytes, os.PathLike)) else None)
+            )
             if not t._mine(p) or not set(mode) & set("wxa") or "+" in mode or opener is not None:
                 f = _REAL_IO_OPEN(file, mode, buffering, encoding, errors, newline, closefd, opener)
                 if not isinstance(file, int):
@@ -278,8 +305,11 @@ class _Tracer:
             if isinstance(file, int):
                 fd = file
             else:
-                flags = os.O_WRONLY | os.O_CREAT | {"w": os.O_TRUNC, "x": os.O_EXCL, "a": os.O_APPEND}[
-                    next(c for c in mode if c in "wxa")]
+                flags = (
+                    os.O_WRONLY
+                    | os.O_CREAT
+                    | {"w": os.O_TRUNC, "x": os.O_EXCL, "a": os.O_APPEND}[next(c for c in mode if c in "wxa")]
+                )
                 fd = os.open(file, flags, 0o666)
                 closefd = True
             raw = _HeldWriter(fd, p, closefd)
@@ -296,6 +326,7 @@ class _Tracer:
             setattr(os, name, one_path(name))
         io.open = io_open
         import builtins
+
         builtins.open = io_open
 
         for module_name, functions in OPAQUE_WRITERS.items():
@@ -319,8 +350,10 @@ class _Tracer:
                 size = os.path.getsize(p)
                 with _REAL_IO_OPEN(p, "r+b") as f:
                     f.truncate(size // 2)
+
             i = t.op("opaque-write", t._rel(p), torn=torn)  # its size is known only once written
             return t.run(i, fn, *args, **kwargs)
+
         return wrapped
 
 
@@ -371,8 +404,9 @@ def _single_threaded() -> None:
         faiss.omp_set_num_threads(1)
 
 
-def run_in_child(fn: Callable[[Callable[[dict], None]], None], timeout: int = 60,
-                 env: dict[str, str] | None = None) -> tuple[int, list[dict]]:
+def run_in_child(
+    fn: Callable[[Callable[[dict], None]], None], timeout: int = 60, env: dict[str, str] | None = None
+) -> tuple[int, list[dict]]:
     """Run ``fn(report)`` in a forked child; return its exit code and the dicts it reported.
 
     ``report`` sends a JSON-able dict to the parent. An exception in the child is reported as
@@ -392,7 +426,7 @@ def run_in_child(fn: Callable[[Callable[[dict], None]], None], timeout: int = 60
             def report(msg: dict) -> None:
                 data = (json.dumps(msg) + "\n").encode()
                 while data:
-                    data = data[_REAL["write"](w, data):]
+                    data = data[_REAL["write"](w, data) :]
 
             try:
                 fn(report)
@@ -428,8 +462,9 @@ def record_ops(root: Path, commit: Callable[[Path], Any], timeout: int = 60) -> 
     return [Op(i, kind, path, size, failed) for i, (kind, path, size, failed) in enumerate(ops)]
 
 
-def crash_commit(root: Path, commit: Callable[[Path], Any], point: CrashPoint, ops: Sequence[Op],
-                 timeout: int = 60) -> None:
+def crash_commit(
+    root: Path, commit: Callable[[Path], Any], point: CrashPoint, ops: Sequence[Op], timeout: int = 60
+) -> None:
     """Run ``commit(root)`` in a child killed at ``point``; check it died where the recording said."""
 
     def child(report):
@@ -437,8 +472,13 @@ def crash_commit(root: Path, commit: Callable[[Path], Any], point: CrashPoint, o
         tracer.install()
         commit(root)
         if point.op >= len(ops):  # after the last op, before the commit returns to its caller
-            report({"killed_at": len(tracer.ops), "kinds": [o.kind for o in tracer.ops],
-                    "sizes": [o.size for o in tracer.ops]})
+            report(
+                {
+                    "killed_at": len(tracer.ops),
+                    "kinds": [o.kind for o in tracer.ops],
+                    "sizes": [o.size for o in tracer.ops],
+                }
+            )
             os._exit(KILLED)
 
     code, msgs = run_in_child(child, timeout)
@@ -463,6 +503,7 @@ def fingerprint(obj: Any) -> Any:
         obj = obj.detach().cpu().contiguous().numpy()
     if hasattr(obj, "dtype") and hasattr(obj, "tobytes"):
         import numpy as np
+
         arr = np.ascontiguousarray(obj)
         return ("array", str(arr.dtype), tuple(arr.shape), hashlib.sha256(arr.tobytes()).hexdigest()[:16])
     if isinstance(obj, dict):
@@ -526,11 +567,19 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def crash_matrix(workdir: Path, prepare: Callable[[Path], Any], commit: Callable[[Path], Any],
-                 observe: Callable[[Path], Any], *, nothing: Callable[[BaseException], bool] = lambda e: False,
-                 allowed: Callable[[Any, Any], list] | None = None,
-                 recover: Callable[[Path, Any, Any], Any] | None = None,
-                 torn: bool = True, prune: bool = True, timeout: int = 60) -> Report:
+def crash_matrix(
+    workdir: Path,
+    prepare: Callable[[Path], Any],
+    commit: Callable[[Path], Any],
+    observe: Callable[[Path], Any],
+    *,
+    nothing: Callable[[BaseException], bool] = lambda e: False,
+    allowed: Callable[[Any, Any], list] | None = None,
+    recover: Callable[[Path, Any, Any], Any] | None = None,
+    torn: bool = True,
+    prune: bool = True,
+    timeout: int = 60,
+) -> Report:
     """Kill ``commit`` at every file operation and check what each kill left.
 
     ``prepare(root)`` makes the artefact as it is before the commit in ``root`` (``workdir/artefact``;
@@ -560,8 +609,9 @@ def crash_matrix(workdir: Path, prepare: Callable[[Path], Any], commit: Callable
         os.fsync, os.fdatasync = synced
 
 
-def _crash_all(template: Path, root: Path, commit, observe, nothing, allowed, recover, torn: bool, prune: bool,
-               timeout: int) -> Report:
+def _crash_all(
+    template: Path, root: Path, commit, observe, nothing, allowed, recover, torn: bool, prune: bool, timeout: int
+) -> Report:
     from hvs.errors import HVSError
 
     def fresh() -> None:
@@ -597,8 +647,9 @@ def _crash_all(template: Path, root: Path, commit, observe, nothing, allowed, re
             continue
         except Exception as e:
             tb = traceback.extract_tb(e.__traceback__)[-1]
-            report.outcomes.append(Outcome(point, where, "traceback",
-                                           f"{_one_line(e)} at {Path(tb.filename).name}:{tb.lineno}"))
+            report.outcomes.append(
+                Outcome(point, where, "traceback", f"{_one_line(e)} at {Path(tb.filename).name}:{tb.lineno}")
+            )
             continue
         verdict = next((name for name, s in good.items() if state == s), None)
         if verdict is None:

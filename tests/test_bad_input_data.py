@@ -78,19 +78,40 @@ def models(tmp_path_factory):
     the cases are about what data reaches the models, not how well they do)."""
     root = tmp_path_factory.mktemp("models")
     g = create_model("cnn-nano", embed_dim=8, in_chans=1)
-    g_card = save_model_folder(root / "g", g, ModelCard("cnn-nano", 8, 1, SIZE, [0.5], [0.25],
-                                                        classes=list(CLASSES)))
+    g_card = save_model_folder(root / "g", g, ModelCard("cnn-nano", 8, 1, SIZE, [0.5], [0.25], classes=list(CLASSES)))
     q = create_model("cnn-nano", embed_dim=8, in_chans=1)
-    save_model_folder(root / "q", q, ModelCard("cnn-nano", 8, 1, SIZE, [0.5], [0.25], role="query",
-                                               compatible_with={"fingerprint": g_card.fingerprint,
-                                                                "model": "cnn-nano", "path": str(root / "g")}))
+    save_model_folder(
+        root / "q",
+        q,
+        ModelCard(
+            "cnn-nano",
+            8,
+            1,
+            SIZE,
+            [0.5],
+            [0.25],
+            role="query",
+            compatible_with={"fingerprint": g_card.fingerprint, "model": "cnn-nano", "path": str(root / "g")},
+        ),
+    )
     return root / "g", root / "q"
 
 
 def evaluate_argv(models, spec, *extra):
     g, q = models
-    return ["evaluate", "--gallery-model", g, "--query-model", q, "--data", spec, "--no-latency",
-            "--bootstrap", "20", *extra]
+    return [
+        "evaluate",
+        "--gallery-model",
+        g,
+        "--query-model",
+        q,
+        "--data",
+        spec,
+        "--no-latency",
+        "--bootstrap",
+        "20",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- leaks and channels
@@ -102,20 +123,33 @@ def test_evaluate_reads_a_3_channel_csv_for_1_channel_models(models, tmp_path, c
     rc, out, err = run(evaluate_argv(models, spec), capsys)
     assert (rc, err) == (0, [])
     assert "M(q->g)" in out and "4 queries, 4 gallery items" in out
-    rc, out, err = run(["index", "build", "--gallery-model", models[0], "--data", spec,
-                        "--out", f"faiss:{tmp_path / 'idx'}", "--no-progress"], capsys)
+    rc, out, err = run(
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            models[0],
+            "--data",
+            spec,
+            "--out",
+            f"faiss:{tmp_path / 'idx'}",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert (rc, err) == (0, []) and "4 vectors" in out
 
 
-def test_query_files_listed_again_in_the_gallery_warn_with_the_count_and_strict_refuses(models, tmp_path,
-                                                                                          capsys):
+def test_query_files_listed_again_in_the_gallery_warn_with_the_count_and_strict_refuses(models, tmp_path, capsys):
     rows = clean_rows(rgb_files(tmp_path))
     leaked = rows + [(rel, cls, "gallery") for rel, cls, split in rows if split == "query"]
     spec = write_manifest(tmp_path / "leak.csv", leaked)
     rc, out, err = run(evaluate_argv(models, spec), capsys)
     assert rc == 0
-    assert err == [f"hvs: warning: {spec}: 4 query item(s) are also in the gallery (same source and pixels), "
-                   f"e.g. {tmp_path / 'img' / 'a_2.png'}; every model finds them at rank 1"]
+    assert err == [
+        f"hvs: warning: {spec}: 4 query item(s) are also in the gallery (same source and pixels), "
+        f"e.g. {tmp_path / 'img' / 'a_2.png'}; every model finds them at rank 1"
+    ]
     assert "note: data: " in out  # the report carries it too
     rc, out, err = run(evaluate_argv(models, spec, "--strict"), capsys)
     assert rc == 2 and len(err) == 1 and out == ""
@@ -140,8 +174,10 @@ def test_a_row_repeated_within_a_split_is_one_warning_line_per_split(models, tmp
     spec = write_manifest(tmp_path / "twice.csv", rows + gallery[:3])
     rc, _, err = run(evaluate_argv(models, spec), capsys)
     assert rc == 0
-    assert err == [f"hvs: warning: {spec}: 3 gallery item(s) are listed more than once in the gallery split "
-                   f"(same source and pixels), e.g. {tmp_path / 'img' / 'a_3.png'}"]
+    assert err == [
+        f"hvs: warning: {spec}: 3 gallery item(s) are listed more than once in the gallery split "
+        f"(same source and pixels), e.g. {tmp_path / 'img' / 'a_3.png'}"
+    ]
     rc, _, err = run(evaluate_argv(models, spec, "--strict"), capsys)
     assert rc == 2 and len(err) == 1 and "3 gallery item(s) are listed more than once" in err[0]
 
@@ -158,8 +194,10 @@ def test_an_empty_imagefolder_class_is_left_out_with_one_line_naming_it(tmp_path
     (tmp_path / "tree" / "empty" / "README.txt").write_text("not an image")
     rc, out, err = run(["data", "info", f"imagefolder:{tmp_path / 'tree'}", "--json"], capsys)
     assert rc == 0
-    assert err == [f"hvs: warning: imagefolder:{tmp_path / 'tree'}: 1 class folder(s) hold no images and "
-                   f"are not used as classes: {tmp_path / 'tree' / 'empty'}"]
+    assert err == [
+        f"hvs: warning: imagefolder:{tmp_path / 'tree'}: 1 class folder(s) hold no images and "
+        f"are not used as classes: {tmp_path / 'tree' / 'empty'}"
+    ]
     assert '"classes": 4' in out
 
 
@@ -168,8 +206,21 @@ def test_index_build_decodes_only_the_gallery(models, tmp_path, capsys):
     (tmp_path / "img" / "broken.png").write_bytes(b"not a png")
     rows.append(("img/broken.png", "a", "train"))  # only a train row is unreadable
     spec = write_manifest(tmp_path / "m.csv", rows)
-    rc, out, err = run(["index", "build", "--gallery-model", models[0], "--data", spec, "--strict",
-                        "--out", f"faiss:{tmp_path / 'idx'}", "--no-progress"], capsys)
+    rc, out, err = run(
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            models[0],
+            "--data",
+            spec,
+            "--strict",
+            "--out",
+            f"faiss:{tmp_path / 'idx'}",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert (rc, err) == (0, []) and "4 vectors" in out
     # evaluate needs query and gallery only, too; the train row is still read by training
     rc, _, err = run(evaluate_argv(models, spec, "--strict"), capsys)
@@ -188,10 +239,18 @@ def test_an_altered_kanji_fonts_cache_is_a_one_line_error(tmp_path, capsys):
     from hvs.data import kanji_fonts as kf
 
     chars = kf.jis_level1()[:6]
-    faces = [kf.FontFace("Boxes Print", "Regular", make_font(tmp_path / "p.ttf", chars, "Boxes Print"),
-                         kind=kf.PRINT, package="test"),
-             kf.FontFace("Boxes Hand", "Regular", make_font(tmp_path / "h.ttf", chars, "Boxes Hand"),
-                         kind=kf.HANDWRITING, package="test")]
+    faces = [
+        kf.FontFace(
+            "Boxes Print", "Regular", make_font(tmp_path / "p.ttf", chars, "Boxes Print"), kind=kf.PRINT, package="test"
+        ),
+        kf.FontFace(
+            "Boxes Hand",
+            "Regular",
+            make_font(tmp_path / "h.ttf", chars, "Boxes Hand"),
+            kind=kf.HANDWRITING,
+            package="test",
+        ),
+    ]
     kf.build_cache(str(tmp_path / "kf"), size=SIZE, limit=6, faces=faces, progress=False)
     spec = f"kanji-fonts:{tmp_path / 'kf'},size={SIZE},limit=6"
     assert run(["data", "info", spec], capsys)[0] == 0

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SPEC, build_tiny_world
 from PIL import Image
 
 from hvs import checkpoint as ckpt
 from hvs.cli import main
-
-from conftest import TINY_SPEC, build_tiny_world
 
 PYTHON_WORDING = ("create=True", "work_dir", "skip_bad", "Traceback")
 
@@ -63,22 +62,43 @@ def _version(index: Path) -> Path:
 
 def test_k_below_one(world, index, capsys):
     for k in ("0", "-3"):
-        fails(capsys, ["search", "--index", str(index), "--query-model", str(world / "q"), "-k", k,
-                       str(world / "query.png")], "k must be a positive integer")
+        fails(
+            capsys,
+            ["search", "--index", str(index), "--query-model", str(world / "q"), "-k", k, str(world / "query.png")],
+            "k must be a positive integer",
+        )
 
 
 def test_huge_k_returns_the_whole_gallery(world, index, capsys):
     """Not an error: k is capped at the index size (5e6 keeps the pre-fix failure mode affordable;
     the index tests measure that no k-sized buffer is allocated)."""
     capsys.readouterr()
-    assert main(["search", "--index", str(index), "--query-model", str(world / "q"), "-k", "5000000", "--json",
-                 str(world / "query.png")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(index),
+                "--query-model",
+                str(world / "q"),
+                "-k",
+                "5000000",
+                "--json",
+                str(world / "query.png"),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 18
 
 
 def test_id_beyond_int64(index, capsys):
-    fails(capsys, ["index", "remove", "--index", str(index), "99999999999999999999999"],
-          "id 99999999999999999999999 is out of range", "int64")
+    fails(
+        capsys,
+        ["index", "remove", "--index", str(index), "99999999999999999999999"],
+        "id 99999999999999999999999 is out of range",
+        "int64",
+    )
 
 
 def test_flipped_bytes_in_index_faiss(index, capsys):
@@ -103,31 +123,107 @@ def test_bad_rows_in_vectors_npy(index, capsys, value):
 
 def test_factory_needing_more_vectors_fails_before_embedding_and_flat_reuses_nothing_stale(world, tmp_path, capsys):
     out = tmp_path / "ivf"
-    fails(capsys, ["index", "build", "--gallery-model", str(world / "g"), "--data", TINY_SPEC, "--out", str(out),
-                   "--factory", "IVF256,Flat", "--no-progress"], "'IVF256,Flat' needs at least 256 vectors", "got 18")
+    fails(
+        capsys,
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            str(world / "g"),
+            "--data",
+            TINY_SPEC,
+            "--out",
+            str(out),
+            "--factory",
+            "IVF256,Flat",
+            "--no-progress",
+        ],
+        "'IVF256,Flat' needs at least 256 vectors",
+        "got 18",
+    )
     assert not Path(f"{out}.build").exists() or not list(Path(f"{out}.build").rglob("shard_*"))
     capsys.readouterr()
-    assert main(["index", "build", "--gallery-model", str(world / "g"), "--data", TINY_SPEC, "--out", str(out),
-                 "--factory", "Flat", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--gallery-model",
+                str(world / "g"),
+                "--data",
+                TINY_SPEC,
+                "--out",
+                str(out),
+                "--factory",
+                "Flat",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_nan_gallery_model_then_a_retry_with_the_fixed_model(world, tmp_path, capsys):
     out = tmp_path / "nan"
-    line = fails(capsys, ["index", "build", "--gallery-model", str(world / "g-nan"), "--data", TINY_SPEC,
-                          "--out", str(out), "--no-progress"], "embedding of item 0", "NaN")
+    line = fails(
+        capsys,
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            str(world / "g-nan"),
+            "--data",
+            TINY_SPEC,
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        "embedding of item 0",
+        "NaN",
+    )
     assert "gallery model" in line
     capsys.readouterr()
-    assert main(["index", "build", "--gallery-model", str(world / "g"), "--data", TINY_SPEC, "--out", str(out),
-                 "--no-progress"]) == 0  # the failed build's (empty) shard folder does not block it
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--gallery-model",
+                str(world / "g"),
+                "--data",
+                TINY_SPEC,
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )  # the failed build's (empty) shard folder does not block it
 
 
 def test_nan_query_model(world, index, capsys):
-    fails(capsys, ["search", "--index", str(index), "--query-model", str(world / "q-nan"),
-                   str(world / "query.png")], "NaN or inf")
+    fails(
+        capsys,
+        ["search", "--index", str(index), "--query-model", str(world / "q-nan"), str(world / "query.png")],
+        "NaN or inf",
+    )
 
 
 def test_missing_index_and_existing_output_use_cli_wording(world, index, tmp_path, capsys):
     line = fails(capsys, ["index", "info", "--index", str(tmp_path / "nowhere")], "no index at")
     assert "hvs index build" in line
-    fails(capsys, ["index", "build", "--gallery-model", str(world / "g"), "--data", TINY_SPEC, "--out", str(index),
-                   "--no-progress"], "already exists")
+    fails(
+        capsys,
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            str(world / "g"),
+            "--data",
+            TINY_SPEC,
+            "--out",
+            str(index),
+            "--no-progress",
+        ],
+        "already exists",
+    )

@@ -20,8 +20,21 @@ from hvs.cli import main
 from hvs.train import TrainConfig, train
 
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
-FLAGS = ["--data", SPEC, "--model", "cnn-nano", "--embed-dim", "16", "--epochs", "1", "--batch-size", "32",
-         "--lr", "0.05", "--no-progress"]
+FLAGS = [
+    "--data",
+    SPEC,
+    "--model",
+    "cnn-nano",
+    "--embed-dim",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--no-progress",
+]
 STALE = ".state.pt.k3x9_q2a.tmp"  # the name a killed atomic write of state.pt leaves
 
 
@@ -29,8 +42,11 @@ STALE = ".state.pt.k3x9_q2a.tmp"  # the name a killed atomic write of state.pt l
 def gallery(tmp_path_factory):
     """A finished 1-epoch run folder (model folder + state.pt), made once; tests copy it."""
     out = tmp_path_factory.mktemp("bad-input") / "g"
-    train(TrainConfig(out=str(out), data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05),
-          progress=False, log=lambda _: None)
+    train(
+        TrainConfig(out=str(out), data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05),
+        progress=False,
+        log=lambda _: None,
+    )
     return out
 
 
@@ -89,13 +105,16 @@ def test_a_folder_with_a_checkpoint_still_needs_resume(gallery, tmp_path, capsys
     one_line_error(rc, err, "already holds a run; pass --resume")
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("embed_dim", "abc", "embed_dim must be an integer, got string"),
-    ("mean", None, "mean must be a list of numbers, got null"),
-    ("compatible_with", "runs/g", "compatible_with must be an object or null, got string"),
-    ("classes", [1, 2], "classes must be a list of strings"),
-    ("image_size", True, "image_size must be an integer, got boolean"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("embed_dim", "abc", "embed_dim must be an integer, got string"),
+        ("mean", None, "mean must be a list of numbers, got null"),
+        ("compatible_with", "runs/g", "compatible_with must be an object or null, got string"),
+        ("classes", [1, 2], "classes must be a list of strings"),
+        ("image_size", True, "image_size must be an integer, got boolean"),
+    ],
+)
 def test_a_model_card_with_a_wrong_value_type(gallery, tmp_path, capsys, key, value, expected):
     g = copy_of(gallery, tmp_path)
     config = json.loads((g / ckpt.CONFIG).read_text())

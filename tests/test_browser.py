@@ -11,16 +11,25 @@ import sys
 import time
 
 import pytest
-
 from conftest import build_tiny_world
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (scripts/system_deps.sh) to run the browser test",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} not found: install Debian's chromium (scripts/system_deps.sh) to run the browser test",
+        allow_module_level=True,
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 httpx = pytest.importorskip("httpx")
 
@@ -45,9 +54,25 @@ def server(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "HVS_TOKEN"}
     log = open(root / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "hvs", "serve", "--index", f"faiss:{root / 'idx'}",
-                             "--query-model", str(root / "q"), "--port", str(port), "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hvs",
+            "serve",
+            "--index",
+            f"faiss:{root / 'idx'}",
+            "--query-model",
+            str(root / "q"),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 90
@@ -85,8 +110,10 @@ def test_upload_shows_thumbnails_and_scores(server):
             page.set_input_files("#file", str(query))
             page.wait_for_selector("#results .result img", timeout=30_000)
             # every thumbnail actually loaded from /thumb/{id}
-            page.wait_for_function("Array.from(document.querySelectorAll('#results img'))"
-                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('#results img')).every(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000,
+            )
             assert page.locator("#results .result").count() == 10  # default k
             scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
             assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)

@@ -17,12 +17,18 @@ CLI_DIR = Path(cli.__file__).parent
 def _raising(exc: BaseException):
     def cmd(args):
         raise exc
+
     return cmd
 
 
-@pytest.mark.parametrize("exc", [HVSError("the model folder x has no config.json\nsecond line"),
-                                 UsageError("expected KEY=VALUE, got 'width'"),
-                                 FileNotFoundError(2, "No such file or directory", "x.png")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        HVSError("the model folder x has no config.json\nsecond line"),
+        UsageError("expected KEY=VALUE, got 'width'"),
+        FileNotFoundError(2, "No such file or directory", "x.png"),
+    ],
+)
 def test_expected_errors_are_one_line(monkeypatch, capsys, exc):
     monkeypatch.setattr(cli, "cmd_models", _raising(exc))
     assert main(["models"]) == 2
@@ -31,8 +37,7 @@ def test_expected_errors_are_one_line(monkeypatch, capsys, exc):
     assert str(exc).splitlines()[0] in err
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("a bug"), ValueError("a bug that is not an HVSError"),
-                                 KeyError("a bug")])
+@pytest.mark.parametrize("exc", [RuntimeError("a bug"), ValueError("a bug that is not an HVSError"), KeyError("a bug")])
 def test_unexpected_errors_keep_their_traceback(monkeypatch, exc):
     monkeypatch.setattr(cli, "cmd_models", _raising(exc))
     with pytest.raises(type(exc)):
@@ -46,8 +51,21 @@ def test_a_malformed_key_value_is_a_usage_error(tmp_path, capsys):
 
 
 def test_an_unknown_model_is_a_one_line_error(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "run"), "--model", "no-such-model",
-                 "--data", "synthetic:classes=3,train_per_class=4,test_per_class=2,size=8", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "--model",
+                "no-such-model",
+                "--data",
+                "synthetic:classes=3,train_per_class=4,test_per_class=2,size=8",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown model 'no-such-model'; registered:" in err and err.count("\n") == 1
 
@@ -87,10 +105,13 @@ def test_each_registered_command_builds_its_parser(name, capsys):
 
 
 def test_help_imports_no_command_module():
-    code = ("import sys\nfrom hvs.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith('hvs') or m in ('torch', 'numpy')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(cli.__file__).parents[2]).stdout
+    code = (
+        "import sys\nfrom hvs.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('hvs') or m in ('torch', 'numpy')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(cli.__file__).parents[2]
+    ).stdout
     *help_text, modules = out.strip().splitlines()
     assert modules == "['hvs', 'hvs.cli', 'hvs.cli._common', 'hvs.errors']"
     assert all(name in "\n".join(help_text) for name in COMMANDS)  # every command still listed
@@ -105,15 +126,26 @@ def test_command_modules_never_import_the_main_cli_module():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 names = {a.name for a in node.names}
-                package = (node.level == 1 and node.module is None and names - siblings
-                           or node.level == 0 and node.module == "hvs.cli"
-                           or node.level == 2 and (node.module == "cli" or node.module is None and "cli" in names))
+                package = (
+                    node.level == 1
+                    and node.module is None
+                    and names - siblings
+                    or node.level == 0
+                    and node.module == "hvs.cli"
+                    or node.level == 2
+                    and (node.module == "cli" or node.module is None and "cli" in names)
+                )
                 assert not package, f"{path.name} imports hvs.cli"
             elif isinstance(node, ast.Import):
                 assert all(a.name != "hvs.cli" for a in node.names), f"{path.name} imports hvs.cli"
 
 
 def test_python_dash_m_hvs_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "hvs", "--help"], capture_output=True, text=True, check=True,
-                         cwd=Path(cli.__file__).parents[2]).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hvs", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(cli.__file__).parents[2],
+    ).stdout
     assert out.startswith("usage: hvs")

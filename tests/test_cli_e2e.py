@@ -28,13 +28,45 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     assert main(["train", "--model", "cnn-small", "--out", str(root / "g"), *COMMON, *GALLERY_EPOCHS]) == 0
     assert main(["train", "--model", "cnn-nano", "--out", str(root / "q-none"), *COMMON, *QUERY_EPOCHS]) == 0
-    assert main(["train", "--model", "cnn-nano", "--out", str(root / "q-bct"), "--gallery", str(root / "g"),
-                 "--compat", "bct", *COMMON, *QUERY_EPOCHS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn-nano",
+                "--out",
+                str(root / "q-bct"),
+                "--gallery",
+                str(root / "g"),
+                "--compat",
+                "bct",
+                *COMMON,
+                *QUERY_EPOCHS,
+            ]
+        )
+        == 0
+    )
     results = {}
     for name in ("q-none", "q-bct"):
         out = root / f"{name}.json"
-        assert main(["evaluate", "--gallery-model", str(root / "g"), "--query-model", str(root / name),
-                     "--data", DATA, "--json", str(out), "--bootstrap", "200"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--gallery-model",
+                    str(root / "g"),
+                    "--query-model",
+                    str(root / name),
+                    "--data",
+                    DATA,
+                    "--json",
+                    str(out),
+                    "--bootstrap",
+                    "200",
+                ]
+            )
+            == 0
+        )
         results[name] = json.loads(out.read_text())
     return root, results
 
@@ -87,8 +119,18 @@ def test_query_model_for_another_gallery_is_refused(runs, tmp_path, capsys):
     root, _ = runs
     # a second gallery model: the BCT query model was not trained for it
     assert main(["train", "--model", "cnn-nano", "--out", str(tmp_path / "g2"), *ONE_EPOCH, "--embed-dim", "32"]) == 0
-    args = ["evaluate", "--gallery-model", str(tmp_path / "g2"), "--query-model", str(root / "q-bct"), "--data", DATA,
-            "--no-latency", "--bootstrap", "10"]
+    args = [
+        "evaluate",
+        "--gallery-model",
+        str(tmp_path / "g2"),
+        "--query-model",
+        str(root / "q-bct"),
+        "--data",
+        DATA,
+        "--no-latency",
+        "--bootstrap",
+        "10",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained for gallery fingerprint" in err[0] and "--force" in err[0]
@@ -98,8 +140,21 @@ def test_query_model_for_another_gallery_is_refused(runs, tmp_path, capsys):
 def test_dimension_mismatch_is_refused(runs, tmp_path, capsys):
     root, _ = runs
     assert main(["train", "--model", "cnn-nano", "--out", str(tmp_path / "q16"), *ONE_EPOCH, "--embed-dim", "16"]) == 0
-    assert main(["evaluate", "--gallery-model", str(root / "g"), "--query-model", str(tmp_path / "q16"),
-                 "--data", DATA, "--no-latency"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gallery-model",
+                str(root / "g"),
+                "--query-model",
+                str(tmp_path / "q16"),
+                "--data",
+                DATA,
+                "--no-latency",
+            ]
+        )
+        == 2
+    )
     assert "query model embeds 16-d vectors but the gallery model uses 32-d" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_world
 from PIL import Image
 
 from hvs import checkpoint as ckpt
@@ -22,13 +23,20 @@ from hvs.cli import main
 from hvs.compat import CompatError, GallerySide, Preprocessing, QuerySide, check_pair
 from hvs.errors import HVSError, SearchError
 
-from conftest import build_tiny_world
-
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
 OTHER = "0123456789abcdef"  # the fingerprint of some other gallery model
-TINY_SUPERNET = {"embed_dim": 16, "in_chans": 1, "stem_width": 8, "first_width": 8, "stage_widths": [8, 16, 24],
-                 "stage_strides": [2, 2, 1], "stage_acts": ["relu", "h_swish", "h_swish"],
-                 "stage_se": [False, True, True], "final_width": 48, "feature_width": 64}
+TINY_SUPERNET = {
+    "embed_dim": 16,
+    "in_chans": 1,
+    "stem_width": 8,
+    "first_width": 8,
+    "stage_widths": [8, 16, 24],
+    "stage_strides": [2, 2, 1],
+    "stage_acts": ["relu", "h_swish", "h_swish"],
+    "stage_se": [False, True, True],
+    "final_width": 48,
+    "feature_width": 64,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -37,8 +45,16 @@ PRE = Preprocessing(1, 12, (0.5,), (0.25,))
 
 
 def _q(**kw):
-    return QuerySide(**{"name": "cnn-nano", "fingerprint": "qqq", "compatible_with": "ggg", "embed_dim": 16,
-                        "preprocessing": PRE, **kw})
+    return QuerySide(
+        **{
+            "name": "cnn-nano",
+            "fingerprint": "qqq",
+            "compatible_with": "ggg",
+            "embed_dim": 16,
+            "preprocessing": PRE,
+            **kw,
+        }
+    )
 
 
 def _g(**kw):
@@ -51,27 +67,54 @@ def test_compatible_pairs_pass_silently():
     assert check_pair(_q(fingerprint="ggg"), _g(kind=compat.INDEX), same_model=True) is None
 
 
-@pytest.mark.parametrize("query, gallery, kw, message", [
-    (_q(embed_dim=8), _g(), {}, "query model embeds 8-d vectors but the gallery model uses 16-d vectors"),
-    (_q(embed_dim=8), _g(kind=compat.INDEX), {}, "query model embeds 8-d vectors but the index holds 16-d vectors"),
-    (_q(preprocessing=Preprocessing(3, 12)), _g(kind=compat.INDEX), {},
-     "query model reads 3x12px images but the index was built from 1x12px images"),
-    (_q(compatible_with=OTHER), _g(), {},
-     f"query model cnn-nano was trained for gallery fingerprint {OTHER}, but gallery model resnet8 has "
-     "fingerprint ggg; pass --force to search anyway"),
-    (_q(compatible_with=None), _g(kind=compat.INDEX), {"action": "measure"},
-     "query model cnn-nano was trained for gallery fingerprint none (independent), but the index's gallery model "
-     "resnet8 has fingerprint ggg; pass --force to measure anyway"),
-    (_q(), _g(fingerprint=None, kind=compat.INDEX), {},
-     "the index has no recorded fingerprint, so query model cnn-nano cannot be checked for compatibility; "
-     "pass --force to search anyway"),
-    (_q(path="runs/q"), _g(kind=compat.INDEX), {"same_model": True},  # compatible, but not the same model
-     "runs/q (fingerprint qqq) is not the gallery model that built this index (ggg): its vectors would live in "
-     "another embedding space"),
-    (_q(label="the supernet", name="", compatible_with=OTHER), _g(), {"remedy": "fine-tune it"},
-     f"the supernet was trained for gallery fingerprint {OTHER}, but gallery model resnet8 has fingerprint ggg; "
-     "fine-tune it"),
-])
+@pytest.mark.parametrize(
+    "query, gallery, kw, message",
+    [
+        (_q(embed_dim=8), _g(), {}, "query model embeds 8-d vectors but the gallery model uses 16-d vectors"),
+        (_q(embed_dim=8), _g(kind=compat.INDEX), {}, "query model embeds 8-d vectors but the index holds 16-d vectors"),
+        (
+            _q(preprocessing=Preprocessing(3, 12)),
+            _g(kind=compat.INDEX),
+            {},
+            "query model reads 3x12px images but the index was built from 1x12px images",
+        ),
+        (
+            _q(compatible_with=OTHER),
+            _g(),
+            {},
+            f"query model cnn-nano was trained for gallery fingerprint {OTHER}, but gallery model resnet8 has "
+            "fingerprint ggg; pass --force to search anyway",
+        ),
+        (
+            _q(compatible_with=None),
+            _g(kind=compat.INDEX),
+            {"action": "measure"},
+            "query model cnn-nano was trained for gallery fingerprint none (independent), but the index's gallery "
+            "model resnet8 has fingerprint ggg; pass --force to measure anyway",
+        ),
+        (
+            _q(),
+            _g(fingerprint=None, kind=compat.INDEX),
+            {},
+            "the index has no recorded fingerprint, so query model cnn-nano cannot be checked for compatibility; "
+            "pass --force to search anyway",
+        ),
+        (
+            _q(path="runs/q"),
+            _g(kind=compat.INDEX),
+            {"same_model": True},  # compatible, but not the same model
+            "runs/q (fingerprint qqq) is not the gallery model that built this index (ggg): its vectors would live in "
+            "another embedding space",
+        ),
+        (
+            _q(label="the supernet", name="", compatible_with=OTHER),
+            _g(),
+            {"remedy": "fine-tune it"},
+            f"the supernet was trained for gallery fingerprint {OTHER}, but gallery model resnet8 has fingerprint ggg; "
+            "fine-tune it",
+        ),
+    ],
+)
 def test_each_refusal_has_one_wording(query, gallery, kw, message):
     with pytest.raises(CompatError) as e:
         check_pair(query, gallery, **kw)
@@ -95,8 +138,9 @@ def test_force_turns_only_the_fingerprint_refusal_into_a_warning():
 
 
 def test_records_round_trip_through_an_index_sidecar(tmp_path):
-    card = ckpt.ModelCard(model="resnet8", embed_dim=16, in_chans=1, image_size=12, mean=[0.5], std=[0.25],
-                          fingerprint="ggg")
+    card = ckpt.ModelCard(
+        model="resnet8", embed_dim=16, in_chans=1, image_size=12, mean=[0.5], std=[0.25], fingerprint="ggg"
+    )
     side = GallerySide.of_card(card, tmp_path)
     back = GallerySide.of_index_meta(compat.index_meta(card, tmp_path))
     assert back.fingerprint == side.fingerprint == "ggg" and back.embed_dim == 16 and back.kind == compat.INDEX
@@ -124,12 +168,26 @@ def world(tmp_path_factory):
 
     from hvs.models.ofa import OFAMobileNetV3Supernet
     from hvs.nas.common import SupernetCard, save_supernet
+
     net = OFAMobileNetV3Supernet(**TINY_SUPERNET)
     g_card = ckpt.read_card(root / "g")
-    save_supernet(root / "s", net, torch.zeros(len(data.classes), 16), SupernetCard(
-        supernet=net.config(), embed_dim=16, in_chans=1, image_size=12, mean=g_card.mean, std=g_card.std,
-        classes=list(data.classes), data=SPEC, gallery={"fingerprint": OTHER, "model": "resnet8", "path": "x"},
-        bct_weight=1.0))
+    save_supernet(
+        root / "s",
+        net,
+        torch.zeros(len(data.classes), 16),
+        SupernetCard(
+            supernet=net.config(),
+            embed_dim=16,
+            in_chans=1,
+            image_size=12,
+            mean=g_card.mean,
+            std=g_card.std,
+            classes=list(data.classes),
+            data=SPEC,
+            gallery={"fingerprint": OTHER, "model": "resnet8", "path": "x"},
+            bct_weight=1.0,
+        ),
+    )
     image = root / "query.png"
     Image.fromarray(data.query.images[0, 0].numpy(), mode="L").save(image)
     return root, data, image
@@ -139,8 +197,18 @@ def world(tmp_path_factory):
 def spy(monkeypatch):
     """Record every check_pair call (and whether it refused), wherever a module holds the function."""
     # import every pairing module first: one imported mid-test would keep the patched function
-    for name in ("hvs.evaluate", "hvs.search", "hvs.gallery", "hvs.cli.export", "hvs.index.build", "hvs.index.distributed_build",
-                 "hvs.export", "hvs.nas.export", "hvs.nas.search", "hvs.serve.app"):
+    for name in (
+        "hvs.evaluate",
+        "hvs.search",
+        "hvs.gallery",
+        "hvs.cli.export",
+        "hvs.index.build",
+        "hvs.index.distributed_build",
+        "hvs.export",
+        "hvs.nas.export",
+        "hvs.nas.search",
+        "hvs.serve.app",
+    ):
         try:
             importlib.import_module(name)
         except ImportError:  # the server's optional extras
@@ -165,11 +233,13 @@ def spy(monkeypatch):
 
 def _evaluate(root, image, tmp_path):
     from hvs.evaluate import evaluate
+
     evaluate(root / "g", root / "q-other", SPEC, latency=False, n_boot=0)
 
 
 def _searcher(root, image, tmp_path):
     from hvs.search import Searcher
+
     Searcher(f"faiss:{root / 'idx'}", root / "q-other")
 
 
@@ -179,35 +249,63 @@ def _search_cli(root, image, tmp_path):
 
 def _index_add_cli(root, image, tmp_path):
     shutil.copytree(root / "idx", tmp_path / "idx")
-    return main(["index", "add", "--index", str(tmp_path / "idx"), "--gallery-model", str(root / "q"),
-                 "--label", "x", str(image)])
+    return main(
+        [
+            "index",
+            "add",
+            "--index",
+            str(tmp_path / "idx"),
+            "--gallery-model",
+            str(root / "q"),
+            "--label",
+            "x",
+            str(image),
+        ]
+    )
 
 
 def _started_build(root, tmp_path):
     """A build of g's gallery killed after its first shard (the shards a resume would reuse)."""
     from hvs.index.build import build_index
     from hvs.search import gallery_inputs
+
     _, _, images, labels, sources, meta = gallery_inputs(root / "g", SPEC)
     out = f"faiss:{tmp_path / 'new-idx'}"
-    assert build_index(out, images, labels, sources, lambda b: np.ones((len(b), 16), np.float32), meta=meta,
-                       shard_size=16, only_shards=[0], progress=False) is None
+    assert (
+        build_index(
+            out,
+            images,
+            labels,
+            sources,
+            lambda b: np.ones((len(b), 16), np.float32),
+            meta=meta,
+            shard_size=16,
+            only_shards=[0],
+            progress=False,
+        )
+        is None
+    )
     return out
 
 
 def _index_build_resumed(root, image, tmp_path):
     from hvs.search import build_gallery_index
+
     build_gallery_index(root / "g2", SPEC, _started_build(root, tmp_path), shard_size=16, progress=False)
 
 
 def _distributed_build_resumed(root, image, tmp_path):
     from hvs.index.distributed_build import build_gallery_index_distributed
-    build_gallery_index_distributed(root / "g2", SPEC, _started_build(root, tmp_path), shard_size=16, progress=False,
-                                    device="cpu")
+
+    build_gallery_index_distributed(
+        root / "g2", SPEC, _started_build(root, tmp_path), shard_size=16, progress=False, device="cpu"
+    )
 
 
 def _serve_start(root, image, tmp_path):
     pytest.importorskip("fastapi")
     from hvs.serve import create_app
+
     create_app(f"faiss:{root / 'idx'}", root / "q-other")
 
 
@@ -215,8 +313,10 @@ def _serve_post_gallery(root, image, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
+
     from hvs.index import open_index
     from hvs.serve import create_app
+
     with open_index(f"faiss:{root / 'idx'}") as index:
         meta = {k: index.meta[k] for k in ("gallery_model", "preprocessing")}
     meta["gallery_model"] = dict(meta["gallery_model"], path=str(root / "g2"))  # other weights at the path
@@ -224,45 +324,76 @@ def _serve_post_gallery(root, image, tmp_path):
     with open_index(spec, create=True, dim=16, meta=meta) as index:
         index.add(np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32))
     client = TestClient(create_app(spec, root / "q", token="tok"))
-    r = client.post("/gallery", headers={"Authorization": "Bearer tok"},
-                    files={"image": ("x.png", image.read_bytes(), "image/png")}, data={"label": "x"})
+    r = client.post(
+        "/gallery",
+        headers={"Authorization": "Bearer tok"},
+        files={"image": ("x.png", image.read_bytes(), "image/png")},
+        data={"label": "x"},
+    )
     assert r.status_code == 409
     return r.json()["detail"]
 
 
 def _export_check(root, image, tmp_path):
     from hvs.export import check_export
+
     # the torch query model is checked first: the refusal comes before any ONNX file is read
-    check_export({"model_folder": str(root / "q"), "onnx": str(tmp_path / "unused.onnx")}, root / "g2", SPEC,
-                 latency=False)
+    check_export(
+        {"model_folder": str(root / "q"), "onnx": str(tmp_path / "unused.onnx")}, root / "g2", SPEC, latency=False
+    )
 
 
 def _export_cli(root, image, tmp_path):
-    code = main(["export", "onnx", "--query-model", str(root / "q"), "--out", str(tmp_path / "q.onnx"),
-                 "--check-data", SPEC, "--gallery-model", str(root / "g2"), "--no-latency"])
+    code = main(
+        [
+            "export",
+            "onnx",
+            "--query-model",
+            str(root / "q"),
+            "--out",
+            str(tmp_path / "q.onnx"),
+            "--check-data",
+            SPEC,
+            "--gallery-model",
+            str(root / "g2"),
+            "--no-latency",
+        ]
+    )
     assert not (tmp_path / "q.onnx").exists()  # refused before minutes of export, not after
     return code
 
 
 def _nas_export(root, image, tmp_path):
-    from hvs.nas.export import export_subnet
     from hvs.nas.common import load_supernet
+    from hvs.nas.export import export_subnet
+
     net, _, _ = load_supernet(root / "s")
-    export_subnet(root / "s", net.min_arch(), tmp_path / "sub", gallery=root / "g", progress=False,
-                  log=lambda _: None)
+    export_subnet(root / "s", net.min_arch(), tmp_path / "sub", gallery=root / "g", progress=False, log=lambda _: None)
 
 
 def _nas_search(root, image, tmp_path):
     from hvs.nas.search import SearchConfig, run_search
-    run_search(SearchConfig(supernet=str(root / "s"), out=str(tmp_path / "search"), gallery=str(root / "g"),
-                            flops="1G"), progress=False, log=lambda _: None)
+
+    run_search(
+        SearchConfig(supernet=str(root / "s"), out=str(tmp_path / "search"), gallery=str(root / "g"), flops="1G"),
+        progress=False,
+        log=lambda _: None,
+    )
 
 
 ENTRY_POINTS = {
-    "evaluate": _evaluate, "Searcher": _searcher, "search CLI": _search_cli, "index add CLI": _index_add_cli,
-    "index build (resumed)": _index_build_resumed, "distributed build (resumed)": _distributed_build_resumed,
-    "serve start-up": _serve_start, "serve POST /gallery": _serve_post_gallery, "ONNX export check": _export_check,
-    "export onnx CLI": _export_cli, "nas export": _nas_export, "nas search": _nas_search,
+    "evaluate": _evaluate,
+    "Searcher": _searcher,
+    "search CLI": _search_cli,
+    "index add CLI": _index_add_cli,
+    "index build (resumed)": _index_build_resumed,
+    "distributed build (resumed)": _distributed_build_resumed,
+    "serve start-up": _serve_start,
+    "serve POST /gallery": _serve_post_gallery,
+    "ONNX export check": _export_check,
+    "export onnx CLI": _export_cli,
+    "nas export": _nas_export,
+    "nas search": _nas_search,
 }
 
 

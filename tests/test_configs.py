@@ -11,8 +11,9 @@ from hvs.nas.train import SupernetTrainConfig
 from hvs.train import load_config, read_mapping
 
 # tradeoff_*.yaml are benchmark profiles, checked by tests/test_tradeoff.py
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")
-                 if not p.name.startswith("tradeoff"))
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml") if not p.name.startswith("tradeoff")
+)
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("nas")], ids=lambda p: p.name)

@@ -16,11 +16,11 @@ import re
 import shutil
 from pathlib import Path
 
+import fault_injection as fi
 import numpy as np
 import pytest
 import torch
 
-import fault_injection as fi
 from hvs import checkpoint as ckpt
 from hvs.checkpoint import CheckpointError
 from hvs.index import IndexStoreError, build_index, open_index
@@ -38,6 +38,7 @@ K = 64  # more than any index here holds: a search lists every item with its sco
 @pytest.fixture(autouse=True)
 def one_faiss_thread():
     import faiss
+
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
@@ -63,6 +64,7 @@ def _two_files(write, value: str):
     def commit(root: Path) -> None:
         write(root / "a.json", {"v": value, "pad": "x" * 200})
         write(root / "b.json", {"v": value})
+
     return commit
 
 
@@ -106,8 +108,16 @@ def test_harness_passes_an_atomic_write_at_every_point(tmp_path):
 def _model(seed: int):
     torch.manual_seed(seed)
     model = create_model("cnn-nano", embed_dim=DIM, in_chans=1)
-    card = ckpt.ModelCard(model="cnn-nano", embed_dim=DIM, in_chans=1, image_size=12, mean=[0.5], std=[0.25],
-                          classes=["a", "b", "c"], extra={"seed": seed})
+    card = ckpt.ModelCard(
+        model="cnn-nano",
+        embed_dim=DIM,
+        in_chans=1,
+        image_size=12,
+        mean=[0.5],
+        std=[0.25],
+        classes=["a", "b", "c"],
+        extra={"seed": seed},
+    )
     classifier = torch.randn(3, DIM, generator=torch.Generator().manual_seed(seed))
     return model, card, classifier
 
@@ -115,14 +125,16 @@ def _model(seed: int):
 def model_state(folder: Path):
     """What a user of the folder gets: the card, the weights and the classifier."""
     model, card = ckpt.load_model(folder)
-    return fi.fingerprint({"card": card.to_dict(), "weights": model.state_dict(),
-                           "classifier": ckpt.load_classifier(folder)})
+    return fi.fingerprint(
+        {"card": card.to_dict(), "weights": model.state_dict(), "classifier": ckpt.load_classifier(folder)}
+    )
 
 
 def _save(seed: int):
     def save(root: Path) -> None:
         model, card, classifier = _model(seed)
         ckpt.save_model_folder(root / "m", model, card, classifier=classifier)
+
     return save
 
 
@@ -136,14 +148,21 @@ def _resave(seed: int):
         shutil.rmtree(clean, ignore_errors=True)
         _save(seed)(clean)
         return sorted({p.name for p in (root / "m").iterdir()} - {p.name for p in (clean / "m").iterdir()})
+
     return recover
 
 
 @pytest.fixture(scope="module")
 def first_save_report(tmp_path_factory):
     """save_model_folder into a folder that holds no model yet (what training does at its end)."""
-    return fi.crash_matrix(tmp_path_factory.mktemp("first"), lambda root: None, _save(1),
-                           lambda root: model_state(root / "m"), nothing=nothing_model, recover=_resave(1))
+    return fi.crash_matrix(
+        tmp_path_factory.mktemp("first"),
+        lambda root: None,
+        _save(1),
+        lambda root: model_state(root / "m"),
+        nothing=nothing_model,
+        recover=_resave(1),
+    )
 
 
 def test_first_model_save_is_all_or_nothing(first_save_report):
@@ -159,8 +178,14 @@ def test_a_killed_model_save_leaves_nothing_behind_once_retried(first_save_repor
 @pytest.fixture(scope="module")
 def overwrite_report(tmp_path_factory):
     """save_model_folder over an existing model folder (the old model is seed 0, the new seed 1)."""
-    return fi.crash_matrix(tmp_path_factory.mktemp("overwrite"), _save(0), _save(1),
-                           lambda root: model_state(root / "m"), nothing=nothing_model, recover=_resave(1))
+    return fi.crash_matrix(
+        tmp_path_factory.mktemp("overwrite"),
+        _save(0),
+        _save(1),
+        lambda root: model_state(root / "m"),
+        nothing=nothing_model,
+        recover=_resave(1),
+    )
 
 
 def test_overwritten_model_folder_never_fails_with_a_traceback(overwrite_report):
@@ -182,6 +207,7 @@ TIMING = {"seconds", "images_per_s"}
 @pytest.fixture(scope="module")
 def data():
     from hvs.data import create_dataset
+
     # Forked children start from the parent's modules, so pay torch's lazy imports here once
     # (the first optimizer imports torch._dynamo: ~10 s on this CPU) rather than in every child.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -200,9 +226,17 @@ def _untimed(obj):
 def run_state(out: Path):
     """What ``--resume`` starts from (the checkpoint it loads) and the finished model folder, if any."""
     from hvs.train import STATE
+
     state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-    resumable = fi.fingerprint({"epoch": state["epoch"], "history": _untimed(json.loads(state["history"])),
-                                "model": state["model"], "head": state["head"], "optimizer": state["optimizer"]})
+    resumable = fi.fingerprint(
+        {
+            "epoch": state["epoch"],
+            "history": _untimed(json.loads(state["history"])),
+            "model": state["model"],
+            "head": state["head"],
+            "optimizer": state["optimizer"],
+        }
+    )
     try:
         model, card = ckpt.load_model(out)
     except CheckpointError as e:
@@ -220,15 +254,24 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, data):
     from hvs.train import KILL_AFTER_EPOCH_ENV, TrainConfig, train
 
     def cfg(root: Path) -> TrainConfig:
-        return TrainConfig(out=str(root / "run"), data=SPEC, model="cnn-nano", embed_dim=DIM, epochs=2,
-                           batch_size=32, lr=0.05, augment="none")
+        return TrainConfig(
+            out=str(root / "run"),
+            data=SPEC,
+            model="cnn-nano",
+            embed_dim=DIM,
+            epochs=2,
+            batch_size=32,
+            lr=0.05,
+            augment="none",
+        )
 
     def quiet(_: str) -> None:
         pass
 
     def first_epoch(root: Path) -> None:
-        code, msgs = fi.run_in_child(lambda report: train(cfg(root), progress=False, data=data, log=quiet),
-                                     env={KILL_AFTER_EPOCH_ENV: "1"})
+        code, msgs = fi.run_in_child(
+            lambda report: train(cfg(root), progress=False, data=data, log=quiet), env={KILL_AFTER_EPOCH_ENV: "1"}
+        )
         assert code == fi.KILLED, msgs
 
     def resume(root: Path) -> None:
@@ -248,8 +291,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, data):
         assert code == 0, msgs
         assert run_state(root / "run")["finished"] == after["finished"], "resumed run made another model"
 
-    report = fi.crash_matrix(tmp_path, first_epoch, resume, lambda root: run_state(root / "run"),
-                             allowed=lambda before, after: [dict(after, finished=None)], recover=resume_again)
+    report = fi.crash_matrix(
+        tmp_path,
+        first_epoch,
+        resume,
+        lambda root: run_state(root / "run"),
+        allowed=lambda before, after: [dict(after, finished=None)],
+        recover=resume_again,
+    )
     assert report.before["finished"] is None and report.after["finished"] is not None
     assert any(o.verdict == "committed" for o in report.outcomes)  # epoch 2 saved, model folder not yet
     check(report)
@@ -269,9 +318,14 @@ def index_state(spec: str):
         scores, ids = index.search(PROBES, K)
         found = sorted(set(ids[ids >= 0].tolist()))
         meta = index.meta
-        return {"count": len(index), "ids": found, "records": index.records(found) if found else [],
-                "ranking": ids.tolist(), "scores": fi.fingerprint(scores),
-                "meta": {k: meta[k] for k in ("dim", "count", "next_id", "factory")}}
+        return {
+            "count": len(index),
+            "ids": found,
+            "records": index.records(found) if found else [],
+            "ranking": ids.tolist(),
+            "scores": fi.fingerprint(scores),
+            "meta": {k: meta[k] for k in ("dim", "count", "next_id", "factory")},
+        }
 
 
 def _idx(root: Path) -> str:
@@ -285,8 +339,13 @@ def _create(root: Path) -> None:
 def _add(seed: int, n: int, ids=None):
     def add(root: Path) -> None:
         with open_index(_idx(root)) as index:
-            index.add(unit(seed, n), ids=ids, labels=[f"c{i % 3}" for i in range(n)],
-                      sources=[f"s{seed}-{i}.png" for i in range(n)])
+            index.add(
+                unit(seed, n),
+                ids=ids,
+                labels=[f"c{i % 3}" for i in range(n)],
+                sources=[f"s{seed}-{i}.png" for i in range(n)],
+            )
+
     return add
 
 
@@ -294,6 +353,7 @@ def _remove(ids):
     def remove(root: Path) -> None:
         with open_index(_idx(root)) as index:
             assert index.remove(ids) == len(ids)
+
     return remove
 
 
@@ -301,6 +361,7 @@ def _then(*steps):
     def run(root: Path) -> None:
         for step in steps:
             step(root)
+
     return run
 
 
@@ -325,8 +386,9 @@ INDEX_COMMITS = {
 @pytest.mark.parametrize("name", list(INDEX_COMMITS))
 def test_index_commit_is_all_or_nothing(tmp_path, name):
     prepare, commit = INDEX_COMMITS[name]
-    report = fi.crash_matrix(tmp_path, prepare, commit, lambda root: index_state(_idx(root)),
-                             nothing=nothing_index, recover=next_writer)
+    report = fi.crash_matrix(
+        tmp_path, prepare, commit, lambda root: index_state(_idx(root)), nothing=nothing_index, recover=next_writer
+    )
     assert (report.before is fi.NOTHING) == (name == "create")
     check(report)
 
@@ -343,9 +405,18 @@ def embed(batch) -> np.ndarray:
 
 
 def _build(root: Path):
-    index = build_index(_idx(root), IMAGES, [f"c{i % 3}" for i in range(N_ITEMS)],
-                        [f"img{i}.png" for i in range(N_ITEMS)], embed, factory="Flat", batch_size=4,
-                        shard_size=SHARD, meta={"gallery_model": {"name": "test"}}, progress=False)
+    index = build_index(
+        _idx(root),
+        IMAGES,
+        [f"c{i % 3}" for i in range(N_ITEMS)],
+        [f"img{i}.png" for i in range(N_ITEMS)],
+        embed,
+        factory="Flat",
+        batch_size=4,
+        shard_size=SHARD,
+        meta={"gallery_model": {"name": "test"}},
+        progress=False,
+    )
     return index
 
 
@@ -362,8 +433,14 @@ def rebuild(root: Path, state, after):
 
 @pytest.mark.slow  # ~80 kills: 3 shards, the index commit, the cleanup
 def test_index_build_is_all_or_nothing_and_keeps_finished_shards(tmp_path):
-    report = fi.crash_matrix(tmp_path, lambda root: None, lambda root: _build(root).close(),
-                             lambda root: index_state(_idx(root)), nothing=nothing_index, recover=rebuild)
+    report = fi.crash_matrix(
+        tmp_path,
+        lambda root: None,
+        lambda root: _build(root).close(),
+        lambda root: index_state(_idx(root)),
+        nothing=nothing_index,
+        recover=rebuild,
+    )
     check(report)
     reused = [o.recovered for o in report.outcomes if o.recovered is not None]
     # A later kill never costs more embedding than an earlier one, and some kill found every shard done.

@@ -17,9 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
-from hvs.data import (DataError, DataWarning, ImageError, RetrievalData, Split, channel_stats,
-                      create_dataset, list_sources, load_image, register_source, to_float,
-                      validate)
+from hvs.data import (
+    DataError,
+    DataWarning,
+    ImageError,
+    RetrievalData,
+    Split,
+    channel_stats,
+    create_dataset,
+    list_sources,
+    load_image,
+    register_source,
+    to_float,
+    validate,
+)
 from hvs.data import fashion_mnist as fm
 from hvs.data.registry import _SOURCES
 from hvs.data.splits import closed_split, open_split, query_gallery_split
@@ -42,8 +53,7 @@ def make_imagefolder(root, classes=("cat", "dog", "fox"), per_class=5, corrupt=T
     for c, cls in enumerate(classes):
         for i in range(per_class):
             ext = ".png" if i % 2 else ".jpg"
-            write_image(os.path.join(root, cls, f"{i:02d}{ext}"), color=(40 * c, 100, 200 - 40 * c),
-                        seed=c * 100 + i)
+            write_image(os.path.join(root, cls, f"{i:02d}{ext}"), color=(40 * c, 100, 200 - 40 * c), seed=c * 100 + i)
     if corrupt:
         with open(os.path.join(root, classes[0], "zz_bad.jpg"), "wb") as f:
             f.write(b"this is not a jpeg")
@@ -69,9 +79,18 @@ def df2_json(path, source, pair_id, items):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     anno = {"source": source, "pair_id": pair_id}
     for k, (style, box) in enumerate(items, start=1):
-        anno[f"item{k}"] = {"bounding_box": list(box), "style": style, "category_id": 1,
-                            "category_name": "short sleeve top", "scale": 2, "occlusion": 1,
-                            "zoom_in": 1, "viewpoint": 2, "landmarks": [], "segmentation": []}
+        anno[f"item{k}"] = {
+            "bounding_box": list(box),
+            "style": style,
+            "category_id": 1,
+            "category_name": "short sleeve top",
+            "scale": 2,
+            "occlusion": 1,
+            "zoom_in": 1,
+            "viewpoint": 2,
+            "landmarks": [],
+            "segmentation": [],
+        }
     with open(path, "w") as f:
         json.dump(anno, f)
 
@@ -110,10 +129,12 @@ def make_deepfashion2(root, validation=True):
         if folder == "validation" and not validation:
             continue
         for image_id, source, pair_id, items in images:
-            df2_json(os.path.join(root, folder, "annos", f"{image_id}.json"), source, pair_id,
-                     [(s, b) for s, b, _ in items])
-            df2_image(os.path.join(root, folder, "image", f"{image_id}.jpg"),
-                      [(b, c) for _, b, c in items if b[2] > b[0]])
+            df2_json(
+                os.path.join(root, folder, "annos", f"{image_id}.json"), source, pair_id, [(s, b) for s, b, _ in items]
+            )
+            df2_image(
+                os.path.join(root, folder, "image", f"{image_id}.jpg"), [(b, c) for _, b, c in items if b[2] > b[0]]
+            )
     return str(root)
 
 
@@ -199,9 +220,18 @@ def test_to_float_and_channel_stats():
 # --------------------------------------------------------------------------- splits
 
 
-@pytest.mark.parametrize("n,expected", [(1, (1, 0, 0)), (2, (1, 0, 1)), (3, (1, 1, 1)),
-                                        (4, (2, 1, 1)), (5, (3, 1, 1)), (10, (6, 2, 2)),
-                                        (100, (60, 20, 20))])
+@pytest.mark.parametrize(
+    "n,expected",
+    [
+        (1, (1, 0, 0)),
+        (2, (1, 0, 1)),
+        (3, (1, 1, 1)),
+        (4, (2, 1, 1)),
+        (5, (3, 1, 1)),
+        (10, (6, 2, 2)),
+        (100, (60, 20, 20)),
+    ],
+)
 def test_closed_split_rule(n, expected):
     tr, q, g = closed_split(torch.zeros(n, dtype=torch.long), seed=3)
     assert (len(tr), len(q), len(g)) == expected
@@ -240,8 +270,9 @@ def test_register_custom_source_and_contract_checks():
         x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
         y = torch.tensor([0, 0, 1, 1])
         q = torch.tensor([2, 2, 2, 2]) if unseen else y
-        return RetrievalData("tiny", Split(x, y), Split(x, q, role="query"),
-                             Split(x, q, role="gallery"), ["a", "b", "c"], protocol)
+        return RetrievalData(
+            "tiny", Split(x, y), Split(x, q, role="query"), Split(x, q, role="gallery"), ["a", "b", "c"], protocol
+        )
 
     register_source("tiny-test", tiny)
     try:
@@ -391,8 +422,7 @@ def test_imagefolder_strict_and_missing(tmp_path):
 
 
 def test_imagefolder_open_and_empty_split(tmp_path):
-    root = make_imagefolder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=4,
-                            corrupt=False)
+    root = make_imagefolder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=4, corrupt=False)
     d = create_dataset(f"imagefolder:{root}", protocol="open", image_size=8)
     train_cls = set(d.train.labels.tolist())
     test_cls = set(torch.cat([d.query.labels, d.gallery.labels]).tolist())
@@ -417,12 +447,14 @@ def test_csv_with_split_and_bbox(tmp_path):
     img.paste(RGB["blue"], (10, 0, 20, 10))
     os.makedirs(tmp_path / "img")
     img.save(tmp_path / "img" / "two.png")
-    rows = [["path", "label", "split", "bbox", "note"],
-            ["img/two.png", "redthing", "train", "0 0 10 10", "x"],
-            ["img/two.png", "bluething", "train", "10 0 20 10", ""],
-            ["img/two.png", "redthing", "query", "0 0 9 10", ""],
-            ["img/two.png", "bluething", "gallery", "11 1 20 10", ""],
-            [str(tmp_path / "img" / "two.png"), "redthing", "Gallery", "", ""]]
+    rows = [
+        ["path", "label", "split", "bbox", "note"],
+        ["img/two.png", "redthing", "train", "0 0 10 10", "x"],
+        ["img/two.png", "bluething", "train", "10 0 20 10", ""],
+        ["img/two.png", "redthing", "query", "0 0 9 10", ""],
+        ["img/two.png", "bluething", "gallery", "11 1 20 10", ""],
+        [str(tmp_path / "img" / "two.png"), "redthing", "Gallery", "", ""],
+    ]
     for sep in (",", "\t"):
         d = create_dataset(f"csv:{write_csv(tmp_path / 'm.csv', rows, sep)}", image_size=8)
         assert d.classes == ["bluething", "redthing"]
@@ -435,8 +467,7 @@ def test_csv_with_split_and_bbox(tmp_path):
 
 def test_csv_without_split_column_uses_protocol(tmp_path):
     root = make_imagefolder(tmp_path, classes=("a", "b", "c", "d"), per_class=3, corrupt=False)
-    rows = [["label", "path"]] + [[c, f"{c}/{i:02d}{'.png' if i % 2 else '.jpg'}"]
-                                  for c in "abcd" for i in range(3)]
+    rows = [["label", "path"]] + [[c, f"{c}/{i:02d}{'.png' if i % 2 else '.jpg'}"] for c in "abcd" for i in range(3)]
     f = write_csv(tmp_path / "m.csv", rows)
     closed = create_dataset(f"csv:{f}", image_size=8)
     assert (len(closed.train), len(closed.query), len(closed.gallery)) == (4, 4, 4)
@@ -451,8 +482,7 @@ def test_csv_bad_inputs(tmp_path):
     with pytest.raises(DataError) as err:
         create_dataset(f"csv:{f}")
     assert str(err.value) == f"csv:{f}: missing column 'label' (have: path, lbl)"
-    f = write_csv(tmp_path / "m.csv", [["path", "label", "split"], ["a.png", "x", "train"],
-                                       ["a.png", "x", "test"]])
+    f = write_csv(tmp_path / "m.csv", [["path", "label", "split"], ["a.png", "x", "train"], ["a.png", "x", "test"]])
     with pytest.raises(DataError, match=r"line 3: unknown split 'test'"):
         create_dataset(f"csv:{f}")
     for bad in ("../a.png", "sub/../../a.png", "/etc/passwd"):
@@ -465,8 +495,10 @@ def test_csv_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         create_dataset(f"csv:{tmp_path / 'nope.csv'}")
     # a manifest whose query classes were never trained on is not a closed-set dataset
-    f = write_csv(tmp_path / "m.csv", [["path", "label", "split"], ["a.png", "x", "train"],
-                                       ["a.png", "y", "query"], ["a.png", "y", "gallery"]])
+    f = write_csv(
+        tmp_path / "m.csv",
+        [["path", "label", "split"], ["a.png", "x", "train"], ["a.png", "y", "query"], ["a.png", "y", "gallery"]],
+    )
     with pytest.raises(DataError, match="protocol='open'"):
         create_dataset(f"csv:{f}")
     assert create_dataset(f"csv:{f}", protocol="open").protocol == "open"
@@ -532,8 +564,7 @@ def test_deepfashion2_bad_inputs(tmp_path):
         warnings.simplefilter("ignore", DataWarning)
         d = create_dataset(f"deepfashion2:{root}", image_size=8)
     assert any("000009.json: unreadable annotation" in s for s in d.skipped)
-    assert any(s.startswith(os.path.join(root, "validation", "image", "000003.jpg") + ": ")
-               for s in d.skipped)
+    assert any(s.startswith(os.path.join(root, "validation", "image", "000003.jpg") + ": ") for s in d.skipped)
     assert len(d.gallery) == 2  # pair 11's only shop image was unreadable
     with pytest.raises(DataError, match=r"000009\.json|000004\.jpg#item2"):
         create_dataset(f"deepfashion2:{root}", strict=True)
@@ -558,8 +589,10 @@ def test_synthetic_defaults_deterministic():
 
 
 def test_synthetic_options_and_open_protocol():
-    d = create_dataset("synthetic:classes=6,train_per_class=5,test_per_class=4,size=16,channels=3,"
-                       "seed=7,difficulty=0.2,noise=0.01", protocol="open")
+    d = create_dataset(
+        "synthetic:classes=6,train_per_class=5,test_per_class=4,size=16,channels=3,seed=7,difficulty=0.2,noise=0.01",
+        protocol="open",
+    )
     assert d.train.images.shape == (15, 3, 16, 16) and (len(d.query), len(d.gallery)) == (6, 6)
     assert set(d.train.labels.tolist()).isdisjoint(d.query.labels.tolist() + d.gallery.labels.tolist())
     assert create_dataset("synthetic", image_size=12, classes=3).train.images.shape[-1] == 12
@@ -577,9 +610,11 @@ def test_synthetic_options_and_open_protocol():
 @pytest.fixture
 def every_source(tmp_path):
     folder = make_imagefolder(tmp_path / "folder", corrupt=False)
-    rows = [["path", "label"]] + [[os.path.relpath(os.path.join(folder, c, f), tmp_path), c]
-                                  for c in sorted(os.listdir(folder))
-                                  for f in sorted(os.listdir(os.path.join(folder, c)))]
+    rows = [["path", "label"]] + [
+        [os.path.relpath(os.path.join(folder, c, f), tmp_path), c]
+        for c in sorted(os.listdir(folder))
+        for f in sorted(os.listdir(os.path.join(folder, c)))
+    ]
     return {
         "fashion-mnist": f"fashion-mnist:{make_idx_dir(tmp_path / 'fm')}",
         "imagefolder": f"imagefolder:{folder}",
@@ -648,10 +683,14 @@ def _leaky(arg, *, protocol, image_size, channels, strict, seed, sources=True):
     def part(idx, role, src):
         return Split(x[idx], y[idx], src if sources else None, role)
 
-    return RetrievalData("leaky", part([0, 1, 2, 3], "train", names),
-                         part([0, 1], "query", names[:2]),
-                         part([0, 1, 2, 3, 3], "gallery", ["f0.png", "copy.png", "f2.png", "f3.png", "f3.png"]),
-                         ["a", "b"], protocol)
+    return RetrievalData(
+        "leaky",
+        part([0, 1, 2, 3], "train", names),
+        part([0, 1], "query", names[:2]),
+        part([0, 1, 2, 3, 3], "gallery", ["f0.png", "copy.png", "f2.png", "f3.png", "f3.png"]),
+        ["a", "b"],
+        protocol,
+    )
 
 
 def test_leaks_are_counted_per_kind_warned_and_refused_when_strict():
@@ -667,8 +706,11 @@ def test_leaks_are_counted_per_kind_warned_and_refused_when_strict():
         lines = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
         assert lines == d.duplicates and len(lines) == 3 and all("\n" not in m for m in lines)
         assert "1 query image(s) are pixel-identical to a gallery image, e.g. f1.png = copy.png" in lines[2]
-        with pytest.raises(DataError, match=r"leaky-test: 1 gallery item\(s\) are listed more than once.*"
-                                            r"\(and 2 more finding\(s\)\); refused in strict mode"):
+        with pytest.raises(
+            DataError,
+            match=r"leaky-test: 1 gallery item\(s\) are listed more than once.*"
+            r"\(and 2 more finding\(s\)\); refused in strict mode",
+        ):
             create_dataset("leaky-test", strict=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
@@ -686,9 +728,14 @@ def test_bbox_crops_of_one_photo_are_not_duplicates(tmp_path):
     img = Image.new("RGB", (20, 10), RGB["red"])
     img.paste(RGB["blue"], (10, 0, 20, 10))
     img.save(tmp_path / "two.png")
-    rows = [["path", "label", "split", "bbox"], ["two.png", "r", "train", "0 0 10 10"],
-            ["two.png", "b", "train", "10 0 20 10"], ["two.png", "r", "query", "0 0 9 10"],
-            ["two.png", "b", "gallery", "11 1 20 10"], ["two.png", "r", "gallery", ""]]
+    rows = [
+        ["path", "label", "split", "bbox"],
+        ["two.png", "r", "train", "0 0 10 10"],
+        ["two.png", "b", "train", "10 0 20 10"],
+        ["two.png", "r", "query", "0 0 9 10"],
+        ["two.png", "b", "gallery", "11 1 20 10"],
+        ["two.png", "r", "gallery", ""],
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         d = create_dataset(f"csv:{write_csv(tmp_path / 'm.csv', rows)}", image_size=8)
@@ -700,12 +747,14 @@ def test_csv_decodes_only_the_rows_of_the_splits_asked_for(tmp_path, monkeypatch
 
     for i in range(6):
         write_image(tmp_path / f"{i}.png", seed=i)
-    rows = [["path", "label", "split"]] + [[f"{i}.png", "ab"[i % 2], ("train", "train", "query", "query",
-                                                                       "gallery", "gallery")[i]] for i in range(6)]
+    rows = [["path", "label", "split"]] + [
+        [f"{i}.png", "ab"[i % 2], ("train", "train", "query", "query", "gallery", "gallery")[i]] for i in range(6)
+    ]
     decoded = []
     real = images_module.load_image
-    monkeypatch.setattr(images_module, "load_image", lambda src, *a, **k: decoded.append(os.path.basename(src))
-                        or real(src, *a, **k))
+    monkeypatch.setattr(
+        images_module, "load_image", lambda src, *a, **k: decoded.append(os.path.basename(src)) or real(src, *a, **k)
+    )
     d = create_dataset(f"csv:{write_csv(tmp_path / 'm.csv', rows)}", image_size=8, splits=("gallery",))
     assert decoded == ["4.png", "5.png"] and len(d.gallery) == 2
     with pytest.raises(DataError, match="splits must name some of train, query, gallery"):
@@ -736,7 +785,10 @@ def test_an_imagefolder_class_folder_without_images_is_not_a_class(tmp_path):
     os.makedirs(os.path.join(root, "b", "sub"))  # sorts between a and c, holds nothing usable
     with open(os.path.join(root, "b", "sub", "notes.txt"), "w") as f:
         f.write("not an image")
-    with pytest.warns(DataWarning, match=r"1 class folder\(s\) hold no images and are not used as "
-                                         r"classes: .*/b$"):
+    with pytest.warns(
+        DataWarning,
+        match=r"1 class folder\(s\) hold no images and are not used as "
+        r"classes: .*/b$",
+    ):
         d = create_dataset(f"imagefolder:{root}", image_size=8)
     assert d.classes == ["a", "c"] and sorted(set(d.train.labels.tolist())) == [0, 1]

@@ -11,8 +11,22 @@ DATA = "synthetic:classes=6,train_per_class=24,test_per_class=8,size=12"
 
 @pytest.mark.slow
 def test_demo_trains_evaluates_and_reuses_finished_stages(tmp_path, capsys):
-    args = ["demo", "--out", str(tmp_path), "--data", DATA, "--gallery-model", "cnn-small", "--query-model",
-            "cnn-nano", "--gallery-epochs", "2", "--query-epochs", "2", "--no-progress"]
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--data",
+        DATA,
+        "--gallery-model",
+        "cnn-small",
+        "--query-model",
+        "cnn-nano",
+        "--gallery-epochs",
+        "2",
+        "--query-epochs",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| paragon cnn-small (g->g)" in out and "cnn-nano independent" in out and "cnn-nano bct" in out

@@ -44,8 +44,25 @@ from hvs.train import KILL_AFTER_EPOCH_ENV, TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "synthetic:classes=6,train_per_class=32,test_per_class=6,size=12"
 COMMON = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=3, batch_size=32, lr=0.05, augment="none")
-FLAGS = ["--data", SPEC, "--model", "cnn-nano", "--embed-dim", "16", "--epochs", "3", "--batch-size", "32",
-         "--lr", "0.05", "--augment", "none", "--threads", "1", "--no-progress"]
+FLAGS = [
+    "--data",
+    SPEC,
+    "--model",
+    "cnn-nano",
+    "--embed-dim",
+    "16",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--augment",
+    "none",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def torchrun(*args: str, env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -82,8 +99,9 @@ def assert_same_structure(a: Path, b: Path) -> None:
         assert {k: tuple(v.shape) for k, v in ta[part].items()} == {k: tuple(v.shape) for k, v in tb[part].items()}
     ca, cb = json.loads((a / ckpt.CONFIG).read_text()), json.loads((b / ckpt.CONFIG).read_text())
     assert ca.keys() == cb.keys()
-    assert {k: ca[k] for k in ("model", "embed_dim", "classes", "role")} == \
-        {k: cb[k] for k in ("model", "embed_dim", "classes", "role")}
+    assert {k: ca[k] for k in ("model", "embed_dim", "classes", "role")} == {
+        k: cb[k] for k in ("model", "embed_dim", "classes", "role")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +110,12 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     data = create_dataset(SPEC)
     train(TrainConfig(out=str(root / "gallery"), **COMMON), progress=False, data=data, log=quiet)
-    train(TrainConfig(out=str(root / "query"), gallery=str(root / "gallery"), compat=["contrastive", "l2=0.5"],
-                      **COMMON), progress=False, data=data, log=quiet)
+    train(
+        TrainConfig(out=str(root / "query"), gallery=str(root / "gallery"), compat=["contrastive", "l2=0.5"], **COMMON),
+        progress=False,
+        data=data,
+        log=quiet,
+    )
     return root
 
 
@@ -114,8 +136,24 @@ def test_two_processes_with_sync_bn_follow_the_single_process_run(tmp_path, sing
     config = tmp_path / "sync.yaml"
     config.write_text("sync_bn: true\n")
     out = tmp_path / "query2"
-    proc = ok(torchrun("-m", "hvs", "train", "--config", str(config), *FLAGS, "--gallery", str(single / "gallery"),
-                       "--compat", "contrastive", "--compat", "l2=0.5", "--out", str(out)))
+    proc = ok(
+        torchrun(
+            "-m",
+            "hvs",
+            "train",
+            "--config",
+            str(config),
+            *FLAGS,
+            "--gallery",
+            str(single / "gallery"),
+            "--compat",
+            "contrastive",
+            "--compat",
+            "l2=0.5",
+            "--out",
+            str(out),
+        )
+    )
     assert "data-parallel on 2 processes (gloo, cpu): global batch 32 = 2 x 16, BatchNorm synchronised" in proc.stdout
     assert proc.stdout.count("epoch=") == 3  # only rank 0 logs
 
@@ -131,8 +169,10 @@ def test_two_processes_with_sync_bn_follow_the_single_process_run(tmp_path, sing
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-3, msg=k)
     card = json.loads((out / ckpt.CONFIG).read_text())
-    assert card["role"] == "query" and card["compatible_with"]["fingerprint"] == ckpt.read_card(
-        single / "gallery").fingerprint
+    assert (
+        card["role"] == "query"
+        and card["compatible_with"]["fingerprint"] == ckpt.read_card(single / "gallery").fingerprint
+    )
     ckpt.load_model(out)  # an ordinary model folder: SyncBatchNorm left no trace in it
 
 
@@ -169,7 +209,8 @@ def test_distributed_index_build_equals_the_single_process_build(tmp_path, singl
         "from hvs.train import TrainConfig, train\n"
         f"train(TrainConfig(out=sys.argv[4], **{dict(COMMON, epochs=1)!r}), progress=False)\n"
         f"index = build_gallery_index_distributed(sys.argv[1], sys.argv[2], sys.argv[3], **{kwargs!r})\n"
-        "print(f'rank {dist.env_info().rank}: ' + ('None' if index is None else f'{len(index)} items'))\n")
+        "print(f'rank {dist.env_info().rank}: ' + ('None' if index is None else f'{len(index)} items'))\n"
+    )
     proc = ok(torchrun(str(script), str(single / "gallery"), SPEC, f"faiss:{tmp_path / 'two'}", str(tmp_path / "g")))
     assert "rank 0: 18 items" in proc.stdout and "rank 1: None" in proc.stdout
     assert (tmp_path / "g" / ckpt.CONFIG).is_file()

@@ -12,19 +12,16 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
+from conftest import build_tiny_world  # noqa: E402
 
 from hvs import checkpoint as ckpt  # noqa: E402
 from hvs.cli import main  # noqa: E402
-from hvs.export import (ExportError, export_onnx, load_onnx_encoder, measure_ort_latency, ort_session,  # noqa: E402
-                        read_metadata)
 from hvs.compat import CompatError  # noqa: E402
 from hvs.encoders import encoder_kind, encoder_loader, graph_sha256  # noqa: E402
-from hvs.search import SearchError, Searcher, load_query_encoder  # noqa: E402
-
-from conftest import build_tiny_world  # noqa: E402
+from hvs.export import ExportError, export_onnx, load_onnx_encoder, measure_ort_latency, ort_session, read_metadata  # noqa: E402
+from hvs.search import Searcher, SearchError, load_query_encoder  # noqa: E402
 
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
-
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +30,27 @@ def setup(tmp_path_factory):
     through the CLI (fp32 + int8, with the M(q->g) check)."""
     root = tmp_path_factory.mktemp("export")
     data = build_tiny_world(root, SPEC)
-    assert main(["export", "onnx", "--query-model", str(root / "q"), "--out", str(root / "q.onnx"), "--int8",
-                 "--check-data", SPEC, "--gallery-model", str(root / "g"), "--no-latency",
-                 "--json", str(root / "report.json")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                "--query-model",
+                str(root / "q"),
+                "--out",
+                str(root / "q.onnx"),
+                "--int8",
+                "--check-data",
+                SPEC,
+                "--gallery-model",
+                str(root / "g"),
+                "--no-latency",
+                "--json",
+                str(root / "report.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((root / "report.json").read_text())
     return root, data, report
 
@@ -101,7 +116,8 @@ def test_int8_copy_agrees_with_fp32(setup):
     rows = report["check"]["rows"]  # M(q->g) of torch / onnx / int8 query encoders
     assert set(rows) == {"torch", "onnx", "int8"}
     assert rows["onnx"]["recall@1"] == rows["torch"]["recall@1"] and rows["onnx"]["map"] == pytest.approx(
-        rows["torch"]["map"], abs=1e-6)
+        rows["torch"]["map"], abs=1e-6
+    )
     assert measure_ort_latency(ort_session(q8, 1), (1, 12, 12), repeats=3, min_seconds=0) > 0
 
 
@@ -176,5 +192,18 @@ def test_bad_requests_are_one_line_errors(setup, tmp_path):
         load_query_encoder(tmp_path / "bare.onnx")
     with pytest.raises(ExportError, match="no such ONNX file"):
         load_query_encoder(tmp_path / "nope.onnx")
-    assert main(["export", "onnx", "--query-model", str(root / "q"), "--out", str(tmp_path / "x.onnx"),
-                 "--check-data", SPEC]) == 2  # --check-data without --gallery-model
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                "--query-model",
+                str(root / "q"),
+                "--out",
+                str(tmp_path / "x.onnx"),
+                "--check-data",
+                SPEC,
+            ]
+        )
+        == 2
+    )  # --check-data without --gallery-model

@@ -24,14 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 try:
     import pymilvus  # noqa: F401
+
     HAVE_MILVUS = True
 except ImportError:
     HAVE_MILVUS = False
 
 BACKENDS = [
     "faiss",
-    pytest.param("milvus", marks=pytest.mark.skipif(not HAVE_MILVUS, reason="pymilvus not installed: "
-                                                    "pip install pymilvus milvus-lite")),
+    pytest.param(
+        "milvus",
+        marks=pytest.mark.skipif(not HAVE_MILVUS, reason="pymilvus not installed: pip install pymilvus milvus-lite"),
+    ),
 ]
 
 
@@ -40,6 +43,7 @@ def one_faiss_thread():
     """FAISS' OpenMP threads spin-wait: on a shared 2-core CI machine two of them run several
     times slower than one, and these indexes are small."""
     import faiss
+
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
@@ -219,14 +223,19 @@ class CountingEmbed:
 def test_resumable_build_reuses_finished_shards(spec, tmp_path):
     n, images = 50, _images(50)
     labels, sources = [f"c{i % 3}" for i in range(n)], [f"img{i}.png" for i in range(n)]
-    kwargs = dict(meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16,
-                  work_dir=tmp_path / "work", progress=False)
+    kwargs = dict(
+        meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16, work_dir=tmp_path / "work", progress=False
+    )
     crashing = CountingEmbed(fail_on_call=6)  # shards 0-1 take calls 1-4; dies inside shard 2
     with pytest.raises(RuntimeError, match="simulated"):
         build_index(spec, images, labels, sources, crashing, **kwargs)
     assert crashing.items == 40
     assert sorted(p.name for p in (tmp_path / "work" / "shards").iterdir()) == [
-        "shard_00000.ids.npy", "shard_00000.npy", "shard_00001.ids.npy", "shard_00001.npy"]
+        "shard_00000.ids.npy",
+        "shard_00000.npy",
+        "shard_00001.ids.npy",
+        "shard_00001.npy",
+    ]
     with pytest.raises(IndexStoreError, match="no index at"):
         open_index(spec)  # nothing half-built is visible
     with pytest.raises(IndexStoreError, match="different build"):
@@ -236,12 +245,20 @@ def test_resumable_build_reuses_finished_shards(spec, tmp_path):
     index = build_index(spec, images, labels, sources, resumed, **kwargs)
     assert resumed.items == n - 32 and resumed.calls == 3  # shard 2 (2 batches) + shard 3 (1)
     report = index.meta["build_report"]
-    assert (report["n_embedded"], report["n_reused_shards"], report["n_reused_items"], report["n_skipped"]) == \
-        (18, 2, 32, 0)
+    assert (report["n_embedded"], report["n_reused_shards"], report["n_reused_items"], report["n_skipped"]) == (
+        18,
+        2,
+        32,
+        0,
+    )
     assert not (tmp_path / "work").exists()
     full = CountingEmbed()(images)
-    want_scores, want_ids = brute_force(full / np.linalg.norm(full, axis=1, keepdims=True), np.arange(n),
-                                        full[:5] / np.linalg.norm(full[:5], axis=1, keepdims=True), 5)
+    want_scores, want_ids = brute_force(
+        full / np.linalg.norm(full, axis=1, keepdims=True),
+        np.arange(n),
+        full[:5] / np.linalg.norm(full[:5], axis=1, keepdims=True),
+        5,
+    )
     scores, ids = index.search(full[:5], k=5)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
@@ -378,8 +395,9 @@ def test_faiss_single_writer_lock(tmp_path):
     root = tmp_path / "l"
     spec = f"faiss:{root}"
     open_index(spec, create=True, dim=8).close()
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, spec], cwd=REPO, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, spec], cwd=REPO, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         index = open_index(spec)  # readers need no lock ...
@@ -423,12 +441,14 @@ def test_build_crash_between_shard_files_redoes_only_that_shard(tmp_path, monkey
 def test_build_from_a_loader_matches_tensor(tmp_path):
     n, images = 37, _images(37, seed=3)
     labels = [str(i) for i in range(n)]
-    loader = [(images[i:i + 5], None) for i in range(0, n, 5)]  # (batch, labels) straddling shards
+    loader = [(images[i : i + 5], None) for i in range(0, n, 5)]  # (batch, labels) straddling shards
     embed = CountingEmbed()
-    a = build_index(f"faiss:{tmp_path / 'a'}", images, labels, None, embed, meta={}, shard_size=10,
-                    batch_size=4, progress=False)
-    b = build_index(f"faiss:{tmp_path / 'b'}", loader, labels, None, embed, meta={}, shard_size=10,
-                    batch_size=4, progress=False)
+    a = build_index(
+        f"faiss:{tmp_path / 'a'}", images, labels, None, embed, meta={}, shard_size=10, batch_size=4, progress=False
+    )
+    b = build_index(
+        f"faiss:{tmp_path / 'b'}", loader, labels, None, embed, meta={}, shard_size=10, batch_size=4, progress=False
+    )
     q = np.random.default_rng(0).standard_normal((4, 8))
     for x, y in zip(a.search(q, 6), b.search(q, 6)):
         np.testing.assert_array_equal(x, y)
@@ -446,10 +466,29 @@ def test_build_rejects_nan_embeddings_unless_skipped(tmp_path):
         return out
 
     with pytest.raises(IndexStoreError, match=r"embedding of item 0 \(img0\) is NaN"):
-        build_index(f"faiss:{tmp_path / 'n'}", images, list("abcdefghijkl"), [f"img{i}" for i in range(12)], bad,
-                    meta={}, batch_size=4, shard_size=8, progress=False)
-    index = build_index(f"faiss:{tmp_path / 'n'}", images, list("abcdefghijkl"), [f"img{i}" for i in range(12)],
-                        bad, meta={}, batch_size=4, shard_size=8, progress=False, skip_bad=True)
+        build_index(
+            f"faiss:{tmp_path / 'n'}",
+            images,
+            list("abcdefghijkl"),
+            [f"img{i}" for i in range(12)],
+            bad,
+            meta={},
+            batch_size=4,
+            shard_size=8,
+            progress=False,
+        )
+    index = build_index(
+        f"faiss:{tmp_path / 'n'}",
+        images,
+        list("abcdefghijkl"),
+        [f"img{i}" for i in range(12)],
+        bad,
+        meta={},
+        batch_size=4,
+        shard_size=8,
+        progress=False,
+        skip_bad=True,
+    )
     report = index.meta["build_report"]
     assert report["n_skipped"] == 3 and report["skipped"] == ["0: img0", "4: img4", "8: img8"]
     assert len(index) == 9 and index.meta["count"] == 9
@@ -514,14 +553,14 @@ def test_huge_k_is_capped_at_the_index_size(spec):
 def test_ids_beyond_int64_are_one_line_errors(spec):
     with open_index(spec, create=True, dim=8) as index:
         index.add(unit(np.random.default_rng(12), 2, 8))
-        for bad in ([99999999999999999999999], 2 ** 63, np.array([2 ** 63], dtype=np.uint64)):
+        for bad in ([99999999999999999999999], 2**63, np.array([2**63], dtype=np.uint64)):
             with pytest.raises(IndexStoreError, match="out of range: ids are integers from 0 to 9223372036854775807"):
                 index.remove(bad)
             with pytest.raises(IndexStoreError, match="out of range"):
                 index.records(bad)
         with pytest.raises(IndexStoreError, match="must be integers, got str"):
-            index.remove(["7", 10 ** 30])
-        assert index.remove([2 ** 63 - 1]) == 0 and len(index) == 2  # the largest valid id is just unknown
+            index.remove(["7", 10**30])
+        assert index.remove([2**63 - 1]) == 0 and len(index) == 2  # the largest valid id is just unknown
 
 
 def _flip(path: Path, offset: int, n: int = 8) -> None:
@@ -634,7 +673,7 @@ def test_removal_deletes_only_the_uploads_it_owned(spec, tmp_path):
         assert index.remove_with_uploads([2], uploads) == (1, [str(files[1])])
         assert not files[1].exists() and len(index) == 0
         with pytest.raises(IndexStoreError, match="out of range"):
-            index.remove_with_uploads([10 ** 20], uploads)
+            index.remove_with_uploads([10**20], uploads)
 
 
 def test_build_checks_the_factory_before_embedding(tmp_path):
@@ -642,11 +681,31 @@ def test_build_checks_the_factory_before_embedding(tmp_path):
     for meta, embedded in (({"gallery_model": {"embed_dim": 8}}, 0), ({}, 8)):  # no dim hint: one batch
         embed = CountingEmbed()
         with pytest.raises(IndexStoreError, match="'IVF256,Flat' needs at least 256 vectors to train, got 50"):
-            build_index(f"faiss:{tmp_path / 'f'}", images, labels, None, embed, factory="IVF256,Flat", meta=meta,
-                        batch_size=8, shard_size=16, progress=False)
+            build_index(
+                f"faiss:{tmp_path / 'f'}",
+                images,
+                labels,
+                None,
+                embed,
+                factory="IVF256,Flat",
+                meta=meta,
+                batch_size=8,
+                shard_size=16,
+                progress=False,
+            )
         assert embed.items == embedded
-    index = build_index(f"faiss:{tmp_path / 'f'}", images, labels, None, CountingEmbed(), factory="Flat",
-                        meta={}, batch_size=8, shard_size=16, progress=False)
+    index = build_index(
+        f"faiss:{tmp_path / 'f'}",
+        images,
+        labels,
+        None,
+        CountingEmbed(),
+        factory="Flat",
+        meta={},
+        batch_size=8,
+        shard_size=16,
+        progress=False,
+    )
     assert len(index) == 50
     index.close()
 
@@ -654,11 +713,13 @@ def test_build_checks_the_factory_before_embedding(tmp_path):
 def test_build_resumes_with_another_factory_and_verifies_shards(tmp_path):
     n, images = 50, _images(50)
     labels = [str(i) for i in range(n)]
-    kwargs = dict(meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16,
-                  work_dir=tmp_path / "work", progress=False)
+    kwargs = dict(
+        meta={"gallery_model": {"name": "m"}}, batch_size=8, shard_size=16, work_dir=tmp_path / "work", progress=False
+    )
     with pytest.raises(RuntimeError, match="simulated"):
-        build_index(f"faiss:{tmp_path / 'x'}", images, labels, None, CountingEmbed(fail_on_call=6),
-                    factory="HNSW32", **kwargs)
+        build_index(
+            f"faiss:{tmp_path / 'x'}", images, labels, None, CountingEmbed(fail_on_call=6), factory="HNSW32", **kwargs
+        )
     _flip(tmp_path / "work" / "shards" / "shard_00000.npy", 200)  # damaged while the build was down
     resumed = CountingEmbed()
     index = build_index(f"faiss:{tmp_path / 'y'}", images, labels, None, resumed, factory="Flat", **kwargs)
@@ -677,21 +738,57 @@ def test_a_build_that_finished_no_shard_does_not_block_a_retry(tmp_path):
         return np.full((len(batch), 8), np.nan, np.float32)
 
     with pytest.raises(IndexStoreError, match="embedding of item 0 .* is NaN") as info:
-        build_index(spec, images, labels, None, nan_model, meta={"gallery_model": {"fingerprint": "broken"}},
-                    batch_size=8, shard_size=8, progress=False)
+        build_index(
+            spec,
+            images,
+            labels,
+            None,
+            nan_model,
+            meta={"gallery_model": {"fingerprint": "broken"}},
+            batch_size=8,
+            shard_size=8,
+            progress=False,
+        )
     assert "skip_bad" not in str(info.value) and "work_dir" not in str(info.value)
     assert (work / "build.json").exists() and not list((work / "shards").iterdir())
-    index = build_index(spec, images, labels, None, CountingEmbed(), meta={"gallery_model": {"fingerprint": "fixed"}},
-                        batch_size=8, shard_size=8, progress=False)
+    index = build_index(
+        spec,
+        images,
+        labels,
+        None,
+        CountingEmbed(),
+        meta={"gallery_model": {"fingerprint": "fixed"}},
+        batch_size=8,
+        shard_size=8,
+        progress=False,
+    )
     assert len(index) == 20 and not work.exists()
     index.close()
     # with finished shards, another model is refused, and the hint names no Python-only option
     with pytest.raises(RuntimeError, match="simulated"):
-        build_index(f"faiss:{tmp_path / 'w'}", images, labels, None, CountingEmbed(fail_on_call=2), meta={},
-                    batch_size=8, shard_size=8, progress=False)
+        build_index(
+            f"faiss:{tmp_path / 'w'}",
+            images,
+            labels,
+            None,
+            CountingEmbed(fail_on_call=2),
+            meta={},
+            batch_size=8,
+            shard_size=8,
+            progress=False,
+        )
     with pytest.raises(IndexStoreError, match=r"different build \(another gallery model .*delete .*w.build") as info:
-        build_index(f"faiss:{tmp_path / 'w'}", images, labels, None, CountingEmbed(),
-                    meta={"gallery_model": {"fingerprint": "other"}}, batch_size=8, shard_size=8, progress=False)
+        build_index(
+            f"faiss:{tmp_path / 'w'}",
+            images,
+            labels,
+            None,
+            CountingEmbed(),
+            meta={"gallery_model": {"fingerprint": "other"}},
+            batch_size=8,
+            shard_size=8,
+            progress=False,
+        )
     assert "work_dir" not in str(info.value)
 
 

@@ -81,7 +81,8 @@ def test_cache_dir_honours_hvs_cache(monkeypatch, tmp_path):
     assert kf.default_cache_dir() == str(tmp_path / "kanji-fonts")
     assert kf.cache_path(None, 32) == str(tmp_path / "kanji-fonts" / "kanji-fonts-32px.npz")
     assert kf.cache_path("/c", 16, limit=20, max_faces=4, jitter=0.5).endswith(
-        "kanji-fonts-16px-jitter0.5-limit20-faces4.npz")
+        "kanji-fonts-16px-jitter0.5-limit20-faces4.npz"
+    )
 
 
 def test_no_fonts_is_a_one_line_error_with_the_install_hint(monkeypatch, tmp_path):
@@ -132,11 +133,21 @@ def test_coverage_gaps_empty_outlines_and_broken_fonts_are_skipped_and_recorded(
     bad = tmp_path / "broken.ttf"
     bad.write_bytes(b"\x00\x01\x00\x00 not really a font")
     faces = [
-        kf.FontFace("Boxes Print", "Regular", make_font(tmp_path / "p.ttf", [c for c in chars if c != lacking],
-                                                        "Boxes Print"), kind=kf.PRINT, package="test"),
+        kf.FontFace(
+            "Boxes Print",
+            "Regular",
+            make_font(tmp_path / "p.ttf", [c for c in chars if c != lacking], "Boxes Print"),
+            kind=kf.PRINT,
+            package="test",
+        ),
         kf.FontFace("Broken", "Regular", str(bad), kind=kf.PRINT, package="test"),
-        kf.FontFace("Boxes Hand", "Regular", make_font(tmp_path / "h.ttf", chars, "Boxes Hand", empty=[blank]),
-                    kind=kf.HANDWRITING, package="test"),
+        kf.FontFace(
+            "Boxes Hand",
+            "Regular",
+            make_font(tmp_path / "h.ttf", chars, "Boxes Hand", empty=[blank]),
+            kind=kf.HANDWRITING,
+            package="test",
+        ),
     ]
     m = kf.build_cache(str(tmp_path / "cache"), size=SIZE, limit=LIMIT, faces=faces, progress=False)
     assert [f["key"] for f in m["faces"]] == ["Boxes Print Regular", "Boxes Hand Regular"]
@@ -172,9 +183,11 @@ def installed(tmp_path_factory):
     usable, _, _ = kf.discover_faces()
     kinds = [f.kind for f in usable]
     if kf.PRINT not in kinds or kf.HANDWRITING not in kinds:
-        pytest.skip(f"needs >= 1 print and >= 1 handwriting CJK font face installed, found "
-                    f"{kinds.count(kf.PRINT)} print and {kinds.count(kf.HANDWRITING)} handwriting "
-                    f"(`make setup` or apt-get install fonts-ipaexfont-mincho fonts-seto)")
+        pytest.skip(
+            f"needs >= 1 print and >= 1 handwriting CJK font face installed, found "
+            f"{kinds.count(kf.PRINT)} print and {kinds.count(kf.HANDWRITING)} handwriting "
+            f"(`make setup` or apt-get install fonts-ipaexfont-mincho fonts-seto)"
+        )
     folder = str(tmp_path_factory.mktemp("kanji-cache"))
     kf.build_cache(folder, size=SIZE, limit=LIMIT, max_faces=FACES, progress=False)
     return folder
@@ -288,8 +301,20 @@ def test_jitter_is_deterministic_per_view(installed):
 
 
 def test_cli_build_reuses_and_info_reports_nonmated_probes(installed, capsys):
-    argv = ["data", "build", "kanji-fonts", "--out", installed, "--size", str(SIZE), "--limit", str(LIMIT),
-            "--max-faces", str(FACES), "--no-progress"]
+    argv = [
+        "data",
+        "build",
+        "kanji-fonts",
+        "--out",
+        installed,
+        "--size",
+        str(SIZE),
+        "--limit",
+        str(LIMIT),
+        "--max-faces",
+        str(FACES),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("reused ") and "handwriting" in out

@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hvs.losses import (BCTLoss, CrossModelContrastive, L2Regression, MarginHead, margin_logits, parse_compat,
-                        synthesize_gallery_classifier)
+from hvs.losses import (
+    BCTLoss,
+    CrossModelContrastive,
+    L2Regression,
+    MarginHead,
+    margin_logits,
+    parse_compat,
+    synthesize_gallery_classifier,
+)
 
 
 def test_margin_logits_against_definitions():
@@ -44,7 +51,8 @@ def test_bct_loss_is_low_only_in_the_gallery_space():
 def test_synthesized_rows_for_unseen_classes():
     g_weight = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     rows, synth = synthesize_gallery_classifier(
-        g_weight, ["a", "b"], ["b", "new", "a"], lambda c: torch.tensor([3.0, 4.0]))
+        g_weight, ["a", "b"], ["b", "new", "a"], lambda c: torch.tensor([3.0, 4.0])
+    )
     assert synth == ["new"]
     assert torch.allclose(rows, torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]]))
 

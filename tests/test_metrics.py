@@ -104,8 +104,7 @@ def ref_tar(S, ql, gl, exclude_self, fars, min_count):
         if not impostor or far < min_count / len(impostor):
             continue
         t = ref_lowest_threshold(impostor, candidates, far)
-        out[f"tar@far={far:.0e}"] = (sum(1 for x in genuine if x > t) / len(genuine)
-                                     if genuine else float("nan"))
+        out[f"tar@far={far:.0e}"] = sum(1 for x in genuine if x > t) / len(genuine) if genuine else float("nan")
     return out, len(genuine), len(impostor)
 
 
@@ -138,8 +137,9 @@ def ref_tpir(S, ql, gl, exclude_self, mask, fpirs, min_count):
     return out, len(mated), len(nonmate)
 
 
-def assert_matches_reference(res, S, ql, gl, *, ks=KS, exclude_self=False, fars=FARS,
-                             fpirs=FPIRS, mask=None, min_count=1):
+def assert_matches_reference(
+    res, S, ql, gl, *, ks=KS, exclude_self=False, fars=FARS, fpirs=FPIRS, mask=None, min_count=1
+):
     S = S.tolist() if isinstance(S, torch.Tensor) else S
     ql, gl = [int(x) for x in ql], [int(x) for x in gl]
     hits, aps, index, without = ref_ranking(S, ql, gl, ks, exclude_self)
@@ -161,20 +161,17 @@ def assert_matches_reference(res, S, ql, gl, *, ks=KS, exclude_self=False, fars=
     assert {k for k in res if k.startswith("tar@")} == set(tar)
     for key, value in tar.items():
         assert res[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
-    assert res["smallest_far_supported"] == min(
-        (f for f in fars if f"tar@far={f:.0e}" in tar), default=None)
+    assert res["smallest_far_supported"] == min((f for f in fars if f"tar@far={f:.0e}" in tar), default=None)
 
     tpir, n_mated, n_nm = ref_tpir(S, ql, gl, exclude_self, mask, fpirs, min_count)
     assert (res["n_mated_probes"], res["n_nonmated_probes"]) == (n_mated, n_nm)
     assert {k for k in res if k.startswith("tpir@")} == set(tpir)
     for key, value in tpir.items():
         assert res[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
-    assert res["smallest_fpir_supported"] == min(
-        (f for f in fpirs if f"tpir@fpir={f:.0e}" in tpir), default=None)
+    assert res["smallest_fpir_supported"] == min((f for f in fpirs if f"tpir@fpir={f:.0e}" in tpir), default=None)
 
 
-def random_case(seed, *, n_q=24, n_g=30, n_labels=8, decimals=1, exclude_self=False,
-                foreign=0.2):
+def random_case(seed, *, n_q=24, n_g=30, n_labels=8, decimals=1, exclude_self=False, foreign=0.2):
     """Rounded random scores (many ties) and labels; a fraction of queries get labels that are
     not in the gallery, so they have no positive."""
     gen = torch.Generator().manual_seed(seed)
@@ -230,9 +227,7 @@ def test_recall_and_ap_hand_computed():
     #     hit@1 = 0, hit@2 = 1, AP = (1/2 + 2/3) / 2 = 7/12
     # q1 (label 1): g1 (.95) is first -> hit@1 = 1, AP = 1
     # q2 (label 3): no positive in the gallery -> excluded from recall and mAP
-    S = torch.tensor([[0.2, 0.9, 0.8, 0.1],
-                      [0.1, 0.95, 0.3, 0.7],
-                      [0.5, 0.4, 0.3, 0.2]])
+    S = torch.tensor([[0.2, 0.9, 0.8, 0.1], [0.1, 0.95, 0.3, 0.7], [0.5, 0.4, 0.3, 0.2]])
     res = retrieval_metrics_from_scores(S, [0, 1, 3], [0, 1, 0, 2], ks=(1, 2, 5))
     assert res["recall@1"] == pytest.approx(1 / 2)
     assert res["recall@2"] == pytest.approx(1.0)
@@ -247,10 +242,13 @@ def test_recall_and_ap_hand_computed():
     assert pq["ap"].mean() == res["map"] and pq["hit@1"].mean() == res["recall@1"]
 
 
-@pytest.mark.parametrize("labels, hit1, ap", [
-    ([1, 0], 0.0, 0.5),  # tie: the negative has the lower index, so it ranks first
-    ([0, 1], 1.0, 1.0),  # tie: the positive has the lower index
-])
+@pytest.mark.parametrize(
+    "labels, hit1, ap",
+    [
+        ([1, 0], 0.0, 0.5),  # tie: the negative has the lower index, so it ranks first
+        ([0, 1], 1.0, 1.0),  # tie: the positive has the lower index
+    ],
+)
 def test_ties_broken_by_gallery_index(labels, hit1, ap):
     res = retrieval_metrics_from_scores(torch.tensor([[0.5, 0.5]]), [0], labels, ks=(1,))
     assert res["recall@1"] == hit1
@@ -269,8 +267,9 @@ def test_exclude_self_hand_computed():
     #   FPIR .5: k = 1 (1/3 <= .5 < 2/3), desc [.5 .5 .1] -> t = .5; q0's rank-1 is wrong and
     #   q1's is right but .2 <= .5 -> TPIR 0.  FPIR 1: t = -inf -> TPIR 1/2
     S = torch.tensor([[1.0, 0.2, 0.5], [0.2, 1.0, 0.1], [0.5, 0.1, 1.0]], dtype=torch.float64)
-    res = retrieval_metrics_from_scores(S, [0, 0, 1], [0, 0, 1], ks=(1, 5), exclude_self=True,
-                                        far_targets=(0.5, 0.25, 0.1), fpir_targets=(1.0, 0.5))
+    res = retrieval_metrics_from_scores(
+        S, [0, 0, 1], [0, 0, 1], ks=(1, 5), exclude_self=True, far_targets=(0.5, 0.25, 0.1), fpir_targets=(1.0, 0.5)
+    )
     assert res["recall@1"] == pytest.approx(0.5)
     assert res["recall@5"] == pytest.approx(1.0)
     assert res["map"] == pytest.approx(0.75)
@@ -289,8 +288,7 @@ def test_tar_hand_computed():
     #   FAR .01 < 1/10 -> unsupported, absent
     imp = [i / 10 for i in range(9, -1, -1)]
     S = torch.tensor([[0.95, 0.85, 0.5] + imp], dtype=torch.float64)
-    res = retrieval_metrics_from_scores(S, [0], [0, 0, 0] + [1] * 10,
-                                        far_targets=(0.5, 0.1, 0.01), fpir_targets=())
+    res = retrieval_metrics_from_scores(S, [0], [0, 0, 0] + [1] * 10, far_targets=(0.5, 0.1, 0.01), fpir_targets=())
     assert res["tar@far=5e-01"] == 1.0
     assert res["tar@far=1e-01"] == pytest.approx(2 / 3)
     assert "tar@far=1e-02" not in res
@@ -319,11 +317,13 @@ def test_tpir_open_set_hand_computed():
     # p0: rank-1 g0 (l0) .9 correct;  p1: rank-1 g0 (.6) wrong;  p2: rank-1 g2 (.7) correct
     # non-mate (top) scores: p3 .8, p4 .65 -> FPIR .5: k = 1 -> t = .65 -> p0, p2 -> TPIR 2/3
     # FPIR 1: t = -inf -> 2/3 (rank-1 accuracy); FPIR .1 < 1/2 -> unsupported
-    S = torch.tensor([[0.9, 0.1, 0.2], [0.6, 0.5, 0.1], [0.1, 0.2, 0.7],
-                      [0.8, 0.3, 0.2], [0.1, 0.65, 0.0]], dtype=torch.float64)
+    S = torch.tensor(
+        [[0.9, 0.1, 0.2], [0.6, 0.5, 0.1], [0.1, 0.2, 0.7], [0.8, 0.3, 0.2], [0.1, 0.65, 0.0]], dtype=torch.float64
+    )
     mask = np.array([False, False, False, True, True])
-    res = retrieval_metrics_from_scores(S, [0, 1, 2, 5, 6], [0, 1, 2], nonmated_query_mask=mask,
-                                        fpir_targets=(1.0, 0.5, 0.1))
+    res = retrieval_metrics_from_scores(
+        S, [0, 1, 2, 5, 6], [0, 1, 2], nonmated_query_mask=mask, fpir_targets=(1.0, 0.5, 0.1)
+    )
     assert (res["n_mated_probes"], res["n_nonmated_probes"]) == (3, 2)
     assert res["tpir@fpir=5e-01"] == pytest.approx(2 / 3)
     assert res["tpir@fpir=1e+00"] == pytest.approx(2 / 3)
@@ -336,8 +336,9 @@ def test_tpir_nonmated_mask_is_trusted():
     # non-mate scores .95 .5 .4; FPIR .5: k = 1 -> t = .5; mated p0 (rank-1 g0, .45) fails.
     # (Leave-identity-out scores .5 .4 .2 would give t = .4 and TPIR 1.)
     S = torch.tensor([[0.45, 0.1], [0.2, 0.95], [0.5, 0.3], [0.1, 0.4]], dtype=torch.float64)
-    res = retrieval_metrics_from_scores(S, [0, 1, 7, 8], [0, 1], fpir_targets=(0.5,),
-                                        nonmated_query_mask=[False, True, True, True])
+    res = retrieval_metrics_from_scores(
+        S, [0, 1, 7, 8], [0, 1], fpir_targets=(0.5,), nonmated_query_mask=[False, True, True, True]
+    )
     assert (res["n_mated_probes"], res["n_nonmated_probes"]) == (1, 3)
     assert res["tpir@fpir=5e-01"] == 0.0
 
@@ -363,7 +364,12 @@ def test_supported_rate_filtering_drops_tiny_far():
     n_imp = res["n_impostor_pairs"]
     assert 1e5 < n_imp < 1e6 and res["n_genuine_pairs"] + n_imp == 400 * 400
     assert [k for k in res if k.startswith("tar@")] == [
-        "tar@far=1e-01", "tar@far=1e-02", "tar@far=1e-03", "tar@far=1e-04", "tar@far=1e-05"]
+        "tar@far=1e-01",
+        "tar@far=1e-02",
+        "tar@far=1e-03",
+        "tar@far=1e-04",
+        "tar@far=1e-05",
+    ]
     assert res["smallest_far_supported"] == 1e-5
     # 400 non-mated probes (leave-identity-out) support FPIR down to 1/400 = 2.5e-3
     assert [k for k in res if k.startswith("tpir@")] == ["tpir@fpir=1e-01", "tpir@fpir=1e-02"]
@@ -375,8 +381,7 @@ def test_supported_rate_filtering_drops_tiny_far():
 
 def test_no_positives_anywhere_gives_nan_not_crash():
     S = torch.rand(4, 5, dtype=torch.float64)
-    res = retrieval_metrics_from_scores(S, [9, 9, 9, 9], [0, 1, 2, 3, 4], far_targets=(0.5,),
-                                        fpir_targets=(0.5,))
+    res = retrieval_metrics_from_scores(S, [9, 9, 9, 9], [0, 1, 2, 3, 4], far_targets=(0.5,), fpir_targets=(0.5,))
     assert math.isnan(res["recall@1"]) and math.isnan(res["map"])
     assert math.isnan(res["tar@far=5e-01"])  # no genuine pairs
     assert res["n_queries_without_positive"] == 4 and res["per_query"]["ap"].size == 0
@@ -407,8 +412,9 @@ def test_invalid_arguments():
 @pytest.mark.parametrize("exclude_self", [False, True])
 def test_scores_match_reference(seed, decimals, exclude_self):
     S, ql, gl = random_case(seed, decimals=decimals, exclude_self=exclude_self)
-    res = retrieval_metrics_from_scores(S, ql, gl, ks=KS, exclude_self=exclude_self,
-                                        far_targets=FARS, fpir_targets=FPIRS)
+    res = retrieval_metrics_from_scores(
+        S, ql, gl, ks=KS, exclude_self=exclude_self, far_targets=FARS, fpir_targets=FPIRS
+    )
     assert_matches_reference(res, S, ql, gl, exclude_self=exclude_self)
 
 
@@ -421,8 +427,9 @@ def test_open_set_mask_matches_reference(seed, min_count):
     ql = ql.clone()
     ql[mask] += 1000  # non-mated probes: identities absent from the gallery
     ql[~mask & (torch.rand(len(ql), generator=gen) < 0.15)] += 500  # mated without mate: a miss
-    res = retrieval_metrics_from_scores(S, ql, gl, ks=KS, nonmated_query_mask=mask,
-                                        far_targets=FARS, fpir_targets=FPIRS, min_count=min_count)
+    res = retrieval_metrics_from_scores(
+        S, ql, gl, ks=KS, nonmated_query_mask=mask, far_targets=FARS, fpir_targets=FPIRS, min_count=min_count
+    )
     assert_matches_reference(res, S, ql, gl, mask=mask.tolist(), min_count=min_count)
 
 
@@ -435,8 +442,9 @@ def test_embeddings_match_reference(seed, exclude_self):
     g = q.clone() if exclude_self else torch.randn(n_g, d, generator=gen, dtype=torch.float64)
     gl = torch.randint(0, 6, (n_g,), generator=gen)
     ql = gl.clone() if exclude_self else torch.randint(0, 7, (n_q,), generator=gen)
-    res = retrieval_metrics(q, ql, g, gl, ks=KS, exclude_self=exclude_self, far_targets=FARS,
-                            fpir_targets=FPIRS, chunk_size=7)
+    res = retrieval_metrics(
+        q, ql, g, gl, ks=KS, exclude_self=exclude_self, far_targets=FARS, fpir_targets=FPIRS, chunk_size=7
+    )
     assert_matches_reference(res, ref_cosine(q, g), ql, gl, exclude_self=exclude_self)
 
 
@@ -453,8 +461,7 @@ def test_one_hot_embeddings_exact_ties_match_reference(exclude_self):
     q = torch.nn.functional.one_hot(cq, 4).float()
     g = torch.nn.functional.one_hot(cg, 4).float()
     S = [[1.0 if a == b else 0.0 for b in cg.tolist()] for a in cq.tolist()]
-    res = retrieval_metrics(q, ql, g, gl, ks=KS, exclude_self=exclude_self, far_targets=FARS,
-                            fpir_targets=FPIRS)
+    res = retrieval_metrics(q, ql, g, gl, ks=KS, exclude_self=exclude_self, far_targets=FARS, fpir_targets=FPIRS)
     assert_matches_reference(res, S, ql, gl, exclude_self=exclude_self)
 
 
@@ -464,8 +471,7 @@ def test_chunking_and_buffer_pruning_match_reference(monkeypatch, chunk_size):
     monkeypatch.setattr(metrics, "_IMPOSTOR_BUFFER_MIN", 1)
     S, ql, gl = random_case(5, n_q=30, n_g=40, decimals=2)
     fars = (0.2, 0.05, 0.01, 0.002)
-    res = retrieval_metrics_from_scores(S, ql, gl, ks=KS, far_targets=fars, fpir_targets=FPIRS,
-                                        chunk_size=chunk_size)
+    res = retrieval_metrics_from_scores(S, ql, gl, ks=KS, far_targets=fars, fpir_targets=FPIRS, chunk_size=chunk_size)
     assert_matches_reference(res, S, ql, gl, fars=fars)
 
 
@@ -476,8 +482,9 @@ def test_top_scores_buffer(monkeypatch, seed, tied):
     # after any prune, including one right at the end of the stream.
     monkeypatch.setattr(metrics, "_IMPOSTOR_BUFFER_MIN", 1)
     gen = torch.Generator().manual_seed(seed)
-    stream = [torch.rand(int(n), generator=gen, dtype=torch.float64)
-              for n in torch.randint(0, 40, (30,), generator=gen)]
+    stream = [
+        torch.rand(int(n), generator=gen, dtype=torch.float64) for n in torch.randint(0, 40, (30,), generator=gen)
+    ]
     if tied:
         stream = [torch.round(part * 50) / 50 for part in stream]
     every = sorted((x for part in stream for x in part.tolist()), reverse=True)

@@ -38,8 +38,9 @@ def test_role_filter():
 
 def test_flops_match_hand_count():
     # conv 1->4, 3x3, 8x8 output, no bias: 2 * (4*1*9) * 64 MACs; linear 4->2: 2 * 8
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 2, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2, bias=False)
+    )
     assert count_flops(model, (1, 8, 8)) == 2 * 4 * 9 * 64 + 2 * 8
 
 

@@ -16,13 +16,29 @@ from hvs.cli import main
 from hvs.models import create_model
 from hvs.models.cost import count_flops
 from hvs.models.ofa import ArchError, ArchSpace, OFAMobileNetV3Supernet, make_divisible
-from hvs.nas import (Budget, LatencyTable, NASError, carve_validation, compare_latency, phase_plan, random_search,
-                     regularized_evolution, sample_under_budget)
+from hvs.nas import (
+    Budget,
+    LatencyTable,
+    NASError,
+    carve_validation,
+    compare_latency,
+    phase_plan,
+    random_search,
+    regularized_evolution,
+    sample_under_budget,
+)
 from hvs.nas import train as nas_train
 
-TINY = {"stem_width": 8, "first_width": 8, "stage_widths": [8, 16, 24], "stage_strides": [2, 2, 1],
-        "stage_acts": ["relu", "h_swish", "h_swish"], "stage_se": [False, True, True], "final_width": 48,
-        "feature_width": 64}
+TINY = {
+    "stem_width": 8,
+    "first_width": 8,
+    "stage_widths": [8, 16, 24],
+    "stage_strides": [2, 2, 1],
+    "stage_acts": ["relu", "h_swish", "h_swish"],
+    "stage_se": [False, True, True],
+    "final_width": 48,
+    "feature_width": 64,
+}
 DATA = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
 
 
@@ -54,8 +70,10 @@ def _supernet(**kw) -> OFAMobileNetV3Supernet:
 # The supernet
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [{}, {"kernel_transform": True, "width_mult_list": [0.5, 1.0],
-                                     "resolution_list": [10, 12, 16]}])
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"kernel_transform": True, "width_mult_list": [0.5, 1.0], "resolution_list": [10, 12, 16]}]
+)
 def test_extracted_subnet_equals_active_supernet(kw):
     net = _supernet(**kw)
     x = torch.randn(3, 1, 12, 12)
@@ -94,7 +112,7 @@ def test_random_subnets_respect_the_choices():
         sub = net.get_active_subnet()
         blocks = list(sub.backbone.blocks.items())[1:]  # block 0: the fixed first layer
         assert len(blocks) == sum(arch["d"])
-        for (name, block), (s, i, slot) in zip(blocks, net.space.active_layers(arch)):
+        for (name, block), (_, _, slot) in zip(blocks, net.space.active_layers(arch)):
             assert int(name) == 1 + slot
             k = block.depth_conv.conv.kernel_size[0]
             cin = block.inverted_bottleneck.conv.in_channels
@@ -124,8 +142,16 @@ def test_arch_round_trips_through_json_and_model_folders(tmp_path):
     assert again == arch and net.space.key(again) == net.space.key(arch)
     sub = net.get_active_subnet().eval()
     kwargs = json.loads(json.dumps(net.subnet_kwargs()))
-    card = ckpt.ModelCard(model="ofa-mbv3", embed_dim=16, in_chans=1, image_size=12, mean=[0.5], std=[0.5],
-                          role="query", model_kwargs=kwargs)
+    card = ckpt.ModelCard(
+        model="ofa-mbv3",
+        embed_dim=16,
+        in_chans=1,
+        image_size=12,
+        mean=[0.5],
+        std=[0.5],
+        role="query",
+        model_kwargs=kwargs,
+    )
     ckpt.save_model_folder(tmp_path / "q", sub, card)
     loaded, _ = ckpt.load_model(tmp_path / "q")
     x = torch.randn(2, 1, 12, 12)
@@ -155,12 +181,17 @@ def test_registered_model_defaults_to_the_largest_ofa_subnet():
 # Search: budget, evolution, determinism
 # ---------------------------------------------------------------------------------------------
 
+
 def _target_reward(space: ArchSpace, target: dict):
     """A known function of the arch: the share of active layers (and stage depths) matching target."""
+
     def reward(arch: dict) -> float:
-        hits = sum((arch["ks"][slot] == target["ks"][slot]) + (arch["e"][slot] == target["e"][slot])
-                   for _, _, slot in space.active_layers(arch))
+        hits = sum(
+            (arch["ks"][slot] == target["ks"][slot]) + (arch["e"][slot] == target["e"][slot])
+            for _, _, slot in space.active_layers(arch)
+        )
         return hits / (2 * space.num_layers) + sum(a == b for a, b in zip(arch["d"], target["d"])) / space.num_stages
+
     return reward
 
 
@@ -178,8 +209,17 @@ def test_evolution_beats_random_search_at_equal_evaluations():
         while budget.cost(target) > budget.limit:
             target = space.sample(rng)
         reward = _target_reward(space, target)
-        evo = regularized_evolution(space, reward, budget, population=20, iterations=100, parents=0.25,
-                                    mutation_prob=0.1, mutate_ratio=0.5, seed=seed)
+        evo = regularized_evolution(
+            space,
+            reward,
+            budget,
+            population=20,
+            iterations=100,
+            parents=0.25,
+            mutation_prob=0.1,
+            mutate_ratio=0.5,
+            seed=seed,
+        )
         rnd = random_search(space, reward, budget, evaluations=evo.evaluations, seed=seed)
         assert rnd.evaluations == evo.evaluations
         assert all(r["cost"] <= budget.limit for r in evo.history + rnd.history)
@@ -192,8 +232,12 @@ def test_same_seed_same_search_and_budget_in_every_candidate():
     limit = (net.flops(net.min_arch(), 12) + net.flops(net.max_arch(), 12)) / 2
     budget = Budget("flops", limit, lambda a: float(net.flops(a, 12)))
     reward = _target_reward(net.space, net.max_arch())
-    runs = [regularized_evolution(net.space, reward, budget, population=10, iterations=30, seed=5,
-                                  annotate=lambda a: {"cost": budget.cost(a)}) for _ in range(2)]
+    runs = [
+        regularized_evolution(
+            net.space, reward, budget, population=10, iterations=30, seed=5, annotate=lambda a: {"cost": budget.cost(a)}
+        )
+        for _ in range(2)
+    ]
     assert [r["key"] for r in runs[0].history] == [r["key"] for r in runs[1].history]
     assert runs[0].best == runs[1].best
     assert all(r["cost"] <= limit for r in runs[0].history)
@@ -205,8 +249,11 @@ def test_infeasible_budget_names_the_smallest_cost():
     net = _supernet()
     smallest = net.flops(net.min_arch(), 12) / 1e6
     budget = Budget("flops", 0.1e6, lambda a: float(net.flops(a, 12)))
-    with pytest.raises(NASError, match=rf"^budget 0.1 MFLOPs is infeasible: the smallest sub-network needs "
-                                       rf"{smallest:.4g} MFLOPs$"):
+    with pytest.raises(
+        NASError,
+        match=rf"^budget 0.1 MFLOPs is infeasible: the smallest sub-network needs "
+        rf"{smallest:.4g} MFLOPs$",
+    ):
         regularized_evolution(net.space, lambda a: 0.0, budget, population=4, iterations=2)
 
 
@@ -227,6 +274,7 @@ def test_latency_table_predicts_and_is_reused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Training pieces
 # ---------------------------------------------------------------------------------------------
+
 
 def test_validation_split_is_carved_from_training_images_per_class():
     labels = torch.arange(4).repeat_interleave(20)
@@ -272,11 +320,50 @@ val_fraction: 0.2
 def nas_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nas")
     (root / "supernet.yaml").write_text(SUPERNET_YAML)
-    assert main(["train", "--model", "cnn-nano", "--data", DATA, "--epochs", "2", "--batch-size", "32",
-                 "--embed-dim", "16", "--out", str(root / "g"), "--no-progress"]) == 0
-    assert main(["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--gallery", str(root / "g"),
-                 "--data", DATA, "--epochs", "1", "--distill", "0.5", "--sandwich", "--out", str(root / "s"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn-nano",
+                "--data",
+                DATA,
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--embed-dim",
+                "16",
+                "--out",
+                str(root / "g"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "nas",
+                "train-supernet",
+                "--config",
+                str(root / "supernet.yaml"),
+                "--gallery",
+                str(root / "g"),
+                "--data",
+                DATA,
+                "--epochs",
+                "1",
+                "--distill",
+                "0.5",
+                "--sandwich",
+                "--out",
+                str(root / "s"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -287,8 +374,21 @@ def test_train_supernet_writes_a_resumable_folder(nas_runs, tmp_path):
     assert card["gallery"]["fingerprint"] == ckpt.read_card(root / "g").fingerprint
     assert (root / "s" / "log.csv").read_text().startswith("epoch,phase,loss,own,bct,distill")
     # an interrupted 2-epoch run, resumed, ends with the weights of an uninterrupted one
-    args = ["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--data", DATA, "--epochs", "2",
-            "--subnets-per-step", "1", "--progressive", "full,kernel", "--no-progress"]
+    args = [
+        "nas",
+        "train-supernet",
+        "--config",
+        str(root / "supernet.yaml"),
+        "--data",
+        DATA,
+        "--epochs",
+        "2",
+        "--subnets-per-step",
+        "1",
+        "--progressive",
+        "full,kernel",
+        "--no-progress",
+    ]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
 
     def kill(epoch):
@@ -311,8 +411,21 @@ def test_train_supernet_writes_a_resumable_folder(nas_runs, tmp_path):
 
 def test_search_export_evaluate(nas_runs, capsys):
     root = nas_runs
-    common = ["nas", "search", "--supernet", str(root / "s"), "--gallery", str(root / "g"), "--population", "4",
-              "--iterations", "4", "--bn-images", "32", "--no-progress"]
+    common = [
+        "nas",
+        "search",
+        "--supernet",
+        str(root / "s"),
+        "--gallery",
+        str(root / "g"),
+        "--population",
+        "4",
+        "--iterations",
+        "4",
+        "--bn-images",
+        "32",
+        "--no-progress",
+    ]
     search = [*common, "--flops", "0.3M"]
     assert main([*search, "--out", str(root / "r")]) == 0
     best = json.loads((root / "r" / "best.json").read_text())
@@ -332,9 +445,28 @@ def test_search_export_evaluate(nas_runs, capsys):
     assert err.startswith("hvs nas: error: budget 0.1 MFLOPs is infeasible: the smallest sub-network needs ")
     assert len(err.splitlines()) == 1
 
-    assert main(["nas", "export", "--supernet", str(root / "s"), "--arch", str(root / "r" / "best.json"),
-                 "--gallery", str(root / "g"), "--out", str(root / "q"), "--finetune-epochs", "1",
-                 "--batch-size", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "nas",
+                "export",
+                "--supernet",
+                str(root / "s"),
+                "--arch",
+                str(root / "r" / "best.json"),
+                "--gallery",
+                str(root / "g"),
+                "--out",
+                str(root / "q"),
+                "--finetune-epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     q = ckpt.read_card(root / "q")
     g = ckpt.read_card(root / "g")
     assert q.role == "query" and q.model == "ofa-mbv3" and q.compatible_with["fingerprint"] == g.fingerprint
@@ -342,8 +474,25 @@ def test_search_export_evaluate(nas_runs, capsys):
     assert q.model_kwargs["arch"]["d"] == best["arch"]["d"]
     model, _ = ckpt.load_model(root / "q")
     assert count_flops(model, (1, 12, 12)) == best["flops"]
-    assert main(["evaluate", "--gallery-model", str(root / "g"), "--query-model", str(root / "q"), "--data", DATA,
-                 "--no-latency", "--bootstrap", "10", "--json", str(root / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gallery-model",
+                str(root / "g"),
+                "--query-model",
+                str(root / "q"),
+                "--data",
+                DATA,
+                "--no-latency",
+                "--bootstrap",
+                "10",
+                "--json",
+                str(root / "eval.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((root / "eval.json").read_text())
     assert not result["notes"][0].startswith("query model")  # no 'independent/incompatible' warning
     # 6 balanced classes: ranking the gallery at random gives mAP near 1/6; the exported BCT
@@ -353,8 +502,21 @@ def test_search_export_evaluate(nas_runs, capsys):
 
 def test_homo_reward_needs_no_gallery_and_hetero_does(nas_runs, capsys):
     root = nas_runs
-    base = ["nas", "search", "--supernet", str(root / "s"), "--flops", "0.3M", "--population", "3", "--iterations",
-            "1", "--bn-images", "16", "--no-progress"]
+    base = [
+        "nas",
+        "search",
+        "--supernet",
+        str(root / "s"),
+        "--flops",
+        "0.3M",
+        "--population",
+        "3",
+        "--iterations",
+        "1",
+        "--bn-images",
+        "16",
+        "--no-progress",
+    ]
     assert main([*base, "--out", str(root / "homo"), "--reward", "homo"]) == 0
     best = json.loads((root / "homo" / "best.json").read_text())
     assert best["reward"] == best["scores"]["query->query/recall@1"] and best["gallery"] is None
@@ -365,13 +527,47 @@ def test_homo_reward_needs_no_gallery_and_hetero_does(nas_runs, capsys):
 
 def test_weight_inheritance_exports_a_compatible_pair(nas_runs):
     root = nas_runs
-    assert main(["nas", "inherit", "--supernet", str(root / "s"), "--out-gallery", str(root / "ig"),
-                 "--out-query", str(root / "iq"), "--flops", "0.3M", "--bn-images", "32"]) == 0
+    assert (
+        main(
+            [
+                "nas",
+                "inherit",
+                "--supernet",
+                str(root / "s"),
+                "--out-gallery",
+                str(root / "ig"),
+                "--out-query",
+                str(root / "iq"),
+                "--flops",
+                "0.3M",
+                "--bn-images",
+                "32",
+            ]
+        )
+        == 0
+    )
     g, q = ckpt.read_card(root / "ig"), ckpt.read_card(root / "iq")
     assert g.role == "gallery" and q.role == "query" and q.compatible_with["fingerprint"] == g.fingerprint
     assert q.extra["compatibility"] == "weight-inheritance"
-    assert main(["evaluate", "--gallery-model", str(root / "ig"), "--query-model", str(root / "iq"), "--data", DATA,
-                 "--no-latency", "--bootstrap", "10", "--json", str(root / "inherit.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gallery-model",
+                str(root / "ig"),
+                "--query-model",
+                str(root / "iq"),
+                "--data",
+                DATA,
+                "--no-latency",
+                "--bootstrap",
+                "10",
+                "--json",
+                str(root / "inherit.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((root / "inherit.json").read_text())
     assert result["cost"]["ratio_gallery_over_query"]["flops"] > 1
     # inherited weights, no training: the small sub-network still searches the largest one's
@@ -382,10 +578,42 @@ def test_weight_inheritance_exports_a_compatible_pair(nas_runs):
 
 def test_export_refuses_a_gallery_the_supernet_was_not_trained_for(nas_runs, capsys):
     root = nas_runs
-    assert main(["train", "--model", "cnn-nano", "--data", DATA, "--epochs", "1", "--batch-size", "32",
-                 "--embed-dim", "16", "--seed", "1", "--out", str(root / "g-other"), "--no-progress"]) == 0
-    args = ["nas", "export", "--supernet", str(root / "s"), "--arch", '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], '
-            '"d": [1, 1]}', "--gallery", str(root / "g-other"), "--bn-images", "16", "--no-progress"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn-nano",
+                "--data",
+                DATA,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--embed-dim",
+                "16",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "g-other"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    args = [
+        "nas",
+        "export",
+        "--supernet",
+        str(root / "s"),
+        "--arch",
+        '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}',
+        "--gallery",
+        str(root / "g-other"),
+        "--bn-images",
+        "16",
+        "--no-progress",
+    ]
     capsys.readouterr()
     assert main([*args, "--out", str(root / "bad")]) == 2
     err = capsys.readouterr().err.strip()
@@ -428,10 +656,37 @@ def _mean_cosine_to_gallery(supernet_dir, gallery_dir) -> float:
 
 def test_supernet_feature_regression_pulls_embeddings_onto_the_gallery_models(nas_runs, tmp_path, capsys):
     root = nas_runs
-    args = ["nas", "train-supernet", "--config", str(root / "supernet.yaml"), "--data", DATA, "--epochs", "3",
-            "--seed", "3", "--embed-dim", "16", "--no-progress"]
-    assert main([*args, "--gallery", str(root / "g"), "--bct-weight", "0", "--regress-weight", "2",
-                 "--out", str(tmp_path / "reg")]) == 0
+    args = [
+        "nas",
+        "train-supernet",
+        "--config",
+        str(root / "supernet.yaml"),
+        "--data",
+        DATA,
+        "--epochs",
+        "3",
+        "--seed",
+        "3",
+        "--embed-dim",
+        "16",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                *args,
+                "--gallery",
+                str(root / "g"),
+                "--bct-weight",
+                "0",
+                "--regress-weight",
+                "2",
+                "--out",
+                str(tmp_path / "reg"),
+            ]
+        )
+        == 0
+    )
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     card = json.loads((tmp_path / "reg" / "config.json").read_text())
     assert card["regress_weight"] == 2.0 and card["bct_weight"] == 0.0
@@ -445,8 +700,26 @@ def test_supernet_feature_regression_pulls_embeddings_onto_the_gallery_models(na
     assert reg > 0.35 and reg > plain + 0.3, (reg, plain)
     # an exported sub-network records what made it compatible
     arch = '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}'
-    assert main(["nas", "export", "--supernet", str(tmp_path / "reg"), "--arch", arch, "--gallery", str(root / "g"),
-                 "--bn-images", "16", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "nas",
+                "export",
+                "--supernet",
+                str(tmp_path / "reg"),
+                "--arch",
+                arch,
+                "--gallery",
+                str(root / "g"),
+                "--bn-images",
+                "16",
+                "--out",
+                str(tmp_path / "q"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert ckpt.read_card(tmp_path / "q").compat == [["l2", 2.0]]
     # regression needs a gallery model: one line
     capsys.readouterr()
@@ -457,9 +730,23 @@ def test_supernet_feature_regression_pulls_embeddings_onto_the_gallery_models(na
 
 def test_export_fine_tunes_with_the_compatibility_losses_asked_for(nas_runs, tmp_path, capsys):
     root = nas_runs
-    base = ["nas", "export", "--supernet", str(root / "s"), "--arch",
-            '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}', "--gallery", str(root / "g"),
-            "--bn-images", "16", "--finetune-epochs", "1", "--batch-size", "32", "--no-progress"]
+    base = [
+        "nas",
+        "export",
+        "--supernet",
+        str(root / "s"),
+        "--arch",
+        '{"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}',
+        "--gallery",
+        str(root / "g"),
+        "--bn-images",
+        "16",
+        "--finetune-epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--no-progress",
+    ]
     assert main([*base, "--compat", "bct,l2=0.5", "--out", str(tmp_path / "q")]) == 0
     cfg = json.loads((tmp_path / "q" / "train_config.json").read_text())
     assert cfg["compat"] == ["bct=1.0", "l2=0.5"]
@@ -499,8 +786,12 @@ def test_both_trainers_are_made_of_the_trainer_core():
     root = Path(hvs.__file__).parent
     for rel in ("nas/train.py", "nas/export.py", "train.py"):
         tree = ast.parse((root / rel).read_text())
-        imported = {(node.module or "", node.level, alias.name) for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) for alias in node.names}
+        imported = {
+            (node.module or "", node.level, alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
         assert not any(name.startswith("_") for _, _, name in imported), rel
         if rel != "nas/export.py":
             assert any(m.startswith("training") for m, _, _ in imported), rel

@@ -1,4 +1,4 @@
-"""hvs.pipeline (reuse-or-run stages), hvs.profiles (benchmark profiles) and hvs.results (readers, paired differences)."""
+"""hvs.pipeline (reuse-or-run stages), hvs.profiles (benchmark profiles), hvs.results (readers, paired differences)."""
 
 import json
 import shutil
@@ -15,16 +15,16 @@ from hvs.errors import HVSError
 from hvs.metrics import paired_bootstrap_ci, resample_weights, tpir_bootstrap
 from hvs.pipeline import FingerprintTable, Pipeline, PipelineError, evaluation_is_current, folder_latency
 from hvs.profiles import data_entry, load_dataset, load_profile, profile_metrics
-from hvs.results import (ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct,
-                         per_query_array)
+from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
 SPEC = "synthetic:classes=4,train_per_class=12,test_per_class=4,size=8"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(out, **kw):
-    return hvs.train.TrainConfig(out=str(out), data=SPEC, model="cnn-nano", embed_dim=8, epochs=1, batch_size=16,
-                                 lr=0.05, **kw)
+    return hvs.train.TrainConfig(
+        out=str(out), data=SPEC, model="cnn-nano", embed_dim=8, epochs=1, batch_size=16, lr=0.05, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def world(tmp_path_factory):
 
 
 # -- the stage mechanism ------------------------------------------------------------------------
+
 
 def test_stage_runs_once_then_reuses_and_respects_only(tmp_path):
     lines, calls = [], []
@@ -83,6 +84,7 @@ def test_event_line_can_be_replaced_or_silenced(tmp_path):
 
 
 # -- hvs's stages ---------------------------------------------------------------------------------
+
 
 def test_finished_training_and_evaluation_are_reused(world, monkeypatch):
     root, data = world
@@ -162,14 +164,17 @@ def test_folder_latency_times_torch_and_onnx_runtime(world):
 
 # -- profiles ---------------------------------------------------------------------------------------
 
+
 def test_profiles_load_and_map_data(tmp_path):
     profile, path = load_profile("tiny", ROOT / "configs")
     assert path.name == "tradeoff_tiny.yaml" and "paragon" in profile
     with pytest.raises(PipelineError, match="no profile 'nope'"):
         load_profile("nope", ROOT / "configs")
     assert data_entry({}, "kanji-fonts") == {"spec": "kanji-fonts", "protocol": "open"}
-    assert data_entry({"data": {"x": "synthetic:classes=2"}}, "x") == {"spec": "synthetic:classes=2",
-                                                                       "protocol": "closed"}
+    assert data_entry({"data": {"x": "synthetic:classes=2"}}, "x") == {
+        "spec": "synthetic:classes=2",
+        "protocol": "closed",
+    }
     assert profile_metrics({}, "fashion-mnist")[0] == "recall@1"
     assert profile_metrics({}, "other", ["map"]) == ["map"]
     full, train = load_dataset({"data": {"x": SPEC}, "train_subset": 10}, "x")
@@ -177,6 +182,7 @@ def test_profiles_load_and_map_data(tmp_path):
 
 
 # -- results ----------------------------------------------------------------------------------------
+
 
 def test_metric_and_cost_blocks_read_an_evaluation(world):
     root, _ = world
@@ -206,8 +212,13 @@ def test_paired_difference_is_the_paired_bootstrap_of_the_right_arrays():
 def test_paired_tpir_difference_uses_the_same_resamples_for_both():
     def probes(seed):
         rng = np.random.default_rng(seed)
-        return {"probe_mated_score": rng.random(20), "probe_mated_query": np.arange(20),
-                "probe_nonmated_score": rng.random(20), "probe_nonmated_query": np.arange(20)}
+        return {
+            "probe_mated_score": rng.random(20),
+            "probe_mated_query": np.arange(20),
+            "probe_nonmated_score": rng.random(20),
+            "probe_nonmated_query": np.arange(20),
+        }
+
     a, b = probes(1), probes(2)
     d, ci = paired_difference(a, b, "tpir@fpir=1e-01", n_boot=200)
     strip = lambda x: {k.removeprefix("probe_"): v for k, v in x.items()}  # noqa: E731

@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _python_api_snippet() -> str:
     text = README.read_text()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     match = re.search(r"```python\n(.*?)```", section, flags=re.S)
     assert match, "README's Python API section has no python block"
     return match.group(1)

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hvs import checkpoint as ckpt
@@ -22,11 +21,40 @@ TRAIN = ["--data", DATA, "--epochs", "2", "--batch-size", "32", "--embed-dim", "
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     assert main(["train", "--model", "cnn-small", "--out", str(root / "g"), *TRAIN]) == 0
-    assert main(["train", "--model", "cnn-nano", "--out", str(root / "q"), "--gallery", str(root / "g"),
-                 "--compat", "bct", *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn-nano",
+                "--out",
+                str(root / "q"),
+                "--gallery",
+                str(root / "g"),
+                "--compat",
+                "bct",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--model", "cnn-nano", "--out", str(root / "q-indep"), *TRAIN]) == 0
-    assert main(["index", "build", "--gallery-model", str(root / "g"), "--data", DATA, "--out", str(root / "idx"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--gallery-model",
+                str(root / "g"),
+                "--data",
+                DATA,
+                "--out",
+                str(root / "idx"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = create_dataset(DATA)
     images = []
     for i in range(3):
@@ -39,8 +67,22 @@ def setup(tmp_path_factory):
 def test_search_returns_exact_top_k(setup, capsys):
     root, data, images = setup
     capsys.readouterr()
-    assert main(["search", "--index", str(root / "idx"), "--query-model", str(root / "q"), "-k", "5", "--json",
-                 *map(str, images)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(root / "idx"),
+                "--query-model",
+                str(root / "q"),
+                "-k",
+                "5",
+                "--json",
+                *map(str, images),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert len(out) == 3 and all(len(r["results"]) == 5 for r in out)
     # brute force: the same query images embedded by the query model against all gallery embeddings
@@ -69,8 +111,12 @@ def test_incompatible_query_model_is_refused(setup, capsys):
 
 def test_dimension_mismatch_is_refused(setup, tmp_path, capsys):
     root, _, images = setup
-    assert main(["train", "--model", "cnn-nano", "--out", str(tmp_path / "q8"), *TRAIN, "--epochs", "1",
-                 "--embed-dim", "8"]) == 0
+    assert (
+        main(
+            ["train", "--model", "cnn-nano", "--out", str(tmp_path / "q8"), *TRAIN, "--epochs", "1", "--embed-dim", "8"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["search", "--index", str(root / "idx"), "--query-model", str(tmp_path / "q8"), str(images[0])]) == 2
     assert "query model embeds 8-d vectors but the index holds 16-d vectors" in capsys.readouterr().err
@@ -79,12 +125,15 @@ def test_dimension_mismatch_is_refused(setup, tmp_path, capsys):
 def test_add_remove_info(setup, tmp_path, capsys):
     root, data, images = setup
     idx = f"faiss:{tmp_path / 'idx2'}"
-    assert main(["index", "build", "--gallery-model", str(root / "g"), "--data", DATA, "--out", idx,
-                 "--no-progress"]) == 0
+    assert (
+        main(["index", "build", "--gallery-model", str(root / "g"), "--data", DATA, "--out", idx, "--no-progress"]) == 0
+    )
     n = len(data.gallery)
     capsys.readouterr()
-    assert main(["index", "add", "--index", idx, "--gallery-model", str(root / "g"), "--label", "new",
-                 str(images[0])]) == 0
+    assert (
+        main(["index", "add", "--index", idx, "--gallery-model", str(root / "g"), "--label", "new", str(images[0])])
+        == 0
+    )
     assert f"added ids {n}" in capsys.readouterr().out
     # homogeneous search with the gallery model itself finds the added image at similarity 1
     hits = Searcher(idx, root / "g").search_files([images[0]], k=1)[0]
@@ -94,8 +143,9 @@ def test_add_remove_info(setup, tmp_path, capsys):
         assert len(index) == n
         assert n not in index.search(np.ones((1, 16), dtype=np.float32), k=n)[1]
     # adding with a different gallery model is refused: its vectors would live in another space
-    assert main(["index", "add", "--index", idx, "--gallery-model", str(root / "q"), "--label", "x",
-                 str(images[0])]) == 2
+    assert (
+        main(["index", "add", "--index", idx, "--gallery-model", str(root / "q"), "--label", "x", str(images[0])]) == 2
+    )
     assert "is not the gallery model that built this index" in capsys.readouterr().err
 
 
@@ -127,8 +177,9 @@ def test_index_without_a_recorded_gallery_model_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="no recorded fingerprint"):
         Searcher(spec, root / "q")
     assert Searcher(spec, root / "q", force=True).warning
-    assert main(["index", "add", "--index", spec, "--gallery-model", str(root / "g"), "--label", "x",
-                 str(images[0])]) == 2
+    assert (
+        main(["index", "add", "--index", spec, "--gallery-model", str(root / "g"), "--label", "x", str(images[0])]) == 2
+    )
 
 
 def test_add_defaults_to_the_recorded_gallery_model(setup, tmp_path, capsys):

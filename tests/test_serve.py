@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+from conftest import build_tiny_world  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -24,10 +25,7 @@ from hvs.index import open_index  # noqa: E402
 from hvs.search import SearchError  # noqa: E402
 from hvs.serve import create_app  # noqa: E402
 
-from conftest import build_tiny_world  # noqa: E402
-
 SPEC = "synthetic:classes=6,train_per_class=24,test_per_class=6,size=12"
-
 
 
 def png_of(x) -> bytes:
@@ -43,8 +41,8 @@ def bomb_png(width: int, height: int) -> bytes:
     Image.new("L", (1, 1)).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
     ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
     return bytes(data)
 
 
@@ -139,8 +137,10 @@ def test_oversize_upload_is_413_before_decoding(world, monkeypatch):
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     # no Content-Length (chunked): counted while reading
     boundary = "hvsboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
 
     def chunks():
         yield head
@@ -245,9 +245,15 @@ def test_thumbnails_render_in_memory_sources(world, client):
 def test_gallery_model_must_match_the_index(world, tmp_path):
     root, data = world
     g = ckpt.read_card(root / "g")
-    meta = {"gallery_model": {"model": g.model, "fingerprint": g.fingerprint, "embed_dim": 16,
-                              "path": str(root / "q")},  # the wrong weights at the recorded path
-            "preprocessing": {"channels": 1, "image_size": 12, "mean": g.mean, "std": g.std}}
+    meta = {
+        "gallery_model": {
+            "model": g.model,
+            "fingerprint": g.fingerprint,
+            "embed_dim": 16,
+            "path": str(root / "q"),
+        },  # the wrong weights at the recorded path
+        "preprocessing": {"channels": 1, "image_size": 12, "mean": g.mean, "std": g.std},
+    }
     idx = open_index(f"faiss:{tmp_path / 'idx'}", create=True, dim=16, meta=meta)
     idx.add(np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32))
     idx.close()
@@ -302,8 +308,10 @@ def test_deleting_an_item_deletes_its_uploaded_image(world, index):
     root, data = world
     client = TestClient(create_app(index, root / "g", token="tok"))
     auth = {"Authorization": "Bearer tok"}
-    added = [client.post("/gallery", headers=auth, data={"label": "mine"}, **upload(png_of(data.train.images[0])))
-             .json() for _ in range(2)]  # the same photo twice: two items, two files
+    added = [
+        client.post("/gallery", headers=auth, data={"label": "mine"}, **upload(png_of(data.train.images[0]))).json()
+        for _ in range(2)
+    ]  # the same photo twice: two items, two files
     paths = [Path(a["source"]) for a in added]
     assert all(p.is_file() for p in paths) and paths[0] != paths[1]
     assert paths[0].parent == Path(index.split(":", 1)[1]) / "uploads"
@@ -335,6 +343,7 @@ def test_a_nan_embedding_is_a_json_error(world):
     r = client.post("/search", **upload(png_of(data.query.images[0])))
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert "NaN or inf embedding" in r.json()["detail"]
+
     def crash(x):
         raise RuntimeError("model exploded")
 

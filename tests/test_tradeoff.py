@@ -76,7 +76,10 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert pairs
     for d in pairs:
         tag = f"{d['budget_ratio']:g}x"
-        diff = by[f"nas-hetero-{tag}"]["metrics"]["recall@1"]["q->g"] - by[f"nas-homo-{tag}"]["metrics"]["recall@1"]["q->g"]
+        diff = (
+            by[f"nas-hetero-{tag}"]["metrics"]["recall@1"]["q->g"]
+            - by[f"nas-homo-{tag}"]["metrics"]["recall@1"]["q->g"]
+        )
         assert math.isclose(d["difference"], diff, abs_tol=1e-9) and _brackets(d["difference"], d["ci95"])
     pooled = out["claims"]["aware_vs_agnostic"]["pooled"]
     assert pooled["pairs"] == len(pairs) and _brackets(pooled["difference"], pooled["ci95"])
@@ -143,8 +146,7 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
 
 def test_unknown_stage_is_a_one_line_error(tmp_path, capsys):
     bench = _load_benchmark()
-    assert bench.main(["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path),
-                       "--only", "bogus"]) == 2
+    assert bench.main(["--data", "fashion-mnist", "--profile", "tiny", "--out", str(tmp_path), "--only", "bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tradeoff: error: unknown stage") and len(err.splitlines()) == 1
 
@@ -169,9 +171,10 @@ def test_profiles_parse(name):
     TrainConfig(out="unused", **profile["offshelf"]["train"])
     cfg = SupernetTrainConfig.from_dict({**profile["supernet"], "out": "unused"})
     OFAMobileNetV3Supernet(in_chans=1, **cfg.supernet)
-    SearchConfig.from_dict({k: v for k, v in profile["search"].items()
-                            if k not in ("budgets", "rewards", "latency_budgets")}
-                           | {"supernet": "unused", "out": "unused"})
+    SearchConfig.from_dict(
+        {k: v for k, v in profile["search"].items() if k not in ("budgets", "rewards", "latency_budgets")}
+        | {"supernet": "unused", "out": "unused"}
+    )
     assert all(float(b) > 1 for b in profile["search"]["budgets"])
     assert all(float(b) > 0 for b in profile["search"].get("latency_budgets", []))
     import inspect

@@ -76,8 +76,12 @@ def test_model_folder_is_self_describing_and_safe(tmp_path, data):
 
 def test_query_model_records_its_gallery(tmp_path, data):
     g = train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
-    q = train(_cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct", "l2=0.5", "contrastive=0.1"]),
-              progress=False, data=data, log=quiet)
+    q = train(
+        _cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct", "l2=0.5", "contrastive=0.1"]),
+        progress=False,
+        data=data,
+        log=quiet,
+    )
     assert q.role == "query" and q.compatible_with["fingerprint"] == g.fingerprint
     assert q.compat == [["bct", 1.0], ["l2", 0.5], ["contrastive", 0.1]]
     log = (tmp_path / "q" / "log.csv").read_text().splitlines()[0]
@@ -90,8 +94,12 @@ def test_bct_synthesizes_rows_for_classes_the_gallery_never_saw(tmp_path):
     q_data = create_dataset(SPEC)
     train(_cfg(tmp_path / "g", epochs=1), progress=False, data=g_data, log=quiet)
     logs = []
-    train(_cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"]), progress=False, data=q_data,
-          log=logs.append)
+    train(
+        _cfg(tmp_path / "q", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"]),
+        progress=False,
+        data=q_data,
+        log=logs.append,
+    )
     assert any("3 of 6 classes unseen by the gallery model" in line for line in logs)
 
 
@@ -100,11 +108,16 @@ def test_bad_jobs_are_one_line_errors(tmp_path, data):
         train(_cfg(tmp_path / "a", compat=["bct"]), progress=False, data=data, log=quiet)
     train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
     with pytest.raises(TrainError, match="embed_dim 8 differs from the gallery model's 16"):
-        train(_cfg(tmp_path / "b", gallery=str(tmp_path / "g"), compat=["bct"], embed_dim=8), progress=False,
-              data=data, log=quiet)
+        train(
+            _cfg(tmp_path / "b", gallery=str(tmp_path / "g"), compat=["bct"], embed_dim=8),
+            progress=False,
+            data=data,
+            log=quiet,
+        )
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
-        train(_cfg(tmp_path / "c", gallery=str(tmp_path / "nope"), compat=["bct"]), progress=False, data=data,
-              log=quiet)
+        train(
+            _cfg(tmp_path / "c", gallery=str(tmp_path / "nope"), compat=["bct"]), progress=False, data=data, log=quiet
+        )
     with pytest.raises(TrainError, match="unknown augmentation"):
         train(_cfg(tmp_path / "d", augment="rotate"), progress=False, data=data, log=quiet)
 
@@ -123,14 +136,24 @@ def test_init_from_starts_where_the_folder_left_off(tmp_path, data):
     train(_cfg(tmp_path / "first", epochs=4), progress=False, data=data, log=quiet)
     logs_scratch, logs_init = [], []
     train(_cfg(tmp_path / "scratch", epochs=1, lr=0.001), progress=False, data=data, log=logs_scratch.append)
-    train(_cfg(tmp_path / "warm", epochs=1, lr=0.001, init_from=str(tmp_path / "first")), progress=False, data=data,
-          log=logs_init.append)
-    loss = [float(next(line for line in logs if line.startswith("epoch=")).split("loss=")[1].split()[0])
-            for logs in (logs_scratch, logs_init)]
+    train(
+        _cfg(tmp_path / "warm", epochs=1, lr=0.001, init_from=str(tmp_path / "first")),
+        progress=False,
+        data=data,
+        log=logs_init.append,
+    )
+    loss = [
+        float(next(line for line in logs if line.startswith("epoch=")).split("loss=")[1].split()[0])
+        for logs in (logs_scratch, logs_init)
+    ]
     assert loss[1] < 0.8 * loss[0]  # the trained weights and classifier were loaded
     with pytest.raises(TrainError, match="do not fit model"):
-        train(_cfg(tmp_path / "bad", model="cnn-tiny", init_from=str(tmp_path / "first")), progress=False, data=data,
-              log=quiet)
+        train(
+            _cfg(tmp_path / "bad", model="cnn-tiny", init_from=str(tmp_path / "first")),
+            progress=False,
+            data=data,
+            log=quiet,
+        )
 
 
 def test_train_accepts_a_module(tmp_path, data):
@@ -139,8 +162,14 @@ def test_train_accepts_a_module(tmp_path, data):
     torch.manual_seed(3)
     module = create_model("cnn-nano", embed_dim=16, in_chans=1)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    card = train(_cfg(tmp_path / "m", epochs=1), progress=False, data=data, log=quiet, model=module,
-                 extra={"note": "from python"})
+    card = train(
+        _cfg(tmp_path / "m", epochs=1),
+        progress=False,
+        data=data,
+        log=quiet,
+        model=module,
+        extra={"note": "from python"},
+    )
     after = module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the module itself was trained
     assert card.extra["note"] == "from python"
@@ -149,5 +178,10 @@ def test_train_accepts_a_module(tmp_path, data):
     module.eval()
     assert torch.allclose(loaded(x), module(x))
     with pytest.raises(TrainError, match="the given model: its weights do not fit model cnn-tiny"):
-        train(_cfg(tmp_path / "bad", model="cnn-tiny", epochs=1), progress=False, data=data, log=quiet,
-              model=create_model("cnn-nano", embed_dim=16, in_chans=1))
+        train(
+            _cfg(tmp_path / "bad", model="cnn-tiny", epochs=1),
+            progress=False,
+            data=data,
+            log=quiet,
+            model=create_model("cnn-nano", embed_dim=16, in_chans=1),
+        )

@@ -38,18 +38,45 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models(args.role):
         model = create_model(name, in_chans=args.channels, embed_dim=args.embed_dim)
         entry = model_entry(name)
-        print(f"{name:<20}{entry.role:<9}{count_flops(model, shape) / 1e6:>10.2f}"
-              f"{count_params(model) / 1e6:>12.3f}  {entry.description}")
+        print(
+            f"{name:<20}{entry.role:<9}{count_flops(model, shape) / 1e6:>10.2f}"
+            f"{count_params(model) / 1e6:>12.3f}  {entry.description}"
+        )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train import load_config, train
 
-    overrides = {k: getattr(args, k) for k in (
-        "out", "data", "protocol", "image_size", "model", "embed_dim", "compat", "loss", "scale",
-        "margin", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "augment", "train_subset", "seed",
-        "threads", "force", "strict", "device", "role", "init_from")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "out",
+            "data",
+            "protocol",
+            "image_size",
+            "model",
+            "embed_dim",
+            "compat",
+            "loss",
+            "scale",
+            "margin",
+            "epochs",
+            "batch_size",
+            "optimizer",
+            "lr",
+            "weight_decay",
+            "augment",
+            "train_subset",
+            "seed",
+            "threads",
+            "force",
+            "strict",
+            "device",
+            "role",
+            "init_from",
+        )
+    }
     overrides["gallery"] = args.gallery_model  # the config's name of the gallery model folder
     if args.sync_bn:
         overrides["sync_bn"] = True
@@ -71,8 +98,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
         raise UsageError(f"--json {args.json}: not a writable file path (a directory, or its folder is missing)")
-    result = evaluate(args.gallery_model, args.query_model, args.data, protocol=args.protocol, force=args.force,
-                      latency=not args.no_latency, n_boot=args.bootstrap, strict=args.strict)
+    result = evaluate(
+        args.gallery_model,
+        args.query_model,
+        args.data,
+        protocol=args.protocol,
+        force=args.force,
+        latency=not args.no_latency,
+        n_boot=args.bootstrap,
+        strict=args.strict,
+    )
     print(format_report(result))
     if args.json:
         save_json(result, args.json)
@@ -83,9 +118,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(out=args.out, gallery_epochs=args.gallery_epochs, query_epochs=args.query_epochs,
-             gallery_model=args.gallery_model, query_model=args.query_model, data=args.data,
-             train_subset=args.train_subset, progress=not args.no_progress)
+    run_demo(
+        out=args.out,
+        gallery_epochs=args.gallery_epochs,
+        query_epochs=args.query_epochs,
+        gallery_model=args.gallery_model,
+        query_model=args.query_model,
+        data=args.data,
+        train_subset=args.train_subset,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -114,14 +156,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_gallery_model_arg(t, help="frozen gallery model folder: trains a query model for it")
     t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery-model)")
     t.add_argument("--init-from", help="model folder to start from (fine-tuning); its classifier too if classes match")
-    t.add_argument("--compat", action="append", metavar="LOSS[=WEIGHT]",
-                   help="compatibility loss: none, bct, l2, contrastive (repeat to compose)")
+    t.add_argument(
+        "--compat",
+        action="append",
+        metavar="LOSS[=WEIGHT]",
+        help="compatibility loss: none, bct, l2, contrastive (repeat to compose)",
+    )
     add_optimization_args(t)
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it, else CPU")
-    t.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: BatchNorm statistics over the global batch, not each process's share")
+    t.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch, not each process's share",
+    )
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     t.add_argument("--force", action="store_true", help="accept a gallery model whose input differs")
     t.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")
@@ -137,8 +186,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="evaluate a query model trained for another gallery model")
     e.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
-    e.add_argument("--strict", action="store_true",
-                   help="refuse leaked items (same image in query and gallery, repeated rows) and unreadable images")
+    e.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse leaked items (same image in query and gallery, repeated rows) and unreadable images",
+    )
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("demo", help="train a paragon and query models on fashion-mnist and print the table")
@@ -168,8 +220,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("hvs.cli.index:configure_search", "search an index with query images embedded by the query model"),
     "export": ("hvs.cli.export:configure", "export a model folder for deployment (ONNX, optional int8)"),
     "serve": ("hvs.cli.serve:configure", "serve searches over HTTP (FastAPI + uvicorn), with a search page"),
-    "nas": ("hvs.cli.nas:configure",
-            "CMP-NAS: compatibility-aware supernet training, search, export, inheritance"),
+    "nas": ("hvs.cli.nas:configure", "CMP-NAS: compatibility-aware supernet training, search, export, inheritance"),
     "data": ("hvs.cli.data:configure", "inspect data sources; build the kanji-fonts cache"),
 }
 

@@ -32,8 +32,9 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def add_gallery_model_arg(p: argparse.ArgumentParser, *, required: bool = False,
-                          help: str = "gallery model folder") -> None:
+def add_gallery_model_arg(
+    p: argparse.ArgumentParser, *, required: bool = False, help: str = "gallery model folder"
+) -> None:
     """``--gallery-model DIR`` (dest ``gallery_model``), the one name of the gallery model folder
     in every command. ``--gallery`` is kept as a hidden, deprecated alias for older scripts; giving
     both is an error."""

@@ -1,8 +1,8 @@
 """``hvs data build|info|fonts``: thin wrappers over hvs.data (and its kanji-fonts cache).
 
-    hvs data build kanji-fonts [--size 32] [--out DIR] [--limit N] [--max-faces N] [--force]
-    hvs data info SPEC [--protocol open] [--image-size N] [--seed N] [--json]
-    hvs data fonts                        installed CJK faces: print / handwriting / excluded
+hvs data build kanji-fonts [--size 32] [--out DIR] [--limit N] [--max-faces N] [--force]
+hvs data info SPEC [--protocol open] [--image-size N] [--seed N] [--json]
+hvs data fonts                        installed CJK faces: print / handwriting / excluded
 """
 
 from __future__ import annotations
@@ -24,9 +24,17 @@ def split_stats(data) -> dict:
         split = data.split(role)
         labels = split.labels.numpy()
         _, counts = np.unique(labels, return_counts=True)
-        row = {"items": int(len(labels)), "identities": int(len(counts)),
-               "views_per_identity": {"min": int(counts.min()), "median": float(np.median(counts)),
-                                      "max": int(counts.max())} if len(counts) else None}
+        row = {
+            "items": int(len(labels)),
+            "identities": int(len(counts)),
+            "views_per_identity": {
+                "min": int(counts.min()),
+                "median": float(np.median(counts)),
+                "max": int(counts.max()),
+            }
+            if len(counts)
+            else None,
+        }
         if role == "query":
             mated = np.isin(labels, list(gallery_ids))
             row["mated_probes"] = int(mated.sum())
@@ -46,12 +54,18 @@ def format_info(data) -> str:
     lines = [data.summary()]
     for role, row in split_stats(data).items():
         v = row["views_per_identity"]
-        line = (f"  {role:<8}{row['items']:>8,} items, {row['identities']:>5,} identities"
-                + ("" if not v else f", {v['min']} views each" if v["min"] == v["max"]
-                   else f", {v['min']}-{v['max']} views each (median {v['median']:g})"))
+        line = f"  {role:<8}{row['items']:>8,} items, {row['identities']:>5,} identities" + (
+            ""
+            if not v
+            else f", {v['min']} views each"
+            if v["min"] == v["max"]
+            else f", {v['min']}-{v['max']} views each (median {v['median']:g})"
+        )
         if role == "query":
-            line += (f"; {row['mated_probes']:,} mated / {row['nonmated_probes']:,} non-mated probes "
-                     f"({row['nonmated_identities']:,} identities without gallery views)")
+            line += (
+                f"; {row['mated_probes']:,} mated / {row['nonmated_probes']:,} non-mated probes "
+                f"({row['nonmated_identities']:,} identities without gallery views)"
+            )
         lines.append(line)
         if "styles" in row:
             lines[-1] += f"; {len(row['styles'])} font faces"
@@ -66,33 +80,65 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     name, arg = parse_spec(args.spec)
     if name != "kanji-fonts":
-        raise DataError(f"hvs data build: only kanji-fonts has a cache to build, got {args.spec!r} "
-                        f"(other sources read their files directly)")
-    kw = {k: v for k, v in (("size", args.size), ("limit", args.limit), ("max_faces", args.max_faces),
-                            ("jitter", args.jitter), ("dir", args.out)) if v is not None}
+        raise DataError(
+            f"hvs data build: only kanji-fonts has a cache to build, got {args.spec!r} "
+            f"(other sources read their files directly)"
+        )
+    kw = {
+        k: v
+        for k, v in (
+            ("size", args.size),
+            ("limit", args.limit),
+            ("max_faces", args.max_faces),
+            ("jitter", args.jitter),
+            ("dir", args.out),
+        )
+        if v is not None
+    }
     opts = kf.resolve_options(arg, **kw)
     path = kf.cache_path(opts["dir"], int(opts["size"]), opts["limit"], opts["max_faces"], float(opts["jitter"]))
     existed = os.path.exists(path)
-    m = kf.build_cache(opts["dir"], size=int(opts["size"]), limit=opts["limit"], max_faces=opts["max_faces"],
-                       jitter=float(opts["jitter"]), force=args.force, progress=not args.no_progress)
+    m = kf.build_cache(
+        opts["dir"],
+        size=int(opts["size"]),
+        limit=opts["limit"],
+        max_faces=opts["max_faces"],
+        jitter=float(opts["jitter"]),
+        force=args.force,
+        progress=not args.no_progress,
+    )
     verb = "reused" if existed and not args.force else "built"
     took = f" in {m['build_seconds']:.1f} s" if verb == "built" and "build_seconds" in m else ""
-    print(f"{verb} {path}{took}: {m['characters']:,} characters, {m['print_faces']} print + "
-          f"{m['handwriting_faces']} handwriting faces, {m['views']:,} views, {m['bytes'] / 2**20:.1f} MiB")
+    print(
+        f"{verb} {path}{took}: {m['characters']:,} characters, {m['print_faces']} print + "
+        f"{m['handwriting_faces']} handwriting faces, {m['views']:,} views, {m['bytes'] / 2**20:.1f} MiB"
+    )
     for face in m["faces"]:
-        gaps = {k: v if isinstance(v, int) else len(v) for k, v in
-                (("not in cmap", face["missing"]), ("empty", face["empty"]), ("FreeType errors", face["errors"]))}
+        gaps = {
+            k: v if isinstance(v, int) else len(v)
+            for k, v in (
+                ("not in cmap", face["missing"]),
+                ("empty", face["empty"]),
+                ("FreeType errors", face["errors"]),
+            )
+        }
         gaps_text = ", ".join(f"{n} {what}" for what, n in gaps.items() if n)
-        print(f"  {face['kind']:<12}{face['key']:<36}{face['views']:>6,} views  {face['package']}"
-              + (f"  ({gaps_text})" if gaps_text else ""))
+        print(
+            f"  {face['kind']:<12}{face['key']:<36}{face['views']:>6,} views  {face['package']}"
+            + (f"  ({gaps_text})" if gaps_text else "")
+        )
     for item in m.get("skipped", []):
         print(f"  skipped: {item}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..data import create_dataset, parse_spec, source_info
-    from ..data import kanji_fonts  # noqa: F401  (registers the source)
+    from ..data import (
+        create_dataset,
+        kanji_fonts,  # noqa: F401  (registers the source)
+        parse_spec,
+        source_info,
+    )
 
     protocol = args.protocol
     if protocol is None:  # a source that supports only some protocols says so; others default closed
@@ -100,8 +146,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         protocol = (getattr(fn, "supported_protocols", None) or ("closed",))[0]
     data = create_dataset(args.spec, protocol=protocol, image_size=args.image_size, seed=args.seed)
     if args.json:
-        print(json.dumps({"summary": data.summary(), "protocol": data.protocol, "classes": len(data.classes),
-                          "splits": split_stats(data), "skipped": data.skipped}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "summary": data.summary(),
+                    "protocol": data.protocol,
+                    "classes": len(data.classes),
+                    "splits": split_stats(data),
+                    "skipped": data.skipped,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
         print(format_info(data))
     return 0
@@ -119,8 +176,10 @@ def cmd_fonts(args: argparse.Namespace) -> int:
         for item in unclassified:
             print(f"{'unknown':<12}{item}")
     n_print = sum(f.kind == kf.PRINT for f in usable)
-    print(f"{n_print} print + {len(usable) - n_print} handwriting faces before de-duplication; "
-          f"{len(excluded)} excluded, {len(unclassified)} unclassified" + ("" if args.all else " (--all lists them)"))
+    print(
+        f"{n_print} print + {len(usable) - n_print} handwriting faces before de-duplication; "
+        f"{len(excluded)} excluded, {len(unclassified)} unclassified" + ("" if args.all else " (--all lists them)")
+    )
     if not n_print or n_print == len(usable):
         print(f"hint: {kf.INSTALL_HINT}")
     return 0
@@ -143,8 +202,9 @@ def configure(d: argparse.ArgumentParser) -> None:
 
     i = dsub.add_parser("info", help="load a dataset and print its splits and per-split view statistics")
     i.add_argument("spec", help="data spec, e.g. kanji-fonts, fashion-mnist, synthetic:classes=20")
-    i.add_argument("--protocol", choices=["closed", "open"],
-                   help="default: the source's only protocol if it has one, else closed")
+    i.add_argument(
+        "--protocol", choices=["closed", "open"], help="default: the source's only protocol if it has one, else closed"
+    )
     i.add_argument("--image-size", type=int)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--json", action="store_true")

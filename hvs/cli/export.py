@@ -23,15 +23,32 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         from ..checkpoint import read_card
         from ..compat import GallerySide, QuerySide, check_pair
 
-        check_pair(QuerySide.of_card(read_card(args.query_model)), GallerySide.of_card(read_card(args.gallery_model)),
-                   force=args.force, action="measure")
-    report = export_onnx(args.query_model, args.out, opset=args.opset or DEFAULT_OPSET, quantize_int8=args.int8,
-                         int8_path=args.int8_out, calibration_data=args.calib_data or args.check_data,
-                         calibration_images=args.calib_images, tol=args.tol)
+        check_pair(
+            QuerySide.of_card(read_card(args.query_model)),
+            GallerySide.of_card(read_card(args.gallery_model)),
+            force=args.force,
+            action="measure",
+        )
+    report = export_onnx(
+        args.query_model,
+        args.out,
+        opset=args.opset or DEFAULT_OPSET,
+        quantize_int8=args.int8,
+        int8_path=args.int8_out,
+        calibration_data=args.calib_data or args.check_data,
+        calibration_images=args.calib_images,
+        tol=args.tol,
+    )
     check = None
     if args.check_data:
-        check = check_export(report, args.gallery_model, args.check_data, protocol=args.protocol,
-                             latency=not args.no_latency, force=args.force)
+        check = check_export(
+            report,
+            args.gallery_model,
+            args.check_data,
+            protocol=args.protocol,
+            latency=not args.no_latency,
+            force=args.force,
+        )
     print(format_report(report, check))
     if args.json:
         atomic_write_json(args.json, {"export": report, "check": check})
@@ -51,11 +68,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--tol", type=float, default=PARITY_TOL, help="largest accepted |ONNX - PyTorch| (default 1e-4)")
     o.add_argument("--int8", action="store_true", help="also write a statically quantized int8 copy (OUT.int8.onnx)")
     o.add_argument("--int8-out", help="path of the int8 copy (default: next to --out, .int8.onnx)")
-    o.add_argument("--calib-data", help="data spec for int8 calibration (default: --check-data, else the "
-                                        "model's training data)")
+    o.add_argument(
+        "--calib-data", help="data spec for int8 calibration (default: --check-data, else the model's training data)"
+    )
     o.add_argument("--calib-images", type=int, default=64, help="training images used to calibrate int8")
-    o.add_argument("--check-data", metavar="SPEC", help="measure M(q->g) Recall@1/mAP of torch vs ONNX vs int8 "
-                                                        "on this dataset (needs --gallery-model)")
+    o.add_argument(
+        "--check-data",
+        metavar="SPEC",
+        help="measure M(q->g) Recall@1/mAP of torch vs ONNX vs int8 on this dataset (needs --gallery-model)",
+    )
     add_gallery_model_arg(o, help="gallery model folder that embeds the gallery side for --check-data")
     o.add_argument("--protocol", choices=["closed", "open"], default="closed")
     o.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")

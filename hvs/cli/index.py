@@ -23,14 +23,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     build = build_gallery_index
     if distributed.env_info().distributed:  # under torchrun: ranks embed disjoint shards, rank 0 writes
         from ..index.distributed_build import build_gallery_index_distributed as build
-    index = build(args.gallery_model, args.data, args.out, split=args.split, factory=args.factory,
-                  protocol=args.protocol, batch_size=args.batch_size, shard_size=args.shard_size,
-                  progress=not args.no_progress, strict=args.strict)
+    index = build(
+        args.gallery_model,
+        args.data,
+        args.out,
+        split=args.split,
+        factory=args.factory,
+        protocol=args.protocol,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+        strict=args.strict,
+    )
     if index is None:  # a rank other than 0
         return 0
     report = index.meta.get("build_report", {})
-    print(f"built {index.spec}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
-          + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, list)))
+    print(
+        f"built {index.spec}: {len(index)} vectors, dim {index.dim}, factory {args.factory}; "
+        + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, list))
+    )
     skipped = report.get("skipped") or index.meta.get("data", {}).get("skipped") or []
     for item in skipped:
         print(f"skipped: {item}")
@@ -53,8 +64,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     with open_index(args.index) as index:
         n, deleted = index.remove_with_uploads(args.ids, args.uploads)  # ids validated there (int64)
-        print(f"removed {n}; index now holds {len(index)}"
-              + (f"; deleted {len(deleted)} uploaded image(s)" if deleted else ""))
+        print(
+            f"removed {n}; index now holds {len(index)}"
+            + (f"; deleted {len(deleted)} uploaded image(s)" if deleted else "")
+        )
     return 0
 
 
@@ -112,15 +125,17 @@ def configure_index(ix: argparse.ArgumentParser) -> None:
 
     r = isub.add_parser("remove", help="remove items by id (really removed, ids never reused)")
     r.add_argument("--index", required=True)
-    r.add_argument("--uploads", help="folder of images added with POST /gallery, deleted with their items "
-                                     "(default: INDEX_DIR/uploads, as for hvs serve)")
+    r.add_argument(
+        "--uploads",
+        help="folder of images added with POST /gallery, deleted with their items "
+        "(default: INDEX_DIR/uploads, as for hvs serve)",
+    )
     r.add_argument("ids", nargs="+", type=int)
     r.set_defaults(fn=cmd_remove)
 
     i = isub.add_parser("info", help="print the index sidecar")
     i.add_argument("--index", required=True)
     i.set_defaults(fn=cmd_info)
-
 
 
 def configure_search(s: argparse.ArgumentParser) -> None:

@@ -1,11 +1,11 @@
 """``hvs nas``: CMP-NAS from the command line (each subcommand wraps one :mod:`hvs.nas` function).
 
-    hvs nas train-supernet --gallery-model G --data SPEC --out S [--epochs N --progressive kernel,depth,expand]
-    hvs nas search --supernet S --gallery-model G (--flops 5M | --latency-ms 2) --out R [--reward hetero|homo|penalized]
-    hvs nas export --supernet S --arch R/best.json --gallery-model G --out Q [--finetune-epochs N]
-    hvs nas inherit --supernet S --out-gallery G2 --out-query Q2 (--arch A | --flops 5M)
-    hvs nas info --supernet S [--arch A]       search space, FLOPs range, training state
-    hvs nas plot --search R [--out FILE]       reward vs iteration and vs MFLOPs
+hvs nas train-supernet --gallery-model G --data SPEC --out S [--epochs N --progressive kernel,depth,expand]
+hvs nas search --supernet S --gallery-model G (--flops 5M | --latency-ms 2) --out R [--reward hetero|homo|penalized]
+hvs nas export --supernet S --arch R/best.json --gallery-model G --out Q [--finetune-epochs N]
+hvs nas inherit --supernet S --out-gallery G2 --out-query Q2 (--arch A | --flops 5M)
+hvs nas info --supernet S [--arch A]       search space, FLOPs range, training state
+hvs nas plot --search R [--out FILE]       reward vs iteration and vs MFLOPs
 """
 
 from __future__ import annotations
@@ -18,13 +18,55 @@ from ..errors import UsageError
 from ._common import add_gallery_model_arg, add_optimization_args, parse_kv
 
 # Flags copied into the config dict, by config key; ``gallery`` is read from --gallery-model.
-_TRAIN_FLAGS = ("out", "data", "protocol", "image_size", "gallery", "embed_dim", "bct_weight", "regress_weight",
-                "distill", "distill_kind", "subnets_per_step", "loss", "scale", "margin", "epochs", "batch_size",
-                "optimizer", "lr", "weight_decay", "augment", "train_subset", "val_fraction", "val_max_per_class",
-                "seed", "threads")
-_SEARCH_FLAGS = ("supernet", "out", "gallery", "data", "flops", "latency_ms", "latency_mode", "latency_batch",
-                 "reward", "metric", "penalty", "population", "iterations", "parents", "mutation_prob",
-                 "mutate_ratio", "max_tries", "bn_images", "seed", "threads")
+_TRAIN_FLAGS = (
+    "out",
+    "data",
+    "protocol",
+    "image_size",
+    "gallery",
+    "embed_dim",
+    "bct_weight",
+    "regress_weight",
+    "distill",
+    "distill_kind",
+    "subnets_per_step",
+    "loss",
+    "scale",
+    "margin",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "augment",
+    "train_subset",
+    "val_fraction",
+    "val_max_per_class",
+    "seed",
+    "threads",
+)
+_SEARCH_FLAGS = (
+    "supernet",
+    "out",
+    "gallery",
+    "data",
+    "flops",
+    "latency_ms",
+    "latency_mode",
+    "latency_batch",
+    "reward",
+    "metric",
+    "penalty",
+    "population",
+    "iterations",
+    "parents",
+    "mutation_prob",
+    "mutate_ratio",
+    "max_tries",
+    "bn_images",
+    "seed",
+    "threads",
+)
 _DEST = {"gallery": "gallery_model"}  # config key -> argparse dest, where the flag name differs
 
 
@@ -80,10 +122,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..nas.export import export_subnet
 
-    export_subnet(args.supernet, args.arch, args.out, gallery=args.gallery_model, data=args.data,
-                  finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                  bct_weight=args.bct_weight, compat=_csv(args.compat), bn_images=args.bn_images, seed=args.seed,
-                  force=args.force, progress=not args.no_progress)
+    export_subnet(
+        args.supernet,
+        args.arch,
+        args.out,
+        gallery=args.gallery_model,
+        data=args.data,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        bct_weight=args.bct_weight,
+        compat=_csv(args.compat),
+        bn_images=args.bn_images,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -91,9 +145,17 @@ def cmd_inherit(args: argparse.Namespace) -> int:
     from ..nas.common import parse_flops
     from ..nas.export import inherit
 
-    inherit(args.supernet, args.out_gallery, args.out_query, arch=args.arch,
-            flops=None if args.flops is None else parse_flops(args.flops), data=args.data, samples=args.samples,
-            bn_images=args.bn_images, seed=args.seed)
+    inherit(
+        args.supernet,
+        args.out_gallery,
+        args.out_query,
+        arch=args.arch,
+        flops=None if args.flops is None else parse_flops(args.flops),
+        data=args.data,
+        samples=args.samples,
+        bn_images=args.bn_images,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -103,15 +165,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model, _, card = load_supernet(args.supernet)
     space = model.space
-    print(f"{card.kind} supernet {args.supernet}: {card.epochs_done}/{card.epochs} epochs on {card.data}, "
-          f"{card.in_chans}x{card.image_size}px, {card.embed_dim}-d, {len(card.classes)} classes, "
-          f"fingerprint {card.fingerprint}")
+    print(
+        f"{card.kind} supernet {args.supernet}: {card.epochs_done}/{card.epochs} epochs on {card.data}, "
+        f"{card.in_chans}x{card.image_size}px, {card.embed_dim}-d, {len(card.classes)} classes, "
+        f"fingerprint {card.fingerprint}"
+    )
     if card.gallery:
-        print(f"trained for gallery {card.gallery['model']} {card.gallery['fingerprint']} ({card.gallery['path']}), "
-              f"BCT weight {card.bct_weight}, regression weight {card.regress_weight}")
-    print(f"space: kernel {list(space.ks_list)}, expand {list(space.expand_list)}, depth {list(space.depth_list)} "
-          f"x {space.num_stages} stages, width {list(space.width_mult_list)}, "
-          f"resolution {list(space.resolution_list) or 'native'}")
+        print(
+            f"trained for gallery {card.gallery['model']} {card.gallery['fingerprint']} ({card.gallery['path']}), "
+            f"BCT weight {card.bct_weight}, regression weight {card.regress_weight}"
+        )
+    print(
+        f"space: kernel {list(space.ks_list)}, expand {list(space.expand_list)}, depth {list(space.depth_list)} "
+        f"x {space.num_stages} stages, width {list(space.width_mult_list)}, "
+        f"resolution {list(space.resolution_list) or 'native'}"
+    )
     for name, arch in (("smallest", space.min_arch()), ("largest", space.max_arch())):
         print(f"{name}: {model.flops(arch, card.image_size) / 1e6:.3f} MFLOPs  [{space.key(arch)}]")
     if args.arch:
@@ -146,11 +214,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--image-size", type=int)
     add_gallery_model_arg(t, help="frozen gallery model folder: adds the BCT influence loss")
     t.add_argument("--embed-dim", type=int, help="default: the gallery model's, else 128")
-    t.add_argument("--supernet-arg", action="append", metavar="KEY=VALUE",
-                   help="supernet shape/choices, e.g. stage_widths=[16,24,40] ks_list=[3,5,7] depth_list=[2,3,4]")
+    t.add_argument(
+        "--supernet-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="supernet shape/choices, e.g. stage_widths=[16,24,40] ks_list=[3,5,7] depth_list=[2,3,4]",
+    )
     t.add_argument("--bct-weight", type=float, help="lambda of the BCT influence loss (default 1)")
-    t.add_argument("--regress-weight", type=float,
-                   help="weight of feature regression onto the gallery model's embeddings (default 0)")
+    t.add_argument(
+        "--regress-weight",
+        type=float,
+        help="weight of feature regression onto the gallery model's embeddings (default 0)",
+    )
     t.add_argument("--distill", type=float, help="weight of in-place distillation from the largest (default 0)")
     t.add_argument("--distill-kind", choices=["cosine", "l2"])
     t.add_argument("--subnets-per-step", type=int, help="random sub-networks per step besides the largest (2)")
@@ -175,8 +250,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--data", help="default: the supernet's training data (same validation split)")
     s.add_argument("--flops", help="FLOPs budget, e.g. 5M, 0.5G, 5e6")
     s.add_argument("--latency-ms", type=float, help="CPU latency budget (this machine)")
-    s.add_argument("--latency-mode", choices=["table", "measure"], help="per-layer lookup table (default) or time "
-                   "each extracted sub-network")
+    s.add_argument(
+        "--latency-mode",
+        choices=["table", "measure"],
+        help="per-layer lookup table (default) or time each extracted sub-network",
+    )
     s.add_argument("--latency-batch", type=int, help="batch size of the latency budget (1)")
     s.add_argument("--reward", help="hetero (M(q->g), default), homo (M(q->q)), penalized")
     s.add_argument("--metric", choices=["recall@1", "recall@5", "map"])

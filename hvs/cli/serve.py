@@ -27,13 +27,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
-    app = create_app(args.index, args.query_model, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                     max_image_pixels=args.max_pixels, force=args.force, max_k=args.max_k,
-                     uploads_dir=args.uploads)
+    app = create_app(
+        args.index,
+        args.query_model,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_image_pixels=args.max_pixels,
+        force=args.force,
+        max_k=args.max_k,
+        uploads_dir=args.uploads,
+    )
     service = app.state.service
     writes = "enabled (Bearer token from HVS_TOKEN)" if os.environ.get(TOKEN_ENV) else "disabled (HVS_TOKEN not set)"
-    print(f"hvs serve: {service.index.spec} ({len(service.index)} items) with query model "
-          f"{service.encoder.name} [{service.runtime}]; gallery writes {writes}")
+    print(
+        f"hvs serve: {service.index.spec} ({len(service.index)} items) with query model "
+        f"{service.encoder.name} [{service.runtime}]; gallery writes {writes}"
+    )
     if service.searcher.warning:
         print(f"hvs serve: warning: {service.searcher.warning}")
     print(f"hvs serve: http://{args.host}:{args.port}/")
@@ -48,8 +56,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=5.0, help="largest accepted image upload (MiB)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000,
-                   help="largest accepted image in pixels, checked from the header (decompression bombs)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest accepted image in pixels, checked from the header (decompression bombs)",
+    )
     p.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for")
     p.add_argument("--uploads", help="folder for images added with POST /gallery (default: INDEX_DIR/uploads)")
     p.add_argument("--force", action="store_true", help="serve a query model made for another gallery model")

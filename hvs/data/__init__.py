@@ -19,17 +19,29 @@ Sources are picked by an explicit prefix (see :mod:`hvs.data.registry`):
 =======================  ===================================================================
 """
 
+# importing the source modules registers them
+from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, kanji_fonts, synthetic  # noqa: E402,F401
 from .base import SPLITS, DataError, RetrievalData, Split
 from .checks import Duplicate, find_duplicates
 from .images import ImageError, channel_stats, load_image, to_float
-from .registry import (DataWarning, create_dataset, list_sources, parse_spec, register_source,
-                       source_info, validate)
-
-# importing the source modules registers them
-from . import csv_manifest, deepfashion2, fashion_mnist, imagefolder, kanji_fonts, synthetic  # noqa: E402,F401
+from .registry import DataWarning, create_dataset, list_sources, parse_spec, register_source, source_info, validate
 
 __all__ = [
-    "SPLITS", "DataError", "DataWarning", "Duplicate", "ImageError", "RetrievalData", "Split",
-    "channel_stats", "create_dataset", "find_duplicates", "list_sources", "load_image", "parse_spec",
-    "register_source", "source_info", "to_float", "validate",
+    "SPLITS",
+    "DataError",
+    "DataWarning",
+    "Duplicate",
+    "ImageError",
+    "RetrievalData",
+    "Split",
+    "channel_stats",
+    "create_dataset",
+    "find_duplicates",
+    "list_sources",
+    "load_image",
+    "parse_spec",
+    "register_source",
+    "source_info",
+    "to_float",
+    "validate",
 ]

@@ -16,10 +16,10 @@ has seen).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-import warnings
 
 from ..errors import HVSError, HVSWarning
 
@@ -50,8 +50,10 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"{self.role} images must be a uint8 (N, C, H, W) tensor, got "
-                            f"{self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"{self.role} images must be a uint8 (N, C, H, W) tensor, got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"{self.role}: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
         if self.sources is not None and len(self.sources) != len(self.labels):
@@ -65,7 +67,7 @@ class Split:
         """(float image in [0, 1], label): the map-style Dataset view of the split."""
         return self.images[i].float().div_(255.0), int(self.labels[i])
 
-    def subset(self, index: torch.Tensor) -> "Split":
+    def subset(self, index: torch.Tensor) -> Split:
         index = torch.as_tensor(index, dtype=torch.long)
         sources = None if self.sources is None else [self.sources[i] for i in index.tolist()]
         return Split(self.images[index], self.labels[index], sources, self.role)
@@ -111,8 +113,10 @@ class RetrievalData:
             raise DataError(f"unknown split {role!r}; expected one of {', '.join(SPLITS)}")
         part = getattr(self, role)
         if part is None:
-            raise DataError(f"{self.name}: the {role} split was not loaded (loaded: "
-                            f"{', '.join(self.loaded) or 'none'}); create the dataset with it in splits=")
+            raise DataError(
+                f"{self.name}: the {role} split was not loaded (loaded: "
+                f"{', '.join(self.loaded) or 'none'}); create the dataset with it in splits="
+            )
         return part
 
     def summary(self) -> str:
@@ -126,6 +130,8 @@ class RetrievalData:
                 parts.append(f"train {len(part)} ({n_classes} classes)")
             else:
                 parts.append(f"{role} {len(part)}")
-        return (f"{self.name} [{self.protocol}-set] {', '.join(parts)}, "
-                f"{self.channels}x{self.image_size}x{self.image_size}"
-                + (f", skipped {len(self.skipped)} unreadable" if self.skipped else ""))
+        return (
+            f"{self.name} [{self.protocol}-set] {', '.join(parts)}, "
+            f"{self.channels}x{self.image_size}x{self.image_size}"
+            + (f", skipped {len(self.skipped)} unreadable" if self.skipped else "")
+        )

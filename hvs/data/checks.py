@@ -73,8 +73,14 @@ def find_duplicates(data: RetrievalData) -> list[Duplicate]:
     for role in data.loaded:
         n, example = _repeated_items(data.split(role))
         if n:
-            out.append(Duplicate(f"{role}-item", n, f"{data.name}: {n} {role} item(s) are listed more "
-                                 f"than once in the {role} split (same source and pixels), e.g. {example}"))
+            out.append(
+                Duplicate(
+                    f"{role}-item",
+                    n,
+                    f"{data.name}: {n} {role} item(s) are listed more "
+                    f"than once in the {role} split (same source and pixels), e.g. {example}",
+                )
+            )
     if "query" not in data.loaded or "gallery" not in data.loaded:
         return out
     query, gallery = data.query, data.gallery
@@ -91,16 +97,25 @@ def find_duplicates(data: RetrievalData) -> list[Duplicate]:
             same.append(s)
         elif h in gallery_pixels:
             j = gallery_pixels[h]
-            copies.append(f"{s} = {g_src[j]}" if s is not None and g_src[j] is not None
-                          else f"query {i} = gallery {j}")
+            copies.append(f"{s} = {g_src[j]}" if s is not None and g_src[j] is not None else f"query {i} = gallery {j}")
     if same:
-        out.append(Duplicate("query-gallery-item", len(same),
-                             f"{data.name}: {len(same)} query item(s) are also in the gallery (same "
-                             f"source and pixels), e.g. {same[0]}; every model finds them at rank 1"))
+        out.append(
+            Duplicate(
+                "query-gallery-item",
+                len(same),
+                f"{data.name}: {len(same)} query item(s) are also in the gallery (same "
+                f"source and pixels), e.g. {same[0]}; every model finds them at rank 1",
+            )
+        )
     if copies:
-        out.append(Duplicate("query-gallery-pixels", len(copies),
-                             f"{data.name}: {len(copies)} query image(s) are pixel-identical to a gallery "
-                             f"image, e.g. {copies[0]}; every model finds them at rank 1"))
+        out.append(
+            Duplicate(
+                "query-gallery-pixels",
+                len(copies),
+                f"{data.name}: {len(copies)} query image(s) are pixel-identical to a gallery "
+                f"image, e.g. {copies[0]}; every model finds them at rank 1",
+            )
+        )
     return out
 
 

@@ -40,8 +40,9 @@ def _bbox(cell: str, where: str) -> tuple[float, ...] | None:
     return box
 
 
-def read_manifest(file: str, *, name: str | None = None
-                  ) -> tuple[list[tuple[str, tuple[float, ...] | None, str, str | None, int]], bool]:
+def read_manifest(
+    file: str, *, name: str | None = None
+) -> tuple[list[tuple[str, tuple[float, ...] | None, str, str | None, int]], bool]:
     """Parse the manifest: ``([(abs_path, bbox, label, split, line), ...], has_split_column)``."""
     name = name or f"csv:{file}"
     path = os.path.abspath(os.path.expanduser(file))
@@ -71,7 +72,7 @@ def read_manifest(file: str, *, name: str | None = None
         if not any(c.strip() for c in cells):
             continue  # blank line
         where = f"{name}: line {line}"
-        get = lambda key: cells[col[key]].strip() if key in col and col[key] < len(cells) else ""  # noqa: E731
+        get = lambda key: cells[col[key]].strip() if key in col and col[key] < len(cells) else ""  # noqa: E731, B023  (used in this iteration only)
         rel, label = get("path"), get("label")
         if not rel:
             raise DataError(f"{where}: empty path")
@@ -84,19 +85,24 @@ def read_manifest(file: str, *, name: str | None = None
         if "split" in col:
             split = get("split").lower()
             if split not in SPLITS:
-                raise DataError(f"{where}: unknown split {get('split')!r} "
-                                f"(expected one of {', '.join(SPLITS)})")
+                raise DataError(f"{where}: unknown split {get('split')!r} (expected one of {', '.join(SPLITS)})")
         rows.append((full, _bbox(get("bbox"), where) if "bbox" in col else None, label, split, line))
     if not rows:
         raise DataError(f"{name}: no rows after the header")
     return rows, "split" in col
 
 
-@register_source("csv", arg="FILE", arg_required=True,
-                 help="CSV/TSV manifest with columns path,label[,split][,bbox]")
-def csv_manifest(arg: str, *, protocol: str = "closed", image_size: int | None = None,
-                 channels: int | None = None, strict: bool = False, seed: int = 0,
-                 splits: Sequence[str] | None = None) -> RetrievalData:
+@register_source("csv", arg="FILE", arg_required=True, help="CSV/TSV manifest with columns path,label[,split][,bbox]")
+def csv_manifest(
+    arg: str,
+    *,
+    protocol: str = "closed",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Rows of ``path,label[,split][,bbox]``; paths relative to the CSV's folder.
 
     With a ``split`` column, only the rows of the requested ``splits`` are decoded."""
@@ -104,8 +110,16 @@ def csv_manifest(arg: str, *, protocol: str = "closed", image_size: int | None =
     rows, has_split = read_manifest(arg, name=name)
     classes = sorted({label for _, _, label, _, _ in rows})
     index = {c: i for i, c in enumerate(classes)}
-    return from_files(name, [(p, box) for p, box, _, _, _ in rows],
-                      [index[label] for _, _, label, _, _ in rows], classes, protocol=protocol,
-                      size=image_size or DEFAULT_SIZE, channels=channels or 3, strict=strict,
-                      seed=seed, roles=[s for _, _, _, s, _ in rows] if has_split else None,
-                      splits=splits)
+    return from_files(
+        name,
+        [(p, box) for p, box, _, _, _ in rows],
+        [index[label] for _, _, label, _, _ in rows],
+        classes,
+        protocol=protocol,
+        size=image_size or DEFAULT_SIZE,
+        channels=channels or 3,
+        strict=strict,
+        seed=seed,
+        roles=[s for _, _, _, s, _ in rows] if has_split else None,
+        splits=splits,
+    )

@@ -75,8 +75,9 @@ def _image_path(root: str, folder: str, image_id: str) -> str | None:
     return None
 
 
-def read_annotations(root: str, folder: str, *, strict: bool = False, limit: int | None = None
-                     ) -> tuple[list[Item], list[str]]:
+def read_annotations(
+    root: str, folder: str, *, strict: bool = False, limit: int | None = None
+) -> tuple[list[Item], list[str]]:
     """Parse ``root/folder/annos/*.json`` into :class:`Item` records; returns (items, skipped)."""
     annos = os.path.join(root, folder, "annos")
     if not os.path.isdir(annos):
@@ -95,7 +96,7 @@ def read_annotations(root: str, folder: str, *, strict: bool = False, limit: int
 
     for fname in files:
         path = os.path.join(annos, fname)
-        image_id = fname[:-len(".json")]
+        image_id = fname[: -len(".json")]
         try:
             with open(path, encoding="utf-8") as f:
                 anno = json.load(f)
@@ -116,8 +117,9 @@ def read_annotations(root: str, folder: str, *, strict: bool = False, limit: int
                 box = tuple(float(v) for v in it["bounding_box"])
                 if len(box) != 4:
                     raise ValueError(f"bounding_box has {len(box)} numbers")
-                items.append(Item(folder, image_id, key, source, pair_id, int(it["style"]),
-                                  int(it.get("category_id", 0)), box))  # type: ignore[arg-type]
+                items.append(
+                    Item(folder, image_id, key, source, pair_id, int(it["style"]), int(it.get("category_id", 0)), box)
+                )  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError) as err:
                 bad(f"{path}#{key}", f"malformed item ({type(err).__name__}: {err})")
     return items, skipped
@@ -129,8 +131,9 @@ def _item_order(key: str) -> tuple[int, str]:
     return (int(digits), key) if digits.isdigit() else (1 << 30, key)
 
 
-def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict: bool = False,
-               desc: str | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
+def crop_items(
+    root: str, items: list[Item], size: int, channels: int, *, strict: bool = False, desc: str | None = None
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """Crop every item (each image decoded once); returns (images, kept indices, skipped).
     ``desc`` labels a progress bar shown on a terminal."""
     out = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
@@ -152,8 +155,18 @@ def crop_items(root: str, items: list[Item], size: int, channels: int, *, strict
     return out[: len(kept)].clone(), kept, skipped
 
 
-def _crop_image(root: str, folder: str, image_id: str, idx: list[int], items: list[Item],
-                out: torch.Tensor, size: int, channels: int, kept: list[int], bad) -> None:
+def _crop_image(
+    root: str,
+    folder: str,
+    image_id: str,
+    idx: list[int],
+    items: list[Item],
+    out: torch.Tensor,
+    size: int,
+    channels: int,
+    kept: list[int],
+    bad,
+) -> None:
     """Decode one photo and crop each of its items ``idx`` into ``out`` (failures go to ``bad``)."""
     path = _image_path(root, folder, image_id)
     if path is None:
@@ -166,8 +179,7 @@ def _crop_image(root: str, folder: str, image_id: str, idx: list[int], items: li
         return
     for i in idx:
         try:
-            out[len(kept)] = crop_resize(img, size, items[i].bbox, scale=scale,
-                                         name=f"{path}#{items[i].item}")
+            out[len(kept)] = crop_resize(img, size, items[i].bbox, scale=scale, name=f"{path}#{items[i].item}")
         except ImageError as err:
             bad(str(err))
             continue
@@ -179,12 +191,24 @@ def _identity_key(name: str) -> tuple:
     return (0, int(pair), int(style)) if pair.isdigit() and style.isdigit() else (1, name)
 
 
-@register_source("deepfashion2", arg="DIR", arg_required=True,
-                 help="DeepFashion2 consumer-to-shop retrieval (train/ + validation/ folders)")
-def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = None,
-                 channels: int | None = None, strict: bool = False, seed: int = 0,
-                 holdout: float = 0.2, limit: int | None = None,
-                 splits: Sequence[str] | None = None) -> RetrievalData:
+@register_source(
+    "deepfashion2",
+    arg="DIR",
+    arg_required=True,
+    help="DeepFashion2 consumer-to-shop retrieval (train/ + validation/ folders)",
+)
+def deepfashion2(
+    arg: str,
+    *,
+    protocol: str = "open",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    holdout: float = 0.2,
+    limit: int | None = None,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Items cropped by their boxes; identity ``pair_id:style``; always the open protocol."""
     name = f"deepfashion2:{arg}"
     root = os.path.abspath(os.path.expanduser(arg))
@@ -206,9 +230,11 @@ def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = N
         eligible = sorted({p for p, _ in user & shop})
         all_pairs = {it.pair_id for it in train_items}
         if not eligible or len(all_pairs) < 2:
-            raise DataError(f"{name}: no validation/ folder and too few pair_ids in train/ to hold "
-                            f"out a query/gallery part (need >= 2, one with a user and a shop "
-                            f"item of the same style > 0)")
+            raise DataError(
+                f"{name}: no validation/ folder and too few pair_ids in train/ to hold "
+                f"out a query/gallery part (need >= 2, one with a user and a shop "
+                f"item of the same style > 0)"
+            )
         n_hold = min(max(1, math.floor(holdout * len(eligible) + 0.5)), len(all_pairs) - 1)
         perm = np.random.default_rng(seed).permutation(len(eligible))
         held = {eligible[i] for i in perm[:n_hold]}
@@ -220,8 +246,7 @@ def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = N
     gallery_items = [it for it in val_items if it.source == "shop"]
 
     train_ids = sorted({it.identity for it in train_items}, key=_identity_key)
-    test_ids = sorted({it.identity for it in query_items + gallery_items} - set(train_ids),
-                      key=_identity_key)
+    test_ids = sorted({it.identity for it in query_items + gallery_items} - set(train_ids), key=_identity_key)
     classes = train_ids + test_ids
     class_index = {c: i for i, c in enumerate(classes)}
 
@@ -230,17 +255,20 @@ def deepfashion2(arg: str, *, protocol: str = "open", image_size: int | None = N
     def split(items: list[Item], role: str) -> Split | None:
         if role not in wanted:
             return None  # annotations are read for the class list; the photos are not decoded
-        images, kept, bad = crop_items(root, items, size, channels, strict=strict,
-                                       desc=f"decode {name} {role}")
+        images, kept, bad = crop_items(root, items, size, channels, strict=strict, desc=f"decode {name} {role}")
         skipped.extend(bad)
         kept_items = [items[i] for i in kept]
-        return Split(images, torch.tensor([class_index[it.identity] for it in kept_items],
-                                          dtype=torch.long),
-                     [f"{os.path.relpath(_image_path(root, it.folder, it.image_id) or '', root)}"
-                      f"#{it.item}" for it in kept_items], role)
+        return Split(
+            images,
+            torch.tensor([class_index[it.identity] for it in kept_items], dtype=torch.long),
+            [
+                f"{os.path.relpath(_image_path(root, it.folder, it.image_id) or '', root)}#{it.item}"
+                for it in kept_items
+            ],
+            role,
+        )
 
-    train, query, gallery = (split(train_items, "train"), split(query_items, "query"),
-                             split(gallery_items, "gallery"))
+    train, query, gallery = (split(train_items, "train"), split(query_items, "query"), split(gallery_items, "gallery"))
     check_nonempty(name, train=train, query=query, gallery=gallery)
     mean, std = channel_stats(train.images) if train is not None else ((), ())
     return RetrievalData(name, train, query, gallery, classes, "open", mean, std, skipped)

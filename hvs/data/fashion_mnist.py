@@ -28,8 +28,7 @@ from .images import channel_stats
 from .registry import register_source
 from .splits import check_nonempty, query_gallery_split
 
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-           "Bag", "Ankle boot"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -71,8 +70,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
         what = "truncated" if len(raw) - header < expected else "has trailing bytes"
-        raise DataError(f"{path}: {what}: dims {dims} need {expected} data bytes, "
-                        f"found {len(raw) - header}")
+        raise DataError(f"{path}: {what}: dims {dims} need {expected} data bytes, found {len(raw) - header}")
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
@@ -90,8 +88,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 def default_dir() -> str:
     """Folder of the Debian package's files (``dpkg -L dataset-fashion-mnist``)."""
     try:
-        out = subprocess.run(["dpkg", "-L", DEBIAN_PACKAGE], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            ["dpkg", "-L", DEBIAN_PACKAGE], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
     for line in out.splitlines():
@@ -99,8 +98,10 @@ def default_dir() -> str:
             return os.path.dirname(line.strip())
     if os.path.exists(os.path.join(DEBIAN_DIR, FILES["train_images"])):
         return DEBIAN_DIR
-    raise DataError(f"Fashion-MNIST not found: install it with `apt-get install {DEBIAN_PACKAGE}` "
-                    f"or pass the folder of the four IDX .gz files as fashion-mnist:DIR")
+    raise DataError(
+        f"Fashion-MNIST not found: install it with `apt-get install {DEBIAN_PACKAGE}` "
+        f"or pass the folder of the four IDX .gz files as fashion-mnist:DIR"
+    )
 
 
 def _find(folder: str, fname: str) -> str:
@@ -125,8 +126,7 @@ def _read_all(folder: str, stamp: tuple) -> tuple[torch.Tensor, ...]:
         if len(x) != len(y):
             raise DataError(f"{y_path}: {len(y)} labels for {len(x)} images in {x_path}")
         if len(y) and (y.min() < 0 or y.max() >= len(CLASSES)):
-            raise DataError(f"{y_path}: labels must be 0..{len(CLASSES) - 1}, "
-                            f"found {y.min()}..{y.max()}")
+            raise DataError(f"{y_path}: labels must be 0..{len(CLASSES) - 1}, found {y.min()}..{y.max()}")
         out += [torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y.astype(np.int64))]
     return tuple(out)
 
@@ -156,9 +156,9 @@ def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
         return images
     out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].float()
+        x = images[i : i + chunk].float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+        out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -169,11 +169,19 @@ def _prepare(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return images.contiguous()
 
 
-@register_source("fashion-mnist", arg="DIR",
-                 help="Fashion-MNIST from its IDX .gz files (Debian dataset-fashion-mnist or DIR)")
-def fashion_mnist(arg: str | None, *, protocol: str = "closed", image_size: int | None = None,
-                  channels: int | None = None, strict: bool = False, seed: int = 0,
-                  splits: Sequence[str] | None = None) -> RetrievalData:
+@register_source(
+    "fashion-mnist", arg="DIR", help="Fashion-MNIST from its IDX .gz files (Debian dataset-fashion-mnist or DIR)"
+)
+def fashion_mnist(
+    arg: str | None,
+    *,
+    protocol: str = "closed",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Fashion-MNIST, 10 classes, 1x28x28 by default (``channels=3`` repeats the gray plane)."""
     name = "fashion-mnist" if arg is None else f"fashion-mnist:{arg}"
     if arg is not None and not os.path.isdir(arg):
@@ -193,8 +201,12 @@ def fashion_mnist(arg: str | None, *, protocol: str = "closed", image_size: int 
         if role not in wanted:
             return None  # not resized or copied: create_dataset(..., splits=) left it out
         # indexing copies, so the cached arrays are never handed out (and never mutated)
-        return Split(_prepare(x[idx], size, channels), y[idx].clone(),
-                     [f"fashion-mnist:{file_split}:{i}" for i in idx.tolist()], role)
+        return Split(
+            _prepare(x[idx], size, channels),
+            y[idx].clone(),
+            [f"fashion-mnist:{file_split}:{i}" for i in idx.tolist()],
+            role,
+        )
 
     train = split(train_x, train_y, train_idx, "train", "train")
     query = split(test_x, test_y, q_idx, "query", "test")

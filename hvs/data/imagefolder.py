@@ -55,20 +55,35 @@ def scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         files += [(path, len(classes)) for path in found]
         classes.append(cls)
     if not files:
-        raise DataError(f"imagefolder:{root}: no images found (expected DIR/<class>/<image> with "
-                        f"endings {' '.join(IMG_EXTENSIONS)})")
+        raise DataError(
+            f"imagefolder:{root}: no images found (expected DIR/<class>/<image> with "
+            f"endings {' '.join(IMG_EXTENSIONS)})"
+        )
     if empty:
-        data_warning(f"imagefolder:{root}: {len(empty)} class folder(s) hold no images and are not "
-                     f"used as classes: {', '.join(os.path.join(root, c) for c in empty[:5])}"
-                     + (", ..." if len(empty) > 5 else ""))
+        data_warning(
+            f"imagefolder:{root}: {len(empty)} class folder(s) hold no images and are not "
+            f"used as classes: {', '.join(os.path.join(root, c) for c in empty[:5])}"
+            + (", ..." if len(empty) > 5 else "")
+        )
     return classes, files
 
 
-def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequence[int],
-               classes: list[str], *, protocol: str, size: int, channels: int, strict: bool,
-               seed: int, roles: Sequence[str] | None = None, names: Sequence[str] | None = None,
-               sources: Sequence[str] | None = None, splits: Sequence[str] | None = None
-               ) -> RetrievalData:
+def from_files(
+    name: str,
+    items: Sequence[tuple[str, BBox | None]],
+    labels: Sequence[int],
+    classes: list[str],
+    *,
+    protocol: str,
+    size: int,
+    channels: int,
+    strict: bool,
+    seed: int,
+    roles: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Decode ``items`` (path, bbox) and split them into a :class:`RetrievalData`.
 
     ``roles`` (one of train/query/gallery per item) fixes the split; without it the split
@@ -83,9 +98,14 @@ def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequ
     if roles is not None and set(wanted) != set(SPLITS):
         todo = [i for i in todo if roles[i] in wanted]
     desc = f"decode {name} " + ("(all splits)" if len(todo) == len(items) else "+".join(wanted))
-    images, kept_todo, skipped = load_images([items[i] for i in todo], size, channels, strict=strict,
-                                             names=None if names is None else [names[i] for i in todo],
-                                             desc=desc)
+    images, kept_todo, skipped = load_images(
+        [items[i] for i in todo],
+        size,
+        channels,
+        strict=strict,
+        names=None if names is None else [names[i] for i in todo],
+        desc=desc,
+    )
     kept = [todo[k] for k in kept_todo]
     kept_t = torch.as_tensor(kept, dtype=torch.long)
     lab = torch.as_tensor(list(labels), dtype=torch.long)[kept_t]
@@ -98,14 +118,29 @@ def from_files(name: str, items: Sequence[tuple[str, BBox | None]], labels: Sequ
     return build(name, images, lab, src, classes, index, protocol, skipped, splits=wanted)
 
 
-@register_source("imagefolder", arg="DIR", arg_required=True,
-                 help="torchvision ImageFolder tree DIR/<class>/<image>")
-def imagefolder(arg: str, *, protocol: str = "closed", image_size: int | None = None,
-                channels: int | None = None, strict: bool = False, seed: int = 0,
-                splits: Sequence[str] | None = None) -> RetrievalData:
+@register_source("imagefolder", arg="DIR", arg_required=True, help="torchvision ImageFolder tree DIR/<class>/<image>")
+def imagefolder(
+    arg: str,
+    *,
+    protocol: str = "closed",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Images in ``DIR/<class>/...``; classes sorted; split by ``protocol`` with ``seed``."""
     root = os.path.abspath(os.path.expanduser(arg))
     classes, files = scan_folder(root)
-    return from_files(f"imagefolder:{arg}", [(p, None) for p, _ in files], [l for _, l in files],
-                      classes, protocol=protocol, size=image_size or DEFAULT_SIZE,
-                      channels=channels or 3, strict=strict, seed=seed, splits=splits)
+    return from_files(
+        f"imagefolder:{arg}",
+        [(p, None) for p, _ in files],
+        [label for _, label in files],
+        classes,
+        protocol=protocol,
+        size=image_size or DEFAULT_SIZE,
+        channels=channels or 3,
+        strict=strict,
+        seed=seed,
+        splits=splits,
+    )

@@ -19,7 +19,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .base import DataError
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
+ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO
 BBox = Sequence[float]  # (x1, y1, x2, y2), pixels, top-left origin, x2/y2 exclusive
 
 # torchvision's ImageFolder list: files with other endings in a class folder are not images.
@@ -35,8 +35,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 _MODES = {1: "L", 3: "RGB"}
 # Pillow reports broken files through several exception types; all of them mean "cannot decode".
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError,
-                  ValueError, EOFError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError)
 
 
 class ImageError(DataError):
@@ -62,9 +61,14 @@ def _mode(channels: int) -> str:
     return _MODES[channels]
 
 
-def open_image(src: ImageSource, channels: int = 3, *, size: int | None = None,
-               bboxes: Sequence[BBox] | None = None, exif_transpose: bool = True
-               ) -> tuple[Image.Image, float]:
+def open_image(
+    src: ImageSource,
+    channels: int = 3,
+    *,
+    size: int | None = None,
+    bboxes: Sequence[BBox] | None = None,
+    exif_transpose: bool = True,
+) -> tuple[Image.Image, float]:
     """Open and fully decode an image as "RGB" (3 channels) or "L" (1 channel).
 
     With ``size`` given, JPEGs are decoded at a reduced scale (Pillow ``draft``: the decoder
@@ -116,8 +120,9 @@ def _exif_rotated(img: Image.Image, exif_transpose: bool) -> bool:
         return True
 
 
-def crop_resize(img: Image.Image, size: int | None, bbox: BBox | None = None, *,
-                scale: float = 1.0, name: str = "<image>") -> torch.Tensor:
+def crop_resize(
+    img: Image.Image, size: int | None, bbox: BBox | None = None, *, scale: float = 1.0, name: str = "<image>"
+) -> torch.Tensor:
     """Crop ``img`` to ``bbox`` (clipped to the image), then shorter-side resize + center crop.
 
     ``bbox`` is ``(x1, y1, x2, y2)`` in pixels of the original image (top-left origin); ``scale``
@@ -133,8 +138,9 @@ def crop_resize(img: Image.Image, size: int | None, bbox: BBox | None = None, *,
         x1, y1 = max(0, math.floor(x1)), max(0, math.floor(y1))
         x2, y2 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
         if x2 <= x1 or y2 <= y1:
-            raise ImageError(f"{name}: degenerate bounding box {list(bbox)} for a "
-                             f"{round(w / scale)}x{round(h / scale)} image")
+            raise ImageError(
+                f"{name}: degenerate bounding box {list(bbox)} for a {round(w / scale)}x{round(h / scale)} image"
+            )
         img = img.crop((x1, y1, x2, y2))
     if size is not None:
         if img.size != (size, size):
@@ -148,8 +154,9 @@ def crop_resize(img: Image.Image, size: int | None, bbox: BBox | None = None, *,
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image(src: ImageSource, size: int | None, channels: int = 3,
-               bbox: BBox | None = None, *, exif_transpose: bool = True) -> torch.Tensor:
+def load_image(
+    src: ImageSource, size: int | None, channels: int = 3, bbox: BBox | None = None, *, exif_transpose: bool = True
+) -> torch.Tensor:
     """Decode ``src`` (path, bytes or binary file) into a ``uint8`` (C, H, W) tensor.
 
     ``size``: output is ``size x size`` (shorter side resized, then center crop); ``None`` keeps
@@ -157,8 +164,9 @@ def load_image(src: ImageSource, size: int | None, channels: int = 3,
     in pixels (top-left origin) of the image as displayed, i.e. after EXIF rotation when
     ``exif_transpose`` is on. Raises :class:`ImageError` for anything that cannot be decoded.
     """
-    img, scale = open_image(src, channels, size=size, bboxes=None if bbox is None else [bbox],
-                            exif_transpose=exif_transpose)
+    img, scale = open_image(
+        src, channels, size=size, bboxes=None if bbox is None else [bbox], exif_transpose=exif_transpose
+    )
     try:
         return crop_resize(img, size, bbox, scale=scale, name=_name(src))
     except ImageError:
@@ -180,9 +188,15 @@ def decode_progress(total: int, desc: str | None):
     return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None)
 
 
-def load_images(items: Sequence[tuple[ImageSource, BBox | None]], size: int, channels: int,
-                *, strict: bool = False, names: Sequence[str] | None = None,
-                desc: str | None = None) -> tuple[torch.Tensor, list[int], list[str]]:
+def load_images(
+    items: Sequence[tuple[ImageSource, BBox | None]],
+    size: int,
+    channels: int,
+    *,
+    strict: bool = False,
+    names: Sequence[str] | None = None,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """Decode many images into one (N, C, size, size) ``uint8`` tensor.
 
     Returns ``(images, kept, skipped)``: ``kept`` are the indices into ``items`` that decoded
@@ -198,9 +212,17 @@ def load_images(items: Sequence[tuple[ImageSource, BBox | None]], size: int, cha
     return out[: len(kept)].clone() if len(kept) < len(items) else out, kept, skipped
 
 
-def _decode_into(out: torch.Tensor, items: Sequence[tuple[ImageSource, BBox | None]], size: int,
-                 channels: int, strict: bool, names: Sequence[str] | None, kept: list[int],
-                 skipped: list[str], bar) -> None:
+def _decode_into(
+    out: torch.Tensor,
+    items: Sequence[tuple[ImageSource, BBox | None]],
+    size: int,
+    channels: int,
+    strict: bool,
+    names: Sequence[str] | None,
+    kept: list[int],
+    skipped: list[str],
+    bar,
+) -> None:
     for i, (src, bbox) in enumerate(items):
         bar.update(1)
         try:
@@ -240,8 +262,9 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     to float: exact, and no float copy of e.g. 60k Fashion-MNIST images in memory.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise DataError(f"channel_stats needs non-empty uint8 (N, C, H, W) images, got "
-                        f"{images.dtype} {tuple(images.shape)}")
+        raise DataError(
+            f"channel_stats needs non-empty uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
+        )
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
     for ch in range(images.shape[1]):

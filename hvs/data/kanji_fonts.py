@@ -43,8 +43,9 @@ package, family, path, class and the font file's sha256) plus a manifest, writte
 and byte-for-byte deterministic for a given font set, so a cache built once can be copied (with
 its ``.json`` manifest) to a machine without the fonts. The manifest, written last, records the
 cache's SHA-256, checked at every open: an altered or damaged cache is a one-line error, and a
-cache without its manifest is an interrupted build, built again. Its name depends only on the render settings, not on the fonts
-found: after installing or removing fonts, rebuild with ``hvs data build kanji-fonts --force``.
+cache without its manifest is an interrupted build, built again. Its name depends only on the render
+settings, not on the fonts found: after installing or removing fonts, rebuild with
+``hvs data build kanji-fonts --force``.
 
     hvs data fonts --all                          what is installed and how it is classified
     hvs data build kanji-fonts                    ~20 s on one core, 32 MiB at 32 px
@@ -97,12 +98,20 @@ EM_FRACTION = 0.875
 # pair, IPAGothic vs. IPAexGothic, at 0.097; every other pair above 0.2.
 DUPLICATE_THRESHOLD = 0.02
 JITTER_SEED = 0x6B616E6A  # "kanj": the per-view jitter is a fixed function of (face, character)
-INSTALL_HINT = ("run `make setup`, or apt-get install fonts-ipaexfont-mincho fonts-ipaexfont-gothic "
-                "fonts-noto-cjk fonts-seto fonts-klee fonts-kouzan-mouhitsu fonts-kiloji")
+INSTALL_HINT = (
+    "run `make setup`, or apt-get install fonts-ipaexfont-mincho fonts-ipaexfont-gothic "
+    "fonts-noto-cjk fonts-seto fonts-klee fonts-kouzan-mouhitsu fonts-kiloji"
+)
 
 DEFAULTS: dict[str, object] = {
-    "dir": None, "size": 32, "seed": None, "train_fraction": 2 / 3, "nonmated_fraction": 0.5,
-    "limit": None, "max_faces": None, "jitter": 0.0,
+    "dir": None,
+    "size": 32,
+    "seed": None,
+    "train_fraction": 2 / 3,
+    "nonmated_fraction": 0.5,
+    "limit": None,
+    "max_faces": None,
+    "jitter": 0.0,
 }
 _INT_KEYS = {"size", "seed", "limit", "max_faces"}
 _FLOAT_KEYS = {"train_fraction", "nonmated_fraction", "jitter"}
@@ -167,25 +176,43 @@ FONT_TABLE: tuple[FontRule, ...] = (
     FontRule("cwTeXKai", "fonts-cwtex-kai", HANDWRITING, "brush regular script (Kaiti)"),
     FontRule("LXGW WenKai", "fonts-lxgw-wenkai", HANDWRITING, "Kaiti-style pen, from Klee One"),
     # --- known and deliberately unused ---
-    *(FontRule(f"Noto {s} CJK {r}", "fonts-noto-cjk", EXCLUDE, "regional sibling of the JP face: near-duplicate")
-      for s in ("Sans", "Serif", "Sans Mono") for r in ("KR", "SC", "TC", "HK")),
+    *(
+        FontRule(f"Noto {s} CJK {r}", "fonts-noto-cjk", EXCLUDE, "regional sibling of the JP face: near-duplicate")
+        for s in ("Sans", "Serif", "Sans Mono")
+        for r in ("KR", "SC", "TC", "HK")
+    ),
     FontRule("Noto Sans Mono CJK JP", "fonts-noto-cjk", EXCLUDE, "monospaced Latin; same kanji as Noto Sans CJK JP"),
-    *(FontRule(f, p, EXCLUDE, "proportional/monospaced variant: same kanji")
-      for f, p in (("IPAPMincho", "fonts-ipafont-mincho"), ("IPAPGothic", "fonts-ipafont-gothic"),
-                   ("TakaoPMincho", "fonts-takao-mincho"), ("TakaoPGothic", "fonts-takao-gothic"),
-                   ("BIZ UDPMincho", "fonts-morisawa-bizud-mincho"),
-                   ("BIZ UDPGothic", "fonts-morisawa-bizud-gothic"), ("VL PGothic", "fonts-vlgothic"),
-                   ("UmePlus P Gothic", "fonts-umeplus"), ("kiloji - P", "fonts-kiloji"),
-                   ("Konatu Tohaba", "fonts-konatu"), ("WenQuanYi Micro Hei Mono", "fonts-wqy-microhei"),
-                   ("WenQuanYi Zen Hei Mono", "fonts-wqy-zenhei"),
-                   ("WenQuanYi Zen Hei Sharp", "fonts-wqy-zenhei"), ("LXGW WenKai Mono", "fonts-lxgw-wenkai"),
-                   ("M PLUS 2", "fonts-mplus"), ("M PLUS 1 Code", "fonts-mplus"))),
-    *(FontRule(f"AR PL {s} {r}", p, EXCLUDE, "regional sibling in the same TTC: identical glyphs")
-      for s, p in (("UKai", "fonts-arphic-ukai"), ("UMing", "fonts-arphic-uming"))
-      for r in ("HK", "TW", "TW MBE")),
+    *(
+        FontRule(f, p, EXCLUDE, "proportional/monospaced variant: same kanji")
+        for f, p in (
+            ("IPAPMincho", "fonts-ipafont-mincho"),
+            ("IPAPGothic", "fonts-ipafont-gothic"),
+            ("TakaoPMincho", "fonts-takao-mincho"),
+            ("TakaoPGothic", "fonts-takao-gothic"),
+            ("BIZ UDPMincho", "fonts-morisawa-bizud-mincho"),
+            ("BIZ UDPGothic", "fonts-morisawa-bizud-gothic"),
+            ("VL PGothic", "fonts-vlgothic"),
+            ("UmePlus P Gothic", "fonts-umeplus"),
+            ("kiloji - P", "fonts-kiloji"),
+            ("Konatu Tohaba", "fonts-konatu"),
+            ("WenQuanYi Micro Hei Mono", "fonts-wqy-microhei"),
+            ("WenQuanYi Zen Hei Mono", "fonts-wqy-zenhei"),
+            ("WenQuanYi Zen Hei Sharp", "fonts-wqy-zenhei"),
+            ("LXGW WenKai Mono", "fonts-lxgw-wenkai"),
+            ("M PLUS 2", "fonts-mplus"),
+            ("M PLUS 1 Code", "fonts-mplus"),
+        )
+    ),
+    *(
+        FontRule(f"AR PL {s} {r}", p, EXCLUDE, "regional sibling in the same TTC: identical glyphs")
+        for s, p in (("UKai", "fonts-arphic-ukai"), ("UMing", "fonts-arphic-uming"))
+        for r in ("HK", "TW", "TW MBE")
+    ),
     FontRule("SetoFont-ex", "fonts-seto", EXCLUDE, "extension glyphs only: JIS level-1 outlines are empty"),
-    *(FontRule(f, "fonts-misaki", EXCLUDE, "8x8 pixel font")
-      for f in ("MisakiGothic", "MisakiGothic2nd", "MisakiMincho")),
+    *(
+        FontRule(f, "fonts-misaki", EXCLUDE, "8x8 pixel font")
+        for f in ("MisakiGothic", "MisakiGothic2nd", "MisakiMincho")
+    ),
     FontRule("DotGothic16", "fonts-dotgothic16", EXCLUDE, "16x16 pixel font"),
     FontRule("Reggae One", "fonts-reggae", EXCLUDE, "display face (neither print body text nor handwriting)"),
     FontRule("Train One", "fonts-train", EXCLUDE, "outline display face"),
@@ -214,8 +241,7 @@ def jis_level1() -> tuple[str, ...]:
                 chars.append(bytes((lead, trail)).decode("euc_jp"))
             except UnicodeDecodeError:
                 if lead != 0xCF or trail < 0xD4:  # anything else missing would be a codec change
-                    raise DataError(f"euc_jp cannot decode {lead:02X}{trail:02X}, a JIS level-1 "
-                                    f"code point") from None
+                    raise DataError(f"euc_jp cannot decode {lead:02X}{trail:02X}, a JIS level-1 code point") from None
     if len(chars) != N_JIS_LEVEL1:
         raise DataError(f"euc_jp gave {len(chars)} JIS level-1 kanji, expected {N_JIS_LEVEL1}")
     return tuple(chars)
@@ -280,8 +306,11 @@ def _scan_font_dirs() -> list[tuple[list[str], str, str, int]]:
                     continue
                 path = os.path.join(dirpath, fname)
                 try:
-                    fonts = (TTCollection(path, lazy=True).fonts if fname.lower().endswith((".ttc", ".otc"))
-                             else [TTFont(path, lazy=True)])
+                    fonts = (
+                        TTCollection(path, lazy=True).fonts
+                        if fname.lower().endswith((".ttc", ".otc"))
+                        else [TTFont(path, lazy=True)]
+                    )
                 except Exception:  # noqa: BLE001 - an unreadable file is not a face
                     continue
                 for index, tt in enumerate(fonts):
@@ -323,9 +352,13 @@ def discover_faces() -> tuple[list[FontFace], list[FontFace], list[str]]:
             continue
         style_rank = (0 if style.lower() in ("regular", "book", "medium", "w3 mono") else 1, style)
         usable.append(((pos, style_rank, face.path, index), face))
-    unclassified = sorted({f"{families[0]} {style} ({path})" for families, style, path, _ in
-                           (_fc_list(":lang=ja") or [])
-                           if not any(f in _RULES for f in families)})
+    unclassified = sorted(
+        {
+            f"{families[0]} {style} ({path})"
+            for families, style, path, _ in (_fc_list(":lang=ja") or [])
+            if not any(f in _RULES for f in families)
+        }
+    )
     return [f for _, f in sorted(usable, key=lambda t: t[0])], excluded, unclassified
 
 
@@ -350,12 +383,10 @@ def load_font(face: FontFace, size: int):
 
     em = max(4, round(size * EM_FRACTION))
     # BASIC layout: one glyph needs no shaping, and raqm's presence must not change the pixels
-    return ImageFont.truetype(face.path, size=em, index=face.index,
-                              layout_engine=ImageFont.Layout.BASIC)
+    return ImageFont.truetype(face.path, size=em, index=face.index, layout_engine=ImageFont.Layout.BASIC)
 
 
-def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: int = 0
-                 ) -> np.ndarray | None:
+def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: int = 0) -> np.ndarray | None:
     """``char`` drawn white on black, its ink box centred on a ``size`` x ``size`` uint8 canvas.
 
     Returns None when the outline is empty. A glyph too large for the canvas (brush faces can
@@ -373,7 +404,7 @@ def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: in
     rows, cols = np.flatnonzero(arr.any(axis=1)), np.flatnonzero(arr.any(axis=0))
     if rows.size == 0:
         return None
-    ink = arr[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    ink = arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     h, w = ink.shape
     if max(h, w) > size:
         scale = size / max(h, w)
@@ -381,7 +412,7 @@ def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: in
         ink = np.asarray(Image.fromarray(ink).resize((w, h), Image.Resampling.LANCZOS))
     out = np.zeros((size, size), np.uint8)
     top, left = (size - h) // 2, (size - w) // 2
-    out[top:top + h, left:left + w] = ink
+    out[top : top + h, left : left + w] = ink
     if jitter > 0:
         rng = np.random.default_rng([JITTER_SEED, jitter_key, ord(char)])
         angle, zoom, dx, dy = rng.uniform(-1.0, 1.0, 4)
@@ -389,10 +420,12 @@ def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: in
         dx, dy = dx * jitter * size / 10, dy * jitter * size / 10
         # inverse map output -> input about the centre (PIL's AFFINE takes the inverse matrix)
         c, s, ctr = math.cos(angle) / zoom, math.sin(angle) / zoom, (size - 1) / 2
-        matrix = (c, s, ctr - c * (ctr + dx) - s * (ctr + dy),
-                  -s, c, ctr + s * (ctr + dx) - c * (ctr + dy))
-        out = np.asarray(Image.fromarray(out).transform((size, size), Image.Transform.AFFINE, matrix,
-                                                          resample=Image.Resampling.BILINEAR))
+        matrix = (c, s, ctr - c * (ctr + dx) - s * (ctr + dy), -s, c, ctr + s * (ctr + dx) - c * (ctr + dy))
+        out = np.asarray(
+            Image.fromarray(out).transform(
+                (size, size), Image.Transform.AFFINE, matrix, resample=Image.Resampling.BILINEAR
+            )
+        )
     return np.ascontiguousarray(out)
 
 
@@ -406,7 +439,7 @@ def _sha256(path: str) -> str:
 
 def _probe_chars() -> list[str]:
     chars = jis_level1()
-    return list(chars[::len(chars) // 16][:16])  # 16 characters spread over the table
+    return list(chars[:: len(chars) // 16][:16])  # 16 characters spread over the table
 
 
 def _probe(face: FontFace, cmap: set[int]) -> dict[str, np.ndarray]:
@@ -430,9 +463,9 @@ def face_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.abs(x - y).mean() / max(1e-6, (x.mean() + y.mean()) / 2))
 
 
-def select_faces(faces: Sequence[FontFace], max_faces: int | None = None,
-                 threshold: float = DUPLICATE_THRESHOLD
-                 ) -> tuple[list[tuple[FontFace, set[int]]], list[str]]:
+def select_faces(
+    faces: Sequence[FontFace], max_faces: int | None = None, threshold: float = DUPLICATE_THRESHOLD
+) -> tuple[list[tuple[FontFace, set[int]]], list[str]]:
     """Open each face in order; keep those that load, render and are no near-duplicate of a kept
     face of the same class. Returns ``([(face, cmap), ...], ["face: reason", ...])``.
 
@@ -461,8 +494,9 @@ def select_faces(faces: Sequence[FontFace], max_faces: int | None = None,
         if not probe and not cmap:
             dropped.append(f"{face.key} ({face.path}): no Unicode cmap")
             continue
-        dup = next((f for (f, _), p in zip(kept, probes)
-                    if f.kind == face.kind and face_distance(probe, p) < threshold), None)
+        dup = next(
+            (f for (f, _), p in zip(kept, probes) if f.kind == face.kind and face_distance(probe, p) < threshold), None
+        )
         if dup is not None:
             dropped.append(f"{face.key} ({face.path}): near-duplicate of {dup.key}")
             continue
@@ -486,8 +520,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "hvs", "kanji-fonts")
 
 
-def cache_path(folder: str | None, size: int, limit: int | None = None,
-               max_faces: int | None = None, jitter: float = 0.0) -> str:
+def cache_path(
+    folder: str | None, size: int, limit: int | None = None, max_faces: int | None = None, jitter: float = 0.0
+) -> str:
     """The ``.npz`` for these render settings (the split options do not change it)."""
     name = f"kanji-fonts-{size}px"
     if jitter:
@@ -514,10 +549,18 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None = None,
-                max_faces: int | None = None, jitter: float = 0.0,
-                faces: Sequence[FontFace] | None = None, force: bool = False,
-                progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+def build_cache(
+    folder: str | None = None,
+    *,
+    size: int = 32,
+    limit: int | None = None,
+    max_faces: int | None = None,
+    jitter: float = 0.0,
+    faces: Sequence[FontFace] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Render every (face, character) pair once into the cache; returns the manifest.
 
     ``faces``: use these instead of :func:`discover_faces` (tests, custom fonts). An existing
@@ -536,16 +579,17 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
     n_print = sum(f.kind == PRINT for f, _ in chosen)
     n_hand = sum(f.kind == HANDWRITING for f, _ in chosen)
     if n_print == 0 or n_hand == 0:
-        raise DataError(f"kanji-fonts: {n_print} print and {n_hand} handwriting font faces usable "
-                        f"(need at least one of each): {INSTALL_HINT}")
+        raise DataError(
+            f"kanji-fonts: {n_print} print and {n_hand} handwriting font faces usable "
+            f"(need at least one of each): {INSTALL_HINT}"
+        )
     chars = jis_level1()[:limit] if limit is not None else jis_level1()
 
     from tqdm.auto import tqdm
 
     blocks, codes, face_ids, table = [], [], [], []  # one (views, size, size) block per face
     hashes: dict[str, str] = {}
-    bar = tqdm(total=len(chosen) * len(chars), disable=not progress, unit="glyph",
-               desc=f"render kanji-fonts {size}px")
+    bar = tqdm(total=len(chosen) * len(chars), disable=not progress, unit="glyph", desc=f"render kanji-fonts {size}px")
     for face, cmap in chosen:
         missing, empty, errors, n_views = [], [], [], 0
         try:
@@ -577,23 +621,32 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
             n_views += 1
         bar.update(len(chars))
         if errors:
-            skipped.append(f"{face.key} ({face.path}): FreeType error on {len(errors)} glyph(s), "
-                           f"e.g. {errors[0]}")
+            skipped.append(f"{face.key} ({face.path}): FreeType error on {len(errors)} glyph(s), e.g. {errors[0]}")
         if n_views == 0:
             skipped.append(f"{face.key} ({face.path}): no renderable glyph")
             continue
         blocks.append(block[:n_views])
-        table.append({**asdict(face), "key": face.key, "views": n_views, "missing": missing,
-                      "empty": empty, "errors": errors})
+        table.append(
+            {**asdict(face), "key": face.key, "views": n_views, "missing": missing, "empty": empty, "errors": errors}
+        )
     bar.close()
     kinds = [t["kind"] for t in table]
     if PRINT not in kinds or HANDWRITING not in kinds:
-        raise DataError(f"kanji-fonts: no {PRINT if PRINT not in kinds else HANDWRITING} face "
-                        f"rendered anything: {INSTALL_HINT}")
+        raise DataError(
+            f"kanji-fonts: no {PRINT if PRINT not in kinds else HANDWRITING} face rendered anything: {INSTALL_HINT}"
+        )
     meta = {
-        "format": CACHE_FORMAT, "size": size, "jitter": jitter, "limit": limit, "max_faces": max_faces,
-        "em_fraction": EM_FRACTION, "duplicate_threshold": DUPLICATE_THRESHOLD,
-        "characters": len(chars), "views": len(codes), "faces": table, "skipped": skipped,
+        "format": CACHE_FORMAT,
+        "size": size,
+        "jitter": jitter,
+        "limit": limit,
+        "max_faces": max_faces,
+        "em_fraction": EM_FRACTION,
+        "duplicate_threshold": DUPLICATE_THRESHOLD,
+        "characters": len(chars),
+        "views": len(codes),
+        "faces": table,
+        "skipped": skipped,
         "excluded": sorted(f"{f.key} ({f.path}): {f.note}" for f in excluded),
     }
     arrays = {
@@ -607,12 +660,19 @@ def build_cache(folder: str | None = None, *, size: int = 32, limit: int | None 
     atomic_write_bytes(path, blob)
     manifest = {
         **{k: v for k, v in meta.items() if k != "faces"},
-        "faces": [{k: v for k, v in t.items() if k not in ("missing", "empty")}
-                  | {"missing": len(t["missing"]), "empty": len(t["empty"])} for t in table],
-        "print_faces": kinds.count(PRINT), "handwriting_faces": kinds.count(HANDWRITING),
-        "cache": os.path.basename(path), "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+        "faces": [
+            {k: v for k, v in t.items() if k not in ("missing", "empty")}
+            | {"missing": len(t["missing"]), "empty": len(t["empty"])}
+            for t in table
+        ],
+        "print_faces": kinds.count(PRINT),
+        "handwriting_faces": kinds.count(HANDWRITING),
+        "cache": os.path.basename(path),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
         "build_seconds": round(time.perf_counter() - t0, 2),
-        "fonttools": _version("fontTools"), "pillow": _version("PIL"),
+        "fonttools": _version("fontTools"),
+        "pillow": _version("PIL"),
     }
     atomic_write_bytes(_manifest_path(path), (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     if log is not None:
@@ -644,8 +704,10 @@ def read_manifest(npz_path: str) -> dict:
         with open(manifest, encoding="utf-8") as f:
             out = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{npz_path}: kanji-fonts cache has no manifest {os.path.basename(manifest)} "
-                        f"(an interrupted build, or copied without it); {_REBUILD}") from None
+        raise DataError(
+            f"{npz_path}: kanji-fonts cache has no manifest {os.path.basename(manifest)} "
+            f"(an interrupted build, or copied without it); {_REBUILD}"
+        ) from None
     except (OSError, ValueError) as err:
         raise DataError(f"{manifest}: corrupt kanji-fonts manifest ({_reason(err)}); {_REBUILD}") from None
     if not isinstance(out, dict):
@@ -676,15 +738,16 @@ def _load_cache(path: str, mtime_ns: int, nbytes: int) -> dict:
     hint = _REBUILD
     recorded = read_manifest(path).get("sha256")
     if not isinstance(recorded, str) or len(recorded) != 64:
-        raise DataError(f"{_manifest_path(path)}: no SHA-256 of the cache recorded (written by an older "
-                        f"hvs?); {hint}")
+        raise DataError(f"{_manifest_path(path)}: no SHA-256 of the cache recorded (written by an older hvs?); {hint}")
     try:
         actual = _sha256(path)
     except OSError as err:
         raise DataError(f"{path}: cannot read kanji-fonts cache ({_reason(err)})") from None
     if actual != recorded:
-        raise DataError(f"{path}: corrupt kanji-fonts cache (SHA-256 {actual[:12]}... differs from "
-                        f"{recorded[:12]}... recorded in {os.path.basename(_manifest_path(path))}); {hint}")
+        raise DataError(
+            f"{path}: corrupt kanji-fonts cache (SHA-256 {actual[:12]}... differs from "
+            f"{recorded[:12]}... recorded in {os.path.basename(_manifest_path(path))}); {hint}"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("images", "codes", "face", "chars")}
@@ -692,11 +755,16 @@ def _load_cache(path: str, mtime_ns: int, nbytes: int) -> dict:
     except Exception as err:  # noqa: BLE001 - zip, zlib, numpy and json errors all mean corrupt
         raise DataError(f"{path}: corrupt kanji-fonts cache ({_reason(err)}); {hint}") from None
     n = len(out["codes"])
-    if (meta.get("format") != CACHE_FORMAT or out["images"].dtype != np.uint8
-            or out["images"].ndim != 3 or len(out["images"]) != n or len(out["face"]) != n
-            or not meta.get("faces") or (n and int(out["face"].max()) >= len(meta["faces"]))):
-        raise DataError(f"{path}: not a kanji-fonts cache of format {CACHE_FORMAT} "
-                        f"(inconsistent arrays); {hint}")
+    if (
+        meta.get("format") != CACHE_FORMAT
+        or out["images"].dtype != np.uint8
+        or out["images"].ndim != 3
+        or len(out["images"]) != n
+        or len(out["face"]) != n
+        or not meta.get("faces")
+        or (n and int(out["face"].max()) >= len(meta["faces"]))
+    ):
+        raise DataError(f"{path}: not a kanji-fonts cache of format {CACHE_FORMAT} (inconsistent arrays); {hint}")
     for arr in out.values():
         arr.setflags(write=False)  # shared by every dataset made from this file
     out["meta"] = meta
@@ -706,8 +774,9 @@ def _load_cache(path: str, mtime_ns: int, nbytes: int) -> dict:
 # --------------------------------------------------------------------------- splits and source
 
 
-def open_set_split(n_identities: int, seed: int = 0, train_fraction: float = 2 / 3,
-                   nonmated_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def open_set_split(
+    n_identities: int, seed: int = 0, train_fraction: float = 2 / 3, nonmated_fraction: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded ``(train, mated, nonmated)`` identity indices (sorted, disjoint, covering all).
 
     ``round(train_fraction * K)`` identities train (at least 1, leaving at least 1 to test);
@@ -738,13 +807,14 @@ def parse_options(arg: str | None) -> dict[str, object]:
         key, val = key.strip(), val.strip()
         if not sep:
             if i != 0:
-                raise DataError(f"kanji-fonts: bad option {part!r}; expected DIR first, then KEY=VALUE "
-                                f"with KEY in {', '.join(DEFAULTS)}")
+                raise DataError(
+                    f"kanji-fonts: bad option {part!r}; expected DIR first, then KEY=VALUE "
+                    f"with KEY in {', '.join(DEFAULTS)}"
+                )
             opts["dir"] = part
             continue
         if key not in DEFAULTS:
-            raise DataError(f"kanji-fonts: bad option {part!r}; expected KEY=VALUE with KEY in "
-                            f"{', '.join(DEFAULTS)}")
+            raise DataError(f"kanji-fonts: bad option {part!r}; expected KEY=VALUE with KEY in {', '.join(DEFAULTS)}")
         opts[key] = _convert(key, val)
     return opts
 
@@ -774,8 +844,7 @@ def _check_render_options(size: int, limit: int | None, max_faces: int | None, j
         raise DataError(f"kanji-fonts: jitter must be in [0, 1], got {jitter}")
 
 
-def resolve_options(arg: str | None, image_size: int | None = None, seed: int = 0,
-                    **kwargs) -> dict[str, object]:
+def resolve_options(arg: str | None, image_size: int | None = None, seed: int = 0, **kwargs) -> dict[str, object]:
     """Spec options over keyword options over ``create_dataset``'s ``image_size``/``seed``."""
     opts = dict(DEFAULTS)
     for key, val in kwargs.items():
@@ -796,19 +865,36 @@ def resolve_options(arg: str | None, image_size: int | None = None, seed: int = 
 
 def load_arrays(opts: dict[str, object], progress: bool = True) -> tuple[str, dict]:
     """``(cache path, arrays)`` for resolved options, building the cache when it is missing."""
-    path = cache_path(opts["dir"], int(opts["size"]), opts["limit"], opts["max_faces"],
-                      float(opts["jitter"]))
+    path = cache_path(opts["dir"], int(opts["size"]), opts["limit"], opts["max_faces"], float(opts["jitter"]))
     if not is_built(path):
-        build_cache(opts["dir"], size=int(opts["size"]), limit=opts["limit"],
-                    max_faces=opts["max_faces"], jitter=float(opts["jitter"]), progress=progress)
+        build_cache(
+            opts["dir"],
+            size=int(opts["size"]),
+            limit=opts["limit"],
+            max_faces=opts["max_faces"],
+            jitter=float(opts["jitter"]),
+            progress=progress,
+        )
     return path, load_cache(path)
 
 
-@register_source("kanji-fonts", arg="DIR|KEY=VAL,...",
-                 help="JIS level-1 kanji from installed CJK fonts: print gallery, handwriting queries (open set)")
-def kanji_fonts(arg: str | None, *, protocol: str = "open", image_size: int | None = None,
-                channels: int | None = None, strict: bool = False, seed: int = 0,
-                progress: bool = True, splits: Sequence[str] | None = None, **kwargs) -> RetrievalData:
+@register_source(
+    "kanji-fonts",
+    arg="DIR|KEY=VAL,...",
+    help="JIS level-1 kanji from installed CJK fonts: print gallery, handwriting queries (open set)",
+)
+def kanji_fonts(
+    arg: str | None,
+    *,
+    protocol: str = "open",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    splits: Sequence[str] | None = None,
+    **kwargs,
+) -> RetrievalData:
     """Open-set kanji identities: train on 2/3 of the characters, search the rest (IJB-C stand-in)."""
     opts = resolve_options(arg, image_size, seed, **kwargs)
     name = "kanji-fonts" if arg is None else f"kanji-fonts:{arg}"
@@ -820,9 +906,9 @@ def kanji_fonts(arg: str | None, *, protocol: str = "open", image_size: int | No
     labels = np.fromiter((label_of[int(c)] for c in codes), np.int64, len(codes))
     faces = meta["faces"]
     kind = np.asarray([faces[f]["kind"] == PRINT for f in range(len(faces))])[arrays["face"]]
-    train_ids, mated, nonmated = open_set_split(len(chars), int(opts["seed"]),
-                                                float(opts["train_fraction"]),
-                                                float(opts["nonmated_fraction"]))
+    train_ids, mated, nonmated = open_set_split(
+        len(chars), int(opts["seed"]), float(opts["train_fraction"]), float(opts["nonmated_fraction"])
+    )
     if strict and meta["skipped"]:
         raise DataError(f"{path}: {meta['skipped'][0]} (strict)")
     index = {
@@ -840,13 +926,16 @@ def kanji_fonts(arg: str | None, *, protocol: str = "open", image_size: int | No
         images = torch.from_numpy(arrays["images"][idx]).unsqueeze(1)  # fancy indexing copies
         if ch == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
-        sources = [f"kanji-fonts:{faces[f]['key']}:U+{c:04X}"
-                   for f, c in zip(arrays["face"][idx].tolist(), codes[idx].tolist())]
+        sources = [
+            f"kanji-fonts:{faces[f]['key']}:U+{c:04X}"
+            for f, c in zip(arrays["face"][idx].tolist(), codes[idx].tolist())
+        ]
         parts[role] = Split(images, torch.from_numpy(labels[idx]), sources, role)
     check_nonempty(name, **parts)
     mean, std = channel_stats(parts["train"].images) if parts["train"] is not None else ((), ())
-    return RetrievalData(name, parts["train"], parts["query"], parts["gallery"], chars, "open",
-                         mean, std, list(meta["skipped"]))
+    return RetrievalData(
+        name, parts["train"], parts["query"], parts["gallery"], chars, "open", mean, std, list(meta["skipped"])
+    )
 
 
 kanji_fonts.supported_protocols = ("open",)  # read by `hvs data info` to pick its default

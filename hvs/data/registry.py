@@ -52,8 +52,15 @@ class SourceInfo:
 _SOURCES: dict[str, SourceInfo] = {}
 
 
-def register_source(name: str, fn: SourceFn | None = None, *, arg: str = "",
-                    arg_required: bool = False, help: str = "", overwrite: bool = False):
+def register_source(
+    name: str,
+    fn: SourceFn | None = None,
+    *,
+    arg: str = "",
+    arg_required: bool = False,
+    help: str = "",
+    overwrite: bool = False,
+):
     """Register ``fn`` as the source ``name``; usable as a decorator.
 
     ``arg`` names what may follow ``name:`` in a spec (``"DIR"``, ``"FILE"``; empty if nothing)
@@ -81,8 +88,11 @@ def list_sources() -> list[str]:
 def source_info(name: str) -> SourceInfo:
     if name not in _SOURCES:
         valid = ", ".join(_SOURCES[n].usage for n in list_sources())
-        hint = " (pick a prefix, e.g. imagefolder:DIR or csv:FILE)" if ("/" in name or "\\" in name
-                                                                         or name.startswith(".")) else ""
+        hint = (
+            " (pick a prefix, e.g. imagefolder:DIR or csv:FILE)"
+            if ("/" in name or "\\" in name or name.startswith("."))
+            else ""
+        )
         raise DataError(f"unknown data source {name!r}{hint}; valid: {valid}")
     return _SOURCES[name]
 
@@ -96,9 +106,17 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (arg if sep else None)
 
 
-def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | None = None,
-                   channels: int | None = None, strict: bool = False, seed: int = 0,
-                   splits: Sequence[str] | None = None, **source_kwargs) -> RetrievalData:
+def create_dataset(
+    spec: str,
+    *,
+    protocol: str = "closed",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    splits: Sequence[str] | None = None,
+    **source_kwargs,
+) -> RetrievalData:
     """Load the dataset named by ``spec`` (``"name"`` or ``"name:ARG"``).
 
     ``protocol``: ``"closed"`` (query/gallery classes are seen in training) or ``"open"``
@@ -124,8 +142,9 @@ def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | Non
         raise DataError(f"data source {name!r} needs an argument: {info.usage}")
     if splits is not None and "splits" in inspect.signature(info.fn).parameters:
         source_kwargs["splits"] = wanted
-    data = info.fn(arg, protocol=protocol, image_size=image_size, channels=channels,
-                   strict=strict, seed=seed, **source_kwargs)
+    data = info.fn(
+        arg, protocol=protocol, image_size=image_size, channels=channels, strict=strict, seed=seed, **source_kwargs
+    )
     data.name = spec
     for role in SPLITS:
         if role not in wanted:
@@ -134,9 +153,12 @@ def create_dataset(spec: str, *, protocol: str = "closed", image_size: int | Non
         data.mean, data.std = (), ()
     validate(data)
     if data.skipped:
-        warnings.warn(f"{spec}: skipped {len(data.skipped)} item(s) that could not be used, e.g. "
-                      f"{data.skipped[0]} (all listed in RetrievalData.skipped)", DataWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{spec}: skipped {len(data.skipped)} item(s) that could not be used, e.g. "
+            f"{data.skipped[0]} (all listed in RetrievalData.skipped)",
+            DataWarning,
+            stacklevel=2,
+        )
     data.duplicates = [d.message for d in check_duplicates(data, strict=strict)]
     return data
 
@@ -164,12 +186,12 @@ def validate(data: RetrievalData) -> None:
     n_classes = len(data.classes)
     for role, split in splits.items():
         if tuple(split.images.shape[1:]) != shape:
-            raise DataError(f"{data.name}: {role} images are {tuple(split.images.shape[1:])}, "
-                            f"{next(iter(splits))} images {shape}")
+            raise DataError(
+                f"{data.name}: {role} images are {tuple(split.images.shape[1:])}, {next(iter(splits))} images {shape}"
+            )
         lo, hi = int(split.labels.min()), int(split.labels.max())
         if lo < 0 or hi >= n_classes:
-            raise DataError(f"{data.name}: {role} labels span {lo}..{hi} but there are "
-                            f"{n_classes} classes")
+            raise DataError(f"{data.name}: {role} labels span {lo}..{hi} but there are {n_classes} classes")
     if data.train is None:
         return  # mean/std and the protocol's class rules are about the training split
     if len(data.mean) != shape[0] or len(data.std) != shape[0]:
@@ -181,9 +203,14 @@ def validate(data: RetrievalData) -> None:
     test = set(torch.cat(tested).unique().tolist())
     if data.protocol == "closed" and not test <= seen:
         unseen = sorted(test - seen)
-        raise DataError(f"{data.name}: closed protocol but {len(unseen)} query/gallery class(es) "
-                        f"have no training images, e.g. {data.classes[unseen[0]]!r} "
-                        f"(use protocol='open')")
+        raise DataError(
+            f"{data.name}: closed protocol but {len(unseen)} query/gallery class(es) "
+            f"have no training images, e.g. {data.classes[unseen[0]]!r} "
+            f"(use protocol='open')"
+        )
     if data.protocol == "open" and test & seen:
-        warnings.warn(f"{data.name}: open protocol but {len(test & seen)} query/gallery class(es) "
-                      f"also occur in training", DataWarning, stacklevel=3)
+        warnings.warn(
+            f"{data.name}: open protocol but {len(test & seen)} query/gallery class(es) also occur in training",
+            DataWarning,
+            stacklevel=3,
+        )

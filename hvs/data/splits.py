@@ -42,8 +42,9 @@ def _idx(parts: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.concatenate(parts))).long()
 
 
-def closed_split(labels: torch.Tensor, seed: int = 0, query: float = 0.2, gallery: float = 0.2
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def closed_split(
+    labels: torch.Tensor, seed: int = 0, query: float = 0.2, gallery: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per class: shuffle (seeded), then ``query`` / ``gallery`` fractions, the rest trains.
 
     A class with n images gives ``max(1, round(query * n))`` queries and as many gallery items
@@ -66,13 +67,12 @@ def closed_split(labels: torch.Tensor, seed: int = 0, query: float = 0.2, galler
         else:
             n_q, n_g = 0, 0
         qry.append(idx[:n_q])
-        gal.append(idx[n_q:n_q + n_g])
-        train.append(idx[n_q + n_g:])
+        gal.append(idx[n_q : n_q + n_g])
+        train.append(idx[n_q + n_g :])
     return _idx(train), _idx(qry), _idx(gal)
 
 
-def query_gallery_split(labels: torch.Tensor, seed: int = 0, query: float = 0.5
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def query_gallery_split(labels: torch.Tensor, seed: int = 0, query: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class: shuffle (seeded), ``floor(query * n)`` items → query, the rest → gallery.
 
     The gallery gets the odd item, and a class with a single item is a gallery distractor.
@@ -95,60 +95,81 @@ def split_classes(class_ids: Sequence[int], seed: int = 0) -> tuple[list[int], l
     return sorted(ids[i] for i in perm[:n_train]), sorted(ids[i] for i in perm[n_train:])
 
 
-def open_split(labels: torch.Tensor, seed: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def open_split(labels: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A seeded half of the classes (the larger half for odd counts) → train; each remaining
     class → half query / half gallery (:func:`query_gallery_split`)."""
     present = sorted(_by_class(labels))
     if len(present) < 2:
-        raise DataError(f"open protocol needs at least 2 classes (disjoint train and test "
-                        f"classes), got {len(present)}")
+        raise DataError(f"open protocol needs at least 2 classes (disjoint train and test classes), got {len(present)}")
     train_cls, test_cls = split_classes(present, seed)
     lab = labels.numpy()
     train = np.flatnonzero(np.isin(lab, train_cls))
     test = np.flatnonzero(np.isin(lab, test_cls))
     q, g = query_gallery_split(labels[torch.from_numpy(test)], seed)
-    return (torch.from_numpy(train).long(), torch.from_numpy(test[q.numpy()]).long(),
-            torch.from_numpy(test[g.numpy()]).long())
+    return (
+        torch.from_numpy(train).long(),
+        torch.from_numpy(test[q.numpy()]).long(),
+        torch.from_numpy(test[g.numpy()]).long(),
+    )
 
 
-def split_by_protocol(labels: torch.Tensor, protocol: str, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_by_protocol(
+    labels: torch.Tensor, protocol: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train, query, gallery) indices for ``protocol`` ("closed" or "open")."""
     if check_protocol(protocol) == "closed":
         return closed_split(labels, seed)
     return open_split(labels, seed)
 
 
-def make_split(images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None,
-               index: torch.Tensor, role: str) -> Split:
+def make_split(
+    images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None, index: torch.Tensor, role: str
+) -> Split:
     index = torch.as_tensor(index, dtype=torch.long)
     src = None if sources is None else [sources[i] for i in index.tolist()]
     return Split(images[index], labels[index], src, role)
 
 
-def build(name: str, images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None,
-          classes: list[str], index: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-          protocol: str, skipped: list[str] | None = None, mean: tuple[float, ...] | None = None,
-          std: tuple[float, ...] | None = None, splits: Sequence[str] | None = None) -> RetrievalData:
+def build(
+    name: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sources: list[str] | None,
+    classes: list[str],
+    index: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    protocol: str,
+    skipped: list[str] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    splits: Sequence[str] | None = None,
+) -> RetrievalData:
     """Assemble a :class:`RetrievalData` from one pool of items and three index tensors.
 
     ``splits``: the roles to keep (default all); the others are left ``None``. Mean/std default
     to the exact per-channel statistics of the training images (``()`` without a train split).
     """
     keep = set(SPLITS if splits is None else splits)
-    parts = {role: make_split(images, labels, sources, ix, role) if role in keep else None
-             for ix, role in zip(index, SPLITS)}
+    parts = {
+        role: make_split(images, labels, sources, ix, role) if role in keep else None for ix, role in zip(index, SPLITS)
+    }
     check_nonempty(name, **parts)
     if mean is None or std is None:
         mean, std = channel_stats(parts["train"].images) if parts["train"] is not None else ((), ())
-    return RetrievalData(name, parts["train"], parts["query"], parts["gallery"], list(classes),
-                         protocol, tuple(mean), tuple(std), list(skipped or []))
+    return RetrievalData(
+        name,
+        parts["train"],
+        parts["query"],
+        parts["gallery"],
+        list(classes),
+        protocol,
+        tuple(mean),
+        tuple(std),
+        list(skipped or []),
+    )
 
 
 def check_nonempty(name: str, **splits: Split | None) -> None:
     """Refuse an empty split (``None``, a split not loaded, is not checked)."""
     for role, split in splits.items():
         if split is not None and len(split) == 0:
-            raise DataError(f"{name}: the {role} split is empty (too few readable images or "
-                            f"classes for this protocol)")
+            raise DataError(f"{name}: the {role} split is empty (too few readable images or classes for this protocol)")

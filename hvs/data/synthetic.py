@@ -35,8 +35,15 @@ from .registry import register_source
 from .splits import check_nonempty, query_gallery_split, split_classes
 
 DEFAULTS: dict[str, int | float | None] = {
-    "classes": 10, "train_per_class": 64, "test_per_class": 16, "size": 32, "channels": 1,
-    "seed": None, "difficulty": 0.5, "noise": None, "shift": None,
+    "classes": 10,
+    "train_per_class": 64,
+    "test_per_class": 16,
+    "size": 32,
+    "channels": 1,
+    "seed": None,
+    "difficulty": 0.5,
+    "noise": None,
+    "shift": None,
 }
 _INT_KEYS = {"classes", "train_per_class", "test_per_class", "size", "channels", "seed", "shift"}
 
@@ -50,8 +57,9 @@ def parse_options(arg: str | None) -> dict[str, int | float]:
         key, sep, val = part.partition("=")
         key = key.strip()
         if not sep or key not in DEFAULTS:
-            raise DataError(f"synthetic: bad option {part.strip()!r}; expected KEY=VALUE with KEY in "
-                            f"{', '.join(DEFAULTS)}")
+            raise DataError(
+                f"synthetic: bad option {part.strip()!r}; expected KEY=VALUE with KEY in {', '.join(DEFAULTS)}"
+            )
         try:
             opts[key] = int(val) if key in _INT_KEYS else float(val)
         except ValueError:
@@ -69,8 +77,7 @@ def _smooth(g: torch.Generator, n: int, c: int, grid: int, size: int) -> torch.T
     return x / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
 
 
-def prototypes(g: torch.Generator, classes: int, channels: int, canvas: int,
-               difficulty: float) -> torch.Tensor:
+def prototypes(g: torch.Generator, classes: int, channels: int, canvas: int, difficulty: float) -> torch.Tensor:
     """(classes, C, canvas, canvas) class patterns in [0, 1]."""
     shared = _smooth(g, 1, channels, 4, canvas)
     coarse = _smooth(g, classes, channels, 4, canvas)
@@ -82,8 +89,16 @@ def prototypes(g: torch.Generator, classes: int, channels: int, canvas: int,
     return torch.sigmoid(1.5 * field / field.std(dim=(-2, -1), keepdim=True))
 
 
-def render(g: torch.Generator, protos: torch.Tensor, labels: torch.Tensor, size: int, shift: int,
-           difficulty: float, noise: float, chunk: int = 2048) -> torch.Tensor:
+def render(
+    g: torch.Generator,
+    protos: torch.Tensor,
+    labels: torch.Tensor,
+    size: int,
+    shift: int,
+    difficulty: float,
+    noise: float,
+    chunk: int = 2048,
+) -> torch.Tensor:
     """Samples of ``protos[labels]`` through shift, warp, photometric jitter and noise → uint8."""
     n, c, canvas = len(labels), protos.shape[1], protos.shape[-1]
     # every random draw is made up front in a fixed order, so results do not depend on ``chunk``
@@ -94,26 +109,32 @@ def render(g: torch.Generator, protos: torch.Tensor, labels: torch.Tensor, size:
     background = _smooth(g, n, c, 3, size) * 0.25 * difficulty
     pixel_noise = torch.randn(n, c, size, size, generator=g) * noise
 
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32),
-                            torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     base = torch.stack([xs, ys], dim=-1) + shift  # output pixel → canvas pixel, centred
     out = torch.empty(n, c, size, size, dtype=torch.uint8)
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
         pix = base + offsets[sl] + warp[sl]
         grid = (2 * pix + 1) / canvas - 1  # pixel centres → [-1, 1] (align_corners=False)
-        x = F.grid_sample(protos[labels[sl]], grid, mode="bilinear", padding_mode="reflection",
-                          align_corners=False)
+        x = F.grid_sample(protos[labels[sl]], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         x = (x - 0.5) * contrast[sl] + 0.5 + brightness[sl] + background[sl] + pixel_noise[sl]
         out[sl] = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     return out
 
 
-@register_source("synthetic", arg="KEY=VAL,...",
-                 help="procedural class patterns generated in memory (no files)")
-def synthetic(arg: str | None, *, protocol: str = "closed", image_size: int | None = None,
-              channels: int | None = None, strict: bool = False, seed: int = 0, **kwargs
-              ) -> RetrievalData:
+@register_source("synthetic", arg="KEY=VAL,...", help="procedural class patterns generated in memory (no files)")
+def synthetic(
+    arg: str | None,
+    *,
+    protocol: str = "closed",
+    image_size: int | None = None,
+    channels: int | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    **kwargs,
+) -> RetrievalData:
     """Deterministic smooth-pattern classes with shift/warp/noise nuisances."""
     opts = dict(DEFAULTS)
     for key, val in kwargs.items():
@@ -137,8 +158,10 @@ def synthetic(arg: str | None, *, protocol: str = "closed", image_size: int | No
     if ch not in (1, 3):
         raise DataError(f"synthetic: channels must be 1 or 3, got {ch}")
     if size < 4 or k < 1 or n_train < 1 or n_test < 2 or shift < 0 or noise < 0 or difficulty < 0:
-        raise DataError(f"synthetic: need size >= 4, classes >= 1, train_per_class >= 1, "
-                        f"test_per_class >= 2 and non-negative shift/noise/difficulty; got {opts}")
+        raise DataError(
+            f"synthetic: need size >= 4, classes >= 1, train_per_class >= 1, "
+            f"test_per_class >= 2 and non-negative shift/noise/difficulty; got {opts}"
+        )
     if protocol == "open" and k < 2:
         raise DataError("synthetic: the open protocol needs classes >= 2")
 

@@ -30,8 +30,14 @@ register_backend("faiss", "hvs.index.faiss_backend:FaissGalleryIndex")
 register_backend("milvus", "hvs.index.milvus_backend:MilvusGalleryIndex")
 
 
-def open_index(spec: str | os.PathLike, *, create: bool = False, dim: int | None = None, factory: str = "Flat",
-               meta: dict | None = None) -> GalleryIndex:
+def open_index(
+    spec: str | os.PathLike,
+    *,
+    create: bool = False,
+    dim: int | None = None,
+    factory: str = "Flat",
+    meta: dict | None = None,
+) -> GalleryIndex:
     """Open the gallery index at ``spec`` (``faiss:DIR``, a bare ``DIR`` meaning the same, or ``milvus:URI``).
 
     With ``create=True`` a new, empty index is made (``dim`` required; ``factory`` is a FAISS

@@ -41,19 +41,33 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
 from ..errors import HVSError
 
 METRIC = "ip"
 # Keys hvs writes into the sidecar itself; a caller's ``meta`` may repeat them only with the
 # same value (e.g. a config that records dim), never override them.
-RESERVED_META = ("format", "backend", "dim", "metric", "normalised", "factory", "count", "next_id",
-                 "created", "updated", "hvs_version", "search_params")
+RESERVED_META = (
+    "format",
+    "backend",
+    "dim",
+    "metric",
+    "normalised",
+    "factory",
+    "count",
+    "next_id",
+    "created",
+    "updated",
+    "hvs_version",
+    "search_params",
+)
 MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
-MAX_ID = 2 ** 63 - 1  # ids are int64; -1 is the padding id, so 0 .. MAX_ID
+MAX_ID = 2**63 - 1  # ids are int64; -1 is the padding id, so 0 .. MAX_ID
 # Columns of -1/-inf padding a search may return beyond what the index holds (see the module
 # docstring): enough for any fixed-k batch a caller stacks, small enough that k = 10**9 is free.
 MAX_PADDED_K = 1024
@@ -69,6 +83,7 @@ class IndexStoreError(HVSError):
 def hvs_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("hvs")
     except Exception:  # not installed (running from a checkout)
         return str(getattr(sys.modules.get("hvs"), "__version__", "0+unknown"))
@@ -131,7 +146,7 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     return prefix, rest
 
 
-def backend_class(prefix: str) -> type["GalleryIndex"]:
+def backend_class(prefix: str) -> type[GalleryIndex]:
     module, _, name = _BACKENDS[prefix].partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -167,8 +182,10 @@ def l2_normalise(x: np.ndarray, what: str) -> np.ndarray:
 
 
 def _id_range_error(value: Any, what: str) -> IndexStoreError:
-    return IndexStoreError(f"{what[:-1] if what.endswith('s') else what} {value} is out of range: "
-                           f"ids are integers from 0 to {MAX_ID} (int64)")
+    return IndexStoreError(
+        f"{what[:-1] if what.endswith('s') else what} {value} is out of range: "
+        f"ids are integers from 0 to {MAX_ID} (int64)"
+    )
 
 
 def as_ids(ids: Any, n: int | None = None, what: str = "ids") -> np.ndarray:
@@ -276,8 +293,9 @@ def check_meta(meta: Any, where: str) -> dict:
     if not isinstance(meta["dim"], int) or meta["dim"] < 1:
         raise IndexStoreError(f"{where}: sidecar dim {meta['dim']!r} is not a positive integer")
     if meta["metric"] != METRIC or meta.get("normalised") is not True:
-        raise IndexStoreError(f"{where}: sidecar metric {meta['metric']!r}/normalised "
-                              f"{meta.get('normalised')!r} is not 'ip'/true")
+        raise IndexStoreError(
+            f"{where}: sidecar metric {meta['metric']!r}/normalised {meta.get('normalised')!r} is not 'ip'/true"
+        )
     if not isinstance(meta["count"], int) or not isinstance(meta["next_id"], int):
         raise IndexStoreError(f"{where}: sidecar count/next_id are not integers")
     return meta
@@ -307,13 +325,19 @@ class GalleryIndex(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def open(cls, location: str) -> "GalleryIndex":
+    def open(cls, location: str) -> GalleryIndex:
         """Open an existing index, validating it; raise IndexStoreError if missing or corrupt."""
 
     @classmethod
     @abc.abstractmethod
-    def create(cls, location: str, dim: int, factory: str, meta: dict | None,
-               initial: tuple[np.ndarray, np.ndarray, list, list] | None = None) -> "GalleryIndex":
+    def create(
+        cls,
+        location: str,
+        dim: int,
+        factory: str,
+        meta: dict | None,
+        initial: tuple[np.ndarray, np.ndarray, list, list] | None = None,
+    ) -> GalleryIndex:
         """Create a new index; ``initial`` = (vectors, ids, labels, sources) written in one step."""
 
     # -- the interface ------------------------------------------------------------------------------
@@ -323,8 +347,13 @@ class GalleryIndex(abc.ABC):
         """A copy of the sidecar."""
 
     @abc.abstractmethod
-    def add(self, embeddings: np.ndarray, ids: np.ndarray | None = None,
-            labels: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> np.ndarray:
+    def add(
+        self,
+        embeddings: np.ndarray,
+        ids: np.ndarray | None = None,
+        labels: Sequence[str] | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> np.ndarray:
         """Add (n, dim) embeddings (L2-normalised here); return their int64 ids.
 
         Ids are assigned from the sidecar's ``next_id`` when not given; an id already in the
@@ -384,8 +413,9 @@ class GalleryIndex(abc.ABC):
         """Where images added through the service are kept for this index (None: no default)."""
         return None
 
-    def remove_with_uploads(self, ids: Sequence[int] | np.ndarray,
-                            uploads_dir: str | os.PathLike | None = None) -> tuple[int, list[str]]:
+    def remove_with_uploads(
+        self, ids: Sequence[int] | np.ndarray, uploads_dir: str | os.PathLike | None = None
+    ) -> tuple[int, list[str]]:
         """:meth:`remove`, then delete the uploaded image files those items owned.
 
         A removed item whose ``source`` is a file inside ``uploads_dir`` (default
@@ -430,10 +460,9 @@ class GalleryIndex(abc.ABC):
 
     def info(self) -> dict:
         """A JSON-able summary: spec, backend, count, and the sidecar."""
-        return {"spec": self.spec, "backend": self.prefix, "count": len(self), "dim": self.dim,
-                "meta": self.meta}
+        return {"spec": self.spec, "backend": self.prefix, "count": len(self), "dim": self.dim, "meta": self.meta}
 
-    def __enter__(self) -> "GalleryIndex":
+    def __enter__(self) -> GalleryIndex:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -445,7 +474,6 @@ class GalleryIndex(abc.ABC):
         except Exception:
             n = "?"
         return f"{type(self).__name__}({self.spec!r}, dim={self.dim}, count={n})"
-
 
 
 def _inside(path: str, root: Path) -> bool:

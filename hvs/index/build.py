@@ -34,8 +34,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,10 @@ class _Images:
         self.n, self.batch_size, self.images = n, batch_size, images
         if hasattr(images, "shape"):  # one (N, C, H, W) tensor
             if len(images.shape) != 4 or str(getattr(images, "dtype", "")) not in ("torch.uint8", "uint8"):
-                raise IndexStoreError(f"images must be a uint8 (N, C, H, W) tensor, got "
-                                      f"{getattr(images, 'dtype', '?')} {tuple(images.shape)}")
+                raise IndexStoreError(
+                    f"images must be a uint8 (N, C, H, W) tensor, got "
+                    f"{getattr(images, 'dtype', '?')} {tuple(images.shape)}"
+                )
             self.mode = "tensor"
         elif hasattr(images, "__len__") and hasattr(images, "__getitem__"):
             # A Dataset-like sequence of (C, H, W) items (or (item, label) pairs), unless its
@@ -104,11 +107,13 @@ class _Images:
         if self.mode == "tensor":
             return self.images[start:stop]
         import torch
+
         return torch.stack([torch.as_tensor(_first(self.images[i])) for i in range(start, stop)])
 
     def _pull(self, m: int):
         """Next ``m`` items of a loader as one tensor (batches may straddle the boundary)."""
         import torch
+
         parts, have = [], 0
         while have < m:
             if self._buffer is None:
@@ -147,8 +152,9 @@ def _sums_path(work: Path, i: int) -> Path:
 def _seal_shard(work: Path, i: int) -> None:
     """Record the shard's files' SHA-256 (read back from disk); the record marks it finished."""
     vec_path, ids_path = _shard_paths(work, i)
-    atomic_write_json(_sums_path(work, i), {"algorithm": "sha256", "vectors": sha256_file(vec_path),
-                                            "ids": sha256_file(ids_path)})
+    atomic_write_json(
+        _sums_path(work, i), {"algorithm": "sha256", "vectors": sha256_file(vec_path), "ids": sha256_file(ids_path)}
+    )
 
 
 def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
@@ -168,9 +174,15 @@ def _load_shard(work: Path, i: int, start: int, stop: int, dim: int | None):
         vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
     except Exception:
         return None
-    ok = (ids.dtype == np.int64 and ids.ndim == 1 and vectors.dtype == np.float32 and vectors.ndim == 2
-          and vectors.shape[0] == ids.shape[0] and (dim is None or vectors.shape[1] == dim)
-          and (ids.size == 0 or (ids.min() >= start and ids.max() < stop)))
+    ok = (
+        ids.dtype == np.int64
+        and ids.ndim == 1
+        and vectors.dtype == np.float32
+        and vectors.ndim == 2
+        and vectors.shape[0] == ids.shape[0]
+        and (dim is None or vectors.shape[1] == dim)
+        and (ids.size == 0 or (ids.min() >= start and ids.max() < stop))
+    )
     if ok and vectors.size and not np.isfinite(vectors).all():
         ok = False
     return (vectors, ids) if ok else None
@@ -187,11 +199,22 @@ def _dim_hint(meta: dict) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence[str] | None,
-                embed_fn: Callable[[Any], np.ndarray], *, factory: str = "Flat", meta: dict,
-                batch_size: int = 256, shard_size: int = 4096, work_dir: str | os.PathLike | None = None,
-                progress: bool = True, skip_bad: bool = False,
-                only_shards: Iterable[int] | None = None) -> GalleryIndex | None:
+def build_index(
+    spec: str,
+    images: Any,
+    labels: Sequence[str],
+    sources: Sequence[str] | None,
+    embed_fn: Callable[[Any], np.ndarray],
+    *,
+    factory: str = "Flat",
+    meta: dict,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    skip_bad: bool = False,
+    only_shards: Iterable[int] | None = None,
+) -> GalleryIndex | None:
     """Embed a gallery with ``embed_fn`` and write it as a new index at ``spec``; resumable.
 
     ``images``: a uint8 (N, C, H, W) tensor, a sequence of (C, H, W) uint8 tensors, or an iterable
@@ -231,9 +254,14 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
 
     work = Path(work_dir) if work_dir is not None else default_work_dir(prefix, location)
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    manifest = {"format": MANIFEST_FORMAT, "n": n, "shard_size": shard_size, "sources": _sha(sources),
-                "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
-                "data": _sha([data.get(key) for key in ("spec", "split", "protocol")])}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "n": n,
+        "shard_size": shard_size,
+        "sources": _sha(sources),
+        "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
+        "data": _sha([data.get(key) for key in ("spec", "split", "protocol")]),
+    }
     made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
     manifest_path = work / MANIFEST
     dim = None
@@ -250,13 +278,22 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
             recorded = old.get("made_by") if isinstance(old.get("made_by"), dict) else {}
             if "model" in diff and (recorded.get("gallery_model") or {}).get("fingerprint"):
                 # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
-                check_pair(QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
-                           GallerySide.of_index_meta(recorded), same_model=True,
-                           remedy=f"delete {work} to start over")
-            what = {"n": "item count", "shard_size": "shard size", "sources": "gallery items",
-                    "model": "gallery model or preprocessing", "data": "data spec/split/protocol"}[diff[0]]
-            raise IndexStoreError(f"the shards in {work} belong to a different build (another {what}); "
-                                  f"delete {work} to start over")
+                check_pair(
+                    QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
+                    GallerySide.of_index_meta(recorded),
+                    same_model=True,
+                    remedy=f"delete {work} to start over",
+                )
+            what = {
+                "n": "item count",
+                "shard_size": "shard size",
+                "sources": "gallery items",
+                "model": "gallery model or preprocessing",
+                "data": "data spec/split/protocol",
+            }[diff[0]]
+            raise IndexStoreError(
+                f"the shards in {work} belong to a different build (another {what}); delete {work} to start over"
+            )
         else:  # nothing reusable there (no finished shard, or an older format without checksums)
             shutil.rmtree(work / "shards", ignore_errors=True)
             shutil.rmtree(work / "checksums", ignore_errors=True)
@@ -272,14 +309,27 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
 
     n_shards = math.ceil(n / shard_size)
     wanted = None if only_shards is None else set(only_shards)
-    report = {"n_items": n, "n_shards": n_shards, "shard_size": shard_size, "n_embedded": 0,
-              "n_reused_shards": 0, "n_reused_items": 0, "n_skipped": 0, "skipped": []}
+    report = {
+        "n_items": n,
+        "n_shards": n_shards,
+        "shard_size": shard_size,
+        "n_embedded": 0,
+        "n_reused_shards": 0,
+        "n_reused_items": 0,
+        "n_skipped": 0,
+        "skipped": [],
+    }
     done = [_load_shard(work, i, i * shard_size, min(n, (i + 1) * shard_size), dim) for i in range(n_shards)]
     mine = [i for i in range(n_shards) if wanted is None or i in wanted]
     size = {i: min(n, (i + 1) * shard_size) - i * shard_size for i in mine}
     reused_items = sum(size[i] for i in mine if done[i] is not None)
-    bar = tqdm(total=sum(size.values()), initial=reused_items, disable=not progress, desc=f"embed gallery -> {spec}",
-               unit="img")
+    bar = tqdm(
+        total=sum(size.values()),
+        initial=reused_items,
+        disable=not progress,
+        desc=f"embed gallery -> {spec}",
+        unit="img",
+    )
     try:
         for i in range(n_shards):
             start, stop = i * shard_size, min(n, (i + 1) * shard_size)
@@ -290,7 +340,7 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                     report["n_reused_items"] += stop - start
                 continue
             parts = []
-            for s, batch in source.batches(start, stop):
+            for _, batch in source.batches(start, stop):
                 out = embed_fn(batch)
                 if hasattr(out, "detach"):
                     out = out.detach().cpu().numpy()
@@ -302,7 +352,9 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
                     cls.check_factory(dim, factory, n)  # after one batch when meta gave no dim
                     _write_manifest(manifest_path, dict(manifest, made_by=made_by, dim=dim))
                 elif out.shape[1] != dim:
-                    raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}")
+                    raise IndexStoreError(
+                        f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}"
+                    )
                 parts.append(out)
                 report["n_embedded"] += len(out)
                 bar.update(len(out))
@@ -312,9 +364,11 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
             if not good.all():
                 first = int(ids[~good][0])
                 if not skip_bad:
-                    raise IndexStoreError(f"embedding of item {first} ({sources[first] or labels[first]}) is NaN, "
-                                          "inf or zero: is the gallery model broken, or this image? (fix or "
-                                          "drop it from the data, then rerun: finished shards are kept)")
+                    raise IndexStoreError(
+                        f"embedding of item {first} ({sources[first] or labels[first]}) is NaN, "
+                        "inf or zero: is the gallery model broken, or this image? (fix or "
+                        "drop it from the data, then rerun: finished shards are kept)"
+                    )
                 vectors, ids = vectors[good], ids[good]
             vec_path, ids_path = _shard_paths(work, i)
             _save_atomic(vec_path, vectors)
@@ -337,7 +391,8 @@ def build_index(spec: str, images: Any, labels: Sequence[str], sources: Sequence
     vectors = np.concatenate([np.asarray(d[0], dtype=np.float32) for d in done])
     index_labels = [labels[j] for j in ids.tolist()]
     index_sources = [sources[j] for j in ids.tolist()]
-    index = cls.create(location, dim, factory, dict(meta, build_report=report),
-                       initial=(vectors, ids, index_labels, index_sources))
+    index = cls.create(
+        location, dim, factory, dict(meta, build_report=report), initial=(vectors, ids, index_labels, index_sources)
+    )
     shutil.rmtree(work, ignore_errors=True)
     return index

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +39,22 @@ from .base import GalleryIndex
 from .build import build_index
 
 
-def build_index_distributed(spec: str, images: Any, labels: Sequence[str], sources: Sequence[str] | None,
-                            embed_fn: Callable[[Any], np.ndarray], *, factory: str = "Flat", meta: dict,
-                            batch_size: int = 256, shard_size: int = 4096,
-                            work_dir: str | os.PathLike | None = None, progress: bool = True,
-                            skip_bad: bool = False, timeout_s: float = 24 * 3600) -> GalleryIndex | None:
+def build_index_distributed(
+    spec: str,
+    images: Any,
+    labels: Sequence[str],
+    sources: Sequence[str] | None,
+    embed_fn: Callable[[Any], np.ndarray],
+    *,
+    factory: str = "Flat",
+    meta: dict,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    skip_bad: bool = False,
+    timeout_s: float = 24 * 3600,
+) -> GalleryIndex | None:
     """:func:`hvs.index.build_index` with the embedding spread over torchrun's processes.
 
     Every rank passes the same arguments (each holds the whole gallery, embeds only its shards).
@@ -50,31 +62,48 @@ def build_index_distributed(spec: str, images: Any, labels: Sequence[str], sourc
     any rank raises on every rank. Joins the process group if torchrun launched this and none
     exists yet (gloo: only barriers and small objects travel, ``embed_fn`` may still use a GPU;
     ``timeout_s`` is how long a rank then waits for the slowest one)."""
-    kwargs = dict(factory=factory, meta=meta, batch_size=batch_size, shard_size=shard_size, work_dir=work_dir,
-                  skip_bad=skip_bad)
+    kwargs = dict(
+        factory=factory, meta=meta, batch_size=batch_size, shard_size=shard_size, work_dir=work_dir, skip_bad=skip_bad
+    )
     dist.init(backend="gloo", timeout_s=timeout_s)
     world, rank = dist.world_size(), dist.rank()
     if world == 1:
         return build_index(spec, images, labels, sources, embed_fn, progress=progress, **kwargs)
     n_shards = math.ceil(len(labels) / shard_size) if shard_size > 0 else 0
     # 1. rank 0 alone checks the job and writes the manifest (concurrent first writes would race)
-    dist.run_together(lambda: build_index(spec, images, labels, sources, embed_fn, progress=False,
-                                          only_shards=(), **kwargs), only_main=True)
+    dist.run_together(
+        lambda: build_index(spec, images, labels, sources, embed_fn, progress=False, only_shards=(), **kwargs),
+        only_main=True,
+    )
     # 2. every rank embeds its round-robin share of the shards
     mine = range(rank, n_shards, world)
-    dist.run_together(lambda: build_index(spec, images, labels, sources, embed_fn,
-                                          progress=progress and rank == 0, only_shards=mine, **kwargs))
+    dist.run_together(
+        lambda: build_index(
+            spec, images, labels, sources, embed_fn, progress=progress and rank == 0, only_shards=mine, **kwargs
+        )
+    )
     # 3. rank 0 finds every shard finished and writes the index
     merged = dict(kwargs, meta=dict(meta, distributed_build={"world_size": world, "n_shards": n_shards}))
-    index = dist.run_together(lambda: build_index(spec, images, labels, sources, embed_fn, progress=False,
-                                                  **merged), only_main=True)
+    index = dist.run_together(
+        lambda: build_index(spec, images, labels, sources, embed_fn, progress=False, **merged), only_main=True
+    )
     return index if rank == 0 else None
 
 
-def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str, out: str, *,
-                                    split: str = "gallery", factory: str = "Flat", protocol: str = "closed",
-                                    batch_size: int = 256, shard_size: int = 4096, progress: bool = True,
-                                    strict: bool = False, device: str = "auto") -> GalleryIndex | None:
+def build_gallery_index_distributed(
+    gallery_model: str | os.PathLike,
+    data: str,
+    out: str,
+    *,
+    split: str = "gallery",
+    factory: str = "Flat",
+    protocol: str = "closed",
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    progress: bool = True,
+    strict: bool = False,
+    device: str = "auto",
+) -> GalleryIndex | None:
     """:func:`hvs.search.build_gallery_index` on torchrun's processes (same arguments and result).
 
     ``device``: ``auto`` embeds on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU
@@ -82,8 +111,9 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
     from ..embed import embed_images, normalize_images
     from ..search import gallery_inputs
 
-    model, card, images, labels, sources, meta = gallery_inputs(gallery_model, data, split=split,
-                                                                protocol=protocol, strict=strict)
+    model, card, images, labels, sources, meta = gallery_inputs(
+        gallery_model, data, split=split, protocol=protocol, strict=strict
+    )
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +122,7 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
     target = torch.device("cuda", dist.env_info().local_rank) if device == "cuda" else torch.device("cpu")
 
     if target.type == "cpu":
+
         def embed_fn(batch: torch.Tensor) -> np.ndarray:  # the single-process path, bit for bit
             return embed_images(model, batch, card.mean, card.std, batch_size).numpy()
     else:
@@ -102,8 +133,18 @@ def build_gallery_index_distributed(gallery_model: str | os.PathLike, data: str,
             x = normalize_images(batch, card.mean, card.std).to(target, non_blocking=True)
             return model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
 
-    return build_index_distributed(out, images, labels, sources, embed_fn, factory=factory, meta=meta,
-                                   batch_size=batch_size, shard_size=shard_size, progress=progress)
+    return build_index_distributed(
+        out,
+        images,
+        labels,
+        sources,
+        embed_fn,
+        factory=factory,
+        meta=meta,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        progress=progress,
+    )
 
 
 __all__ = ["build_gallery_index_distributed", "build_index_distributed"]

@@ -58,15 +58,27 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ..errors import HVSWarning
-from .base import (METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts,
-                   check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso, one_line,
-                   sha256_file)
+from .base import (
+    METRIC,
+    GalleryIndex,
+    IndexStoreError,
+    as_ids,
+    as_matrix,
+    as_texts,
+    check_meta,
+    check_new_ids,
+    hvs_version,
+    merge_user_meta,
+    now_iso,
+    one_line,
+    sha256_file,
+)
 from .base import fsync_path as _fsync_path
 
 FORMAT = "hvs-faiss-index/1"
@@ -80,6 +92,7 @@ FACTORY_EXAMPLES = "Flat, HNSW32, IVF64,Flat, IVF16,PQ8"
 
 def _faiss():
     import faiss  # a core dependency; imported here so that `import hvs.index` stays cheap
+
     return faiss
 
 
@@ -91,13 +104,15 @@ def make_index(dim: int, factory: str):
     if not isinstance(factory, str) or not factory.strip():
         raise IndexStoreError(f"FAISS factory must be a non-empty string like {FACTORY_EXAMPLES}")
     if "IDMap" in factory:
-        raise IndexStoreError(f"FAISS factory {factory!r}: drop the IDMap prefix, hvs wraps every index "
-                              "in IndexIDMap2 itself")
+        raise IndexStoreError(
+            f"FAISS factory {factory!r}: drop the IDMap prefix, hvs wraps every index in IndexIDMap2 itself"
+        )
     try:
         inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except Exception as e:  # faiss raises RuntimeError with the C++ location in the message
-        raise IndexStoreError(f"unknown or invalid FAISS factory {factory!r} for dim {dim} ({one_line(e)}); "
-                              f"examples: {FACTORY_EXAMPLES}") from None
+        raise IndexStoreError(
+            f"unknown or invalid FAISS factory {factory!r} for dim {dim} ({one_line(e)}); examples: {FACTORY_EXAMPLES}"
+        ) from None
     if inner.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexStoreError(f"FAISS factory {factory!r} does not support the inner-product metric")
     # index_factory turns on polysemous training for PQ codes: a simulated-annealing pass that
@@ -138,7 +153,7 @@ def default_search_params(index) -> dict:
         nlist = int(faiss.extract_index_ivf(index).nlist)
         # ~sqrt(nlist) lists, at least 8: recall@10 above 0.9 on typical embeddings, still
         # touching a small fraction of the gallery for large nlist.
-        params["nprobe"] = min(nlist, max(8, int(round(nlist ** 0.5))))
+        params["nprobe"] = min(nlist, max(8, int(round(nlist**0.5))))
     except RuntimeError:
         pass
     if _hnsw_of(index) is not None:
@@ -177,9 +192,11 @@ def training_need(dim: int, factory: str, n: int) -> None:
         return
     need = min_train_size(index)
     if n < need:
-        raise IndexStoreError(f"FAISS factory {factory!r} needs at least {need} vectors to train, got {n}: "
-                              f"use a factory with fewer lists or codes (Flat, HNSW32, IVF{max(1, n // 39)},Flat) "
-                              "or index more items")
+        raise IndexStoreError(
+            f"FAISS factory {factory!r} needs at least {need} vectors to train, got {n}: "
+            f"use a factory with fewer lists or codes (Flat, HNSW32, IVF{max(1, n // 39)},Flat) "
+            "or index more items"
+        )
 
 
 def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
@@ -187,17 +204,21 @@ def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
         return
     need = min_train_size(index)
     if len(vectors) < need:
-        raise IndexStoreError(f"FAISS factory {factory!r} needs at least {need} vectors to train, got "
-                              f"{len(vectors)}: add at least {need} in the first write, or use 'Flat'")
+        raise IndexStoreError(
+            f"FAISS factory {factory!r} needs at least {need} vectors to train, got "
+            f"{len(vectors)}: add at least {need} in the first write, or use 'Flat'"
+        )
     try:
         index.train(vectors)
     except RuntimeError as e:
         m = re.search(r"Number of training points \((\d+)\).*clusters \((\d+)\)", str(e))
         if m:
-            raise IndexStoreError(f"FAISS factory {factory!r} needs at least {m.group(2)} vectors to train, "
-                                  f"got {m.group(1)}") from None
-        raise IndexStoreError(f"training FAISS index {factory!r} on {len(vectors)} vectors failed: "
-                              f"{one_line(e)}") from None
+            raise IndexStoreError(
+                f"FAISS factory {factory!r} needs at least {m.group(2)} vectors to train, got {m.group(1)}"
+            ) from None
+        raise IndexStoreError(
+            f"training FAISS index {factory!r} on {len(vectors)} vectors failed: {one_line(e)}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +253,15 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _write_checksums(vdir: Path) -> None:
     """Record size and SHA-256 of every file of a version (read back from disk: what was written)."""
-    _write_json(vdir / CHECKSUMS, {"algorithm": "sha256", "files": {
-        name: {"sha256": sha256_file(vdir / name), "bytes": (vdir / name).stat().st_size} for name in FILES}})
+    _write_json(
+        vdir / CHECKSUMS,
+        {
+            "algorithm": "sha256",
+            "files": {
+                name: {"sha256": sha256_file(vdir / name), "bytes": (vdir / name).stat().st_size} for name in FILES
+            },
+        },
+    )
 
 
 def _read_checksums(vdir: Path, where: str) -> dict | None:
@@ -245,11 +273,13 @@ def _read_checksums(vdir: Path, where: str) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         sums = record["files"]
         if record.get("algorithm") != "sha256" or not all(
-                isinstance(sums[name]["sha256"], str) and isinstance(sums[name]["bytes"], int) for name in FILES):
+            isinstance(sums[name]["sha256"], str) and isinstance(sums[name]["bytes"], int) for name in FILES
+        ):
             raise KeyError("algorithm")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise IndexStoreError(f"{where}: {vdir.name}/{CHECKSUMS} is corrupt (not a sha256 list of the "
-                              f"version's files)") from None
+        raise IndexStoreError(
+            f"{where}: {vdir.name}/{CHECKSUMS} is corrupt (not a sha256 list of the version's files)"
+        ) from None
     return sums
 
 
@@ -260,23 +290,29 @@ def _verify(vdir: Path, name: str, sums: dict | None, where: str) -> None:
         return
     size, want = (vdir / name).stat().st_size, sums[name]
     if size != want["bytes"]:
-        raise IndexStoreError(f"{where}: {vdir.name}/{name} is unreadable: {size} bytes where {CHECKSUMS} "
-                              f"records {want['bytes']} (truncated or replaced file)")
+        raise IndexStoreError(
+            f"{where}: {vdir.name}/{name} is unreadable: {size} bytes where {CHECKSUMS} "
+            f"records {want['bytes']} (truncated or replaced file)"
+        )
     if sha256_file(vdir / name) != want["sha256"]:
-        raise IndexStoreError(f"{where}: {vdir.name}/{name} is corrupt: its SHA-256 does not match "
-                              f"{CHECKSUMS} (restore the folder from a backup or rebuild the index)")
+        raise IndexStoreError(
+            f"{where}: {vdir.name}/{name} is corrupt: its SHA-256 does not match "
+            f"{CHECKSUMS} (restore the folder from a backup or rebuild the index)"
+        )
 
 
 def _check_unit_rows(vectors: np.ndarray, vec_ids: np.ndarray, where: str, version: str) -> None:
     """Every stored vector is finite with norm 1 (they are L2-normalised on add): catches NaN,
     inf and overwritten rows in a version that has no checksums to catch them."""
     for start in range(0, len(vectors), 65536):  # chunked: vectors.npy is memory-mapped
-        norms = np.linalg.norm(np.asarray(vectors[start:start + 65536], dtype=np.float64), axis=1)
+        norms = np.linalg.norm(np.asarray(vectors[start : start + 65536], dtype=np.float64), axis=1)
         bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_TOLERANCE))  # NaN compares False
         if bad.size:
             row = start + int(bad[0])
-            raise IndexStoreError(f"{where}: {version}/vectors.npy row {row} (id {int(vec_ids[row])}) is not a "
-                                  f"finite unit vector (norm {norms[bad[0]]:.4g}): the file is corrupt")
+            raise IndexStoreError(
+                f"{where}: {version}/vectors.npy row {row} (id {int(vec_ids[row])}) is not a "
+                f"finite unit vector (norm {norms[bad[0]]:.4g}): the file is corrupt"
+            )
 
 
 _WARNED_LEGACY: set[tuple[str, str]] = set()
@@ -286,8 +322,12 @@ def _warn_legacy(root: Path, version: str) -> None:
     key = (str(root), version)
     if key not in _WARNED_LEGACY:
         _WARNED_LEGACY.add(key)
-        warnings.warn(f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
-                      "value-checked only; the next write to the index records checksums", HVSWarning, stacklevel=3)
+        warnings.warn(
+            f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
+            "value-checked only; the next write to the index records checksums",
+            HVSWarning,
+            stacklevel=3,
+        )
 
 
 def _write_current(root: Path, version: str) -> None:
@@ -324,8 +364,7 @@ def _read_current(root: Path) -> str | None:
 class _State:
     """One loaded (or about to be written) version: the FAISS index plus what rebuilds need."""
 
-    def __init__(self, index, meta: dict, vectors: np.ndarray, vec_ids: np.ndarray,
-                 labels: list, sources: list):
+    def __init__(self, index, meta: dict, vectors: np.ndarray, vec_ids: np.ndarray, labels: list, sources: list):
         self.index, self.meta = index, meta
         self.vectors, self.vec_ids, self.labels, self.sources = vectors, vec_ids, labels, sources
         self._row_of: dict[int, int] | None = None
@@ -377,8 +416,9 @@ def _load_version(root: Path, version: str) -> _State:
     if vec_ids.shape != (count,) or vec_ids.dtype != np.int64:
         raise IndexStoreError(f"{where}: vector_ids.npy is {vec_ids.dtype} {vec_ids.shape}, expected int64 ({count},)")
     if vectors.shape != (count, dim) or vectors.dtype != np.float32:
-        raise IndexStoreError(f"{where}: vectors.npy is {vectors.dtype} {vectors.shape}, "
-                              f"expected float32 ({count}, {dim})")
+        raise IndexStoreError(
+            f"{where}: vectors.npy is {vectors.dtype} {vectors.shape}, expected float32 ({count}, {dim})"
+        )
     faiss_ids = faiss.vector_to_array(index.id_map)
     if not np.array_equal(np.sort(faiss_ids), np.sort(vec_ids)):
         raise IndexStoreError(f"{where}: ids in index.faiss and vector_ids.npy differ")
@@ -428,8 +468,11 @@ class FaissGalleryIndex(GalleryIndex):
         if root.exists() and not root.is_dir():
             raise IndexStoreError(f"cannot create index {root}: it is a file, not a folder")
         if root.is_dir():
-            foreign = [p.name for p in root.iterdir()
-                       if p.name != LOCK_NAME and not p.name.startswith(".") and not _VERSION_RE.match(p.name)]
+            foreign = [
+                p.name
+                for p in root.iterdir()
+                if p.name != LOCK_NAME and not p.name.startswith(".") and not _VERSION_RE.match(p.name)
+            ]
             if foreign:
                 raise IndexStoreError(f"cannot create index {root}: folder is not empty ({foreign[0]}, ...)")
 
@@ -455,11 +498,12 @@ class FaissGalleryIndex(GalleryIndex):
         raise IndexStoreError(f"index {root} kept changing while being opened; try again")
 
     @classmethod
-    def open(cls, location: str) -> "FaissGalleryIndex":
+    def open(cls, location: str) -> FaissGalleryIndex:
         root = Path(location)
         if not root.is_dir():
-            raise IndexStoreError(f"no index at {root} (missing folder); build one first "
-                                  f"(hvs index build --out faiss:{root})")
+            raise IndexStoreError(
+                f"no index at {root} (missing folder); build one first (hvs index build --out faiss:{root})"
+            )
         version, state, key = cls._load_current(root)
         self = cls(root, version, state)
         self._current_key = key
@@ -482,8 +526,10 @@ class FaissGalleryIndex(GalleryIndex):
             return False
         version, state, key = self._load_current(self.root)
         if int(state.meta["dim"]) != self.dim:
-            raise IndexStoreError(f"index {self.root} was replaced by one of dim {state.meta['dim']} "
-                                  f"(this one has dim {self.dim}); reopen it")
+            raise IndexStoreError(
+                f"index {self.root} was replaced by one of dim {state.meta['dim']} "
+                f"(this one has dim {self.dim}); reopen it"
+            )
         self._version, self._state, self._current_key = version, state, key
         return True
 
@@ -491,8 +537,9 @@ class FaissGalleryIndex(GalleryIndex):
         return self.root / "uploads"  # travels with the index folder
 
     @classmethod
-    def create(cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None,
-               initial=None) -> "FaissGalleryIndex":
+    def create(
+        cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None, initial=None
+    ) -> FaissGalleryIndex:
         root = Path(location)
         cls.check_creatable(location)
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
@@ -504,11 +551,23 @@ class FaissGalleryIndex(GalleryIndex):
         search_params = default_search_params(index) if search_params is None else dict(search_params)
         apply_search_params(index, search_params)
         stamp = now_iso()
-        sidecar = merge_user_meta({
-            "format": FORMAT, "backend": "faiss", "dim": dim, "metric": METRIC, "normalised": True,
-            "factory": factory, "count": 0, "next_id": 0, "created": stamp, "updated": stamp,
-            "hvs_version": hvs_version(), "search_params": search_params,
-        }, user)
+        sidecar = merge_user_meta(
+            {
+                "format": FORMAT,
+                "backend": "faiss",
+                "dim": dim,
+                "metric": METRIC,
+                "normalised": True,
+                "factory": factory,
+                "count": 0,
+                "next_id": 0,
+                "created": stamp,
+                "updated": stamp,
+                "hvs_version": hvs_version(),
+                "search_params": search_params,
+            },
+            user,
+        )
         root.mkdir(parents=True, exist_ok=True)
         state = _State(index, sidecar, np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [], [])
         self = cls(root, "", state)
@@ -625,14 +684,23 @@ class FaissGalleryIndex(GalleryIndex):
                 return new
             clash = new[np.isin(new, s.vec_ids)]
             if clash.size:
-                raise IndexStoreError(f"id {int(clash[0])} is already in index {self.root} "
-                                      f"({clash.size} duplicate(s)); remove it first")
+                raise IndexStoreError(
+                    f"id {int(clash[0])} is already in index {self.root} ({clash.size} duplicate(s)); remove it first"
+                )
             self._dirty = True
             train_if_needed(s.index, x, s.meta["factory"])
             s.index.add_with_ids(x, new)
             meta = dict(s.meta, next_id=max(int(s.meta["next_id"]), int(new.max()) + 1))
-            self._commit(_State(s.index, meta, np.concatenate([s.vectors, x]), np.concatenate([s.vec_ids, new]),
-                                s.labels + labels, s.sources + sources))
+            self._commit(
+                _State(
+                    s.index,
+                    meta,
+                    np.concatenate([s.vectors, x]),
+                    np.concatenate([s.vec_ids, new]),
+                    s.labels + labels,
+                    s.sources + sources,
+                )
+            )
             return new
 
         return self._mutate(run)

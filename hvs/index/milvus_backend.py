@@ -40,9 +40,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (MAX_TEXT, METRIC, GalleryIndex, IndexStoreError, as_ids, as_matrix, as_texts,
-                   check_meta, check_new_ids, hvs_version, merge_user_meta, now_iso, one_line,
-                   padded)
+from .base import (
+    MAX_TEXT,
+    METRIC,
+    GalleryIndex,
+    IndexStoreError,
+    as_ids,
+    as_matrix,
+    as_texts,
+    check_meta,
+    check_new_ids,
+    hvs_version,
+    merge_user_meta,
+    now_iso,
+    one_line,
+    padded,
+)
 
 FORMAT = "hvs-milvus-index/1"
 DEFAULT_COLLECTION = "hvs_gallery"
@@ -72,8 +85,9 @@ def parse_location(location: str) -> tuple[str, str, bool]:
         return uri, collection, False
     if uri.endswith(".db"):
         return str(Path(uri)), collection, True
-    raise IndexStoreError(f"milvus URI {uri!r} must be a local file ending in .db (Milvus Lite) or "
-                          "http(s)://host:port of a Milvus server")
+    raise IndexStoreError(
+        f"milvus URI {uri!r} must be a local file ending in .db (Milvus Lite) or http(s)://host:port of a Milvus server"
+    )
 
 
 def _connect(uri: str, lite: bool):
@@ -85,8 +99,10 @@ def _connect(uri: str, lite: bool):
         return pymilvus.MilvusClient(uri=uri, **kwargs)
     except Exception as e:
         if lite:
-            raise IndexStoreError(f"cannot open Milvus Lite file {uri} ({one_line(e)}); is another process "
-                                  "using it? Milvus Lite allows one process per file") from None
+            raise IndexStoreError(
+                f"cannot open Milvus Lite file {uri} ({one_line(e)}); is another process "
+                "using it? Milvus Lite allows one process per file"
+            ) from None
         raise IndexStoreError(f"cannot connect to Milvus at {uri} ({one_line(e)})") from None
 
 
@@ -107,8 +123,10 @@ def _read_meta(client, collection: str, where: str) -> dict:
 
 
 def _write_meta(client, collection: str, meta: dict) -> None:
-    client.upsert(collection + META_SUFFIX,
-                  [{"id": 0, "vector": [0.0, 0.0], "json": json.dumps(meta, sort_keys=True, default=str)}])
+    client.upsert(
+        collection + META_SUFFIX,
+        [{"id": 0, "vector": [0.0, 0.0], "json": json.dumps(meta, sort_keys=True, default=str)}],
+    )
 
 
 class MilvusGalleryIndex(GalleryIndex):
@@ -132,25 +150,30 @@ class MilvusGalleryIndex(GalleryIndex):
         client = _connect(uri, lite)
         try:
             if client.has_collection(collection) or client.has_collection(collection + META_SUFFIX):
-                raise IndexStoreError(f"index milvus:{location} already exists (collection {collection}): "
-                                      "drop it first, or write to another collection (milvus:URI#name)")
+                raise IndexStoreError(
+                    f"index milvus:{location} already exists (collection {collection}): "
+                    "drop it first, or write to another collection (milvus:URI#name)"
+                )
         finally:
             client.close()
 
     @classmethod
     def check_factory(cls, dim: int, factory: str, n: int | None = None) -> None:
         if factory not in FACTORIES:
-            raise IndexStoreError(f"milvus backend supports factory {', '.join(map(repr, FACTORIES))} only, got "
-                                  f"{factory!r}; use faiss:DIR for HNSW/IVF/PQ indexes")
+            raise IndexStoreError(
+                f"milvus backend supports factory {', '.join(map(repr, FACTORIES))} only, got "
+                f"{factory!r}; use faiss:DIR for HNSW/IVF/PQ indexes"
+            )
 
     @classmethod
-    def open(cls, location: str) -> "MilvusGalleryIndex":
+    def open(cls, location: str) -> MilvusGalleryIndex:
         uri, collection, lite = parse_location(location)
         where = f"index milvus:{location}"
         _pymilvus()
         if lite and not Path(uri).exists():
-            raise IndexStoreError(f"no index at {where} (missing file {uri}); build one first "
-                                  f"(hvs index build --out milvus:{location})")
+            raise IndexStoreError(
+                f"no index at {where} (missing file {uri}); build one first (hvs index build --out milvus:{location})"
+            )
         client = _connect(uri, lite)
         try:
             if not client.has_collection(collection) or not client.has_collection(collection + META_SUFFIX):
@@ -166,16 +189,19 @@ class MilvusGalleryIndex(GalleryIndex):
                 raise IndexStoreError(f"{where}: sidecar says dim {meta['dim']} but the collection has dim {dim}")
             n = _count(client, collection)
             if n != meta["count"]:
-                raise IndexStoreError(f"{where}: sidecar says count {meta['count']} but the collection holds {n} "
-                                      "vectors (interrupted write?); hvs.index.milvus_backend.recount(spec) repairs it")
+                raise IndexStoreError(
+                    f"{where}: sidecar says count {meta['count']} but the collection holds {n} "
+                    "vectors (interrupted write?); hvs.index.milvus_backend.recount(spec) repairs it"
+                )
         except BaseException:
             client.close()
             raise
         return cls(client, uri, collection, meta)
 
     @classmethod
-    def create(cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None,
-               initial=None) -> "MilvusGalleryIndex":
+    def create(
+        cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None, initial=None
+    ) -> MilvusGalleryIndex:
         uri, collection, lite = parse_location(location)
         pymilvus = _pymilvus()
         cls.check_factory(dim, factory)
@@ -186,11 +212,24 @@ class MilvusGalleryIndex(GalleryIndex):
         user = dict(meta or {})
         user.pop("search_params", None)
         stamp = now_iso()
-        sidecar = merge_user_meta({
-            "format": FORMAT, "backend": "milvus", "dim": dim, "metric": METRIC, "normalised": True,
-            "factory": factory, "count": 0, "next_id": 0, "created": stamp, "updated": stamp,
-            "hvs_version": hvs_version(), "milvus_index": FACTORIES[factory], "collection": collection,
-        }, user)
+        sidecar = merge_user_meta(
+            {
+                "format": FORMAT,
+                "backend": "milvus",
+                "dim": dim,
+                "metric": METRIC,
+                "normalised": True,
+                "factory": factory,
+                "count": 0,
+                "next_id": 0,
+                "created": stamp,
+                "updated": stamp,
+                "hvs_version": hvs_version(),
+                "milvus_index": FACTORIES[factory],
+                "collection": collection,
+            },
+            user,
+        )
         if lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         client = _connect(uri, lite)
@@ -211,8 +250,9 @@ class MilvusGalleryIndex(GalleryIndex):
             mschema.add_field("json", DataType.VARCHAR, max_length=65535)
             mparams = client.prepare_index_params()
             mparams.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            client.create_collection(collection + META_SUFFIX, schema=mschema, index_params=mparams,
-                                     consistency_level="Strong")
+            client.create_collection(
+                collection + META_SUFFIX, schema=mschema, index_params=mparams, consistency_level="Strong"
+            )
             _write_meta(client, collection, sidecar)
             self = cls(client, uri, collection, sidecar)
             if initial is not None:
@@ -241,7 +281,7 @@ class MilvusGalleryIndex(GalleryIndex):
     def _existing(self, ids: np.ndarray) -> list[int]:
         found: list[int] = []
         for start in range(0, len(ids), CHUNK):
-            chunk = ids[start:start + CHUNK].tolist()
+            chunk = ids[start : start + CHUNK].tolist()
             found += [int(r["id"]) for r in self._client.get(self.collection, ids=chunk, output_fields=["id"])]
         return found
 
@@ -267,13 +307,17 @@ class MilvusGalleryIndex(GalleryIndex):
             return new
         clash = self._existing(new)
         if clash:
-            raise IndexStoreError(f"id {clash[0]} is already in index {self.spec} ({len(clash)} duplicate(s)); "
-                                  "remove it first")
+            raise IndexStoreError(
+                f"id {clash[0]} is already in index {self.spec} ({len(clash)} duplicate(s)); remove it first"
+            )
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
-            rows = [{"id": i, "vector": v, "label": lab, "source": src}
-                    for i, v, lab, src in zip(new[start:stop].tolist(), x[start:stop].tolist(),
-                                              labels[start:stop], sources[start:stop])]
+            rows = [
+                {"id": i, "vector": v, "label": lab, "source": src}
+                for i, v, lab, src in zip(
+                    new[start:stop].tolist(), x[start:stop].tolist(), labels[start:stop], sources[start:stop]
+                )
+            ]
             self._client.insert(self.collection, rows)
         self._save_meta(next_id=max(int(self._meta["next_id"]), int(new.max()) + 1))
         return new
@@ -283,7 +327,7 @@ class MilvusGalleryIndex(GalleryIndex):
         drop = np.unique(as_ids(ids, what="ids"))
         present = self._existing(drop)
         for start in range(0, len(present), CHUNK):
-            self._client.delete(self.collection, ids=present[start:start + CHUNK])
+            self._client.delete(self.collection, ids=present[start : start + CHUNK])
         if present:
             self._save_meta()
         return len(present)
@@ -294,8 +338,13 @@ class MilvusGalleryIndex(GalleryIndex):
             raise IndexStoreError(f"milvus backend searches at most k={MAX_TOPK}, got k={k}")
         scores, ids = padded(q.shape[0], k)
         for start in range(0, q.shape[0], CHUNK):
-            hits = self._client.search(self.collection, data=q[start:start + CHUNK].tolist(), limit=k,
-                                       anns_field="vector", search_params={"metric_type": "IP"})
+            hits = self._client.search(
+                self.collection,
+                data=q[start : start + CHUNK].tolist(),
+                limit=k,
+                anns_field="vector",
+                search_params={"metric_type": "IP"},
+            )
             for row, result in enumerate(hits, start):
                 for col, hit in enumerate(result):
                     ids[row, col] = hit["id"]
@@ -307,7 +356,7 @@ class MilvusGalleryIndex(GalleryIndex):
         want = as_ids(ids, what="ids")
         found: dict[int, dict] = {}
         for start in range(0, len(want), CHUNK):
-            chunk = np.unique(want[start:start + CHUNK]).tolist()
+            chunk = np.unique(want[start : start + CHUNK]).tolist()
             for r in self._client.get(self.collection, ids=chunk, output_fields=["id", "label", "source"]):
                 found[int(r["id"])] = {"id": int(r["id"]), "label": r.get("label"), "source": r.get("source")}
         if skip_missing:
@@ -321,10 +370,11 @@ class MilvusGalleryIndex(GalleryIndex):
         self._check_open()
         wanted, found = sorted(set(sources)), set()
         for start in range(0, len(wanted), CHUNK):
-            chunk = wanted[start:start + CHUNK]
+            chunk = wanted[start : start + CHUNK]
             # a JSON list of strings is a valid Milvus string-list literal (Lite has no filter templates)
-            rows = self._client.query(self.collection, filter=f"source in {json.dumps(chunk)}",
-                                      output_fields=["source"])
+            rows = self._client.query(
+                self.collection, filter=f"source in {json.dumps(chunk)}", output_fields=["source"]
+            )
             found |= {r["source"] for r in rows}
         return found
 
@@ -361,8 +411,7 @@ def recount(spec: str) -> dict:
                 top = max(top, max(int(r["id"]) for r in batch))
         finally:
             iterator.close()
-        meta.update(count=_count(client, collection), next_id=max(int(meta["next_id"]), top + 1),
-                    updated=now_iso())
+        meta.update(count=_count(client, collection), next_id=max(int(meta["next_id"]), top + 1), updated=now_iso())
         _write_meta(client, collection, meta)
         return meta
     finally:

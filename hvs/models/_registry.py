@@ -8,8 +8,8 @@ backbone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -28,9 +28,11 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, role: str, description: str) -> Callable[[Callable[..., nn.Module]],
-                                                                         Callable[..., nn.Module]]:
+def register_model(
+    name: str, role: str, description: str
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a backbone builder ``(in_chans=..., **kwargs) -> nn.Module`` by name."""
+
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
@@ -58,8 +60,9 @@ def create_model(name: str, embed_dim: int = 128, in_chans: int = 1, **kwargs) -
     try:
         backbone = entry.builder(in_chans=in_chans, **kwargs)
     except TypeError as e:  # an argument the architecture does not take
-        raise ConfigError(f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} "
-                         f"argument(s): {e}") from None
+        raise ConfigError(
+            f"model {name!r} does not accept {', '.join(map(repr, kwargs)) or 'these'} argument(s): {e}"
+        ) from None
     return EmbeddingModel(backbone, embed_dim=embed_dim)
 
 

@@ -31,8 +31,14 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
-                    warmup: int = 5, repeats: int = 20, min_seconds: float = 0.3) -> float:
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 20,
+    min_seconds: float = 0.3,
+) -> float:
     """Median wall time in milliseconds of one forward pass of a batch, in eval mode on the CPU.
 
     Repeats until both ``repeats`` runs and ``min_seconds`` have passed, so tiny models are timed

@@ -42,8 +42,9 @@ import json
 import math
 import random
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,7 @@ def _se_channels(channels: int, divisor: int, reduction: int = 4) -> int:
 # The search space: sampling, mutation, crossover, keys (pure Python, no weights)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ArchSpace:
     """Choice lists of one supernet; every arch operation that needs no weights."""
@@ -157,16 +159,31 @@ class ArchSpace:
         return pick(self.resolution_list) if self.resolution_list else None
 
     def max_arch(self) -> dict[str, Any]:
-        return {"ks": [max(self.ks_list)] * self.num_layers, "e": [max(self.expand_list)] * self.num_layers,
-                "d": [self.max_depth] * self.num_stages, "w": max(self.width_mult_list), "r": self._r(max)}
+        return {
+            "ks": [max(self.ks_list)] * self.num_layers,
+            "e": [max(self.expand_list)] * self.num_layers,
+            "d": [self.max_depth] * self.num_stages,
+            "w": max(self.width_mult_list),
+            "r": self._r(max),
+        }
 
     def min_arch(self) -> dict[str, Any]:
-        return {"ks": [min(self.ks_list)] * self.num_layers, "e": [min(self.expand_list)] * self.num_layers,
-                "d": [min(self.depth_list)] * self.num_stages, "w": min(self.width_mult_list), "r": self._r(min)}
+        return {
+            "ks": [min(self.ks_list)] * self.num_layers,
+            "e": [min(self.expand_list)] * self.num_layers,
+            "d": [min(self.depth_list)] * self.num_stages,
+            "w": min(self.width_mult_list),
+            "r": self._r(min),
+        }
 
     def choices(self, gene: str) -> tuple:
-        return {"ks": self.ks_list, "e": self.expand_list, "d": self.depth_list, "w": self.width_mult_list,
-                "r": self.resolution_list or (None,)}[gene]
+        return {
+            "ks": self.ks_list,
+            "e": self.expand_list,
+            "d": self.depth_list,
+            "w": self.width_mult_list,
+            "r": self.resolution_list or (None,),
+        }[gene]
 
     def sample(self, rng: random.Random, elastic: Sequence[str] | None = None) -> dict[str, Any]:
         """A uniformly random arch. ``elastic`` (for progressive shrinking) names the dimensions
@@ -215,10 +232,16 @@ class ArchSpace:
         missing = [k for k in ("ks", "e", "d") if k not in arch]
         extra = sorted(set(arch) - set(ARCH_KEYS))
         if missing or extra:
-            raise ArchError(f"arch keys must be {', '.join(ARCH_KEYS)}; missing {missing or 'none'}, "
-                            f"unknown {extra or 'none'}")
-        out = {"ks": list(arch["ks"]), "e": list(arch["e"]), "d": list(arch["d"]),
-               "w": arch.get("w", max(self.width_mult_list)), "r": arch.get("r", self._r(max))}
+            raise ArchError(
+                f"arch keys must be {', '.join(ARCH_KEYS)}; missing {missing or 'none'}, unknown {extra or 'none'}"
+            )
+        out = {
+            "ks": list(arch["ks"]),
+            "e": list(arch["e"]),
+            "d": list(arch["d"]),
+            "w": arch.get("w", max(self.width_mult_list)),
+            "r": arch.get("r", self._r(max)),
+        }
         for gene, n in (("ks", self.num_layers), ("e", self.num_layers), ("d", self.num_stages)):
             if len(out[gene]) != n:
                 raise ArchError(f"arch {gene} has {len(out[gene])} entries; this supernet needs {n}")
@@ -263,6 +286,7 @@ def _fmt(v: float) -> str:
 # Static layers: the deployed sub-network
 # --------------------------------------------------------------------------------------------
 
+
 class SqueezeExcite(nn.Module):
     """MobileNetV3's SE: pool -> 1x1 reduce -> ReLU -> 1x1 expand -> hard sigmoid -> scale."""
 
@@ -276,10 +300,10 @@ class SqueezeExcite(nn.Module):
         return x * F.hardsigmoid(self.expand(F.relu(self.reduce(y))))
 
 
-def _conv_bn_act(cin: int, cout: int, k: int, stride: int, act: str | None, groups: int = 1,
-                 bn: bool = True) -> nn.Sequential:
-    layers: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups,
-                                                              bias=False))]
+def _conv_bn_act(
+    cin: int, cout: int, k: int, stride: int, act: str | None, groups: int = 1, bn: bool = True
+) -> nn.Sequential:
+    layers: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False))]
     if bn:
         layers.append(("bn", nn.BatchNorm2d(cout)))
     if act:
@@ -290,8 +314,18 @@ def _conv_bn_act(cin: int, cout: int, k: int, stride: int, act: str | None, grou
 class MBConv(nn.Module):
     """Inverted bottleneck (MobileNetV2/V3): 1x1 expand, k x k depthwise, [SE], 1x1 project."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, expand: float, stride: int, act: str, se: bool,
-                 residual: bool, divisor: int) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        expand: float,
+        stride: int,
+        act: str,
+        se: bool,
+        residual: bool,
+        divisor: int,
+    ) -> None:
         super().__init__()
         mid = _mid_channels(cin, expand, divisor)
         self.inverted_bottleneck = None if expand == 1 else _conv_bn_act(cin, mid, 1, 1, act)
@@ -321,14 +355,35 @@ def _layer_plan(shape: dict[str, Any], space: ArchSpace, arch: dict[str, Any]) -
     w, div = arch["w"], shape["divisor"]
     stem = make_divisible(shape["stem_width"] * w, div)
     first = make_divisible(shape["first_width"] * w, div)
-    plan = [{"name": "blocks.0", "cin": stem, "cout": first, "k": 3, "e": 1, "stride": 1, "act": "relu",
-             "se": False, "residual": shape["stem_width"] == shape["first_width"]}]
+    plan = [
+        {
+            "name": "blocks.0",
+            "cin": stem,
+            "cout": first,
+            "k": 3,
+            "e": 1,
+            "stride": 1,
+            "act": "relu",
+            "se": False,
+            "residual": shape["stem_width"] == shape["first_width"],
+        }
+    ]
     cin = first
     for s, i, slot in space.active_layers(arch):
         cout = make_divisible(shape["stage_widths"][s] * w, div)
-        plan.append({"name": f"blocks.{1 + slot}", "cin": cin, "cout": cout, "k": arch["ks"][slot],
-                     "e": arch["e"][slot], "stride": shape["stage_strides"][s] if i == 0 else 1,
-                     "act": shape["stage_acts"][s], "se": shape["stage_se"][s], "residual": i > 0})
+        plan.append(
+            {
+                "name": f"blocks.{1 + slot}",
+                "cin": cin,
+                "cout": cout,
+                "k": arch["ks"][slot],
+                "e": arch["e"][slot],
+                "stride": shape["stage_strides"][s] if i == 0 else 1,
+                "act": shape["stage_acts"][s],
+                "se": shape["stage_se"][s],
+                "residual": i > 0,
+            }
+        )
         cin = cout
     return plan
 
@@ -345,24 +400,48 @@ class OFAMobileNetV3(nn.Module):
         n_stages = len(shape["stage_widths"])
         if arch is None:  # the largest sub-network of the default choices
             arch = ArchSpace(n_stages, **{k: tuple(v) for k, v in DEFAULT_CHOICES.items()}).max_arch()
-        self.arch = {"ks": list(arch["ks"]), "e": list(arch["e"]), "d": list(arch["d"]),
-                     "w": arch.get("w", 1.0), "r": arch.get("r")}
+        self.arch = {
+            "ks": list(arch["ks"]),
+            "e": list(arch["e"]),
+            "d": list(arch["d"]),
+            "w": arch.get("w", 1.0),
+            "r": arch.get("r"),
+        }
         slots = len(self.arch["ks"])
         if len(self.arch["d"]) != n_stages or len(self.arch["e"]) != slots or slots % n_stages:
-            raise ArchError(f"ofa-mbv3: arch has {len(self.arch['d'])} stage depths, {slots} kernel and "
-                            f"{len(self.arch['e'])} expand entries for {n_stages} stages")
+            raise ArchError(
+                f"ofa-mbv3: arch has {len(self.arch['d'])} stage depths, {slots} kernel and "
+                f"{len(self.arch['e'])} expand entries for {n_stages} stages"
+            )
         space = ArchSpace(n_stages, depth_list=(slots // n_stages,))
         if max(self.arch["d"]) > space.max_depth or min(self.arch["d"]) < 1:
-            raise ArchError(f"ofa-mbv3: arch depths {self.arch['d']} do not fit {space.max_depth} layer slots "
-                            "per stage")
+            raise ArchError(
+                f"ofa-mbv3: arch depths {self.arch['d']} do not fit {space.max_depth} layer slots per stage"
+            )
         self.shape = shape
         self.resolution = self.arch["r"]
         plan = _layer_plan(shape, space, self.arch)
         self.stem = _conv_bn_act(in_chans, plan[0]["cin"], 3, shape["stem_stride"], "h_swish")
         # nn.ModuleDict keeps the supernet's layer-slot numbering (inactive slots are absent)
-        self.blocks = nn.ModuleDict(OrderedDict(
-            (p["name"].split(".")[1], MBConv(p["cin"], p["cout"], p["k"], p["e"], p["stride"], p["act"], p["se"],
-                                             p["residual"], shape["divisor"])) for p in plan))
+        self.blocks = nn.ModuleDict(
+            OrderedDict(
+                (
+                    p["name"].split(".")[1],
+                    MBConv(
+                        p["cin"],
+                        p["cout"],
+                        p["k"],
+                        p["e"],
+                        p["stride"],
+                        p["act"],
+                        p["se"],
+                        p["residual"],
+                        shape["divisor"],
+                    ),
+                )
+                for p in plan
+            )
+        )
         final = make_divisible(shape["final_width"] * self.arch["w"], shape["divisor"])
         self.final_expand = _conv_bn_act(plan[-1]["cout"], final, 1, 1, "h_swish")
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -376,8 +455,11 @@ class OFAMobileNetV3(nn.Module):
         return self.feature_mix(self.pool(self.final_expand(x))).flatten(1)
 
 
-@register_model("ofa-mbv3", "query", "Once-for-All MobileNetV3 sub-network from a JSON arch (model arg arch=...), "
-                                     "stride-1 stem; default = the largest")
+@register_model(
+    "ofa-mbv3",
+    "query",
+    "Once-for-All MobileNetV3 sub-network from a JSON arch (model arg arch=...), stride-1 stem; default = the largest",
+)
 def _ofa_mbv3(in_chans: int = 1, arch: dict[str, Any] | None = None, **shape: Any) -> OFAMobileNetV3:
     return OFAMobileNetV3(in_chans=in_chans, arch=arch, **shape)
 
@@ -385,6 +467,7 @@ def _ofa_mbv3(in_chans: int = 1, arch: dict[str, Any] | None = None, **shape: An
 # --------------------------------------------------------------------------------------------
 # Dynamic ops: the largest weights, sliced at forward time
 # --------------------------------------------------------------------------------------------
+
 
 class DynamicConv2d(nn.Conv2d):
     """A dense conv whose active input channels are the input's, output channels ``active_out``.
@@ -397,14 +480,14 @@ class DynamicConv2d(nn.Conv2d):
         self.active_out = max_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias[:self.active_out]
-        return F.conv2d(x, self.weight[:self.active_out, :x.size(1)], b, self.stride, self.padding)
+        b = None if self.bias is None else self.bias[: self.active_out]
+        return F.conv2d(x, self.weight[: self.active_out, : x.size(1)], b, self.stride, self.padding)
 
     @torch.no_grad()
     def copy_to(self, static: nn.Conv2d) -> None:
-        static.weight.copy_(self.weight[:static.out_channels, :static.in_channels])
+        static.weight.copy_(self.weight[: static.out_channels, : static.in_channels])
         if self.bias is not None:
-            static.bias.copy_(self.bias[:static.out_channels])
+            static.bias.copy_(self.bias[: static.out_channels])
 
 
 class DynamicDepthwiseConv2d(nn.Conv2d):
@@ -414,8 +497,9 @@ class DynamicDepthwiseConv2d(nn.Conv2d):
     one passed through a learned ``k^2 x k^2`` matrix (shared by all channels, initialised to the
     identity), so a weight can serve two kernel sizes with different roles."""
 
-    def __init__(self, max_channels: int, ks_list: Sequence[int], stride: int = 1,
-                 kernel_transform: bool = False) -> None:
+    def __init__(
+        self, max_channels: int, ks_list: Sequence[int], stride: int = 1, kernel_transform: bool = False
+    ) -> None:
         self.ks_list = sorted(ks_list)
         k = self.ks_list[-1]
         super().__init__(max_channels, max_channels, k, stride, k // 2, groups=max_channels, bias=False)
@@ -429,11 +513,11 @@ class DynamicDepthwiseConv2d(nn.Conv2d):
         max_ks = self.ks_list[-1]
         if not self.kernel_transform or ks == max_ks:
             start = (max_ks - ks) // 2
-            return self.weight[:channels, :, start:start + ks, start:start + ks]
+            return self.weight[:channels, :, start : start + ks, start : start + ks]
         filt = self.weight[:channels]
         for big, small in zip(self.ks_list[:0:-1], self.ks_list[-2::-1]):
             start = (big - small) // 2
-            centre = filt[:, :, start:start + small, start:start + small].reshape(-1, small * small)
+            centre = filt[:, :, start : start + small, start : start + small].reshape(-1, small * small)
             filt = F.linear(centre, getattr(self, f"matrix_{big}to{small}")).reshape(channels, 1, small, small)
             if small == ks:
                 break
@@ -461,8 +545,9 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch = self.training or not self.track_running_stats
-        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c],
-                            use_batch, factor, self.eps)
+        return F.batch_norm(
+            x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c], use_batch, factor, self.eps
+        )
 
     @torch.no_grad()
     def copy_to(self, static: nn.BatchNorm2d) -> None:
@@ -504,17 +589,33 @@ class DynamicMBConv(nn.Module):
     """MBConv at its largest; ``active_ks``, ``active_expand`` and ``active_out`` pick the
     sub-layer. The expanded width is computed from the *actual* input width at forward time."""
 
-    def __init__(self, max_in: int, max_out: int, ks_list: Sequence[int], expand_list: Sequence[float], stride: int,
-                 act: str, se: bool, residual: bool, divisor: int, kernel_transform: bool = False) -> None:
+    def __init__(
+        self,
+        max_in: int,
+        max_out: int,
+        ks_list: Sequence[int],
+        expand_list: Sequence[float],
+        stride: int,
+        act: str,
+        se: bool,
+        residual: bool,
+        divisor: int,
+        kernel_transform: bool = False,
+    ) -> None:
         super().__init__()
         self.divisor = divisor
         self.expand_list = sorted(expand_list)
         max_mid = _mid_channels(max_in, self.expand_list[-1], divisor)
-        self.inverted_bottleneck = (None if self.expand_list == [1]
-                                    else _dyn_conv_bn_act(max_in, max_mid, 1, 1, act))
-        self.depth_conv = nn.Sequential(OrderedDict([
-            ("conv", DynamicDepthwiseConv2d(max_mid, ks_list, stride, kernel_transform)),
-            ("bn", DynamicBatchNorm2d(max_mid)), ("act", _act(act))]))
+        self.inverted_bottleneck = None if self.expand_list == [1] else _dyn_conv_bn_act(max_in, max_mid, 1, 1, act)
+        self.depth_conv = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", DynamicDepthwiseConv2d(max_mid, ks_list, stride, kernel_transform)),
+                    ("bn", DynamicBatchNorm2d(max_mid)),
+                    ("act", _act(act)),
+                ]
+            )
+        )
         self.se = DynamicSE(max_mid, divisor) if se else None
         self.point_linear = _dyn_conv_bn_act(max_mid, max_out, 1, 1, None)
         self.residual = residual
@@ -551,25 +652,49 @@ class DynamicMBConv(nn.Module):
 class DynamicMobileNetV3(nn.Module):
     """The elastic backbone: every layer slot at its largest, depth chosen per stage."""
 
-    def __init__(self, in_chans: int = 1, *, ks_list: Sequence[int] = (3, 5, 7),
-                 expand_list: Sequence[float] = (3, 4, 6), depth_list: Sequence[int] = (2, 3, 4),
-                 width_mult_list: Sequence[float] = (1.0,), resolution_list: Sequence[int] = (),
-                 kernel_transform: bool = False, **shape: Any) -> None:
+    def __init__(
+        self,
+        in_chans: int = 1,
+        *,
+        ks_list: Sequence[int] = (3, 5, 7),
+        expand_list: Sequence[float] = (3, 4, 6),
+        depth_list: Sequence[int] = (2, 3, 4),
+        width_mult_list: Sequence[float] = (1.0,),
+        resolution_list: Sequence[int] = (),
+        kernel_transform: bool = False,
+        **shape: Any,
+    ) -> None:
         super().__init__()
         self.shape = _norm_shape(shape)
         self.in_chans = in_chans
         self.kernel_transform = kernel_transform
-        self.space = ArchSpace(len(self.shape["stage_widths"]), tuple(ks_list), tuple(expand_list),
-                               tuple(depth_list), tuple(width_mult_list), tuple(resolution_list))
+        self.space = ArchSpace(
+            len(self.shape["stage_widths"]),
+            tuple(ks_list),
+            tuple(expand_list),
+            tuple(depth_list),
+            tuple(width_mult_list),
+            tuple(resolution_list),
+        )
         sp, div = self.shape, self.shape["divisor"]
         plan = _layer_plan(sp, self.space, self.space.max_arch())  # the largest: sets every max width
         self.stem = _dyn_conv_bn_act(in_chans, plan[0]["cin"], 3, sp["stem_stride"], "h_swish")
-        blocks = {"0": DynamicMBConv(plan[0]["cin"], plan[0]["cout"], [3], [1], 1, "relu", False,
-                                     plan[0]["residual"], div)}
+        blocks = {
+            "0": DynamicMBConv(plan[0]["cin"], plan[0]["cout"], [3], [1], 1, "relu", False, plan[0]["residual"], div)
+        }
         for p in plan[1:]:
             blocks[p["name"].split(".")[1]] = DynamicMBConv(
-                p["cin"], p["cout"], self.space.ks_list, self.space.expand_list, p["stride"], p["act"], p["se"],
-                p["residual"], div, kernel_transform)
+                p["cin"],
+                p["cout"],
+                self.space.ks_list,
+                self.space.expand_list,
+                p["stride"],
+                p["act"],
+                p["se"],
+                p["residual"],
+                div,
+                kernel_transform,
+            )
         self.blocks = nn.ModuleDict(blocks)
         final = make_divisible(sp["final_width"] * max(self.space.width_mult_list), div)
         self.final_expand = _dyn_conv_bn_act(plan[-1]["cout"], final, 1, 1, "h_swish")
@@ -586,8 +711,7 @@ class DynamicMobileNetV3(nn.Module):
         for p in plan:
             block = self.blocks[p["name"].split(".")[1]]
             block.active_ks, block.active_expand, block.active_out = p["k"], p["e"], p["cout"]
-        self.final_expand.conv.active_out = make_divisible(self.shape["final_width"] * arch["w"],
-                                                           self.shape["divisor"])
+        self.final_expand.conv.active_out = make_divisible(self.shape["final_width"] * arch["w"], self.shape["divisor"])
         self._active_slots = [p["name"].split(".")[1] for p in plan]
         self.active_arch = arch
 
@@ -603,13 +727,32 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
 
     ``config()`` is a JSON dict from which ``OFAMobileNetV3Supernet(**config)`` rebuilds it."""
 
-    def __init__(self, embed_dim: int = 128, in_chans: int = 1, *, ks_list: Sequence[int] = (3, 5, 7),
-                 expand_list: Sequence[float] = (3, 4, 6), depth_list: Sequence[int] = (2, 3, 4),
-                 width_mult_list: Sequence[float] = (1.0,), resolution_list: Sequence[int] = (),
-                 kernel_transform: bool = False, **shape: Any) -> None:
-        super().__init__(DynamicMobileNetV3(in_chans, ks_list=ks_list, expand_list=expand_list, depth_list=depth_list,
-                                            width_mult_list=width_mult_list, resolution_list=resolution_list,
-                                            kernel_transform=kernel_transform, **shape), embed_dim)
+    def __init__(
+        self,
+        embed_dim: int = 128,
+        in_chans: int = 1,
+        *,
+        ks_list: Sequence[int] = (3, 5, 7),
+        expand_list: Sequence[float] = (3, 4, 6),
+        depth_list: Sequence[int] = (2, 3, 4),
+        width_mult_list: Sequence[float] = (1.0,),
+        resolution_list: Sequence[int] = (),
+        kernel_transform: bool = False,
+        **shape: Any,
+    ) -> None:
+        super().__init__(
+            DynamicMobileNetV3(
+                in_chans,
+                ks_list=ks_list,
+                expand_list=expand_list,
+                depth_list=depth_list,
+                width_mult_list=width_mult_list,
+                resolution_list=resolution_list,
+                kernel_transform=kernel_transform,
+                **shape,
+            ),
+            embed_dim,
+        )
         self.in_chans = in_chans
 
     @property
@@ -622,10 +765,17 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
 
     def config(self) -> dict[str, Any]:
         sp = self.space
-        return {"embed_dim": self.embed_dim, "in_chans": self.in_chans, "ks_list": list(sp.ks_list),
-                "expand_list": list(sp.expand_list), "depth_list": list(sp.depth_list),
-                "width_mult_list": list(sp.width_mult_list), "resolution_list": list(sp.resolution_list),
-                "kernel_transform": self.backbone.kernel_transform, **self.shape}
+        return {
+            "embed_dim": self.embed_dim,
+            "in_chans": self.in_chans,
+            "ks_list": list(sp.ks_list),
+            "expand_list": list(sp.expand_list),
+            "depth_list": list(sp.depth_list),
+            "width_mult_list": list(sp.width_mult_list),
+            "resolution_list": list(sp.resolution_list),
+            "kernel_transform": self.backbone.kernel_transform,
+            **self.shape,
+        }
 
     def max_arch(self) -> dict[str, Any]:
         return self.space.max_arch()
@@ -640,8 +790,9 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
     def set_active_subnet(self, arch: dict[str, Any]) -> None:
         self.backbone.set_active_subnet(arch)
 
-    def sample_active_subnet(self, rng: random.Random | int | None = None,
-                             elastic: Sequence[str] | None = None) -> dict[str, Any]:
+    def sample_active_subnet(
+        self, rng: random.Random | int | None = None, elastic: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """Activate a random sub-network (seeded by ``rng``: a ``random.Random`` or an int)."""
         rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         arch = self.space.sample(rng, elastic)
@@ -664,8 +815,9 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
             src = own[name]
             if isinstance(src, (DynamicConv2d, DynamicDepthwiseConv2d, DynamicBatchNorm2d)):
                 src.copy_to(module)
-            elif not list(module.children()) and (list(module.parameters(recurse=False))
-                                                  or list(module.buffers(recurse=False))):
+            elif not list(module.children()) and (
+                list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
+            ):
                 module.load_state_dict(src.state_dict())  # neck, embedding BN: shared as they are
         return sub.train(self.training)
 
@@ -676,8 +828,9 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
         return subnet_flops(self.shape, self.space, arch, self.in_chans, image_size, self.embed_dim)
 
 
-def subnet_flops(shape: dict[str, Any], space: ArchSpace, arch: dict[str, Any], in_chans: int, image_size: int,
-                 embed_dim: int) -> int:
+def subnet_flops(
+    shape: dict[str, Any], space: ArchSpace, arch: dict[str, Any], in_chans: int, image_size: int, embed_dim: int
+) -> int:
     """The analytic FLOPs formula behind :meth:`OFAMobileNetV3Supernet.flops`."""
     div = shape["divisor"]
     size = arch.get("r") or image_size

@@ -17,18 +17,52 @@ builds on Once-for-All (Cai et al., ICLR 2020) and regularized evolution (Real e
    query model, no further training.
 """
 
-from .common import (NASData, NASError, SupernetCard, carve_validation, load_supernet, prepare_data,
-                     recalibrate_bn)
+from .common import NASData, NASError, SupernetCard, carve_validation, load_supernet, prepare_data, recalibrate_bn
 from .export import export_subnet, inherit, largest_under_budget
 from .latency import LatencyTable, compare_latency, measure_subnet_latency
-from .search import (Budget, SearchConfig, SearchResult, SubnetScorer, check_feasible, get_reward, list_rewards,
-                     random_search, register_reward, regularized_evolution, run_search, sample_under_budget)
+from .search import (
+    Budget,
+    SearchConfig,
+    SearchResult,
+    SubnetScorer,
+    check_feasible,
+    get_reward,
+    list_rewards,
+    random_search,
+    register_reward,
+    regularized_evolution,
+    run_search,
+    sample_under_budget,
+)
 from .train import SupernetTrainConfig, phase_plan, train_supernet
 
 __all__ = [
-    "Budget", "LatencyTable", "NASData", "NASError", "SearchConfig", "SearchResult", "SubnetScorer",
-    "SupernetCard", "SupernetTrainConfig", "carve_validation", "check_feasible", "compare_latency",
-    "export_subnet", "get_reward", "inherit", "largest_under_budget", "list_rewards", "load_supernet",
-    "measure_subnet_latency", "phase_plan", "prepare_data", "random_search", "recalibrate_bn", "register_reward",
-    "regularized_evolution", "run_search", "sample_under_budget", "train_supernet",
+    "Budget",
+    "LatencyTable",
+    "NASData",
+    "NASError",
+    "SearchConfig",
+    "SearchResult",
+    "SubnetScorer",
+    "SupernetCard",
+    "SupernetTrainConfig",
+    "carve_validation",
+    "check_feasible",
+    "compare_latency",
+    "export_subnet",
+    "get_reward",
+    "inherit",
+    "largest_under_budget",
+    "list_rewards",
+    "load_supernet",
+    "measure_subnet_latency",
+    "phase_plan",
+    "prepare_data",
+    "random_search",
+    "recalibrate_bn",
+    "register_reward",
+    "regularized_evolution",
+    "run_search",
+    "sample_under_budget",
+    "train_supernet",
 ]

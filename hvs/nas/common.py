@@ -23,19 +23,20 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import HVSError
 from .. import checkpoint as ckpt
 from ..data import RetrievalData, create_dataset
 from ..embed import normalize_images
+from ..errors import HVSError
 from ..models.ofa import OFAMobileNetV3Supernet
 
 CONFIG = "config.json"
@@ -82,17 +83,17 @@ class SupernetCard:
 
     @property
     def kind(self) -> str:
-        return ("compatibility-aware" if self.gallery and (self.bct_weight > 0 or self.regress_weight > 0)
-                else "plain")
+        return "compatibility-aware" if self.gallery and (self.bct_weight > 0 or self.regress_weight > 0) else "plain"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SupernetCard":
+    def from_dict(cls, d: dict[str, Any]) -> SupernetCard:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def save_supernet(folder: str | os.PathLike, model: OFAMobileNetV3Supernet, head_weight: torch.Tensor,
-                  card: SupernetCard) -> SupernetCard:
+def save_supernet(
+    folder: str | os.PathLike, model: OFAMobileNetV3Supernet, head_weight: torch.Tensor, card: SupernetCard
+) -> SupernetCard:
     """Weights first, then config.json (a folder with a config.json is complete)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def read_supernet_card(folder: str | os.PathLike) -> SupernetCard:
         raise NASError(f"{folder} is not a supernet folder (no {CONFIG}; run `hvs nas train-supernet` first)")
     raw = json.loads((folder / CONFIG).read_text())
     if raw.get("format") != "hvs-ofa-supernet":
-        raise NASError(f"{folder} holds a model folder, not a supernet (no \"format\": \"hvs-ofa-supernet\")")
+        raise NASError(f'{folder} holds a model folder, not a supernet (no "format": "hvs-ofa-supernet")')
     return SupernetCard.from_dict(raw)
 
 
@@ -129,8 +130,10 @@ def load_supernet(folder: str | os.PathLike) -> tuple[OFAMobileNetV3Supernet, to
 # Data: training targets and the validation split carved from the training classes
 # ------------------------------------------------------------------------------------------
 
-def carve_validation(labels: torch.Tensor, fraction: float = 0.1, max_per_class: int = 50, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def carve_validation(
+    labels: torch.Tensor, fraction: float = 0.1, max_per_class: int = 50, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train, val_query, val_gallery) indices into ``labels``.
 
     Per class, a seeded shuffle holds out ``min(round(fraction * n), max_per_class)`` images
@@ -153,8 +156,9 @@ def carve_validation(labels: torch.Tensor, fraction: float = 0.1, max_per_class:
         vq.append(idx[:n_q])
         vg.append(idx[n_q:n_val])
         train.append(idx[n_val:])
-    return tuple(torch.from_numpy(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)).long()
-                 for p in (train, vq, vg))
+    return tuple(
+        torch.from_numpy(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)).long() for p in (train, vq, vg)
+    )
 
 
 @dataclass
@@ -178,8 +182,7 @@ class NASData:
         return self.train_images[perm[:n]]
 
 
-def prepare_data(data: RetrievalData, val_fraction: float = 0.1, val_max_per_class: int = 50,
-                 seed: int = 0) -> NASData:
+def prepare_data(data: RetrievalData, val_fraction: float = 0.1, val_max_per_class: int = 50, seed: int = 0) -> NASData:
     """Rows = the training classes in sorted order of their global label (as hvs.train does)."""
     labels = data.train.labels
     if len(labels) == 0:
@@ -188,12 +191,21 @@ def prepare_data(data: RetrievalData, val_fraction: float = 0.1, val_max_per_cla
     row_of = torch.full((len(data.classes),), -1, dtype=torch.long)
     row_of[class_ids] = torch.arange(len(class_ids))
     tr, vq, vg = carve_validation(labels, val_fraction, val_max_per_class, seed)
-    return NASData(data, [data.classes[i] for i in class_ids.tolist()], data.train.images[tr], row_of[labels[tr]],
-                   data.train.images[vq], labels[vq], data.train.images[vg], labels[vg])
+    return NASData(
+        data,
+        [data.classes[i] for i in class_ids.tolist()],
+        data.train.images[tr],
+        row_of[labels[tr]],
+        data.train.images[vq],
+        labels[vq],
+        data.train.images[vg],
+        labels[vg],
+    )
 
 
-def load_data(spec: str | RetrievalData, protocol: str = "closed", image_size: int | None = None, seed: int = 0
-              ) -> RetrievalData:
+def load_data(
+    spec: str | RetrievalData, protocol: str = "closed", image_size: int | None = None, seed: int = 0
+) -> RetrievalData:
     if isinstance(spec, RetrievalData):
         return spec
     return create_dataset(spec, protocol=protocol, image_size=image_size, seed=seed)
@@ -203,10 +215,16 @@ def load_data(spec: str | RetrievalData, protocol: str = "closed", image_size: i
 # BatchNorm re-calibration
 # ------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                   batch_size: int = 256,
-                   channels_last: bool = True) -> nn.Module:
+def recalibrate_bn(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    channels_last: bool = True,
+) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on ``images`` (uint8), in place.
 
     A sub-network's activations differ from the mixture the shared running statistics were

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,32 +71,55 @@ def latency_units(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_
         units.append((f"resize:c{in_chans},{image_size}->{r}", lambda: _Resize(r), (in_chans, image_size, image_size)))
         res = r
     stem, stride = plan[0]["cin"], shape["stem_stride"]
-    units.append((f"stem:c{in_chans}->{stem},s{stride},res{res}",
-                  lambda: _conv_bn_act(in_chans, stem, 3, stride, "h_swish"), (in_chans, res, res)))
+    units.append(
+        (
+            f"stem:c{in_chans}->{stem},s{stride},res{res}",
+            lambda: _conv_bn_act(in_chans, stem, 3, stride, "h_swish"),
+            (in_chans, res, res),
+        )
+    )
     res = -(-res // stride)
     for p in plan:
-        key = (f"mb:{p['cin']}->{p['cout']},k{p['k']},e{p['e']},s{p['stride']},{p['act']},se{int(p['se'])},"
-               f"skip{int(p['residual'])},res{res}")
-        units.append((key, lambda p=p: MBConv(p["cin"], p["cout"], p["k"], p["e"], p["stride"], p["act"], p["se"],
-                                              p["residual"], shape["divisor"]), (p["cin"], res, res)))
+        key = (
+            f"mb:{p['cin']}->{p['cout']},k{p['k']},e{p['e']},s{p['stride']},{p['act']},se{int(p['se'])},"
+            f"skip{int(p['residual'])},res{res}"
+        )
+        units.append(
+            (
+                key,
+                lambda p=p: MBConv(
+                    p["cin"], p["cout"], p["k"], p["e"], p["stride"], p["act"], p["se"], p["residual"], shape["divisor"]
+                ),
+                (p["cin"], res, res),
+            )
+        )
         res = -(-res // p["stride"])
     final = make_divisible(shape["final_width"] * arch["w"], shape["divisor"])
     cin, feature, dim = plan[-1]["cout"], shape["feature_width"], supernet.embed_dim
-    units.append((f"head:{cin}->{final}->{feature}->{dim},res{res}", lambda: _Head(cin, final, feature, dim),
-                  (cin, res, res)))
+    units.append(
+        (f"head:{cin}->{final}->{feature}->{dim},res{res}", lambda: _Head(cin, final, feature, dim), (cin, res, res))
+    )
     return units
 
 
 class LatencyTable:
     """Per-unit latencies (ms) measured on this CPU, filled lazily and saved as JSON."""
 
-    def __init__(self, supernet: OFAMobileNetV3Supernet, image_size: int, folder: str | os.PathLike | None = None,
-                 batch_size: int = 1, min_seconds: float = 0.05, repeats: int = 10) -> None:
+    def __init__(
+        self,
+        supernet: OFAMobileNetV3Supernet,
+        image_size: int,
+        folder: str | os.PathLike | None = None,
+        batch_size: int = 1,
+        min_seconds: float = 0.05,
+        repeats: int = 10,
+    ) -> None:
         self.supernet, self.image_size, self.batch_size = supernet, image_size, batch_size
         self.min_seconds, self.repeats = min_seconds, repeats
         self.meta = {"batch_size": batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__}
-        self.path = None if folder is None else (
-            Path(folder) / f"latency_table_b{batch_size}_t{self.meta['threads']}.json")
+        self.path = (
+            None if folder is None else (Path(folder) / f"latency_table_b{batch_size}_t{self.meta['threads']}.json")
+        )
         self.entries: dict[str, float] = {}
         self.measured = 0  # units measured by this instance (the rest came from the file)
         if self.path is not None and self.path.is_file():
@@ -109,8 +133,9 @@ class LatencyTable:
         if key not in self.entries:
             torch.manual_seed(0)
             module = factory().eval().to(memory_format=torch.channels_last)
-            self.entries[key] = measure_latency(module, input_shape, self.batch_size, warmup=3,
-                                                repeats=self.repeats, min_seconds=self.min_seconds)
+            self.entries[key] = measure_latency(
+                module, input_shape, self.batch_size, warmup=3, repeats=self.repeats, min_seconds=self.min_seconds
+            )
             self.measured += 1
             self._dirty = True
         return self.entries[key]
@@ -125,21 +150,33 @@ class LatencyTable:
             self._dirty = False
 
 
-def measure_subnet_latency(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_size: int,
-                           batch_size: int = 1, min_seconds: float = 0.3) -> float:
+def measure_subnet_latency(
+    supernet: OFAMobileNetV3Supernet,
+    arch: dict[str, Any],
+    image_size: int,
+    batch_size: int = 1,
+    min_seconds: float = 0.3,
+) -> float:
     """Median latency (ms) of the extracted sub-network, channels-last, eval mode."""
     supernet.set_active_subnet(arch)
     sub = supernet.get_active_subnet().eval().to(memory_format=torch.channels_last)
     return measure_latency(sub, (supernet.in_chans, image_size, image_size), batch_size, min_seconds=min_seconds)
 
 
-def compare_latency(supernet: OFAMobileNetV3Supernet, table: LatencyTable, archs: list[dict[str, Any]],
-                    min_seconds: float = 0.3) -> list[dict[str, Any]]:
+def compare_latency(
+    supernet: OFAMobileNetV3Supernet, table: LatencyTable, archs: list[dict[str, Any]], min_seconds: float = 0.3
+) -> list[dict[str, Any]]:
     """Predicted (table) vs measured (extracted sub-network) latency for each arch."""
     rows = []
     for arch in archs:
         predicted = table.predict(arch)
         measured = measure_subnet_latency(supernet, arch, table.image_size, table.batch_size, min_seconds)
-        rows.append({"key": supernet.space.key(arch), "predicted_ms": round(predicted, 4),
-                     "measured_ms": round(measured, 4), "ratio": round(predicted / measured, 3)})
+        rows.append(
+            {
+                "key": supernet.space.key(arch),
+                "predicted_ms": round(predicted, 4),
+                "measured_ms": round(measured, 4),
+                "ratio": round(predicted / measured, 3),
+            }
+        )
     return rows

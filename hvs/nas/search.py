@@ -39,9 +39,10 @@ import json
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,16 @@ from ..data import RetrievalData
 from ..embed import embed_images
 from ..metrics import retrieval_metrics
 from ..models.ofa import ArchSpace, OFAMobileNetV3Supernet
-from .common import InfeasibleBudget, NASError, config_from_dict, load_data, load_supernet, parse_flops, prepare_data, recalibrate_bn
+from .common import (
+    InfeasibleBudget,
+    NASError,
+    config_from_dict,
+    load_data,
+    load_supernet,
+    parse_flops,
+    prepare_data,
+    recalibrate_bn,
+)
 from .latency import LatencyTable, compare_latency, measure_subnet_latency
 
 METRICS = ("recall@1", "recall@5", "map")
@@ -60,6 +70,7 @@ METRICS = ("recall@1", "recall@5", "map")
 # ------------------------------------------------------------------------------------------
 # Budget and the evolution itself (independent of what is being scored)
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Budget:
@@ -82,8 +93,10 @@ def check_feasible(space: ArchSpace, budget: Budget | None) -> None:
         return
     smallest = budget.cost(space.min_arch())
     if smallest > budget.limit:
-        raise InfeasibleBudget(f"budget {budget.describe(budget.limit)} is infeasible: the smallest sub-network needs "
-                       f"{budget.describe(smallest)}")
+        raise InfeasibleBudget(
+            f"budget {budget.describe(budget.limit)} is infeasible: the smallest sub-network needs "
+            f"{budget.describe(smallest)}"
+        )
 
 
 def sample_under_budget(space: ArchSpace, rng: random.Random, budget: Budget | None, max_tries: int = 1000) -> dict:
@@ -105,8 +118,10 @@ def sample_under_budget(space: ArchSpace, rng: random.Random, budget: Budget | N
                 arch = candidate
         return arch
     smallest = budget.cost(smallest_arch)
-    raise InfeasibleBudget(f"no random sub-network met the budget {budget.describe(budget.limit)} in {max_tries} tries "
-                   f"(the smallest needs {budget.describe(smallest)}): raise the budget or max_tries")
+    raise InfeasibleBudget(
+        f"no random sub-network met the budget {budget.describe(budget.limit)} in {max_tries} tries "
+        f"(the smallest needs {budget.describe(smallest)}): raise the budget or max_tries"
+    )
 
 
 @dataclass
@@ -123,8 +138,13 @@ def _as_scores(value: float | dict) -> dict:
 class _Scorer:
     """Scores by network key (cached) and appends history records."""
 
-    def __init__(self, space: ArchSpace, reward_fn: Callable[[dict], float | dict], budget: Budget | None,
-                 annotate: Callable[[dict], dict] | None) -> None:
+    def __init__(
+        self,
+        space: ArchSpace,
+        reward_fn: Callable[[dict], float | dict],
+        budget: Budget | None,
+        annotate: Callable[[dict], dict] | None,
+    ) -> None:
         self.space, self.reward_fn, self.budget, self.annotate = space, reward_fn, budget, annotate
         self.cache: dict[str, dict] = {}
         self.history: list[dict] = []
@@ -141,8 +161,14 @@ class _Scorer:
             elif self.budget is not None:  # without annotations, record what the budget limits
                 scores = {"cost": self.budget.cost(arch), **scores}
             self.cache[key] = scores
-        record = {"iteration": iteration, "origin": origin, "key": key, **self.cache[key], "cached": cached,
-                  "arch": arch}
+        record = {
+            "iteration": iteration,
+            "origin": origin,
+            "key": key,
+            **self.cache[key],
+            "cached": cached,
+            "arch": arch,
+        }
         self.history.append(record)
         return record
 
@@ -151,11 +177,21 @@ class _Scorer:
         return SearchResult(best, self.history, len(self.cache))
 
 
-def regularized_evolution(space: ArchSpace, reward_fn: Callable[[dict], float | dict], budget: Budget | None = None,
-                          *, population: int = 100, iterations: int = 500, parents: float = 0.25,
-                          mutation_prob: float = 0.1, mutate_ratio: float = 0.5, seed: int = 0,
-                          max_tries: int = 1000, annotate: Callable[[dict], dict] | None = None,
-                          progress: bool = False) -> SearchResult:
+def regularized_evolution(
+    space: ArchSpace,
+    reward_fn: Callable[[dict], float | dict],
+    budget: Budget | None = None,
+    *,
+    population: int = 100,
+    iterations: int = 500,
+    parents: float = 0.25,
+    mutation_prob: float = 0.1,
+    mutate_ratio: float = 0.5,
+    seed: int = 0,
+    max_tries: int = 1000,
+    annotate: Callable[[dict], dict] | None = None,
+    progress: bool = False,
+) -> SearchResult:
     """Aging evolution over ``space``; ``reward_fn(arch)`` returns a float or a dict with
     "reward" (higher is better). ``annotate(arch)`` adds cost fields to each record (default:
     "cost", the budgeted quantity)."""
@@ -181,10 +217,10 @@ def regularized_evolution(space: ArchSpace, reward_fn: Callable[[dict], float | 
     for it in range(1, iterations + 1):
         parent = select()
         if rng.random() < mutate_ratio:
-            origin, make = "mutation", lambda: space.mutate(parent["arch"], rng, mutation_prob)
+            origin, make = "mutation", lambda: space.mutate(parent["arch"], rng, mutation_prob)  # noqa: B023
         else:
             other = select()
-            origin, make = "crossover", lambda: space.crossover(parent["arch"], other["arch"], rng)
+            origin, make = "crossover", lambda: space.crossover(parent["arch"], other["arch"], rng)  # noqa: B023
         child = None
         for _ in range(max(1, max_tries)):  # a child must fit the budget and differ from its parent
             cand = make()
@@ -201,9 +237,16 @@ def regularized_evolution(space: ArchSpace, reward_fn: Callable[[dict], float | 
     return score.result()
 
 
-def random_search(space: ArchSpace, reward_fn: Callable[[dict], float | dict], budget: Budget | None = None, *,
-                  evaluations: int = 100, seed: int = 0, max_tries: int = 1000,
-                  annotate: Callable[[dict], dict] | None = None) -> SearchResult:
+def random_search(
+    space: ArchSpace,
+    reward_fn: Callable[[dict], float | dict],
+    budget: Budget | None = None,
+    *,
+    evaluations: int = 100,
+    seed: int = 0,
+    max_tries: int = 1000,
+    annotate: Callable[[dict], dict] | None = None,
+) -> SearchResult:
     """The baseline: random budget-respecting sub-networks until ``evaluations`` distinct ones
     are scored (at most ``10 * evaluations`` draws)."""
     check_feasible(space, budget)
@@ -220,6 +263,7 @@ def random_search(space: ArchSpace, reward_fn: Callable[[dict], float | dict], b
 # Rewards
 # ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Reward:
     name: str
@@ -234,11 +278,13 @@ _REWARDS: dict[str, Reward] = {}
 def register_reward(name: str, needs_gallery: bool, description: str):
     """Register ``fn(scores, metric, penalty) -> float``; ``scores`` has "query->gallery/<metric>"
     (when a gallery model is given) and "query->query/<metric>" for each of :data:`METRICS`."""
+
     def deco(fn: Callable[[dict, str, float], float]) -> Callable[[dict, str, float], float]:
         if name in _REWARDS:
             raise ValueError(f"reward {name!r} registered twice")
         _REWARDS[name] = Reward(name, needs_gallery, fn, description)
         return fn
+
     return deco
 
 
@@ -274,11 +320,20 @@ class SubnetScorer:
     The val-gallery side is embedded once by the gallery model; each candidate embeds the
     val-query side (and the val-gallery side, for M(q->q))."""
 
-    def __init__(self, supernet: OFAMobileNetV3Supernet, mean: Sequence[float], std: Sequence[float],
-                 bn_images: torch.Tensor,
-                 val_query: tuple[torch.Tensor, torch.Tensor], val_gallery: tuple[torch.Tensor, torch.Tensor],
-                 gallery_model: torch.nn.Module | None = None, gallery_card: ckpt.ModelCard | None = None,
-                 reward: str = "hetero", metric: str = "recall@1", penalty: float = 1.0) -> None:
+    def __init__(
+        self,
+        supernet: OFAMobileNetV3Supernet,
+        mean: Sequence[float],
+        std: Sequence[float],
+        bn_images: torch.Tensor,
+        val_query: tuple[torch.Tensor, torch.Tensor],
+        val_gallery: tuple[torch.Tensor, torch.Tensor],
+        gallery_model: torch.nn.Module | None = None,
+        gallery_card: ckpt.ModelCard | None = None,
+        reward: str = "hetero",
+        metric: str = "recall@1",
+        penalty: float = 1.0,
+    ) -> None:
         self.supernet, self.mean, self.std, self.bn_images = supernet, mean, std, bn_images
         self.val_query, self.val_gallery = val_query, val_gallery
         self.reward, self.metric, self.penalty = get_reward(reward), metric, penalty
@@ -291,8 +346,7 @@ class SubnetScorer:
             self.gallery_emb = embed_images(gallery_model, val_gallery[0], gallery_card.mean, gallery_card.std)
 
     def _metrics(self, q: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
-        m = retrieval_metrics(q, self.val_query[1], g, self.val_gallery[1], ks=(1, 5), far_targets=(),
-                              fpir_targets=())
+        m = retrieval_metrics(q, self.val_query[1], g, self.val_gallery[1], ks=(1, 5), far_targets=(), fpir_targets=())
         return {k: float(m[k]) for k in METRICS}
 
     @torch.no_grad()
@@ -315,6 +369,7 @@ class SubnetScorer:
 # ------------------------------------------------------------------------------------------
 # The search job
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SearchConfig:
@@ -342,13 +397,20 @@ class SearchConfig:
     plot: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
         return config_from_dict(cls, d, "search")
 
 
-def make_budget(supernet: OFAMobileNetV3Supernet, image_size: int, *, flops: float | str | None = None,
-                latency_ms: float | None = None, latency_mode: str = "table", latency_batch: int = 1,
-                folder: str | Path | None = None) -> tuple[Budget | None, LatencyTable | None]:
+def make_budget(
+    supernet: OFAMobileNetV3Supernet,
+    image_size: int,
+    *,
+    flops: float | str | None = None,
+    latency_ms: float | None = None,
+    latency_mode: str = "table",
+    latency_batch: int = 1,
+    folder: str | Path | None = None,
+) -> tuple[Budget | None, LatencyTable | None]:
     """The budget (None for none) and, for a table-based latency budget, the table."""
     if flops is not None and latency_ms is not None:
         raise NASError("give one budget: --flops or --latency-ms, not both")
@@ -369,12 +431,14 @@ def make_budget(supernet: OFAMobileNetV3Supernet, image_size: int, *, flops: flo
             if key not in cache:
                 cache[key] = measure_subnet_latency(supernet, arch, image_size, latency_batch, min_seconds=0.1)
             return cache[key]
+
         return Budget("latency", float(latency_ms), measured), None
     raise NASError(f"unknown latency mode {latency_mode!r}; use table or measure")
 
 
-def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_search(
+    cfg: SearchConfig, *, progress: bool = True, data: RetrievalData | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Search the supernet for the best query sub-network under the budget; writes ``cfg.out``
     (best.json, history.json, history.csv, search_config.json[, search.png]) and returns best.json."""
     if cfg.threads:
@@ -386,8 +450,15 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
     reward = get_reward(cfg.reward)
     if cfg.metric not in METRICS:
         raise NASError(f"unknown metric {cfg.metric!r}; use one of {', '.join(METRICS)}")
-    budget, table = make_budget(supernet, card.image_size, flops=cfg.flops, latency_ms=cfg.latency_ms,
-                                latency_mode=cfg.latency_mode, latency_batch=cfg.latency_batch, folder=cfg.supernet)
+    budget, table = make_budget(
+        supernet,
+        card.image_size,
+        flops=cfg.flops,
+        latency_ms=cfg.latency_ms,
+        latency_mode=cfg.latency_mode,
+        latency_batch=cfg.latency_batch,
+        folder=cfg.supernet,
+    )
     if budget is None:
         raise NASError("no budget: pass --flops (e.g. 5M) or --latency-ms")
     check_feasible(supernet.space, budget)  # before any data is read
@@ -397,31 +468,51 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
         g_model, g_card = ckpt.load_model(cfg.gallery)
         trained_for = (card.gallery or {}).get("fingerprint")
         # a plain supernet searches any gallery (allow_independent): M(q->g) then measures inherited compatibility
-        check_pair(QuerySide.of_card(card, cfg.supernet, label="the supernet"),
-                   GallerySide.of_card(g_card, cfg.gallery), force=cfg.force, allow_independent=True,
-                   action="search against it")
+        check_pair(
+            QuerySide.of_card(card, cfg.supernet, label="the supernet"),
+            GallerySide.of_card(g_card, cfg.gallery),
+            force=cfg.force,
+            allow_independent=True,
+            action="search against it",
+        )
         if not trained_for:
             log("note: a plain supernet (trained without a gallery model): M(q->g) measures inherited compatibility")
     elif reward.needs_gallery:
         raise NASError(f"the {cfg.reward} reward needs a gallery model: pass --gallery DIR")
 
-    data = load_data(data if data is not None else (cfg.data or card.data), card.protocol, card.image_size,
-                     card.data_seed)
+    data = load_data(
+        data if data is not None else (cfg.data or card.data), card.protocol, card.image_size, card.data_seed
+    )
     if (data.channels, data.image_size) != (card.in_chans, card.image_size):
-        raise NASError(f"data is {data.channels}x{data.image_size}px but the supernet reads "
-                       f"{card.in_chans}x{card.image_size}px")
+        raise NASError(
+            f"data is {data.channels}x{data.image_size}px but the supernet reads {card.in_chans}x{card.image_size}px"
+        )
     if data.name != card.data:
-        log(f"note: searching on {data.name}, the supernet trained on {card.data}: validation images may have been "
-            "training images")
+        log(
+            f"note: searching on {data.name}, the supernet trained on {card.data}: validation images may have been "
+            "training images"
+        )
     nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
     if len(nd.val_query_labels) == 0 or len(nd.val_gallery_labels) == 0:
         raise NASError("no validation images (the supernet was trained with val_fraction=0 or classes of < 4 images)")
-    scorer = SubnetScorer(supernet, card.mean, card.std, nd.bn_subset(cfg.bn_images, cfg.seed),
-                          (nd.val_query_images, nd.val_query_labels), (nd.val_gallery_images, nd.val_gallery_labels),
-                          g_model, g_card, cfg.reward, cfg.metric, cfg.penalty)
-    log(f"search: {cfg.reward} reward ({reward.description}) on {len(nd.val_query_labels)} val-query / "
+    scorer = SubnetScorer(
+        supernet,
+        card.mean,
+        card.std,
+        nd.bn_subset(cfg.bn_images, cfg.seed),
+        (nd.val_query_images, nd.val_query_labels),
+        (nd.val_gallery_images, nd.val_gallery_labels),
+        g_model,
+        g_card,
+        cfg.reward,
+        cfg.metric,
+        cfg.penalty,
+    )
+    log(
+        f"search: {cfg.reward} reward ({reward.description}) on {len(nd.val_query_labels)} val-query / "
         f"{len(nd.val_gallery_labels)} val-gallery images from the training classes; budget "
-        f"{budget.describe(budget.limit)}; population {cfg.population}, {cfg.iterations} iterations")
+        f"{budget.describe(budget.limit)}; population {cfg.population}, {cfg.iterations} iterations"
+    )
 
     def annotate(arch: dict) -> dict:
         rec = {"flops": supernet.flops(arch, card.image_size)}
@@ -431,9 +522,19 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
 
     t0 = time.perf_counter()
     result = regularized_evolution(
-        supernet.space, scorer, budget, population=cfg.population, iterations=cfg.iterations, parents=cfg.parents,
-        mutation_prob=cfg.mutation_prob, mutate_ratio=cfg.mutate_ratio, seed=cfg.seed, max_tries=cfg.max_tries,
-        annotate=annotate, progress=progress)
+        supernet.space,
+        scorer,
+        budget,
+        population=cfg.population,
+        iterations=cfg.iterations,
+        parents=cfg.parents,
+        mutation_prob=cfg.mutation_prob,
+        mutate_ratio=cfg.mutate_ratio,
+        seed=cfg.seed,
+        max_tries=cfg.max_tries,
+        annotate=annotate,
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     if table is not None:
         table.save()
@@ -448,16 +549,30 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
         for row in latency_check:
             log(f"latency {row['key']}: table {row['predicted_ms']:.3f} ms, measured {row['measured_ms']:.3f} ms")
     summary = {
-        "arch": best["arch"], "key": best["key"], "flops": best["flops"], "latency_ms_measured": round(measured, 4),
-        "reward": best["reward"], "scores": {k: v for k, v in best.items() if "->" in k},
-        "reward_kind": cfg.reward, "metric": cfg.metric,
-        "budget": {"kind": budget.kind, "limit": budget.limit,
-                   **({"latency_mode": cfg.latency_mode, "latency_batch": cfg.latency_batch}
-                      if budget.kind == "latency" else {})},
+        "arch": best["arch"],
+        "key": best["key"],
+        "flops": best["flops"],
+        "latency_ms_measured": round(measured, 4),
+        "reward": best["reward"],
+        "scores": {k: v for k, v in best.items() if "->" in k},
+        "reward_kind": cfg.reward,
+        "metric": cfg.metric,
+        "budget": {
+            "kind": budget.kind,
+            "limit": budget.limit,
+            **(
+                {"latency_mode": cfg.latency_mode, "latency_batch": cfg.latency_batch}
+                if budget.kind == "latency"
+                else {}
+            ),
+        },
         "supernet": {"path": str(Path(cfg.supernet).resolve()), "fingerprint": card.fingerprint, "kind": card.kind},
-        "gallery": None if g_card is None else {"path": str(Path(cfg.gallery).resolve()),
-                                                 "fingerprint": g_card.fingerprint, "model": g_card.model},
-        "evaluations": result.evaluations, "candidates": len(result.history), "seconds": round(seconds, 1),
+        "gallery": None
+        if g_card is None
+        else {"path": str(Path(cfg.gallery).resolve()), "fingerprint": g_card.fingerprint, "model": g_card.model},
+        "evaluations": result.evaluations,
+        "candidates": len(result.history),
+        "seconds": round(seconds, 1),
         "latency_check": latency_check,
     }
     if "latency_ms" in best:
@@ -466,9 +581,11 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, data: RetrievalData 
     ckpt.atomic_write_json(out / "search_config.json", asdict(cfg))
     save_history(result.history, out)
     ckpt.atomic_write_json(out / "best.json", summary)
-    log(f"best: {best['key']}  {best['flops'] / 1e6:.3f} MFLOPs  {cfg.reward} reward {best['reward']:.4f}  "
+    log(
+        f"best: {best['key']}  {best['flops'] / 1e6:.3f} MFLOPs  {cfg.reward} reward {best['reward']:.4f}  "
         + "  ".join(f"{k}={v:.4f}" for k, v in summary["scores"].items() if k.endswith(cfg.metric))
-        + f"  ({result.evaluations} networks scored in {seconds:.0f} s)")
+        + f"  ({result.evaluations} networks scored in {seconds:.0f} s)"
+    )
     if cfg.plot:
         from .plot import plot_history
 

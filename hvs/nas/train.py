@@ -37,9 +37,10 @@ folder written after each epoch::
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +97,13 @@ class SupernetTrainConfig:
     force: bool = False  # accept a gallery model whose input size differs from the data
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SupernetTrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SupernetTrainConfig:
         return config_from_dict(cls, d, "supernet training")
 
 
-def phase_plan(progressive: list[str], epochs: int, phase_epochs: list[int] | None = None
-               ) -> list[tuple[str, int, list[str] | None]]:
+def phase_plan(
+    progressive: list[str], epochs: int, phase_epochs: list[int] | None = None
+) -> list[tuple[str, int, list[str] | None]]:
     """[(phase name, epochs, elastic dimensions or None for all)] for the whole run.
 
     ``full`` trains only the largest sub-network (elastic = []); each later phase adds its
@@ -116,8 +118,9 @@ def phase_plan(progressive: list[str], epochs: int, phase_epochs: list[int] | No
     n = len(progressive)
     if phase_epochs:
         if len(phase_epochs) != n or sum(phase_epochs) != epochs or min(phase_epochs) < 1:
-            raise NASError(f"phase_epochs {phase_epochs} must give >= 1 epoch to each of the {n} phases and sum to "
-                           f"epochs={epochs}")
+            raise NASError(
+                f"phase_epochs {phase_epochs} must give >= 1 epoch to each of the {n} phases and sum to epochs={epochs}"
+            )
         counts = list(phase_epochs)
     else:
         if epochs < n:
@@ -161,8 +164,17 @@ class _SupernetTask:
     error = NASError
     metrics = ["loss", "own", "bct", "distill", "regress", "acc_largest"]
 
-    def __init__(self, model: OFAMobileNetV3Supernet, head: MarginHead, terms: CompatTerms,
-                 cfg: SupernetTrainConfig, plan: list, card: SupernetCard, n_images: int, folder: Path) -> None:
+    def __init__(
+        self,
+        model: OFAMobileNetV3Supernet,
+        head: MarginHead,
+        terms: CompatTerms,
+        cfg: SupernetTrainConfig,
+        plan: list,
+        card: SupernetCard,
+        n_images: int,
+        folder: Path,
+    ) -> None:
         self.model, self.head, self.terms, self.cfg, self.plan, self.card = model, head, terms, cfg, plan, card
         self.max_arch, self.n_images, self.n_archs, self.folder = model.space.max_arch(), n_images, 1, folder
 
@@ -230,8 +242,14 @@ class _SupernetTask:
         save_supernet(self.folder, self.model, self.head.weight.detach(), self.card)
 
 
-def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: bool = True,
-                   data: RetrievalData | None = None, log: Callable[[str], None] = print) -> SupernetCard:
+def train_supernet(
+    cfg: SupernetTrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data: RetrievalData | None = None,
+    log: Callable[[str], None] = print,
+) -> SupernetCard:
     """Train (or resume) a supernet as configured; returns the card of the folder ``cfg.out``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -240,8 +258,12 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
     run.check(asdict(cfg), asdict(SupernetTrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
 
     g_card = ckpt.read_card(cfg.gallery) if cfg.gallery else None
-    data = load_data(data if data is not None else cfg.data, cfg.protocol,
-                     cfg.image_size or (g_card.image_size if g_card else None), cfg.data_seed)
+    data = load_data(
+        data if data is not None else cfg.data,
+        cfg.protocol,
+        cfg.image_size or (g_card.image_size if g_card else None),
+        cfg.data_seed,
+    )
     log(data.summary())
     classes, images, targets = _training_set(cfg, data, log)
     batches = Batches(images, targets, data.mean, data.std, cfg.batch_size, aug, cfg.seed, cfg.channels_last)
@@ -251,11 +273,22 @@ def train_supernet(cfg: SupernetTrainConfig, *, resume: bool = False, progress: 
     opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, batches.steps_per_epoch)
     run.start(asdict(cfg))
 
-    task = _SupernetTask(model, head, terms, cfg, plan, _card(cfg, model, embed_dim, data, classes, terms),
-                         len(images), run.path)
+    task = _SupernetTask(
+        model, head, terms, cfg, plan, _card(cfg, model, embed_dim, data, classes, terms), len(images), run.path
+    )
     start, history = core.resume(run, task, opt, sched, cfg.epochs, log) if resume else (0, [])
-    core.fit(task, run, batches, opt, sched, epochs=cfg.epochs, start_epoch=start, history=history,
-             progress=progress, log=log)
+    core.fit(
+        task,
+        run,
+        batches,
+        opt,
+        sched,
+        epochs=cfg.epochs,
+        start_epoch=start,
+        history=history,
+        progress=progress,
+        log=log,
+    )
     card = read_supernet_card(run.path)
     log(f"saved {card.kind} supernet to {run.path} ({card.epochs_done} epochs, fingerprint {card.fingerprint})")
     return card
@@ -276,22 +309,32 @@ def _check_options(cfg: SupernetTrainConfig) -> tuple[set[str], list]:
     return aug, phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
 
 
-def _training_set(cfg: SupernetTrainConfig, data: RetrievalData, log: Callable[[str], None]
-                  ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def _training_set(
+    cfg: SupernetTrainConfig, data: RetrievalData, log: Callable[[str], None]
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(classes, images, targets) of the training split less the validation images the search scores on."""
     nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed)
     images, targets = nd.train_images, nd.train_targets
     if cfg.train_subset and cfg.train_subset < len(images):
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.data_seed))[:cfg.train_subset]
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.train_subset]
         images, targets = images[keep], targets[keep]
-    log(f"supernet trains on {len(images)} images; {len(nd.val_query_labels)} val-query and "
-        f"{len(nd.val_gallery_labels)} val-gallery images held out for the search")
+    log(
+        f"supernet trains on {len(images)} images; {len(nd.val_query_labels)} val-query and "
+        f"{len(nd.val_gallery_labels)} val-gallery images held out for the search"
+    )
     return nd.classes, images, targets
 
 
-def _compat_terms(cfg: SupernetTrainConfig, g_card: ckpt.ModelCard | None, data: RetrievalData, classes: list[str],
-                  images: torch.Tensor, targets: torch.Tensor, embed_dim: int, log: Callable[[str], None]
-                  ) -> CompatTerms:
+def _compat_terms(
+    cfg: SupernetTrainConfig,
+    g_card: ckpt.ModelCard | None,
+    data: RetrievalData,
+    classes: list[str],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    embed_dim: int,
+    log: Callable[[str], None],
+) -> CompatTerms:
     """BCT through the gallery classifier and regression onto its embeddings, as weighted."""
     if g_card is None:
         return CompatTerms([])
@@ -301,15 +344,17 @@ def _compat_terms(cfg: SupernetTrainConfig, g_card: ckpt.ModelCard | None, data:
         return CompatTerms([])
     gallery = FrozenGallery.load(cfg.gallery)
     context = gallery.context(classes, images, targets, kind=cfg.loss, scale=cfg.scale, margin=cfg.margin, log=log)
-    terms = build_compat_terms(specs, gallery, context, keys={"l2": "regress"},
-                               to_gallery=renormalizer(data, gallery.card))
+    terms = build_compat_terms(
+        specs, gallery, context, keys={"l2": "regress"}, to_gallery=renormalizer(data, gallery.card)
+    )
     if cfg.channels_last and terms.needs_ref:
         gallery.model.to(memory_format=torch.channels_last)
     return terms
 
 
-def _build(cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int
-           ) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
+def _build(
+    cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int
+) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
     torch.manual_seed(cfg.seed)
     try:
         model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **cfg.supernet)
@@ -321,16 +366,35 @@ def _build(cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: i
     return model, head
 
 
-def _card(cfg: SupernetTrainConfig, model: OFAMobileNetV3Supernet, embed_dim: int, data: RetrievalData,
-          classes: list[str], terms: CompatTerms) -> SupernetCard:
+def _card(
+    cfg: SupernetTrainConfig,
+    model: OFAMobileNetV3Supernet,
+    embed_dim: int,
+    data: RetrievalData,
+    classes: list[str],
+    terms: CompatTerms,
+) -> SupernetCard:
     return SupernetCard(
-        supernet=model.config(), embed_dim=embed_dim, in_chans=data.channels, image_size=data.image_size,
-        mean=list(data.mean), std=list(data.std), classes=classes, data=data.name, protocol=data.protocol,
-        data_seed=cfg.data_seed, val_fraction=cfg.val_fraction, val_max_per_class=cfg.val_max_per_class,
+        supernet=model.config(),
+        embed_dim=embed_dim,
+        in_chans=data.channels,
+        image_size=data.image_size,
+        mean=list(data.mean),
+        std=list(data.std),
+        classes=classes,
+        data=data.name,
+        protocol=data.protocol,
+        data_seed=cfg.data_seed,
+        val_fraction=cfg.val_fraction,
+        val_max_per_class=cfg.val_max_per_class,
         gallery=terms.gallery.reference() if terms else None,
         bct_weight=cfg.bct_weight if "bct" in terms.keys else 0.0,
-        regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0, loss=cfg.loss, scale=cfg.scale,
-        margin=cfg.margin, epochs=cfg.epochs)
+        regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0,
+        loss=cfg.loss,
+        scale=cfg.scale,
+        margin=cfg.margin,
+        epochs=cfg.epochs,
+    )
 
 
 class _MinRng(random.Random):

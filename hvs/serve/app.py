@@ -41,9 +41,10 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -74,8 +75,7 @@ FORM_SLACK = 64 * 1024  # multipart boundaries, part headers and the label field
 MAX_LABEL = 256
 TOKEN_ENV = "HVS_TOKEN"
 _ROUTES = ("/", "/search", "/healthz", "/stats", "/gallery", "/thumb/{item_id}", "/gallery/{item_id}")
-_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
-        "PPM": ".ppm"}
+_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "PPM": ".ppm"}
 
 
 class _RWLock:
@@ -140,10 +140,18 @@ class RequestStats:
         for e, a in sorted(lat.items()):
             if a.size:
                 p50, p90, p99 = np.percentile(a, [50, 90, 99])
-                latency[e] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
-                              "p99": round(float(p99), 3), "n": int(a.size)}
-        return {"requests": counts, "latency_ms": latency, "window": self.window,
-                "uptime_s": round(time.time() - self.started, 1)}
+                latency[e] = {
+                    "p50": round(float(p50), 3),
+                    "p90": round(float(p90), 3),
+                    "p99": round(float(p99), 3),
+                    "n": int(a.size),
+                }
+        return {
+            "requests": counts,
+            "latency_ms": latency,
+            "window": self.window,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
 
 
 def _endpoint_key(scope: dict) -> str:
@@ -207,16 +215,25 @@ class SearchService:
     """What the endpoints call: a :class:`Searcher`, the lazily loaded gallery encoder, thumbnails,
     uploads and the locks that keep searches and gallery writes consistent."""
 
-    def __init__(self, index_spec: str, query_model: str | os.PathLike | QueryEncoder, *, force: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, uploads_dir: str | os.PathLike | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        index_spec: str,
+        query_model: str | os.PathLike | QueryEncoder,
+        *,
+        force: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        uploads_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.searcher = Searcher(index_spec, query_model, force=force)
         if self.searcher.warning:
             log.warning("%s", self.searcher.warning)
         self.index = self.searcher.index
         self.encoder = self.searcher.encoder
-        self.runtime = "onnx" if str(query_model).lower().endswith(".onnx") else (
-            "torch" if not isinstance(query_model, QueryEncoder) else "custom")
+        self.runtime = (
+            "onnx"
+            if str(query_model).lower().endswith(".onnx")
+            else ("torch" if not isinstance(query_model, QueryEncoder) else "custom")
+        )
         self.query_model_path = None if isinstance(query_model, QueryEncoder) else str(query_model)
         self.max_image_pixels = int(max_image_pixels)
         self.lock = _RWLock()
@@ -259,8 +276,11 @@ class SearchService:
         except Exception as e:  # UnidentifiedImageError, truncated headers, ...
             raise HTTPException(400, f"upload {name!r} is not a readable image ({type(e).__name__})") from None
         if w * h > self.max_image_pixels:
-            raise HTTPException(400, f"upload {name!r} refused: {w}x{h} = {w * h} pixels is over the limit of "
-                                     f"{self.max_image_pixels} (decompression bomb?)")
+            raise HTTPException(
+                400,
+                f"upload {name!r} refused: {w}x{h} = {w * h} pixels is over the limit of "
+                f"{self.max_image_pixels} (decompression bomb?)",
+            )
         try:
             return load_image(data, preprocessing["image_size"], preprocessing["channels"])
         except ImageError as e:
@@ -275,8 +295,11 @@ class SearchService:
         emb = np.asarray(self.encoder.embed(image[None]))
         t2 = time.perf_counter()
         if not np.isfinite(emb).all():
-            raise HTTPException(500, f"the query model {self.encoder.name} returned a NaN or inf embedding for "
-                                     f"upload {name!r} (broken model weights?)")
+            raise HTTPException(
+                500,
+                f"the query model {self.encoder.name} returned a NaN or inf embedding for "
+                f"upload {name!r} (broken model weights?)",
+            )
         self.sync()
         with self.lock.read():
             try:
@@ -286,9 +309,12 @@ class SearchService:
             size = len(self.index)
         t3 = time.perf_counter()
         ms = lambda a, b: round(1000.0 * (b - a), 3)  # noqa: E731
-        return {"results": hits, "timings_ms": {"decode": ms(t0, t1), "embed": ms(t1, t2), "search": ms(t2, t3),
-                                                "total": ms(t0, t3)},
-                "model": self.model_info(), "index_size": size}
+        return {
+            "results": hits,
+            "timings_ms": {"decode": ms(t0, t1), "embed": ms(t1, t2), "search": ms(t2, t3), "total": ms(t0, t3)},
+            "model": self.model_info(),
+            "index_size": size,
+        }
 
     def model_info(self) -> dict[str, Any]:
         e = self.encoder
@@ -346,8 +372,12 @@ class SearchService:
             finally:
                 self.index.release_writer()  # let `hvs index add/remove` write between requests
             size = len(self.index)
-        return {"id": int(new[0]), "label": label, "source": str(stored) if stored else f"upload:{digest}",
-                "index_size": size}
+        return {
+            "id": int(new[0]),
+            "label": label,
+            "source": str(stored) if stored else f"upload:{digest}",
+            "index_size": size,
+        }
 
     def remove(self, item_id: int) -> dict[str, Any]:
         item_id = self._check_id(item_id)
@@ -382,8 +412,7 @@ class SearchService:
                 raise HTTPException(404, f"no gallery item with id {item_id}") from None
         png = self.thumbs.png(record.get("source"))
         if png is None:
-            raise HTTPException(404, f"no image available for gallery item {item_id} (source "
-                                     f"{record.get('source')!r})")
+            raise HTTPException(404, f"no image available for gallery item {item_id} (source {record.get('source')!r})")
         return png
 
     def info(self) -> dict[str, Any]:
@@ -394,13 +423,28 @@ class SearchService:
         g = meta.get("gallery_model") or {}
         e = self.encoder
         return {
-            "index": {"spec": self.index.spec, "size": size, "dim": meta.get("dim"), "factory": meta.get("factory"),
-                      "data": (meta.get("data") or {}).get("spec")},
+            "index": {
+                "spec": self.index.spec,
+                "size": size,
+                "dim": meta.get("dim"),
+                "factory": meta.get("factory"),
+                "data": (meta.get("data") or {}).get("spec"),
+            },
             "models": {
-                "query": {"name": e.name, "fingerprint": e.fingerprint, "compatible_with": e.compatible_with,
-                          "role": e.role, "runtime": self.runtime, "path": self.query_model_path},
-                "gallery": {"name": g.get("model"), "fingerprint": g.get("fingerprint"), "path": g.get("path"),
-                            "loaded": self._gallery is not None},
+                "query": {
+                    "name": e.name,
+                    "fingerprint": e.fingerprint,
+                    "compatible_with": e.compatible_with,
+                    "role": e.role,
+                    "runtime": self.runtime,
+                    "path": self.query_model_path,
+                },
+                "gallery": {
+                    "name": g.get("model"),
+                    "fingerprint": g.get("fingerprint"),
+                    "path": g.get("path"),
+                    "loaded": self._gallery is not None,
+                },
             },
             "warning": self.searcher.warning,
         }
@@ -415,10 +459,18 @@ def _resolve_token(token: str | None) -> str | None:
     return token or None  # "" means disabled
 
 
-def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *, token: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               force: bool = False, max_k: int = 100, uploads_dir: str | os.PathLike | None = None,
-               stats_window: int = 1000) -> FastAPI:
+def create_app(
+    index_spec: str,
+    query_model: str | os.PathLike | QueryEncoder,
+    *,
+    token: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    force: bool = False,
+    max_k: int = 100,
+    uploads_dir: str | os.PathLike | None = None,
+    stats_window: int = 1000,
+) -> FastAPI:
     """The FastAPI app serving ``index_spec`` with ``query_model`` (a model folder, an ``.onnx``
     export or a :class:`QueryEncoder`).
 
@@ -430,8 +482,9 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
     """
     if max_upload_bytes < 1 or max_k < 1:
         raise ConfigError("max_upload_bytes and max_k must be positive")
-    service = SearchService(index_spec, query_model, force=force, max_image_pixels=max_image_pixels,
-                            uploads_dir=uploads_dir)
+    service = SearchService(
+        index_spec, query_model, force=force, max_image_pixels=max_image_pixels, uploads_dir=uploads_dir
+    )
     secret = _resolve_token(token)
     stats = RequestStats(stats_window)
 
@@ -440,8 +493,12 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
         yield
         service.close()
 
-    app = FastAPI(title="hvs search", version="1", lifespan=lifespan,
-                  description="Heterogeneous visual search: a small query model against a big model's gallery.")
+    app = FastAPI(
+        title="hvs search",
+        version="1",
+        lifespan=lifespan,
+        description="Heterogeneous visual search: a small query model against a big model's gallery.",
+    )
     app.state.service, app.state.stats = service, stats
     app.add_middleware(_LimitAndMeasure, limit=max_upload_bytes + FORM_SLACK, stats=stats)
 
@@ -461,24 +518,32 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
 
     def require_token(request: Request) -> None:
         if secret is None:
-            raise HTTPException(403, f"gallery writes are disabled: no token configured (set {TOKEN_ENV} and "
-                                     "restart the server)")
+            raise HTTPException(
+                403, f"gallery writes are disabled: no token configured (set {TOKEN_ENV} and restart the server)"
+            )
         header = request.headers.get("authorization")
         if not header:
-            raise HTTPException(401, "missing Authorization header (expected 'Bearer <token>')",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "missing Authorization header (expected 'Bearer <token>')", headers={"WWW-Authenticate": "Bearer"}
+            )
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise HTTPException(401, "malformed Authorization header (expected 'Bearer <token>')",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "malformed Authorization header (expected 'Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(given.strip().encode(), secret.encode()):
             raise HTTPException(403, "invalid token")
 
     async def read_upload(request: Request, max_fields: int = 2) -> tuple[bytes, str, Any]:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
-            raise HTTPException(415, f"send the image as multipart/form-data field 'image' "
-                                     f"(got Content-Type {ctype.split(';')[0] or 'none'!r})")
+            raise HTTPException(
+                415,
+                f"send the image as multipart/form-data field 'image' "
+                f"(got Content-Type {ctype.split(';')[0] or 'none'!r})",
+            )
         form = await request.form(max_files=1, max_fields=max_fields)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -504,17 +569,50 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
     def get_stats() -> dict[str, Any]:
         return {**service.info(), "gallery_writes": secret is not None, **stats.snapshot()}
 
-    @app.post("/search", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": ["image"],
-                   "properties": {"image": {"type": "string", "format": "binary"}}}}}}})
-    async def search(request: Request, k: int = Query(10, ge=1, le=max_k, description="results to return")
-                     ) -> dict[str, Any]:
+    @app.post(
+        "/search",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def search(
+        request: Request, k: int = Query(10, ge=1, le=max_k, description="results to return")
+    ) -> dict[str, Any]:
         data, name, _ = await read_upload(request, max_fields=1)
         return await run_in_threadpool(service.search, data, name, k)
 
-    @app.post("/gallery", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary"}, "label": {"type": "string"}}}}}}})
+    @app.post(
+        "/gallery",
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "label": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def add_gallery(request: Request) -> dict[str, Any]:
         require_token(request)
         data, name, form = await read_upload(request, max_fields=2)
@@ -533,8 +631,9 @@ def create_app(index_spec: str, query_model: str | os.PathLike | QueryEncoder, *
 
     @app.get("/thumb/{item_id}")
     def thumb(item_id: int) -> Response:
-        return Response(service.thumb(item_id), media_type="image/png",
-                        headers={"Cache-Control": "public, max-age=86400"})  # ids are never reused
+        return Response(
+            service.thumb(item_id), media_type="image/png", headers={"Cache-Control": "public, max-age=86400"}
+        )  # ids are never reused
 
     return app
 

@@ -107,8 +107,9 @@ class ThumbnailResolver:
                 return None
             if arg and os.path.isdir(arg):
                 candidate = os.path.normpath(os.path.join(arg, rel))
-                if os.path.commonpath([os.path.abspath(arg), os.path.abspath(candidate)]) == os.path.abspath(arg) \
-                        and os.path.isfile(candidate):
+                if os.path.commonpath([os.path.abspath(arg), os.path.abspath(candidate)]) == os.path.abspath(
+                    arg
+                ) and os.path.isfile(candidate):
                     return candidate
         return None
 

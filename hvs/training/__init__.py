@@ -8,11 +8,27 @@
   (registered in :mod:`hvs.losses`) computed against it.
 """
 
-from .core import (Batches, Task, TrainError, fit, make_optimizer, read_mapping, resume, save_trained_model,
-                   train_epoch)
+from .core import Batches, Task, TrainError, fit, make_optimizer, read_mapping, resume, save_trained_model, train_epoch
 from .gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card
 from .run import LOG, STATE, TRAIN_CONFIG, RunFolder, write_log
 
-__all__ = ["LOG", "STATE", "TRAIN_CONFIG", "Batches", "CompatTerms", "FrozenGallery", "RunFolder", "Task",
-           "TrainError", "build_compat_terms", "check_gallery_card", "fit", "make_optimizer", "read_mapping",
-           "resume", "save_trained_model", "train_epoch", "write_log"]
+__all__ = [
+    "LOG",
+    "STATE",
+    "TRAIN_CONFIG",
+    "Batches",
+    "CompatTerms",
+    "FrozenGallery",
+    "RunFolder",
+    "Task",
+    "TrainError",
+    "build_compat_terms",
+    "check_gallery_card",
+    "fit",
+    "make_optimizer",
+    "read_mapping",
+    "resume",
+    "save_trained_model",
+    "train_epoch",
+    "write_log",
+]

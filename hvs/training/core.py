@@ -23,9 +23,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ class TrainError(HVSError):
 # ------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------
+
 
 def read_mapping(path: str | os.PathLike | None) -> dict[str, Any]:
     """A YAML or JSON file of options (a mapping), or {} for None."""
@@ -99,18 +101,22 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 # Optimizer and schedule
 # ------------------------------------------------------------------------------------------
 
+
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``total_steps``."""
+
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return f
 
 
-def make_optimizer(params: list, cfg: Any, steps_per_epoch: int
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    params: list, cfg: Any, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (Nesterov) or AdamW with per-step linear warm-up then cosine decay to zero.
 
     ``cfg`` is any config with optimizer, lr, momentum, weight_decay, warmup_epochs and epochs
@@ -129,6 +135,7 @@ def make_optimizer(params: list, cfg: Any, steps_per_epoch: int
 # ------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------
+
 
 def augment(x: torch.Tensor, kinds: set[str], gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translation by up to ``pad`` px (zero padding) and horizontal flip, per sample."""
@@ -187,10 +194,13 @@ class Batches:
         """(x, y) of each step of ``epoch``: normalised, augmented, on the device."""
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         perm = torch.randperm(self.n, generator=gen)
-        aug_gen = gen if self.rank == 0 else torch.Generator().manual_seed(
-            epoch_seed(self.seed, epoch) * 1_000_003 + self.rank)
+        aug_gen = (
+            gen
+            if self.rank == 0
+            else torch.Generator().manual_seed(epoch_seed(self.seed, epoch) * 1_000_003 + self.rank)
+        )
         for step in range(self.steps_per_epoch):
-            idx = perm[step * self.batch:(step + 1) * self.batch][self.rank::self.world]
+            idx = perm[step * self.batch : (step + 1) * self.batch][self.rank :: self.world]
             yield self._batch(idx, aug_gen)
 
     def _batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +216,7 @@ class Batches:
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
+
 
 class Task(Protocol):
     """What a trainer adds to the loop: one step, and what its checkpoint holds.
@@ -247,8 +258,9 @@ def kill_if_asked(epoch: int) -> None:
         os._exit(137)  # the exit status of a SIGKILLed process; skips every cleanup on purpose
 
 
-def resume(run: RunFolder, task: Task, opt: torch.optim.Optimizer, sched: Any, epochs: int,
-           log: Callable[[str], None] = print) -> tuple[int, list[dict]]:
+def resume(
+    run: RunFolder, task: Task, opt: torch.optim.Optimizer, sched: Any, epochs: int, log: Callable[[str], None] = print
+) -> tuple[int, list[dict]]:
     """Load the run's last checkpoint into the task, optimizer and schedule: (next epoch, history).
     (0, []) when the run has no checkpoint yet."""
     if not run.has_state():
@@ -262,9 +274,19 @@ def resume(run: RunFolder, task: Task, opt: torch.optim.Optimizer, sched: Any, e
     return start, json.loads(state["history"])
 
 
-def fit(task: Task, run: RunFolder, batches: Batches, opt: torch.optim.Optimizer, sched: Any, *, epochs: int,
-        start_epoch: int = 0, history: list[dict] | None = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> list[dict]:
+def fit(
+    task: Task,
+    run: RunFolder,
+    batches: Batches,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    *,
+    epochs: int,
+    start_epoch: int = 0,
+    history: list[dict] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Train ``epochs`` epochs from ``start_epoch``: after each, log its row and (rank 0) write the
     log and a checkpoint. Returns the history (one row per epoch since the run began)."""
     history = list(history or [])
@@ -275,16 +297,31 @@ def fit(task: Task, run: RunFolder, batches: Batches, opt: torch.optim.Optimizer
         log("  ".join(f"{k}={v}" for k, v in row.items()))
         if main:
             task.save(epoch, row)
-            run.save_epoch(history, {**task.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "epoch": epoch,
-                                     "history": json.dumps(history)})
+            run.save_epoch(
+                history,
+                {
+                    **task.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                    "history": json.dumps(history),
+                },
+            )
         hooks.after_epoch(epoch)
         kill_if_asked(epoch)
     return history
 
 
-def train_epoch(task: Task, batches: Batches, opt: torch.optim.Optimizer, sched: Any, epoch: int, epochs: int,
-                *, progress: bool = True) -> dict[str, Any]:
+def train_epoch(
+    task: Task,
+    batches: Batches,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    epoch: int,
+    epochs: int,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
     """One epoch of steps; returns its log row (metrics averaged over steps and ranks)."""
     from tqdm import tqdm
 
@@ -306,17 +343,25 @@ def train_epoch(task: Task, batches: Batches, opt: torch.optim.Optimizer, sched:
     bar.close()
     sums = dist.mean_over_ranks(sums)  # every rank had an equal share: the mean is the global mean
     seconds = time.perf_counter() - t0
-    return {"epoch": epoch + 1, **before, **{k: round(v / steps, 5) for k, v in sums.items()}, **task.end_epoch(),
-            "lr": round(sched.get_last_lr()[0], 6), "seconds": round(seconds, 2),
-            "images_per_s": round(steps * batches.batch / seconds, 1)}
+    return {
+        "epoch": epoch + 1,
+        **before,
+        **{k: round(v / steps, 5) for k, v in sums.items()},
+        **task.end_epoch(),
+        "lr": round(sched.get_last_lr()[0], 6),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(steps * batches.batch / seconds, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # The model folder
 # ------------------------------------------------------------------------------------------
 
-def save_trained_model(out: str | os.PathLike, model: torch.nn.Module, card: Any,
-                       classifier: torch.Tensor | None = None) -> Any:
+
+def save_trained_model(
+    out: str | os.PathLike, model: torch.nn.Module, card: Any, classifier: torch.Tensor | None = None
+) -> Any:
     """Write a trained model as a model folder (weights, classifier, then its card, fingerprinted).
 
     The weights are stored contiguously: safetensors refuses the channels_last tensors training

@@ -10,9 +10,9 @@ embeddings) and adds each weighted term to the loss, PML's
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,15 +25,20 @@ from ..errors import HVSError
 from ..losses import CompatContext, CompatLoss, compat_loss_class
 
 
-def check_gallery_card(card: ckpt.ModelCard, embed_dim: int, data: RetrievalData, *, force: bool,
-                       error: type[HVSError]) -> None:
+def check_gallery_card(
+    card: ckpt.ModelCard, embed_dim: int, data: RetrievalData, *, force: bool, error: type[HVSError]
+) -> None:
     """A model trained against this gallery model must share its embedding space and read its input."""
     if card.embed_dim != embed_dim:
-        raise error(f"embed_dim {embed_dim} differs from the gallery model's {card.embed_dim}: compatible "
-                    "embeddings must share one space")
+        raise error(
+            f"embed_dim {embed_dim} differs from the gallery model's {card.embed_dim}: compatible "
+            "embeddings must share one space"
+        )
     if (card.in_chans, card.image_size) != (data.channels, data.image_size) and not force:
-        raise error(f"gallery model expects {card.in_chans}x{card.image_size}px input, the data is "
-                    f"{data.channels}x{data.image_size}px (pass --force to ignore)")
+        raise error(
+            f"gallery model expects {card.in_chans}x{card.image_size}px input, the data is "
+            f"{data.channels}x{data.image_size}px (pass --force to ignore)"
+        )
 
 
 def renormalizer(data: RetrievalData, g_card: ckpt.ModelCard) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -56,7 +61,7 @@ class FrozenGallery:
     card: ckpt.ModelCard
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FrozenGallery":
+    def load(cls, path: str | os.PathLike) -> FrozenGallery:
         model, card = ckpt.load_model(path)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -66,14 +71,25 @@ class FrozenGallery:
         """What a card records of the gallery it was trained for."""
         return {"fingerprint": self.card.fingerprint, "model": self.card.model, "path": str(Path(self.path).resolve())}
 
-    def context(self, classes: list[str], images: torch.Tensor, targets: torch.Tensor, *, kind: str, scale: float,
-                margin: float, log: Callable[[str], None]) -> CompatContext:
+    def context(
+        self,
+        classes: list[str],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        kind: str,
+        scale: float,
+        margin: float,
+        log: Callable[[str], None],
+    ) -> CompatContext:
         """What a compatibility loss may need to be built (BCT: the classifier and class means)."""
+
         def class_mean(row: int) -> torch.Tensor:
             return embed_images(self.model, images[targets == row], self.card.mean, self.card.std).mean(0)
 
-        return CompatContext(classes, self.card.classes, lambda: ckpt.load_classifier(self.path), class_mean,
-                             kind, scale, margin, log)
+        return CompatContext(
+            classes, self.card.classes, lambda: ckpt.load_classifier(self.path), class_mean, kind, scale, margin, log
+        )
 
 
 @dataclass
@@ -86,13 +102,17 @@ class CompatTerm:
 class CompatTerms:
     """The weighted compatibility losses of a run and the gallery model they compare with."""
 
-    def __init__(self, terms: list[CompatTerm], gallery: FrozenGallery | None = None,
-                 to_gallery: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> None:
+    def __init__(
+        self,
+        terms: list[CompatTerm],
+        gallery: FrozenGallery | None = None,
+        to_gallery: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    ) -> None:
         self.terms, self.gallery, self.to_gallery = terms, gallery, to_gallery
         self.needs_ref = any(t.loss.needs_ref for t in terms)
         self.keys = [t.key for t in terms]
 
-    def to(self, device: torch.device) -> "CompatTerms":
+    def to(self, device: torch.device) -> CompatTerms:
         for t in self.terms:
             t.loss.to(device)
         if self.gallery is not None:
@@ -107,8 +127,15 @@ class CompatTerms:
         """The gallery embeddings of the batch (one forward pass), or None when no term needs them."""
         return self.gallery.model(self.to_gallery(x)) if self.needs_ref and self.gallery is not None else None
 
-    def add(self, loss: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None,
-            sums: dict[str, float], divisor: int = 1) -> torch.Tensor:
+    def add(
+        self,
+        loss: torch.Tensor,
+        emb: torch.Tensor,
+        y: torch.Tensor,
+        ref: torch.Tensor | None,
+        sums: dict[str, float],
+        divisor: int = 1,
+    ) -> torch.Tensor:
         """``loss`` plus every weighted term; each term's value (/ ``divisor``) is added to ``sums``.
 
         A term comparing with the whole batch (``global_ref``) gets the all-gathered global batch
@@ -126,11 +153,18 @@ class CompatTerms:
         return loss
 
 
-def build_compat_terms(specs: list[tuple[str, float]], gallery: FrozenGallery | None, context: CompatContext, *,
-                       keys: dict[str, str] | None = None,
-                       to_gallery: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> CompatTerms:
+def build_compat_terms(
+    specs: list[tuple[str, float]],
+    gallery: FrozenGallery | None,
+    context: CompatContext,
+    *,
+    keys: dict[str, str] | None = None,
+    to_gallery: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> CompatTerms:
     """Registered losses for ``[(name, weight)]``, each built from the run's ``context``. ``keys``
     renames a term in the log (the supernet logs ``l2`` as ``regress``)."""
-    terms = [CompatTerm((keys or {}).get(name, name), weight, compat_loss_class(name).for_training(context))
-             for name, weight in specs]
+    terms = [
+        CompatTerm((keys or {}).get(name, name), weight, compat_loss_class(name).for_training(context))
+        for name, weight in specs
+    ]
     return CompatTerms(terms, gallery, to_gallery)

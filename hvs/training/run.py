@@ -55,8 +55,7 @@ class RunFolder:
             return False
         return any(e.name not in _UNSTARTED and not fileio.is_temp_name(e.name) for e in self.path.iterdir())
 
-    def check(self, config: dict[str, Any], defaults: dict[str, Any], *, resume: bool,
-              resume_free: set[str]) -> None:
+    def check(self, config: dict[str, Any], defaults: dict[str, Any], *, resume: bool, resume_free: set[str]) -> None:
         """Refuse a start that would overwrite a run, or a resumption with another configuration.
 
         ``defaults`` fills keys a run's recorded config lacks (options added since it started).
