@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast setup system-deps clean
+.PHONY: demo test test-fast lint setup system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ system-deps:
 demo: setup
 	$(BIN)/hvs demo
 
-test: setup
+# lint first: ruff's lint rules and formatting (configured in pyproject.toml), then every test
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check hvs tests benchmarks
+	$(BIN)/ruff format --check hvs tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
