@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,228 @@ def _dim_hint(meta: dict) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
+def _check_inputs(
+    cls: type[GalleryIndex],
+    location: str,
+    images: Any,
+    labels: Sequence[str],
+    sources: Sequence[str] | None,
+    meta: dict,
+    batch_size: int,
+    shard_size: int,
+) -> tuple[list, _Images]:
+    """Refuse bad arguments before anything is embedded; the sources as a list and the images."""
+    cls.check_creatable(location)  # fail before hours of embedding, not after
+    n = len(labels)
+    sources = [None] * n if sources is None else list(sources)
+    if len(sources) != n:
+        raise IndexStoreError(f"{n} labels but {len(sources)} sources")
+    if shard_size < 1 or batch_size < 1:
+        raise IndexStoreError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+    if meta is None or not isinstance(meta, dict):
+        raise IndexStoreError("build_index needs meta= (a dict; record gallery_model and preprocessing in it)")
+    return sources, _Images(images, n, batch_size)
+
+
+def _manifest(n: int, shard_size: int, sources: list, meta: dict) -> tuple[dict, dict]:
+    """What the shards depend on (``build.json``'s keys) and the ``made_by`` record of the model."""
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "n": n,
+        "shard_size": shard_size,
+        "sources": _sha(sources),
+        "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
+        "data": _sha([data.get(key) for key in ("spec", "split", "protocol")]),
+    }
+    made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
+    return manifest, made_by
+
+
+def _refuse_other_build(work: Path, old: dict, diff: list[str], made_by: dict) -> None:
+    """Raise: the finished shards in ``work`` were embedded for another build (named by ``diff``)."""
+    recorded = old.get("made_by") if isinstance(old.get("made_by"), dict) else {}
+    if "model" in diff and (recorded.get("gallery_model") or {}).get("fingerprint"):
+        # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
+        check_pair(
+            QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
+            GallerySide.of_index_meta(recorded),
+            same_model=True,
+            remedy=f"delete {work} to start over",
+        )
+    what = {
+        "n": "item count",
+        "shard_size": "shard size",
+        "sources": "gallery items",
+        "model": "gallery model or preprocessing",
+        "data": "data spec/split/protocol",
+    }[diff[0]]
+    raise IndexStoreError(
+        f"the shards in {work} belong to a different build (another {what}); delete {work} to start over"
+    )
+
+
+def _open_work_folder(work: Path, manifest: dict, made_by: dict) -> int | None:
+    """Reuse, refuse or reset the work folder against ``manifest``; the recorded dim, if any.
+
+    A matching ``build.json`` keeps the shards (and gives their dim); a different one with finished
+    shards is refused; anything else (no finished shard, an older format) starts over.
+    """
+    manifest_path = work / MANIFEST
+    dim = None
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        old = old if isinstance(old, dict) else {}
+        diff = [key for key in manifest if old.get(key) != manifest[key]]
+        if not diff:
+            dim = old.get("dim")
+        elif _finished_shards(work) and old.get("format") == MANIFEST_FORMAT:
+            _refuse_other_build(work, old, diff, made_by)
+        else:  # nothing reusable there (no finished shard, or an older format without checksums)
+            shutil.rmtree(work / "shards", ignore_errors=True)
+            shutil.rmtree(work / "checksums", ignore_errors=True)
+    if dim is None:
+        (work / "shards").mkdir(parents=True, exist_ok=True)
+        _write_manifest(manifest_path, dict(manifest, made_by=made_by))
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    (work / "checksums").mkdir(parents=True, exist_ok=True)
+    return dim
+
+
+@dataclass
+class _Build:
+    """What the embedding and writing steps of one ``build_index`` call share."""
+
+    spec: str
+    cls: type[GalleryIndex]
+    location: str
+    factory: str
+    labels: Sequence[str]
+    sources: list
+    shard_size: int
+    work: Path
+    manifest: dict
+    made_by: dict
+    dim: int | None  # from build.json, else set by the first embedded batch
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        """Shard ``i``'s items: ``start:stop``."""
+        return i * self.shard_size, min(self.n, (i + 1) * self.shard_size)
+
+
+def _embed_batches(
+    b: _Build, source: _Images, embed_fn: Callable, start: int, stop: int, on_batch: Callable
+) -> np.ndarray:
+    """Items ``start:stop`` embedded batch by batch, each checked for shape and dim.
+
+    The first batch of a build whose dim is not yet known fixes ``b.dim``: the factory is checked
+    against it and ``build.json`` records it. ``on_batch`` gets each batch's size (progress).
+    """
+    parts = []
+    for _, batch in source.batches(start, stop):
+        out = embed_fn(batch)
+        if hasattr(out, "detach"):
+            out = out.detach().cpu().numpy()
+        out = np.asarray(out, dtype=np.float32)
+        if out.ndim != 2 or out.shape[0] != len(batch):
+            raise IndexStoreError(f"embed_fn returned shape {out.shape} for a batch of {len(batch)} images")
+        if b.dim is None:
+            b.dim = int(out.shape[1])
+            b.cls.check_factory(b.dim, b.factory, b.n)  # after one batch when meta gave no dim
+            _write_manifest(b.work / MANIFEST, dict(b.manifest, made_by=b.made_by, dim=b.dim))
+        elif out.shape[1] != b.dim:
+            raise IndexStoreError(f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {b.dim}")
+        parts.append(out)
+        on_batch(len(out))
+    return np.concatenate(parts) if parts else np.zeros((0, b.dim or 0), np.float32)
+
+
+def _embed_shard(
+    b: _Build, source: _Images, embed_fn: Callable, i: int, skip_bad: bool, on_batch: Callable
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed shard ``i``, refuse (or with ``skip_bad`` drop) NaN/inf/zero rows, save it atomically
+    and seal it; its (vectors, ids)."""
+    start, stop = b.bounds(i)
+    vectors = _embed_batches(b, source, embed_fn, start, stop, on_batch)
+    ids = np.arange(start, stop, dtype=np.int64)
+    good = np.isfinite(vectors).all(axis=1) & (np.abs(vectors).sum(axis=1) > 0)
+    if not good.all():
+        first = int(ids[~good][0])
+        if not skip_bad:
+            raise IndexStoreError(
+                f"embedding of item {first} ({b.sources[first] or b.labels[first]}) is NaN, "
+                "inf or zero: is the gallery model broken, or this image? (fix or "
+                "drop it from the data, then rerun: finished shards are kept)"
+            )
+        vectors, ids = vectors[good], ids[good]
+    vec_path, ids_path = _shard_paths(b.work, i)
+    _save_atomic(vec_path, vectors)
+    _save_atomic(ids_path, ids)
+    _seal_shard(b.work, i)  # last: the checksum record marks the shard finished
+    return vectors, ids
+
+
+def _embed_shards(
+    b: _Build, source: _Images, embed_fn: Callable, wanted: set | None, skip_bad: bool, report: dict, progress: bool
+) -> list:
+    """Every shard's (vectors, ids): reused when finished, embedded when ``wanted``, else None."""
+    from tqdm.auto import tqdm
+
+    n_shards = report["n_shards"]
+    done = [_load_shard(b.work, i, *b.bounds(i), b.dim) for i in range(n_shards)]
+    size = {i: b.bounds(i)[1] - b.bounds(i)[0] for i in range(n_shards) if wanted is None or i in wanted}
+    reused_items = sum(m for i, m in size.items() if done[i] is not None)
+    bar = tqdm(
+        total=sum(size.values()),
+        initial=reused_items,
+        disable=not progress,
+        desc=f"embed gallery -> {b.spec}",
+        unit="img",
+    )
+
+    def on_batch(m: int) -> None:
+        report["n_embedded"] += m
+        bar.update(m)
+
+    try:
+        for i in range(n_shards):
+            start, stop = b.bounds(i)
+            if done[i] is not None or (wanted is not None and i not in wanted):
+                source.skip(start, stop)
+                if done[i] is not None:
+                    report["n_reused_shards"] += 1
+                    report["n_reused_items"] += stop - start
+                continue
+            done[i] = _embed_shard(b, source, embed_fn, i, skip_bad, on_batch)
+    finally:
+        bar.close()
+    return done
+
+
+def _write_index(b: _Build, meta: dict, report: dict, done: list) -> GalleryIndex:
+    """Fill in the report's skips and create the index from every shard in one atomic step."""
+    ids = np.concatenate([d[1] for d in done]) if done else np.zeros(0, np.int64)
+    present = np.zeros(b.n, bool)
+    present[ids] = True
+    missing = np.flatnonzero(~present)
+    report["n_skipped"] = int(missing.size)
+    report["skipped"] = [f"{int(j)}: {b.sources[j] or b.labels[j]}" for j in missing[:MAX_LISTED_SKIPS]]
+    if b.dim is None:
+        raise IndexStoreError(f"no images to index for {b.spec}")
+    vectors = np.concatenate([np.asarray(d[0], dtype=np.float32) for d in done])
+    index_labels = [b.labels[j] for j in ids.tolist()]
+    index_sources = [b.sources[j] for j in ids.tolist()]
+    initial = (vectors, ids, index_labels, index_sources)
+    return b.cls.create(b.location, b.dim, b.factory, dict(meta, build_report=report), initial=initial)
+
+
 def build_index(
     spec: str,
     images: Any,
@@ -237,81 +460,21 @@ def build_index(
     """
     prefix, location = parse_spec(spec)
     cls = backend_class(prefix)
-    cls.check_creatable(location)  # fail before hours of embedding, not after
+    sources, source = _check_inputs(cls, location, images, labels, sources, meta, batch_size, shard_size)
     n = len(labels)
-    sources = [None] * n if sources is None else list(sources)
-    if len(sources) != n:
-        raise IndexStoreError(f"{n} labels but {len(sources)} sources")
-    if shard_size < 1 or batch_size < 1:
-        raise IndexStoreError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
-    if meta is None or not isinstance(meta, dict):
-        raise IndexStoreError("build_index needs meta= (a dict; record gallery_model and preprocessing in it)")
-    source = _Images(images, n, batch_size)
-
     dim_hint = _dim_hint(meta)
     if dim_hint is not None:
         cls.check_factory(dim_hint, factory, n)  # before hours of embedding, not after
-
     work = Path(work_dir) if work_dir is not None else default_work_dir(prefix, location)
-    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "n": n,
-        "shard_size": shard_size,
-        "sources": _sha(sources),
-        "model": _sha([meta.get("gallery_model"), meta.get("preprocessing")]),
-        "data": _sha([data.get(key) for key in ("spec", "split", "protocol")]),
-    }
-    made_by = {"gallery_model": meta.get("gallery_model"), "preprocessing": meta.get("preprocessing")}
-    manifest_path = work / MANIFEST
-    dim = None
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = {}
-        old = old if isinstance(old, dict) else {}
-        diff = [key for key in manifest if old.get(key) != manifest[key]]
-        if not diff:
-            dim = old.get("dim")
-        elif _finished_shards(work) and old.get("format") == MANIFEST_FORMAT:
-            recorded = old.get("made_by") if isinstance(old.get("made_by"), dict) else {}
-            if "model" in diff and (recorded.get("gallery_model") or {}).get("fingerprint"):
-                # shards embedded by one gallery model never mix with another's (hvs.compat's rule)
-                check_pair(
-                    QuerySide.writer_of(GallerySide.of_index_meta(made_by)),
-                    GallerySide.of_index_meta(recorded),
-                    same_model=True,
-                    remedy=f"delete {work} to start over",
-                )
-            what = {
-                "n": "item count",
-                "shard_size": "shard size",
-                "sources": "gallery items",
-                "model": "gallery model or preprocessing",
-                "data": "data spec/split/protocol",
-            }[diff[0]]
-            raise IndexStoreError(
-                f"the shards in {work} belong to a different build (another {what}); delete {work} to start over"
-            )
-        else:  # nothing reusable there (no finished shard, or an older format without checksums)
-            shutil.rmtree(work / "shards", ignore_errors=True)
-            shutil.rmtree(work / "checksums", ignore_errors=True)
-    if dim is None:
-        (work / "shards").mkdir(parents=True, exist_ok=True)
-        _write_manifest(manifest_path, dict(manifest, made_by=made_by))
-    (work / "shards").mkdir(parents=True, exist_ok=True)
-    (work / "checksums").mkdir(parents=True, exist_ok=True)
+    manifest, made_by = _manifest(n, shard_size, sources, meta)
+    dim = _open_work_folder(work, manifest, made_by)
     if dim is not None and dim_hint is None:
         cls.check_factory(dim, factory, n)
 
-    from tqdm.auto import tqdm
-
-    n_shards = math.ceil(n / shard_size)
-    wanted = None if only_shards is None else set(only_shards)
+    b = _Build(spec, cls, location, factory, labels, sources, shard_size, work, manifest, made_by, dim)
     report = {
         "n_items": n,
-        "n_shards": n_shards,
+        "n_shards": math.ceil(n / shard_size),
         "shard_size": shard_size,
         "n_embedded": 0,
         "n_reused_shards": 0,
@@ -319,80 +482,10 @@ def build_index(
         "n_skipped": 0,
         "skipped": [],
     }
-    done = [_load_shard(work, i, i * shard_size, min(n, (i + 1) * shard_size), dim) for i in range(n_shards)]
-    mine = [i for i in range(n_shards) if wanted is None or i in wanted]
-    size = {i: min(n, (i + 1) * shard_size) - i * shard_size for i in mine}
-    reused_items = sum(size[i] for i in mine if done[i] is not None)
-    bar = tqdm(
-        total=sum(size.values()),
-        initial=reused_items,
-        disable=not progress,
-        desc=f"embed gallery -> {spec}",
-        unit="img",
-    )
-    try:
-        for i in range(n_shards):
-            start, stop = i * shard_size, min(n, (i + 1) * shard_size)
-            if done[i] is not None or (wanted is not None and i not in wanted):
-                source.skip(start, stop)
-                if done[i] is not None:
-                    report["n_reused_shards"] += 1
-                    report["n_reused_items"] += stop - start
-                continue
-            parts = []
-            for _, batch in source.batches(start, stop):
-                out = embed_fn(batch)
-                if hasattr(out, "detach"):
-                    out = out.detach().cpu().numpy()
-                out = np.asarray(out, dtype=np.float32)
-                if out.ndim != 2 or out.shape[0] != len(batch):
-                    raise IndexStoreError(f"embed_fn returned shape {out.shape} for a batch of {len(batch)} images")
-                if dim is None:
-                    dim = int(out.shape[1])
-                    cls.check_factory(dim, factory, n)  # after one batch when meta gave no dim
-                    _write_manifest(manifest_path, dict(manifest, made_by=made_by, dim=dim))
-                elif out.shape[1] != dim:
-                    raise IndexStoreError(
-                        f"dimension mismatch: embed_fn returned dim {out.shape[1]}, earlier dim {dim}"
-                    )
-                parts.append(out)
-                report["n_embedded"] += len(out)
-                bar.update(len(out))
-            vectors = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float32)
-            ids = np.arange(start, stop, dtype=np.int64)
-            good = np.isfinite(vectors).all(axis=1) & (np.abs(vectors).sum(axis=1) > 0)
-            if not good.all():
-                first = int(ids[~good][0])
-                if not skip_bad:
-                    raise IndexStoreError(
-                        f"embedding of item {first} ({sources[first] or labels[first]}) is NaN, "
-                        "inf or zero: is the gallery model broken, or this image? (fix or "
-                        "drop it from the data, then rerun: finished shards are kept)"
-                    )
-                vectors, ids = vectors[good], ids[good]
-            vec_path, ids_path = _shard_paths(work, i)
-            _save_atomic(vec_path, vectors)
-            _save_atomic(ids_path, ids)
-            _seal_shard(work, i)  # last: the checksum record marks the shard finished
-            done[i] = (vectors, ids)
-    finally:
-        bar.close()
+    wanted = None if only_shards is None else set(only_shards)
+    done = _embed_shards(b, source, embed_fn, wanted, skip_bad, report, progress)
     if wanted is not None:
         return None
-
-    ids = np.concatenate([d[1] for d in done]) if done else np.zeros(0, np.int64)
-    present = np.zeros(n, bool)
-    present[ids] = True
-    missing = np.flatnonzero(~present)
-    report["n_skipped"] = int(missing.size)
-    report["skipped"] = [f"{int(j)}: {sources[j] or labels[j]}" for j in missing[:MAX_LISTED_SKIPS]]
-    if dim is None:
-        raise IndexStoreError(f"no images to index for {spec}")
-    vectors = np.concatenate([np.asarray(d[0], dtype=np.float32) for d in done])
-    index_labels = [labels[j] for j in ids.tolist()]
-    index_sources = [sources[j] for j in ids.tolist()]
-    index = cls.create(
-        location, dim, factory, dict(meta, build_report=report), initial=(vectors, ids, index_labels, index_sources)
-    )
+    index = _write_index(b, meta, report, done)
     shutil.rmtree(work, ignore_errors=True)
     return index
