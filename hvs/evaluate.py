@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .compat import GallerySide, QuerySide, check_pair
 from .data import RetrievalData, create_dataset
 from .data.checks import check_duplicates
 from .embed import embed_images
-from .errors import HVSError
+from .errors import HVSError, HVSWarning
 from .metrics import (
     TAR_BOOT_MAX_RANK,
     bootstrap_ci,
@@ -131,6 +132,10 @@ def evaluate(
         per_query=per_query,
     )
     metrics = scores["metrics"]
+    if q_card.compatible_with:  # a query model made for this gallery: say when that does not pay
+        for line in scores["verdict"]:
+            warnings.warn(line, HVSWarning, stacklevel=2)
+            notes.append(line)
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
     ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
     if latency:
@@ -188,8 +193,9 @@ def evaluate_embeddings(
     ``"query"`` adds the paragon M(g->g) and the gap to it. A pair whose embeddings are missing is
     left out. Probes whose identity has no gallery item are non-mated (open-set data); when every
     probe has mates, TPIR falls back to leave-identity-out. Returns ``{"metrics": {pair: ...},
-    "compatibility_criterion": ..., "gap_to_paragon": ...}`` (and ``"per_query"`` arrays when
-    asked, for paired comparisons).
+    "compatibility_criterion": ..., "gap_to_paragon": ..., "headroom": M(g->g) - M(q->q),
+    "verdict": [...]}`` (``verdict``: :func:`heterogeneous_verdict`, the reasons heterogeneous
+    search does not pay here; and ``"per_query"`` arrays when asked, for paired comparisons).
 
         import hvs
         r = hvs.evaluate_embeddings(q_labels, g_labels, query_model_emb={"query": q, "gallery": qg},
@@ -233,11 +239,14 @@ def evaluate_embeddings(
             _, lo, hi = bootstrap_ci(np.asarray(per_q[key][arr_key]), n_boot=n_boot)
             m[f"{name}_ci95"] = [lo, hi]
         metrics[key] = m
-    criterion, gap = _paired_differences(metrics, per_q, n_boot)
+    criterion, gap, headroom = _paired_differences(metrics, per_q, n_boot)
     if n_boot > 0:
         boot = _threshold_replicates(metrics, per_probe, pair_scores, len(q_labels), n_boot)
         _threshold_intervals(metrics, criterion, gap, boot)
     out: dict[str, Any] = {"metrics": metrics, "compatibility_criterion": criterion, "gap_to_paragon": gap}
+    if headroom:
+        out["headroom"] = headroom
+    out["verdict"] = heterogeneous_verdict(out)
     if per_query:
         out["per_query"] = {
             key: {
@@ -249,14 +258,22 @@ def evaluate_embeddings(
     return out
 
 
-def _paired_differences(metrics: dict, per_q: dict, n_boot: int) -> tuple[dict, dict]:
-    """The criterion M(q->g) - M(q->q) and the gap M(g->g) - M(q->g) of the per-query metrics, each
-    with a paired bootstrap interval over queries; TAR/TPIR point values (their intervals come from
-    :func:`_threshold_intervals`)."""
+def _paired_differences(metrics: dict, per_q: dict, n_boot: int) -> tuple[dict, dict, dict]:
+    """The criterion M(q->g) - M(q->q), the gap M(g->g) - M(q->g) and the headroom M(g->g) - M(q->q)
+    of the per-query metrics, each with a paired bootstrap interval over queries; TAR/TPIR point
+    values of the first two (their intervals come from :func:`_threshold_intervals`)."""
     criterion: dict[str, dict] = {}
     gap: dict[str, dict] = {}
+    headroom: dict[str, dict] = {}
     het = per_q["query->gallery"]
     for name, arr_key in PER_QUERY.items():
+        if "query->query" in per_q and "gallery->gallery" in per_q:
+            h, lo, hi = paired_bootstrap_ci(
+                np.asarray(per_q["gallery->gallery"][arr_key]),
+                np.asarray(per_q["query->query"][arr_key]),
+                n_boot=n_boot,
+            )
+            headroom[name] = {"headroom": h, "ci95": [lo, hi]}
         if "query->query" in per_q:
             d, lo, hi = paired_bootstrap_ci(
                 np.asarray(het[arr_key]), np.asarray(per_q["query->query"][arr_key]), n_boot=n_boot
@@ -279,7 +296,45 @@ def _paired_differences(metrics: dict, per_q: dict, n_boot: int) -> tuple[dict, 
             criterion[name] = {"holds": bool(metrics["query->gallery"][name] > metrics["query->query"].get(name, -1))}
         if name in metrics.get("gallery->gallery", {}):
             gap[name] = {"gap": metrics["gallery->gallery"][name] - metrics["query->gallery"][name]}
-    return criterion, gap
+    return criterion, gap, headroom
+
+
+def heterogeneous_verdict(scores: dict[str, Any], metric: str = "map") -> list[str]:
+    """One line for each reason heterogeneous search does not pay in these numbers (empty if none).
+
+    Judged on ``metric`` (mAP by default: it ranks the whole gallery, where Recall@1 saturates) on
+    the upper end of the paired 95% interval, so a line means the data show it, not noise:
+
+    * the gallery model is no stronger than the query model alone (headroom M(g->g) - M(q->q) not
+      above 0): the large model's embeddings have nothing to add to the small model's;
+    * the query model does better searching its own embeddings of the gallery (criterion
+      M(q->g) - M(q->q) below 0): its compatibility with the gallery model costs accuracy.
+    """
+    m = scores["metrics"]
+    out = []
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
+    room = scores.get("headroom", {}).get(metric)
+    if room and room["ci95"][1] is not None and room["ci95"][1] <= 0:
+        lo, hi = room["ci95"]
+        out.append(
+            f"the gallery model is no stronger than the query model alone: {metric} M(g->g) "
+            f"{pct(m['gallery->gallery'][metric])} vs M(q->q) {pct(m['query->query'][metric])} "
+            f"(difference {pct(room['headroom'])} [{pct(lo)}, {pct(hi)}]); heterogeneous search cannot pay here "
+            "(a stronger gallery model, more training data or pretrained weights are needed)"
+        )
+    crit = scores.get("compatibility_criterion", {}).get(metric)
+    if crit and crit.get("ci95") and crit["ci95"][1] is not None and crit["ci95"][1] < 0:
+        lo, hi = crit["ci95"]
+        out.append(
+            f"the query model does better searching its own embeddings of the gallery: {metric} M(q->g) "
+            f"{pct(m['query->gallery'][metric])} vs M(q->q) {pct(m['query->query'][metric])} "
+            f"(difference {pct(crit['difference'])} [{pct(lo)}, {pct(hi)}]); its compatibility with the gallery "
+            "model costs accuracy here"
+        )
+    return out
 
 
 def _threshold_intervals(metrics: dict, criterion: dict, gap: dict, boot: dict) -> None:

@@ -88,3 +88,54 @@ def test_open_set_probes_are_non_mated():
     )
     assert r["metrics"]["query->gallery"]["n_nonmated_probes"] == int((~keep).sum())
     assert np.isfinite(r["metrics"]["query->gallery"]["map"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_verdict_says_when_heterogeneous_search_cannot_pay(seed):
+    """A gallery model whose gallery vectors are noisier than the query model's own: the headroom is negative
+    and searching them costs accuracy, by construction (noise 2.0 against 0.3, far apart) and on every seed."""
+    labels, draw = _clusters(seed, n_classes=8, per_class=10)
+    weak_gallery = hvs.evaluate_embeddings(
+        labels,
+        labels,
+        query_model_emb={"query": draw(0.3), "gallery": draw(0.3)},
+        gallery_model_emb={"query": draw(2.0), "gallery": draw(2.0)},
+        n_boot=200,
+    )
+    assert weak_gallery["headroom"]["map"]["ci95"][1] < 0
+    verdict = weak_gallery["verdict"]
+    assert len(verdict) == 2
+    assert verdict[0].startswith("the gallery model is no stronger than the query model alone: map M(g->g)")
+    assert verdict[1].startswith("the query model does better searching its own embeddings of the gallery")
+
+    strong_gallery = hvs.evaluate_embeddings(
+        labels,
+        labels,
+        query_model_emb={"query": draw(1.0), "gallery": draw(1.0)},
+        gallery_model_emb={"query": draw(0.1), "gallery": draw(0.1)},
+        n_boot=200,
+    )
+    assert strong_gallery["verdict"] == [] and strong_gallery["headroom"]["map"]["ci95"][0] > 0
+
+
+def test_evaluate_warns_with_each_verdict_line_for_a_compatible_query_model(tmp_path, monkeypatch):
+    """The wiring: every verdict line of the numbers becomes one hvs warning and a note of the report, for a
+    query model trained for this gallery (an independent one is expected not to pay, so it gets none)."""
+    from conftest import TINY_SPEC, build_tiny_world
+
+    import hvs.evaluate as ev
+
+    build_tiny_world(tmp_path)
+    real = ev.evaluate_embeddings
+
+    def with_verdict(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["verdict"] = ["the gallery model is no stronger than the query model alone: (test line)"]
+        return out
+
+    monkeypatch.setattr(ev, "evaluate_embeddings", with_verdict)
+    with pytest.warns(hvs.errors.HVSWarning, match=r"no stronger than the query model alone: \(test line\)"):
+        result = ev.evaluate(tmp_path / "g", tmp_path / "q", TINY_SPEC, latency=False, n_boot=20)
+    assert result["notes"].count("the gallery model is no stronger than the query model alone: (test line)") == 1
+    alone = ev.evaluate(tmp_path / "g", tmp_path / "g", TINY_SPEC, latency=False, n_boot=20)
+    assert not any("(test line)" in n for n in alone["notes"])
