@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from .compat import GallerySide, QuerySide, check_pair
 from .data import RetrievalData, create_dataset
 from .data.checks import check_duplicates
 from .embed import embed_images
-from .errors import HVSError, HVSWarning
+from .errors import HVSError
 from .metrics import (
     TAR_BOOT_MAX_RANK,
     bootstrap_ci,
@@ -132,10 +131,8 @@ def evaluate(
         per_query=per_query,
     )
     metrics = scores["metrics"]
-    if q_card.compatible_with:  # a query model made for this gallery: say when that does not pay
-        for line in scores["verdict"]:
-            warnings.warn(line, HVSWarning, stacklevel=2)
-            notes.append(line)
+    if q_card.compatible_with:  # a query model made for this gallery: the report says when that does not pay
+        notes += [f"warning: {line}" for line in scores["verdict"]]
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
     ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
     if latency:

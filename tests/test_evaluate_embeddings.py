@@ -118,24 +118,26 @@ def test_the_verdict_says_when_heterogeneous_search_cannot_pay(seed):
     assert strong_gallery["verdict"] == [] and strong_gallery["headroom"]["map"]["ci95"][0] > 0
 
 
-def test_evaluate_warns_with_each_verdict_line_for_a_compatible_query_model(tmp_path, monkeypatch):
-    """The wiring: every verdict line of the numbers becomes one hvs warning and a note of the report, for a
-    query model trained for this gallery (an independent one is expected not to pay, so it gets none)."""
+def test_evaluate_reports_each_verdict_line_for_a_compatible_query_model(tmp_path, monkeypatch):
+    """The wiring: every verdict line of the numbers becomes a warning note of the report (printed by the CLI
+    under the table), for a query model trained for this gallery (an independent one is expected not to pay,
+    so it gets none)."""
     from conftest import TINY_SPEC, build_tiny_world
 
     import hvs.evaluate as ev
 
     build_tiny_world(tmp_path)
     real = ev.evaluate_embeddings
+    line = "the gallery model is no stronger than the query model alone: (test line)"
 
     def with_verdict(*args, **kwargs):
         out = real(*args, **kwargs)
-        out["verdict"] = ["the gallery model is no stronger than the query model alone: (test line)"]
+        out["verdict"] = [line]
         return out
 
     monkeypatch.setattr(ev, "evaluate_embeddings", with_verdict)
-    with pytest.warns(hvs.errors.HVSWarning, match=r"no stronger than the query model alone: \(test line\)"):
-        result = ev.evaluate(tmp_path / "g", tmp_path / "q", TINY_SPEC, latency=False, n_boot=20)
-    assert result["notes"].count("the gallery model is no stronger than the query model alone: (test line)") == 1
+    result = ev.evaluate(tmp_path / "g", tmp_path / "q", TINY_SPEC, latency=False, n_boot=20)
+    assert result["notes"].count(f"warning: {line}") == 1
+    assert f"note: warning: {line}" in ev.format_report(result)
     alone = ev.evaluate(tmp_path / "g", tmp_path / "g", TINY_SPEC, latency=False, n_boot=20)
     assert not any("(test line)" in n for n in alone["notes"])
