@@ -25,8 +25,6 @@ import hashlib
 import importlib
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from .compat import QuerySide
 from .data.images import to_float
 from .embed import embed_images
 from .errors import ExportError
+from .models.cost import median_call_ms
 
 INPUT, OUTPUT = "images", "embeddings"
 WEIGHTS_KEY = "weights_sha256"
@@ -266,15 +265,7 @@ def measure_ort_latency(
     :func:`hvs.models.cost.measure_latency` (at least ``repeats`` runs and ``min_seconds``)."""
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
     feed = {session.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 10_000):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+    return median_call_ms(lambda: session.run(None, feed), warmup=warmup, repeats=repeats, min_seconds=min_seconds)
 
 
 register_encoder("torch", "hvs.encoders:load_torch_encoder")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,13 +47,23 @@ def measure_latency(
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, *input_shape)
+    try:
+        return median_call_ms(lambda: model(x), warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+    finally:
+        model.train(was_training)
+
+
+def median_call_ms(
+    call: Callable[[], object], *, warmup: int = 5, repeats: int = 20, min_seconds: float = 0.3
+) -> float:
+    """Median wall time in milliseconds of ``call()``, after ``warmup`` calls, over at least ``repeats``
+    calls and ``min_seconds`` (at most 10,000 calls): the one timing loop of every latency hvs reports."""
     for _ in range(warmup):
-        model(x)
+        call()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 10_000):
         t0 = time.perf_counter()
-        model(x)
+        call()
         times.append(time.perf_counter() - t0)
-    model.train(was_training)
     return 1000.0 * statistics.median(times)
