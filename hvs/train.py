@@ -78,6 +78,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
+from .errors import HVSError
 from .losses import MarginHead, parse_compat
 from .models import create_model
 from .training import core
@@ -119,6 +120,7 @@ class TrainConfig:
     sync_bn: bool = False  # multi-process runs: BatchNorm statistics over the global batch
     force: bool = False  # allow a gallery model whose preprocessing differs
     strict: bool = False  # unreadable images are an error instead of skipped
+    check: bool = True  # with a gallery model: after training, say when heterogeneous search cannot pay
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -126,7 +128,7 @@ class TrainConfig:
 
 
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"threads", "out", "force", "strict", "device"}
+_RESUME_FREE = {"threads", "out", "force", "strict", "device", "check"}
 
 
 class _Net(nn.Module):
@@ -257,8 +259,26 @@ def train(
         card = _model_card(cfg, data, classes, compat, gallery, history, extra)
         core.save_trained_model(cfg.out, net.model, card, classifier=net.head.weight)
         log(f"saved {card.role} model {cfg.model} to {cfg.out} (fingerprint {card.fingerprint})")
+        if cfg.gallery and cfg.check:
+            _check_verdict(cfg, data, log)
     dist.barrier()  # the model folder is complete before any rank returns
     return card if dist.is_main() else ckpt.read_card(cfg.out)
+
+
+def _check_verdict(cfg: TrainConfig, data: RetrievalData, log: Callable[[str], None]) -> None:
+    """The cheap after-training check (:func:`hvs.evaluate.quick_verdict`): a note per reason the new
+    query model's searches of the gallery model's vectors do not pay, on a sample of the test splits."""
+    from .evaluate import quick_verdict
+
+    try:
+        lines = quick_verdict(cfg.gallery, cfg.out, data, seed=cfg.data_seed)
+    except HVSError as e:  # the model is saved; a check that cannot run is a note, not a failed training
+        log(f"note: after-training check skipped: {str(e).splitlines()[0]}")
+        return
+    for line in lines:
+        log(f"note: warning: {line}")
+    if lines:
+        log(f"note: checked on a sample of the test splits; hvs evaluate --gallery-model {cfg.gallery} gives all")
 
 
 def _quiet(_: str) -> None:

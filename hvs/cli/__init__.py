@@ -75,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "device",
             "role",
             "init_from",
+            "check",
         )
     }
     overrides["gallery"] = args.gallery_model  # the config's name of the gallery model folder
@@ -175,6 +176,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="accept a gallery model whose input differs")
     t.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        default=None,
+        help="skip the after-training check that heterogeneous search pays (with --gallery-model)",
+    )
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="homogeneous and heterogeneous retrieval of a gallery/query model pair")
