@@ -42,6 +42,7 @@ _TRAIN_FLAGS = (
     "train_subset",
     "val_fraction",
     "val_max_per_class",
+    "val_split",
     "seed",
     "threads",
 )
@@ -233,8 +234,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--progressive", help="progressive shrinking phases, e.g. full,kernel,depth,expand")
     t.add_argument("--phase-epochs", help="epochs per phase, e.g. 2,2,3,3 (default: even split)")
     add_optimization_args(t)
-    t.add_argument("--val-fraction", type=float, help="share of each training class held out for the search (0.1)")
+    t.add_argument(
+        "--val-fraction", type=float, help="share of each training class (or of the identities) held out (0.1)"
+    )
     t.add_argument("--val-max-per-class", type=int, help="cap on held-out images per class (50)")
+    t.add_argument(
+        "--val-split",
+        choices=["auto", "images", "identities"],
+        help="validation of the search's reward: images of every training class, or whole held-out "
+        "identities (auto: identities for open-set data)",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

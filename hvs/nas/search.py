@@ -492,9 +492,10 @@ def run_search(
             f"note: searching on {data.name}, the supernet trained on {card.data}: validation images may have been "
             "training images"
         )
-    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed, card.val_split)
     if len(nd.val_query_labels) == 0 or len(nd.val_gallery_labels) == 0:
-        raise NASError("no validation images (the supernet was trained with val_fraction=0 or classes of < 4 images)")
+        why = " or classes of < 4 images; --val-split identities needs 2" if card.val_split == "images" else ""
+        raise NASError(f"no validation images (the supernet was trained with val_fraction=0{why})")
     scorer = SubnetScorer(
         supernet,
         card.mean,
@@ -510,7 +511,9 @@ def run_search(
     )
     log(
         f"search: {cfg.reward} reward ({reward.description}) on {len(nd.val_query_labels)} val-query / "
-        f"{len(nd.val_gallery_labels)} val-gallery images from the training classes; budget "
+        f"{len(nd.val_gallery_labels)} val-gallery images "
+        + ("from the training classes" if card.val_split == "images" else "of held-out training identities")
+        + "; budget "
         f"{budget.describe(budget.limit)}; population {cfg.population}, {cfg.iterations} iterations"
     )
 

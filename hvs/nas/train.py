@@ -53,7 +53,16 @@ from ..training import core
 from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
 from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
 from ..training.run import TRAIN_CONFIG, RunFolder  # noqa: F401  (TRAIN_CONFIG: re-exported)
-from .common import NASError, SupernetCard, config_from_dict, load_data, prepare_data, read_supernet_card, save_supernet
+from .common import (
+    NASError,
+    SupernetCard,
+    config_from_dict,
+    load_data,
+    prepare_data,
+    read_supernet_card,
+    resolve_val_split,
+    save_supernet,
+)
 
 PHASES = ("full", *ELASTIC_DIMS)
 _RESUME_FREE = {"threads", "out", "force"}
@@ -91,6 +100,7 @@ class SupernetTrainConfig:
     train_subset: int | None = None
     val_fraction: float = 0.1  # held out per training class for the search's reward
     val_max_per_class: int = 50
+    val_split: str = "auto"  # auto | images | identities (hvs.nas.common); auto: identities for open-set data
     seed: int = 0
     threads: int | None = None
     channels_last: bool = True
@@ -313,7 +323,8 @@ def _training_set(
     cfg: SupernetTrainConfig, data: RetrievalData, log: Callable[[str], None]
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(classes, images, targets) of the training split less the validation images the search scores on."""
-    nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed)
+    split = resolve_val_split(cfg.val_split, data)
+    nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed, split)
     images, targets = nd.train_images, nd.train_targets
     if cfg.train_subset and cfg.train_subset < len(images):
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.train_subset]
@@ -321,6 +332,7 @@ def _training_set(
     log(
         f"supernet trains on {len(images)} images; {len(nd.val_query_labels)} val-query and "
         f"{len(nd.val_gallery_labels)} val-gallery images held out for the search"
+        + (f" ({len(torch.unique(nd.val_query_labels))} held-out identities)" if split == "identities" else "")
     )
     return nd.classes, images, targets
 
@@ -387,6 +399,7 @@ def _card(
         data_seed=cfg.data_seed,
         val_fraction=cfg.val_fraction,
         val_max_per_class=cfg.val_max_per_class,
+        val_split=resolve_val_split(cfg.val_split, data),
         gallery=terms.gallery.reference() if terms else None,
         bct_weight=cfg.bct_weight if "bct" in terms.keys else 0.0,
         regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0,
