@@ -274,6 +274,46 @@ def test_latency_table_predicts_and_is_reused(tmp_path):
     assert rows[0]["predicted_ms"] > 0 and rows[0]["measured_ms"] > 0
 
 
+@pytest.mark.parametrize("runtime", ["ort", "ort-int8"])
+def test_onnx_runtime_latency_table_is_its_own_file_and_is_reused(tmp_path, runtime):
+    """A unit exported to ONNX and timed in ONNX Runtime: the same units as the torch table, a file of
+    its own (every number depends on the runtime), reused without measuring again."""
+    net = _supernet()
+    table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2, runtime=runtime)
+    arch = net.min_arch()
+    assert table.predict(arch) > 0 and table.measured == len(table.entries) > 0
+    table.save()
+    assert table.path.name == f"latency_table_{runtime}_b1_t{torch.get_num_threads()}.json"
+    assert json.loads(table.path.read_text())["meta"]["runtime"] == runtime
+    torch_table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2)
+    assert torch_table.entries == {} and torch_table.path != table.path
+    again = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2, runtime=runtime)
+    again.predict(arch)
+    assert again.measured == 0 and again.entries == table.entries
+    rows = compare_latency(net, table, [arch], min_seconds=0.0)  # the sub-network in the same runtime
+    assert rows[0]["predicted_ms"] > 0 and rows[0]["measured_ms"] > 0
+
+
+def test_latency_agreement_against_hand_computed_ranks():
+    from hvs.nas.latency import latency_agreement
+
+    rows = [{"predicted_ms": p, "measured_ms": m} for p, m in [(1.0, 2.0), (2.0, 4.0), (3.0, 3.0), (4.0, 8.0)]]
+    # ranks: predicted 0,1,2,3; measured 0,2,1,3 -> Spearman 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*2/60 = 0.8
+    got = latency_agreement(rows)
+    assert got["n"] == 4 and got["spearman"] == pytest.approx(0.8)
+    assert got["ratio_median"] == pytest.approx(0.5) and got["ratio_range"] == [0.5, 1.0]
+    assert latency_agreement(rows[:2])["spearman"] is None  # too few to rank
+    tied = [{"predicted_ms": 1.0, "measured_ms": m} for m in (1.0, 2.0, 3.0)]
+    assert latency_agreement(tied)["spearman"] is None  # a constant side has no ranking
+
+
+def test_unknown_latency_runtime_is_a_one_line_error():
+    from hvs.nas.latency import LatencyError
+
+    with pytest.raises(LatencyError, match=r"^unknown latency runtime 'tflite'; use one of torch, ort, ort-int8$"):
+        LatencyTable(_supernet(), 12, runtime="tflite")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training pieces
 # ---------------------------------------------------------------------------------------------
