@@ -49,7 +49,7 @@ from .. import checkpoint as ckpt
 from ..data import RetrievalData
 from ..losses import MarginHead, create_compat_loss
 from ..models import stem_for
-from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, stem_stride
+from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, default_resolution_list, stem_stride
 from ..training import core
 from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
 from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
@@ -357,10 +357,15 @@ def _build(
     cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int, image_size: int | None = None
 ) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
     """The supernet and its head. Its stem stride follows the stem rule of the registry (OFA's
-    stride-2 stem from STANDARD_STEM_MIN_SIZE px on) unless ``supernet`` sets ``stem_stride``; the
-    card records the resolved value, so the supernet folder rebuilds it."""
+    stride-2 stem from STANDARD_STEM_MIN_SIZE px on) and at those sizes its input resolution is
+    elastic (OFA's list, scaled), unless ``supernet`` sets ``stem_stride`` / ``resolution_list``;
+    the card records the resolved values, so the supernet folder rebuilds it."""
     torch.manual_seed(cfg.seed)
-    kwargs = {"stem_stride": stem_stride(stem_for(image_size)), **cfg.supernet}
+    kwargs = {
+        "stem_stride": stem_stride(stem_for(image_size)),
+        "resolution_list": default_resolution_list(image_size),
+        **cfg.supernet,
+    }
     try:
         model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **kwargs)
     except TypeError as e:
