@@ -347,6 +347,7 @@ def _build_net(
         load_pretrained(registered, cfg.pretrained)
     if model is not None:
         _load_weights(registered, model.state_dict(), "the given model", cfg.model)  # its folder must load back
+        _check_strides(model, registered, cfg, data)
     model = registered if model is None else model
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
     if cfg.init_from:
@@ -365,6 +366,24 @@ def _build_net(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return _Net(model, head)
+
+
+def _check_strides(model: nn.Module, registered: nn.Module, cfg: TrainConfig, data: RetrievalData) -> None:
+    """A given module whose convs stride otherwise than the model its folder will rebuild (a
+    timm stem differs in stride only, so its weights load either way) is refused by name."""
+
+    def strides(m: nn.Module) -> list[tuple[str, tuple]]:
+        return [(n, tuple(c.stride)) for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
+
+    ours, theirs = strides(registered), strides(model)
+    if ours != theirs:
+        where = next((a[0] for a, b in zip(ours, theirs) if a != b), "")
+        stem = _model_kwargs(cfg, data).get("stem")
+        raise TrainError(
+            f"the given model's conv strides differ from model {cfg.model} at {data.image_size} px"
+            f"{f' (stem {stem!r})' if stem else ''}, first at {where!r}: build it with "
+            f"create_model(..., image_size={data.image_size})"
+        )
 
 
 def _model_kwargs(cfg: TrainConfig, data: RetrievalData) -> dict[str, Any]:

@@ -204,3 +204,16 @@ def default_resolution_list_for(size):
 def _extract(net, arch):
     net.set_active_subnet(arch)
     return net.get_active_subnet()
+
+
+def test_train_refuses_a_given_module_with_the_other_stem(tmp_path):
+    from hvs.train import TrainConfig, TrainError, train
+
+    spec = f"synthetic:classes=4,train_per_class=8,test_per_class=2,size={STANDARD_STEM_MIN_SIZE}"
+    cfg = TrainConfig(out=str(tmp_path / "run"), data=spec, model="mobilenetv3_small", embed_dim=8, epochs=1)
+    small = create_model("mobilenetv3_small", embed_dim=8, in_chans=1)  # no image_size: the small stem
+    with pytest.raises(
+        TrainError, match=r"conv strides differ .* \(stem 'standard'\), first at 'backbone\.net\.conv_stem'"
+    ):
+        train(cfg, model=small, progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
