@@ -19,6 +19,19 @@ Compatibility losses, each a small ``nn.Module`` applied as
   (weak but non-zero compatibility in the BCT paper).
 - ``contrastive``: cross-model InfoNCE, query anchors against the batch's gallery embeddings;
   every gallery embedding of the anchor's class is a positive (AML-style asymmetric contrastive).
+
+Distillation from the frozen gallery model on every training image, comparing *relations* to the
+batch rather than each image's own vector (what asymmetric-retrieval work distils, e.g.
+Budnik & Avrithis, "Asymmetric metric learning for knowledge transfer", CVPR 2021; Park et al.,
+"Relational knowledge distillation", CVPR 2019). With the batch's gallery embeddings g_j as
+anchors, the query embedding q_i of image i should see them as the gallery model's g_i does:
+- ``relational``: mean squared difference of the cosine matrices, (cos(q_i, g_j) - cos(g_i, g_j))^2
+  over all i, j of the batch (the diagonal asks cos(q_i, g_i) = 1: feature regression's
+  direction term);
+- ``simdist``: similarity-distribution matching, KL(p_i || p'_i) with p_i = softmax_j(cos(g_i, g_j)
+  / T) the gallery model's distribution over the anchors and p'_i = softmax_j(cos(q_i, g_j) / T)
+  the query's, averaged over anchors i.
+Neither needs labels, so both work where classes are few-shot.
 """
 
 from __future__ import annotations
@@ -221,6 +234,60 @@ class CrossModelContrastive(CompatLoss):
         log_prob = logits.log_softmax(dim=1)
         per_anchor = -(log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)
         return per_anchor[positives.sum(1) > 0].mean()
+
+
+def _cosines(query_emb: torch.Tensor, ref_emb: torch.Tensor | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos(q_i, g_j), cos(g_i, g_j)) over the batch: the query's and the gallery model's view of the
+    anchors; the gallery side is a target (detached)."""
+    if ref_emb is None:
+        raise ValueError(f"{what} compatibility loss needs the gallery embeddings (ref_emb)")
+    g = F.normalize(ref_emb.detach(), dim=-1)
+    return F.normalize(query_emb, dim=-1) @ g.t(), g @ g.t()
+
+
+@register_compat_loss("relational")
+class RelationalDistillation(CompatLoss):
+    """Squared difference between the query's and the gallery model's cosine to each gallery anchor."""
+
+    needs_ref = True  # anchors: this process's batch (the gallery side of the same images as the queries)
+
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        qg, gg = _cosines(query_emb, ref_emb, "relational")
+        if qg.shape[0] != gg.shape[0]:
+            raise ValueError("relational distillation needs the gallery embeddings of the same images as the queries")
+        return (qg - gg).pow(2).mean()
+
+
+@register_compat_loss("simdist")
+class SimilarityDistributionDistillation(CompatLoss):
+    """KL divergence from the gallery model's softmax over the anchors to the query's."""
+
+    needs_ref = True
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"simdist temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        qg, gg = _cosines(query_emb, ref_emb, "simdist")
+        if qg.shape[0] != gg.shape[0]:
+            raise ValueError("simdist needs the gallery embeddings of the same images as the queries")
+        target = (gg / self.temperature).log_softmax(dim=1)
+        return F.kl_div((qg / self.temperature).log_softmax(dim=1), target, log_target=True, reduction="batchmean")
 
 
 COMPAT_LOSSES = ("none", *list_compat_losses())  # the built-in names (the registry may grow)

@@ -791,11 +791,22 @@ def test_supernet_feature_regression_pulls_embeddings_onto_the_gallery_models(na
         == 0
     )
     assert ckpt.read_card(tmp_path / "q").compat == [["l2", 2.0]]
+    # a further compatibility loss of the registry (distillation of the gallery model's similarities)
+    out = tmp_path / "rel"
+    assert (
+        main([*args, "--gallery", str(root / "g"), "--compat", "relational=4", "--epochs", "1", "--out", str(out)]) == 0
+    )
+    card = json.loads((out / "config.json").read_text())
+    assert card["extra"]["compat"] == [["relational", 4.0]] and card["extra"]["final"]
+    assert "relational" in (out / "log.csv").read_text().splitlines()[0]
     # regression needs a gallery model: one line
     capsys.readouterr()
     assert main([*args, "--regress-weight", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --gallery DIR" in err
+    assert main([*args, "--gallery", str(root / "g"), "--compat", "kd", "--out", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown compatibility loss 'kd'" in err
 
 
 def test_export_fine_tunes_with_the_compatibility_losses_asked_for(nas_runs, tmp_path, capsys):

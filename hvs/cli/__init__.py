@@ -175,7 +175,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--compat",
         action="append",
         metavar="LOSS[=WEIGHT]",
-        help="compatibility loss: none, bct, l2, contrastive (repeat to compose)",
+        help="compatibility loss: none, bct, l2, contrastive, relational, simdist (repeat to compose)",
     )
     add_optimization_args(t)
     t.add_argument("--seed", type=int)

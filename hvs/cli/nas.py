@@ -27,6 +27,7 @@ _TRAIN_FLAGS = (
     "embed_dim",
     "bct_weight",
     "regress_weight",
+    "compat",
     "distill",
     "distill_kind",
     "subnets_per_step",
@@ -227,6 +228,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--regress-weight",
         type=float,
         help="weight of feature regression onto the gallery model's embeddings (default 0)",
+    )
+    t.add_argument(
+        "--compat",
+        action="append",
+        metavar="LOSS[=WEIGHT]",
+        help="a further compatibility loss, e.g. relational=1 or simdist=0.5 (repeat to compose)",
     )
     t.add_argument("--distill", type=float, help="weight of in-place distillation from the largest (default 0)")
     t.add_argument("--distill-kind", choices=["cosine", "l2"])

@@ -93,7 +93,8 @@ class SupernetCard:
 
     @property
     def kind(self) -> str:
-        return "compatibility-aware" if self.gallery and (self.bct_weight > 0 or self.regress_weight > 0) else "plain"
+        aware = self.bct_weight > 0 or self.regress_weight > 0 or bool(self.extra.get("compat"))
+        return "compatibility-aware" if self.gallery and aware else "plain"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SupernetCard:

@@ -110,7 +110,11 @@ def export_subnet(
     flops = model.flops(arch, card.image_size)
     head = MarginHead(card.embed_dim, len(card.classes), card.loss, card.scale, card.margin)
     head.weight.data.copy_(head_w)
-    trained = [["bct", card.bct_weight], ["l2", card.regress_weight]] if trained_for == g_card.fingerprint else []
+    trained = (
+        [["bct", card.bct_weight], ["l2", card.regress_weight], *(card.extra.get("compat") or [])]
+        if trained_for == g_card.fingerprint
+        else []
+    )
     card_compat = [[name, w] for name, w in trained if w > 0]
     mcard = ckpt.ModelCard(
         model="ofa-mbv3",

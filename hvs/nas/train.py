@@ -10,6 +10,8 @@ sub-network's loss is::
     + regress_weight * feature regression onto the frozen gallery model's embedding of the same
       (augmented) images, ||phi_q(x) - phi_g(x)||^2 = 2 - 2 cos for unit embeddings (optional)
     + distill * in-place distillation to the largest sub-network's embedding (optional)
+    + any other weighted compatibility loss of the registry, ``compat=["relational=1"]``
+      (e.g. distillation of the gallery model's similarities to the batch: :mod:`hvs.losses`)
 
 The BCT term (Shen et al. 2020) is what makes the supernet *compatibility-aware* (CMP-NAS,
 Duggal et al. 2021): every sub-network learns to embed into the gallery model's space, so the
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
-from ..losses import MarginHead, create_compat_loss
+from ..losses import MarginHead, create_compat_loss, parse_compat
 from ..models import stem_for
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, default_resolution_list, stem_stride
 from ..training import core
@@ -81,6 +83,7 @@ class SupernetTrainConfig:
     supernet: dict = field(default_factory=dict)  # OFAMobileNetV3Supernet kwargs: shape and choice lists
     bct_weight: float = 1.0  # lambda of the BCT influence loss (needs --gallery)
     regress_weight: float = 0.0  # weight of feature regression onto the gallery embedding (needs --gallery)
+    compat: list[str] = field(default_factory=list)  # further compatibility losses, e.g. ["simdist=1"]
     distill: float = 0.0  # weight of in-place distillation from the largest sub-network
     distill_kind: str = "cosine"  # cosine | l2
     subnets_per_step: int = 2  # random sub-networks per step, besides the largest
@@ -187,6 +190,8 @@ class _SupernetTask:
         folder: Path,
     ) -> None:
         self.model, self.head, self.terms, self.cfg, self.plan, self.card = model, head, terms, cfg, plan, card
+        # the fixed columns, then each further compatibility term (--compat) under its own name
+        self.metrics = [*self.metrics, *(k for k in terms.keys if k not in self.metrics)]
         self.max_arch, self.n_images, self.n_archs, self.folder = model.space.max_arch(), n_images, 1, folder
 
     def begin_epoch(self, epoch: int) -> dict[str, Any]:
@@ -249,7 +254,7 @@ class _SupernetTask:
 
     def save(self, epoch: int, row: dict[str, Any]) -> None:
         self.card.epochs_done = epoch + 1
-        self.card.extra = {"final": row, "train_images": self.n_images}
+        self.card.extra = {**self.card.extra, "final": row, "train_images": self.n_images}
         save_supernet(self.folder, self.model, self.head.weight.detach(), self.card)
 
 
@@ -317,6 +322,14 @@ def _check_options(cfg: SupernetTrainConfig) -> tuple[set[str], list]:
         raise NASError("bct_weight and regress_weight must be >= 0")
     if cfg.regress_weight > 0 and not cfg.gallery:
         raise NASError("regress_weight > 0 regresses onto a gallery model's embeddings: pass --gallery DIR")
+    try:
+        extra = parse_compat(cfg.compat)
+    except ValueError as e:
+        raise NASError(str(e).splitlines()[0]) from None
+    if extra and not cfg.gallery:
+        raise NASError("compatibility losses need a frozen gallery model: pass --gallery DIR")
+    if {name for name, _ in extra} & {"bct", "l2"}:
+        raise NASError("give BCT and regression by --bct-weight and --regress-weight, not --compat")
     return aug, phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
 
 
@@ -353,6 +366,7 @@ def _compat_terms(
         return CompatTerms([])
     check_gallery_card(g_card, embed_dim, data, force=cfg.force, error=NASError)
     specs = [(name, w) for name, w in (("bct", cfg.bct_weight), ("l2", cfg.regress_weight)) if w > 0]
+    specs += parse_compat(cfg.compat)
     if not specs:
         return CompatTerms([])
     gallery = FrozenGallery.load(cfg.gallery)
@@ -413,6 +427,7 @@ def _card(
         gallery=terms.gallery.reference() if terms else None,
         bct_weight=cfg.bct_weight if "bct" in terms.keys else 0.0,
         regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0,
+        extra={"compat": [list(t) for t in parse_compat(cfg.compat)]} if cfg.compat else {},
         loss=cfg.loss,
         scale=cfg.scale,
         margin=cfg.margin,
