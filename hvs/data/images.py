@@ -244,6 +244,11 @@ def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     ``mean``/``std`` have one value per channel (or one value for all channels), as stored in
     ``RetrievalData.mean``/``.std``.
     """
+    if not isinstance(images, torch.Tensor):
+        from .store import is_store
+
+        if is_store(images):  # a lazy store: decoded whole (callers that stream use its batches)
+            images = images[:]
     if images.dim() not in (3, 4):
         raise DataError(f"to_float expects (C, H, W) or (N, C, H, W) images, got {tuple(images.shape)}")
     c = images.shape[-3]
@@ -255,23 +260,40 @@ def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return x.sub_(m.view(-1, 1, 1)).div_(s.view(-1, 1, 1))
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of ``uint8`` (N, C, H, W) images, on the [0, 1] scale.
 
     Counts the 256 values per channel with ``bincount`` instead of converting the whole tensor
-    to float: exact, and no float copy of e.g. 60k Fashion-MNIST images in memory.
+    to float: exact, and no float copy of e.g. 60k Fashion-MNIST images in memory. An
+    :class:`~hvs.data.store.ImageStore` is decoded in chunks (sampled when large, see
+    :func:`~hvs.data.store.store_channel_stats`).
     """
+    from .store import is_store, store_channel_stats
+
+    if is_store(images) and len(images):
+        return store_channel_stats(images)
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
         raise DataError(
             f"channel_stats needs non-empty uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
         )
+    return stats_from_counts(channel_stats_counts(images))
+
+
+def channel_stats_counts(images: torch.Tensor) -> torch.Tensor:
+    """(C, 256) float64 counts of each value per channel of uint8 (N, C, H, W) images."""
+    return torch.stack(
+        [torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64) for ch in range(images.shape[1])]
+    )
+
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Rounded per-channel (mean, std) on the [0, 1] scale from :func:`channel_stats_counts`."""
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
-    for ch in range(images.shape[1]):
-        counts = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
-        n = counts.sum()
-        mean = (counts * values).sum() / n
-        var = (counts * (values - mean) ** 2).sum() / n
+    for ch in range(counts.shape[0]):
+        n = counts[ch].sum()
+        mean = (counts[ch] * values).sum() / n
+        var = (counts[ch] * (values - mean) ** 2).sum() / n
         means.append(round(float(mean), 4))
         stds.append(round(max(float(var.sqrt()), 1e-3), 4))  # a constant channel must not divide by 0
     return tuple(means), tuple(stds)

@@ -125,9 +125,11 @@ def split_by_protocol(
 def make_split(
     images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None, index: torch.Tensor, role: str
 ) -> Split:
+    from .store import take  # a store stays lazy: a view, nothing decoded
+
     index = torch.as_tensor(index, dtype=torch.long)
     src = None if sources is None else [sources[i] for i in index.tolist()]
-    return Split(images[index], labels[index], src, role)
+    return Split(take(images, index), labels[index], src, role)
 
 
 def build(
