@@ -39,7 +39,7 @@ a streamed split compare file contents + crop box instead of decoded pixels.
 
 Per-channel mean/std of a streamed train split are exact for up to :data:`STATS_SAMPLE` images
 (the same numbers as the in-memory path) and estimated from a seeded sample of that many
-otherwise.
+otherwise (exact again in data mode cache, where reading every image is cheap).
 """
 
 from __future__ import annotations
@@ -443,17 +443,14 @@ def take(images, index):
 
 def store_channel_stats(store: ImageStore, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std like :func:`~hvs.data.images.channel_stats`: exact over up to
-    :data:`STATS_SAMPLE` images, else over a seeded sample of that many."""
+    :data:`STATS_SAMPLE` images (or a store with ``exact_stats``), else over a seeded sample."""
     from .images import stats_from_counts
 
     n = len(store)
     if n == 0:
         raise DataError("channel_stats needs non-empty images")
-    pos = (
-        np.arange(n)
-        if n <= STATS_SAMPLE
-        else np.sort(np.random.default_rng(seed).choice(n, STATS_SAMPLE, replace=False))
-    )
+    exact = n <= STATS_SAMPLE or getattr(store, "exact_stats", False)
+    pos = np.arange(n) if exact else np.sort(np.random.default_rng(seed).choice(n, STATS_SAMPLE, replace=False))
     counts = torch.zeros((store.channels, 256), dtype=torch.float64)
     chunks = [pos[s : s + 256] for s in range(0, len(pos), 256)]
     for c in store.batches(chunks, transform=_Counts()):
