@@ -36,6 +36,19 @@ class DataWarning(HVSWarning):
     """Something in a dataset deserves attention (items skipped, leaked, empty class folders)."""
 
 
+def is_store(images) -> bool:
+    """True for a lazy image store (:class:`hvs.data.store.ImageStore`), False for a tensor."""
+    return not isinstance(images, torch.Tensor) and hasattr(images, "subset") and hasattr(images, "batches")
+
+
+def take(images, index):
+    """``images[index]`` that stays lazy for an image store (a view, nothing decoded) and
+    indexes a tensor otherwise."""
+    if is_store(images):
+        return images.subset(index)
+    return images[index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)]
+
+
 def data_warning(message: str) -> None:
     """Issue ``message`` (one line) as a :class:`DataWarning`."""
     warnings.warn(message, DataWarning, stacklevel=2)
@@ -72,8 +85,6 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         index = torch.as_tensor(index, dtype=torch.long)
         sources = None if self.sources is None else [self.sources[i] for i in index.tolist()]
-        from .store import take  # a store stays lazy: a view, nothing decoded
-
         return Split(take(self.images, index), self.labels[index], sources, self.role)
 
     @property

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DataError, RetrievalData, Split, data_warning
-from .store import take
+from .base import DataError, RetrievalData, Split, data_warning, is_store, take
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,6 @@ def image_hashes(images: torch.Tensor) -> list[bytes]:
     A streamed split (an :class:`~hvs.data.store.ImageStore`) is not decoded for this: its
     digests, taken when the files were listed, hash each file's bytes with the crop box, so a
     copied file is found; a re-encoded copy (same pixels, other bytes) is not."""
-    from .store import is_store
-
     if is_store(images):
         return images.digests()
     arr = images.contiguous().numpy().reshape(images.shape[0], -1)

@@ -42,7 +42,7 @@ from .base import SPLITS, DataError, RetrievalData, Split
 from .images import ImageError, channel_stats, crop_resize, decode_progress, open_image
 from .registry import register_source
 from .splits import check_nonempty
-from .store import ImageStore, box_problem, choose_mode, default_workers, item_digest, probe_files
+from .store import ImageStore, choose_mode, default_workers, item_box_problem, item_digest, probe_files
 
 DEFAULT_SIZE = 64
 IMAGE_LEVEL_KEYS = ("source", "pair_id")
@@ -212,14 +212,15 @@ def list_items(
         if path is None:
             bad(f"{os.path.join(root, folder, 'image', image_id)}.jpg: image file not found")
             continue
-        reason, w, h, _ = probed[path]
+        reason = probed[path][0]
         if reason is not None:
             bad(f"{path}: {reason}")
             continue
-        sides = [min(b[2] - b[0], b[3] - b[1]) for b in (items[i].bbox for i in idx)]
-        side = min((s for s in sides if s > 0), default=None)
+        boxes = [items[i].bbox for i in idx]
+        sides = [min(b[2] - b[0], b[3] - b[1]) for b in boxes if b[2] - b[0] > 0 and b[3] - b[1] > 0]
+        side = min(sides, default=None)
         for i in idx:
-            problem = box_problem(items[i].bbox, w, h)
+            problem = item_box_problem(path, channels, size, items[i].bbox, boxes)
             if problem is not None:
                 bad(f"{path}#{items[i].item}: {problem}")
                 continue

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import SPLITS, DataError, RetrievalData, Split
+from .base import SPLITS, DataError, RetrievalData, Split, take
 from .images import channel_stats
 
 PROTOCOLS = ("closed", "open")
@@ -125,8 +125,6 @@ def split_by_protocol(
 def make_split(
     images: torch.Tensor, labels: torch.Tensor, sources: list[str] | None, index: torch.Tensor, role: str
 ) -> Split:
-    from .store import take  # a store stays lazy: a view, nothing decoded
-
     index = torch.as_tensor(index, dtype=torch.long)
     src = None if sources is None else [sources[i] for i in index.tolist()]
     return Split(take(images, index), labels[index], src, role)

@@ -45,7 +45,6 @@ otherwise (exact again in data mode cache, where reading every image is cheap).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +53,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .base import DataError
-from .images import _DECODE_ERRORS, BBox, ImageError, _reason, crop_resize, open_image
+from .base import DataError, is_store, take  # noqa: F401  (is_store, take re-exported)
+from .images import _DECODE_ERRORS, BBox, ImageError, _reason, apply_draft, box_problem, crop_resize, open_image
 
 DATA_MODES = ("auto", "memory", "stream", "cache")
 DATA_MODE_ENV = "HVS_DATA_MODE"
@@ -168,19 +167,25 @@ def probe_files(paths: Sequence[str], channels: int, threads: int = 4) -> list[t
         return list(pool.map(lambda p: probe_file(p, channels), paths, chunksize=64))
 
 
-def box_problem(bbox: BBox | None, w: int, h: int) -> str | None:
-    """Why ``bbox`` cannot be cropped from a ``w x h`` image (the message
-    :func:`~hvs.data.images.crop_resize` raises), or None."""
+def item_box_problem(
+    path: str, channels: int, size: int, bbox: BBox | None, draft_bboxes: Sequence[BBox] | None = None
+) -> str | None:
+    """Why ``bbox`` cannot be cropped from the image at ``path`` as
+    :func:`~hvs.data.images.open_image` + :func:`~hvs.data.images.crop_resize` would decode it
+    (at the same JPEG draft scale, which moves box edges to that scale's pixel grid), or None.
+    Reads the header only. ``draft_bboxes``: the boxes that decide the draft scale (default
+    ``[bbox]``)."""
     if bbox is None:
         return None
-    if len(bbox) != 4:
-        return f"bounding box needs 4 numbers (x1 y1 x2 y2), got {list(bbox)}"
-    x1, y1, x2, y2 = (float(v) for v in bbox)
-    x1, y1 = max(0, math.floor(x1)), max(0, math.floor(y1))
-    x2, y2 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
-    if x2 <= x1 or y2 <= y1:
-        return f"degenerate bounding box {list(bbox)} for a {w}x{h} image"
-    return None
+    with Image.open(path) as img:
+        swap = _orientation_swaps(img)
+        scale = apply_draft(
+            img, "RGB" if channels == 3 else "L", size, [bbox] if draft_bboxes is None else draft_bboxes
+        )
+        w, h = img.size
+    if scale == 1.0 and swap:
+        w, h = h, w
+    return box_problem(bbox, w, h, scale)
 
 
 def item_digest(file_digest: bytes, bbox: BBox | None, size: int, channels: int) -> bytes:
@@ -207,8 +212,7 @@ def list_images(
     kept: list[int] = []
     skipped: list[str] = []
     for i, (path, bbox) in enumerate(items):
-        reason, w, h, _ = probed[paths[i]]
-        reason = reason or box_problem(bbox, w, h)
+        reason = probed[paths[i]][0] or item_box_problem(path, channels, size, bbox)
         if reason is None:
             kept.append(i)
             continue
@@ -368,6 +372,10 @@ class ImageStore:
                 ) from None
         return out
 
+    def channel_stats(self, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean/std (see :func:`store_channel_stats`)."""
+        return store_channel_stats(self, seed)
+
     def digests(self) -> list[bytes]:
         """16 bytes per item standing for its pixels (file bytes + crop box + shape)."""
         if self._digests is None:
@@ -428,17 +436,6 @@ class _BatchJob(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         x = self.store.decode(self.store._index[self.batches[k]])
         return x if self.transform is None else self.transform(x, k)
-
-
-def is_store(images) -> bool:
-    return isinstance(images, ImageStore)
-
-
-def take(images, index):
-    """``images[index]`` that stays lazy for a store (a view) and indexes a tensor otherwise."""
-    if isinstance(images, ImageStore):
-        return images.subset(index)
-    return images[torch.as_tensor(index, dtype=torch.long) if not isinstance(index, slice) else index]
 
 
 def store_channel_stats(store: ImageStore, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
