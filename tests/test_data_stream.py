@@ -316,3 +316,43 @@ def test_augment_specs():
         a, b = full(x, (0.5,) * c, (0.25,) * c, seed=7), full(x, (0.5,) * c, (0.25,) * c, seed=7)
         assert a.dtype == torch.float32 and a.shape == x.shape and torch.equal(a, b)
         assert not torch.equal(a, full(x, (0.5,) * c, (0.25,) * c, seed=8))
+
+
+def test_cli_flags_reach_the_data():
+    from hvs.cli import build_parser
+    from hvs.cli._common import data_kwargs
+
+    for argv in (
+        ["train", "--out", "x", "--data-mode", "stream", "--workers", "3", "--cache-dir", "c"],
+        [
+            "evaluate",
+            "--gallery-model",
+            "g",
+            "--query-model",
+            "q",
+            "--data-mode",
+            "stream",
+            "--workers",
+            "3",
+            "--cache-dir",
+            "c",
+        ],
+        [
+            "index",
+            "build",
+            "--gallery-model",
+            "g",
+            "--out",
+            "faiss:i",
+            "--data-mode",
+            "stream",
+            "--workers",
+            "3",
+            "--cache-dir",
+            "c",
+        ],
+    ):
+        args = build_parser(argv).parse_args(argv)
+        assert data_kwargs(args) == {"data_mode": "stream", "workers": 3, "cache_dir": "c"}
+    args = build_parser(["train"]).parse_args(["train", "--out", "x"])
+    assert data_kwargs(args) == {} and args.data_mode is None
