@@ -23,6 +23,10 @@ split keeps train and validation ``pair_id``s apart, so the protocol is always `
 ``validation/``, a seeded ``holdout`` fraction of the train ``pair_id``s that have at least one
 user/shop positive pair is held out as query/gallery instead.
 
+The full dataset (~490k items) does not fit in memory at useful sizes: above 2 GiB of decoded
+crops it is streamed from the photos (``data_mode``, see :mod:`hvs.data.store`), each item
+decoded at the draft scale the in-memory path uses, so the pixels are the same.
+
 Source kwargs: ``holdout`` (default 0.2), ``limit`` (read at most this many images per folder,
 in file-name order — the full train set is 390k images).
 """
