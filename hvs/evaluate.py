@@ -77,8 +77,13 @@ def evaluate(
     data_seed: int = 0,
     per_query: bool = False,
     strict: bool = False,
+    **data_kwargs,
 ) -> dict[str, Any]:
     """Evaluate a gallery/query model pair; returns every number as a JSON-able dict.
+
+    ``data_kwargs`` (``data_mode``, ``workers``, ``cache_dir``) say how a spec's file source
+    holds its images (:func:`hvs.data.create_dataset`); streamed splits are embedded batch by
+    batch in DataLoader workers.
 
     A spec ``data`` is loaded like an index build loads it (the gallery model's channels and
     image size; only the query and gallery splits). Leaked items (the same image in query and
@@ -106,6 +111,7 @@ def evaluate(
             seed=data_seed,
             strict=strict,
             splits=("query", "gallery"),
+            **data_kwargs,
         )
         leaks = list(data.duplicates)  # create_dataset has warned (or refused, when strict)
     else:

@@ -39,12 +39,20 @@ def gallery_inputs(
     split: str = "gallery",
     protocol: str = "closed",
     strict: bool = False,
+    **data_kwargs,
 ) -> tuple[torch.nn.Module, ckpt.ModelCard, torch.Tensor, list, list, dict]:
     """What building an index needs: the gallery model and card, the split's images, labels,
-    sources, and the sidecar meta (shared by the single- and multi-process builds)."""
+    sources, and the sidecar meta (shared by the single- and multi-process builds).
+    ``data_kwargs``: ``data_mode``, ``workers``, ``cache_dir`` of :func:`hvs.data.create_dataset`."""
     model, card = ckpt.load_model(gallery_model)
     dataset = create_dataset(
-        data, protocol=protocol, image_size=card.image_size, channels=card.in_chans, strict=strict, splits=(split,)
+        data,
+        protocol=protocol,
+        image_size=card.image_size,
+        channels=card.in_chans,
+        strict=strict,
+        splits=(split,),
+        **data_kwargs,
     )
     part = dataset.split(split)
     labels = [dataset.classes[i] for i in part.labels.tolist()]
@@ -66,10 +74,12 @@ def build_gallery_index(
     shard_size: int = 4096,
     progress: bool = True,
     strict: bool = False,
+    **data_kwargs,
 ) -> GalleryIndex:
-    """Embed one split of a dataset with the gallery model into a new index at ``out``; resumable."""
+    """Embed one split of a dataset with the gallery model into a new index at ``out``; resumable.
+    ``data_kwargs``: ``data_mode``, ``workers``, ``cache_dir`` (how the images are read)."""
     model, card, images, labels, sources, meta = gallery_inputs(
-        gallery_model, data, split=split, protocol=protocol, strict=strict
+        gallery_model, data, split=split, protocol=protocol, strict=strict, **data_kwargs
     )
 
     def embed_fn(batch: torch.Tensor) -> np.ndarray:

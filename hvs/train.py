@@ -45,8 +45,8 @@ see :mod:`hvs.distributed`; without them nothing below happens and no process gr
   together are the single-process batch). The last partial batch is dropped, as on one process,
   so N processes run the same number of steps and the same learning-rate schedule as one;
 - gradients are averaged by DDP; the model is initialised from ``seed`` on every rank (and DDP
-  broadcasts rank 0's weights anyway); augmentation draws from a generator offset by rank (rank 0
-  keeps the single-process one);
+  broadcasts rank 0's weights anyway); each batch's augmentation draws from a seed that includes
+  the rank (rank 0's is the single-process one);
 - BatchNorm: by default each rank normalises with its own share's statistics (B/N images), the
   usual DDP behaviour and the fastest; DDP copies rank 0's running statistics to the others, so
   the saved model holds rank 0's. Trajectories then differ from one process with batch B, the
@@ -78,6 +78,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
+from .data.store import take
 from .errors import HVSError
 from .losses import MarginHead, parse_compat
 from .models import create_model, resolve_model_kwargs
@@ -113,7 +114,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.3
-    augment: str = "crop,flip"  # comma list of crop, flip; "none"
+    augment: str = "crop,flip"  # spec of hvs.training.augment: crop, flip, rrc, jitter, trivial, ...; "none"
     train_subset: int | None = None  # use only the first N (shuffled) training images
     seed: int = 0
     data_seed: int = 0  # fixes the query/gallery split independently of the training seed
@@ -124,6 +125,9 @@ class TrainConfig:
     force: bool = False  # allow a gallery model whose preprocessing differs
     strict: bool = False  # unreadable images are an error instead of skipped
     check: bool = True  # with a gallery model: after training, say when heterogeneous search cannot pay
+    data_mode: str | None = None  # auto | memory | stream | cache (hvs.data.store); None: $HVS_DATA_MODE or auto
+    workers: int | None = None  # DataLoader workers decoding streamed images; None: one per core (<= 8)
+    cache_dir: str | None = None  # where data mode cache keeps its files; None: $HVS_CACHE or ~/.cache/hvs
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -131,7 +135,7 @@ class TrainConfig:
 
 
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"threads", "out", "force", "strict", "device", "check"}
+_RESUME_FREE = {"threads", "out", "force", "strict", "device", "check", "workers", "cache_dir"}
 
 
 class _Net(nn.Module):
@@ -220,7 +224,14 @@ def train(
         data
         if data is not None
         else create_dataset(
-            cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed, strict=cfg.strict
+            cfg.data,
+            protocol=cfg.protocol,
+            image_size=cfg.image_size,
+            seed=cfg.data_seed,
+            strict=cfg.strict,
+            data_mode=cfg.data_mode,
+            workers=cfg.workers,
+            cache_dir=cfg.cache_dir,
         )
     )
     _log_data(cfg, data, device, log)
@@ -237,6 +248,7 @@ def train(
         device,
         dist.rank(),
         dist.world_size(),
+        cfg.workers,
     )
     gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log)
     net = _build_net(cfg, data, classes, model, classifier, device).to(device)
@@ -331,7 +343,7 @@ def _training_set(cfg: TrainConfig, data: RetrievalData) -> tuple[list[str], tor
     order = torch.arange(len(split))
     if cfg.train_subset and cfg.train_subset < len(order):
         order = torch.randperm(len(order), generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.train_subset]
-    return [data.classes[i] for i in class_ids.tolist()], split.images[order], row_of[split.labels][order]
+    return [data.classes[i] for i in class_ids.tolist()], take(split.images, order), row_of[split.labels][order]
 
 
 def _compat_terms(
@@ -463,6 +475,7 @@ def _model_card(
             "data": cfg.data,
             "protocol": data.protocol,
             "epochs": cfg.epochs,
+            "augment": core.parse_augment(cfg.augment).spec,
             "final": history[-1] if history else {},
             **({"pretrained": {"file": cfg.pretrained, "sha256": cfg.pretrained_sha256}} if cfg.pretrained else {}),
             **(extra or {}),

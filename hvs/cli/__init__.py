@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 
 from ..errors import UsageError
-from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse_kv
+from ._common import ERRORS, add_data_args, add_gallery_model_arg, add_optimization_args, data_kwargs, parse_kv
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -84,6 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "init_from",
             "check",
             "pretrained",
+            "data_mode",
+            "workers",
+            "cache_dir",
         )
     }
     overrides["gallery"] = args.gallery_model  # the config's name of the gallery model folder
@@ -116,6 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         latency=not args.no_latency,
         n_boot=args.bootstrap,
         strict=args.strict,
+        **data_kwargs(args),
     )
     print(format_report(result))
     if args.json:
@@ -178,6 +182,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="compatibility loss: none, bct, l2, contrastive, relational, simdist (repeat to compose)",
     )
     add_optimization_args(t)
+    add_data_args(t)
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it, else CPU")
@@ -208,6 +213,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="evaluate a query model trained for another gallery model")
     e.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    add_data_args(e)
     e.add_argument(
         "--strict",
         action="store_true",

@@ -53,8 +53,32 @@ def add_optimization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--augment", help="comma list of crop, flip, or none")
+    p.add_argument(
+        "--augment",
+        help="augmentation spec: comma list of crop, flip, rrc, jitter, trivial, randaugment, erase "
+        "(NAME or NAME=VALUE), or none; default crop,flip",
+    )
     p.add_argument("--train-subset", type=int)
 
 
-__all__ = ["ERRORS", "add_gallery_model_arg", "add_optimization_args", "parse_kv"]
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """How a file source holds its images (see :mod:`hvs.data.store`): ``--data-mode``,
+    ``--workers``, ``--cache-dir`` (dests ``data_mode``, ``workers``, ``cache_dir``; None when
+    not given, so a config file or the library default decides)."""
+    p.add_argument(
+        "--data-mode",
+        choices=["auto", "memory", "stream", "cache"],
+        help="file sources: decode into memory, stream from disk in DataLoader workers, or a "
+        "memory-mapped cache at this resolution; auto (default): memory up to 2 GiB of decoded images",
+    )
+    p.add_argument("--workers", type=int, metavar="N", help="DataLoader workers decoding streamed images")
+    p.add_argument("--cache-dir", metavar="DIR", help="where --data-mode cache keeps its files")
+
+
+def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``create_dataset`` keywords of :func:`add_data_args`' flags that were given."""
+    names = ("data_mode", "workers", "cache_dir")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+__all__ = ["ERRORS", "add_data_args", "add_gallery_model_arg", "add_optimization_args", "data_kwargs", "parse_kv"]

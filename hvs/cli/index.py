@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_gallery_model_arg
+from ._common import add_data_args, add_gallery_model_arg, data_kwargs
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -34,6 +34,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         progress=not args.no_progress,
         strict=args.strict,
+        **data_kwargs(args),
     )
     if index is None:  # a rank other than 0
         return 0
@@ -113,6 +114,7 @@ def configure_index(ix: argparse.ArgumentParser) -> None:
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
     b.add_argument("--strict", action="store_true", help="an unreadable image is an error, not skipped")
+    add_data_args(b)
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_build)
 

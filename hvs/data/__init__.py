@@ -17,6 +17,10 @@ Sources are picked by an explicit prefix (see :mod:`hvs.data.registry`):
 ``synthetic[:K=V,...]``  procedural patterns generated in memory
 ``kanji-fonts[:DIR]``    JIS level-1 kanji rendered from print (gallery) / handwriting (query) fonts
 =======================  ===================================================================
+
+File sources (imagefolder, csv, deepfashion2) decode into memory when that takes at most 2 GiB
+and otherwise stream from disk through DataLoader workers (``data_mode=``, ``workers=``; a
+memory-mapped cache is a third choice): see :mod:`hvs.data.store`.
 """
 
 # importing the source modules registers them
@@ -25,13 +29,16 @@ from .base import SPLITS, DataError, RetrievalData, Split
 from .checks import Duplicate, find_duplicates
 from .images import ImageError, channel_stats, load_image, to_float
 from .registry import DataWarning, create_dataset, list_sources, parse_spec, register_source, source_info, validate
+from .store import DATA_MODES, ImageStore
 
 __all__ = [
+    "DATA_MODES",
     "SPLITS",
     "DataError",
     "DataWarning",
     "Duplicate",
     "ImageError",
+    "ImageStore",
     "RetrievalData",
     "Split",
     "channel_stats",

@@ -1,8 +1,10 @@
 """The one dataset interface every data source yields.
 
-Images are kept in memory as ``uint8`` tensors of shape (N, C, H, W): on a 2-core CPU, decoding
-and DataLoader workers would compete with training for the same cores, so every source decodes
-(and resizes/crops) once at load time and the trainer slices tensors.
+Images are ``uint8`` tensors of shape (N, C, H, W) kept in memory: on a 2-core CPU, decoding
+and DataLoader workers would compete with training for the same cores, so small sources decode
+(and resize/crop) once at load time and the trainer slices tensors. File sources too large for
+that hold an :class:`~hvs.data.store.ImageStore` instead, with the same indexing surface, whose
+images are decoded on demand by DataLoader workers (see :mod:`hvs.data.store`).
 
 A dataset may be created with only some of its splits (``create_dataset(..., splits=("gallery",))``,
 what building an index needs): the others are ``None`` and :meth:`RetrievalData.split` refuses
@@ -34,6 +36,19 @@ class DataWarning(HVSWarning):
     """Something in a dataset deserves attention (items skipped, leaked, empty class folders)."""
 
 
+def is_store(images) -> bool:
+    """True for a lazy image store (:class:`hvs.data.store.ImageStore`), False for a tensor."""
+    return not isinstance(images, torch.Tensor) and hasattr(images, "subset") and hasattr(images, "batches")
+
+
+def take(images, index):
+    """``images[index]`` that stays lazy for an image store (a view, nothing decoded) and
+    indexes a tensor otherwise."""
+    if is_store(images):
+        return images.subset(index)
+    return images[index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)]
+
+
 def data_warning(message: str) -> None:
     """Issue ``message`` (one line) as a :class:`DataWarning`."""
     warnings.warn(message, DataWarning, stacklevel=2)
@@ -43,7 +58,7 @@ def data_warning(message: str) -> None:
 class Split:
     """One role of a retrieval dataset: ``train``, ``query`` or ``gallery``."""
 
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor  # uint8, (N, C, H, W), or an hvs.data.store.ImageStore standing for one
     labels: torch.Tensor  # int64, (N,), indices into RetrievalData.classes
     sources: list[str] | None = None  # provenance per item (file path, "fashion-mnist:test:17", ...)
     role: str = "train"
@@ -70,7 +85,12 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         index = torch.as_tensor(index, dtype=torch.long)
         sources = None if self.sources is None else [self.sources[i] for i in index.tolist()]
-        return Split(self.images[index], self.labels[index], sources, self.role)
+        return Split(take(self.images, index), self.labels[index], sources, self.role)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the images are decoded on demand from files (an ImageStore)."""
+        return not isinstance(self.images, torch.Tensor)
 
 
 @dataclass

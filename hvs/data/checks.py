@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DataError, RetrievalData, Split, data_warning
+from .base import DataError, RetrievalData, Split, data_warning, is_store, take
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,13 @@ class Duplicate:
 
 
 def image_hashes(images: torch.Tensor) -> list[bytes]:
-    """A 16-byte BLAKE2b digest of each ``uint8`` (C, H, W) image of an (N, C, H, W) tensor."""
+    """A 16-byte BLAKE2b digest of each ``uint8`` (C, H, W) image of an (N, C, H, W) tensor.
+
+    A streamed split (an :class:`~hvs.data.store.ImageStore`) is not decoded for this: its
+    digests, taken when the files were listed, hash each file's bytes with the crop box, so a
+    copied file is found; a re-encoded copy (same pixels, other bytes) is not."""
+    if is_store(images):
+        return images.digests()
     arr = images.contiguous().numpy().reshape(images.shape[0], -1)
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in arr]
 
@@ -54,7 +60,7 @@ def _repeated_items(split: Split) -> tuple[int, str]:
     if not repeated:
         return 0, ""
     candidates = sorted(set(repeated) | {seen[split.sources[i]] for i in repeated})
-    digest = dict(zip(candidates, image_hashes(split.images[candidates])))
+    digest = dict(zip(candidates, image_hashes(take(split.images, candidates))))
     keys: set[tuple[str, bytes]] = set()
     count, example = 0, ""
     for i in candidates:

@@ -102,6 +102,9 @@ def csv_manifest(
     strict: bool = False,
     seed: int = 0,
     splits: Sequence[str] | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> RetrievalData:
     """Rows of ``path,label[,split][,bbox]``; paths relative to the CSV's folder.
 
@@ -122,4 +125,7 @@ def csv_manifest(
         seed=seed,
         roles=[s for _, _, _, s, _ in rows] if has_split else None,
         splits=splits,
+        data_mode=data_mode,
+        workers=workers,
+        cache_dir=cache_dir,
     )

@@ -23,6 +23,10 @@ split keeps train and validation ``pair_id``s apart, so the protocol is always `
 ``validation/``, a seeded ``holdout`` fraction of the train ``pair_id``s that have at least one
 user/shop positive pair is held out as query/gallery instead.
 
+The full dataset (~490k items) does not fit in memory at useful sizes: above 2 GiB of decoded
+crops it is streamed from the photos (``data_mode``, see :mod:`hvs.data.store`), each item
+decoded at the draft scale the in-memory path uses, so the pixels are the same.
+
 Source kwargs: ``holdout`` (default 0.2), ``limit`` (read at most this many images per folder,
 in file-name order — the full train set is 390k images).
 """
@@ -42,6 +46,7 @@ from .base import SPLITS, DataError, RetrievalData, Split
 from .images import ImageError, channel_stats, crop_resize, decode_progress, open_image
 from .registry import register_source
 from .splits import check_nonempty
+from .store import ImageStore, choose_mode, default_workers, item_box_problem, item_digest, probe_files
 
 DEFAULT_SIZE = 64
 IMAGE_LEVEL_KEYS = ("source", "pair_id")
@@ -186,6 +191,59 @@ def _crop_image(
         kept.append(i)
 
 
+def list_items(
+    root: str, items: list[Item], size: int, channels: int, *, strict: bool = False, workers: int | None = None
+) -> tuple[ImageStore, list[int], list[str]]:
+    """The streaming counterpart of :func:`crop_items`: the same (kept, skipped), found by
+    probing each photo once (:func:`~hvs.data.store.probe_files`), and a store whose items decode
+    at the JPEG draft scale :func:`crop_items` uses (the smallest box of the photo's items)."""
+    by_image: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        by_image.setdefault((it.folder, it.image_id), []).append(i)
+    paths = {key: _image_path(root, *key) for key in by_image}
+    probed = dict(zip(paths.values(), probe_files([p for p in paths.values() if p is not None], channels)))
+    kept: list[int] = []
+    skipped: list[str] = []
+    draft: dict[int, float | None] = {}
+
+    def bad(msg: str) -> None:
+        if strict:
+            raise ImageError(msg)
+        skipped.append(msg)
+
+    for (folder, image_id), idx in by_image.items():
+        path = paths[folder, image_id]
+        if path is None:
+            bad(f"{os.path.join(root, folder, 'image', image_id)}.jpg: image file not found")
+            continue
+        reason = probed[path][0]
+        if reason is not None:
+            bad(f"{path}: {reason}")
+            continue
+        boxes = [items[i].bbox for i in idx]
+        sides = [min(b[2] - b[0], b[3] - b[1]) for b in boxes if b[2] - b[0] > 0 and b[3] - b[1] > 0]
+        side = min(sides, default=None)
+        for i in idx:
+            problem = item_box_problem(path, channels, size, items[i].bbox, boxes)
+            if problem is not None:
+                bad(f"{path}#{items[i].item}: {problem}")
+                continue
+            kept.append(i)
+            draft[i] = side
+    kept_paths = [paths[items[i].folder, items[i].image_id] for i in kept]
+    store = ImageStore(
+        kept_paths,
+        [items[i].bbox for i in kept],
+        size,
+        channels,
+        draft=[draft[i] for i in kept],
+        names=[f"{p}#{items[i].item}" for p, i in zip(kept_paths, kept)],
+        digests=[item_digest(probed[p][3], items[i].bbox, size, channels) for p, i in zip(kept_paths, kept)],
+        workers=default_workers(workers),
+    )
+    return store, kept, skipped
+
+
 def _identity_key(name: str) -> tuple:
     pair, _, style = name.partition(":")
     return (0, int(pair), int(style)) if pair.isdigit() and style.isdigit() else (1, name)
@@ -208,6 +266,9 @@ def deepfashion2(
     holdout: float = 0.2,
     limit: int | None = None,
     splits: Sequence[str] | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> RetrievalData:
     """Items cropped by their boxes; identity ``pair_id:style``; always the open protocol."""
     name = f"deepfashion2:{arg}"
@@ -251,11 +312,22 @@ def deepfashion2(
     class_index = {c: i for i, c in enumerate(classes)}
 
     wanted = set(SPLITS if splits is None else splits)
+    n_items = sum(
+        len(x) for x, r in ((train_items, "train"), (query_items, "query"), (gallery_items, "gallery")) if r in wanted
+    )
+    mode = choose_mode(data_mode, name, n_items, channels, size)
 
     def split(items: list[Item], role: str) -> Split | None:
         if role not in wanted:
             return None  # annotations are read for the class list; the photos are not decoded
-        images, kept, bad = crop_items(root, items, size, channels, strict=strict, desc=f"decode {name} {role}")
+        if mode == "memory":
+            images, kept, bad = crop_items(root, items, size, channels, strict=strict, desc=f"decode {name} {role}")
+        else:
+            images, kept, bad = list_items(root, items, size, channels, strict=strict, workers=workers)
+            if mode == "cache":
+                from .cache import cached_store
+
+                images = cached_store(images, f"{name} {role}", cache_dir=cache_dir, strict=strict)
         skipped.extend(bad)
         kept_items = [items[i] for i in kept]
         return Split(

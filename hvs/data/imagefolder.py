@@ -22,6 +22,7 @@ from .base import SPLITS, DataError, RetrievalData
 from .images import IMG_EXTENSIONS, BBox, load_images
 from .registry import data_warning, register_source
 from .splits import build, check_protocol, split_by_protocol
+from .store import choose_mode, list_images
 
 DEFAULT_SIZE = 64
 ROLE_IDS = {"train": 0, "query": 1, "gallery": 2}
@@ -83,6 +84,9 @@ def from_files(
     names: Sequence[str] | None = None,
     sources: Sequence[str] | None = None,
     splits: Sequence[str] | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> RetrievalData:
     """Decode ``items`` (path, bbox) and split them into a :class:`RetrievalData`.
 
@@ -91,21 +95,31 @@ def from_files(
     ``splits``: the roles wanted (default all). With ``roles`` only those items are decoded;
     without, every item still is, because which files decode decides the protocol's split
     (an unreadable file is dropped before splitting, so no class loses its training images).
+
+    ``data_mode`` / ``workers`` / ``cache_dir``: decode now into memory, or keep an
+    :class:`~hvs.data.store.ImageStore` over the files (see :mod:`hvs.data.store`); the split,
+    the skipped list and the pixels are the same either way.
     """
     check_protocol(protocol)
     wanted = tuple(SPLITS if splits is None else splits)
     todo = list(range(len(items)))
     if roles is not None and set(wanted) != set(SPLITS):
         todo = [i for i in todo if roles[i] in wanted]
-    desc = f"decode {name} " + ("(all splits)" if len(todo) == len(items) else "+".join(wanted))
-    images, kept_todo, skipped = load_images(
-        [items[i] for i in todo],
-        size,
-        channels,
-        strict=strict,
-        names=None if names is None else [names[i] for i in todo],
-        desc=desc,
-    )
+    mode = choose_mode(data_mode, name, len(todo), channels, size)
+    todo_names = None if names is None else [names[i] for i in todo]
+    if mode == "memory":
+        desc = f"decode {name} " + ("(all splits)" if len(todo) == len(items) else "+".join(wanted))
+        images, kept_todo, skipped = load_images(
+            [items[i] for i in todo], size, channels, strict=strict, names=todo_names, desc=desc
+        )
+    else:
+        images, kept_todo, skipped = list_images(
+            [items[i] for i in todo], size, channels, strict=strict, names=todo_names, workers=workers
+        )
+        if mode == "cache":
+            from .cache import cached_store
+
+            images = cached_store(images, name, cache_dir=cache_dir, strict=strict)
     kept = [todo[k] for k in kept_todo]
     kept_t = torch.as_tensor(kept, dtype=torch.long)
     lab = torch.as_tensor(list(labels), dtype=torch.long)[kept_t]
@@ -128,6 +142,9 @@ def imagefolder(
     strict: bool = False,
     seed: int = 0,
     splits: Sequence[str] | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> RetrievalData:
     """Images in ``DIR/<class>/...``; classes sorted; split by ``protocol`` with ``seed``."""
     root = os.path.abspath(os.path.expanduser(arg))
@@ -143,4 +160,7 @@ def imagefolder(
         strict=strict,
         seed=seed,
         splits=splits,
+        data_mode=data_mode,
+        workers=workers,
+        cache_dir=cache_dir,
     )

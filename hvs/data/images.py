@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import DataError
+from .base import DataError, is_store
 
 ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO
 BBox = Sequence[float]  # (x1, y1, x2, y2), pixels, top-left origin, x2/y2 exclusive
@@ -81,18 +81,8 @@ def open_image(
     try:
         fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
         with Image.open(fp) as opened:  # closes the file handle Pillow opened for a path
-            img, scale = opened, 1.0
-            if size is not None and img.format == "JPEG" and not _exif_rotated(img, exif_transpose):
-                w, h = img.size
-                shortest = float(min(w, h))
-                for box in bboxes or ():
-                    bw, bh = float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
-                    if bw > 0 and bh > 0:
-                        shortest = min(shortest, bw, bh)
-                factor = size / max(shortest, 1.0)
-                if factor < 0.5:  # draft only reduces by 1/2, 1/4, 1/8: nothing to gain otherwise
-                    img.draft(mode, (math.ceil(w * factor), math.ceil(h * factor)))
-                    scale = img.size[0] / w
+            img = opened
+            scale = apply_draft(img, mode, size, bboxes, exif_transpose)
             img.load()  # decode now, so a truncated file fails here and not later
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
@@ -108,6 +98,57 @@ def open_image(
         raise
     except _DECODE_ERRORS as err:
         raise ImageError(f"{name}: {_reason(err)}") from None
+
+
+def apply_draft(
+    img: Image.Image, mode: str, size: int | None, bboxes: Sequence[BBox] | None, exif_transpose: bool = True
+) -> float:
+    """Ask Pillow to decode an opened (not yet loaded) JPEG at the reduced scale
+    :func:`open_image` uses; returns the scale factor (1.0 when nothing is reduced)."""
+    if size is None or img.format != "JPEG" or _exif_rotated(img, exif_transpose):
+        return 1.0
+    w, h = img.size
+    shortest = float(min(w, h))
+    for box in bboxes or ():
+        bw, bh = float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
+        if bw > 0 and bh > 0:
+            shortest = min(shortest, bw, bh)
+    factor = size / max(shortest, 1.0)
+    if factor >= 0.5:  # draft only reduces by 1/2, 1/4, 1/8: nothing to gain otherwise
+        return 1.0
+    img.draft(mode, (math.ceil(w * factor), math.ceil(h * factor)))
+    return img.size[0] / w
+
+
+def clip_box(bbox: BBox, w: int, h: int, scale: float = 1.0, name: str = "<image>") -> tuple[int, int, int, int]:
+    """``bbox`` (pixels of the original image) in pixels of the ``w x h`` image decoded at
+    ``scale``, clipped to it, floor/ceil so that a box never loses the pixels it touches; a box
+    with no area left raises :class:`ImageError`."""
+    box, reason = _clip(bbox, w, h, scale)
+    if reason is not None:
+        raise ImageError(f"{name}: {reason}")
+    return box
+
+
+def box_problem(bbox: BBox | None, w: int, h: int, scale: float = 1.0) -> str | None:
+    """Why :func:`clip_box` would refuse ``bbox`` (the reason, without the name), or None."""
+    return None if bbox is None else _clip(bbox, w, h, scale)[1]
+
+
+def _clip(bbox: BBox, w: int, h: int, scale: float) -> tuple[tuple[int, int, int, int], str | None]:
+    if len(bbox) != 4:
+        return (0, 0, 0, 0), f"bounding box needs 4 numbers (x1 y1 x2 y2), got {list(bbox)}"
+    x1, y1, x2, y2 = (float(v) * scale for v in bbox)
+    x1, y1 = max(0, math.floor(x1)), max(0, math.floor(y1))
+    x2, y2 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
+    if x2 <= x1 or y2 <= y1:
+        return (
+            x1,
+            y1,
+            x2,
+            y2,
+        ), f"degenerate bounding box {list(bbox)} for a {round(w / scale)}x{round(h / scale)} image"
+    return (x1, y1, x2, y2), None
 
 
 def _exif_rotated(img: Image.Image, exif_transpose: bool) -> bool:
@@ -130,18 +171,7 @@ def crop_resize(
     :class:`ImageError`. ``size=None`` keeps the (cropped) image at its own size.
     """
     if bbox is not None:
-        if len(bbox) != 4:
-            raise ImageError(f"{name}: bounding box needs 4 numbers (x1 y1 x2 y2), got {list(bbox)}")
-        w, h = img.size
-        x1, y1, x2, y2 = (float(v) * scale for v in bbox)
-        # floor/ceil so that a box never loses the pixels it touches; clip to the image
-        x1, y1 = max(0, math.floor(x1)), max(0, math.floor(y1))
-        x2, y2 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
-        if x2 <= x1 or y2 <= y1:
-            raise ImageError(
-                f"{name}: degenerate bounding box {list(bbox)} for a {round(w / scale)}x{round(h / scale)} image"
-            )
-        img = img.crop((x1, y1, x2, y2))
+        img = img.crop(clip_box(bbox, *img.size, scale=scale, name=name))
     if size is not None:
         if img.size != (size, size):
             # ImageOps.fit = crop the central region with the target aspect ratio, then resize;
@@ -244,6 +274,8 @@ def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     ``mean``/``std`` have one value per channel (or one value for all channels), as stored in
     ``RetrievalData.mean``/``.std``.
     """
+    if is_store(images):  # a lazy store: decoded whole (callers that stream use its batches)
+        images = images[:]
     if images.dim() not in (3, 4):
         raise DataError(f"to_float expects (C, H, W) or (N, C, H, W) images, got {tuple(images.shape)}")
     c = images.shape[-3]
@@ -255,23 +287,38 @@ def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return x.sub_(m.view(-1, 1, 1)).div_(s.view(-1, 1, 1))
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of ``uint8`` (N, C, H, W) images, on the [0, 1] scale.
 
     Counts the 256 values per channel with ``bincount`` instead of converting the whole tensor
-    to float: exact, and no float copy of e.g. 60k Fashion-MNIST images in memory.
+    to float: exact, and no float copy of e.g. 60k Fashion-MNIST images in memory. An
+    :class:`~hvs.data.store.ImageStore` is decoded in chunks (sampled when large, see
+    :func:`~hvs.data.store.store_channel_stats`).
     """
+    if is_store(images) and len(images):
+        return images.channel_stats()
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
         raise DataError(
             f"channel_stats needs non-empty uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
         )
+    return stats_from_counts(channel_stats_counts(images))
+
+
+def channel_stats_counts(images: torch.Tensor) -> torch.Tensor:
+    """(C, 256) float64 counts of each value per channel of uint8 (N, C, H, W) images."""
+    return torch.stack(
+        [torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64) for ch in range(images.shape[1])]
+    )
+
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Rounded per-channel (mean, std) on the [0, 1] scale from :func:`channel_stats_counts`."""
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
-    for ch in range(images.shape[1]):
-        counts = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
-        n = counts.sum()
-        mean = (counts * values).sum() / n
-        var = (counts * (values - mean) ** 2).sum() / n
+    for ch in range(counts.shape[0]):
+        n = counts[ch].sum()
+        mean = (counts[ch] * values).sum() / n
+        var = (counts[ch] * (values - mean) ** 2).sum() / n
         means.append(round(float(mean), 4))
         stds.append(round(max(float(var.sqrt()), 1e-3), 4))  # a constant channel must not divide by 0
     return tuple(means), tuple(stds)

@@ -30,6 +30,7 @@ import torch
 from .base import SPLITS, DataError, DataWarning, RetrievalData, data_warning  # noqa: F401  (re-exported)
 from .checks import check_duplicates
 from .splits import check_nonempty, check_protocol
+from .store import check_data_mode, default_workers
 
 SourceFn = Callable[..., RetrievalData]
 
@@ -115,6 +116,9 @@ def create_dataset(
     strict: bool = False,
     seed: int = 0,
     splits: Sequence[str] | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | None = None,
     **source_kwargs,
 ) -> RetrievalData:
     """Load the dataset named by ``spec`` (``"name"`` or ``"name:ARG"``).
@@ -126,7 +130,11 @@ def create_dataset(
     image in query and gallery, a duplicate in a split), raises :class:`DataError` instead of
     being skipped/warned about. ``seed``: every random split is a function of it. ``splits``:
     the roles to load (default all); the others are ``None`` in the result, and sources that can
-    skip decoding them do. Remaining keyword arguments go to the source.
+    skip decoding them do. ``data_mode`` (``auto`` / ``memory`` / ``stream`` / ``cache``),
+    ``workers`` (DataLoader processes decoding streamed images; default one per core, at most 8)
+    and ``cache_dir``: how a file source holds its images, see :mod:`hvs.data.store`; sources
+    generated or read whole into memory (fashion-mnist, kanji-fonts, synthetic) refuse
+    ``stream``/``cache``. Remaining keyword arguments go to the source.
     """
     check_protocol(protocol)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
@@ -140,8 +148,18 @@ def create_dataset(
         raise DataError(f"data source {name!r} takes no argument, got {spec!r}")
     if arg is None and info.arg_required:
         raise DataError(f"data source {name!r} needs an argument: {info.usage}")
-    if splits is not None and "splits" in inspect.signature(info.fn).parameters:
+    params = inspect.signature(info.fn).parameters
+    if splits is not None and "splits" in params:
         source_kwargs["splits"] = wanted
+    mode = check_data_mode(data_mode)
+    default_workers(workers)  # checked here, whatever the source
+    if "data_mode" in params:
+        source_kwargs.update(data_mode=mode, workers=workers, cache_dir=cache_dir)
+    elif data_mode is not None and mode in ("stream", "cache"):
+        raise DataError(
+            f"data source {name!r} is held in memory only; data mode {mode} applies to file sources "
+            f"({', '.join(n for n in list_sources() if 'data_mode' in inspect.signature(_SOURCES[n].fn).parameters)})"
+        )
     data = info.fn(
         arg, protocol=protocol, image_size=image_size, channels=channels, strict=strict, seed=seed, **source_kwargs
     )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import SPLITS, DataError, RetrievalData, Split
+from .base import SPLITS, DataError, RetrievalData, Split, take
 from .images import channel_stats
 
 PROTOCOLS = ("closed", "open")
@@ -127,7 +127,7 @@ def make_split(
 ) -> Split:
     index = torch.as_tensor(index, dtype=torch.long)
     src = None if sources is None else [sources[i] for i in index.tolist()]
-    return Split(images[index], labels[index], src, role)
+    return Split(take(images, index), labels[index], src, role)
 
 
 def build(

@@ -79,11 +79,15 @@ def _first(item: Any) -> Any:
 
 
 class _Images:
-    """Uniform batched access to a uint8 tensor, a sequence of (C, H, W) items, or a loader."""
+    """Uniform batched access to a uint8 tensor, an image store (decoded on demand by DataLoader
+    workers), a sequence of (C, H, W) items, or a loader."""
 
     def __init__(self, images: Any, n: int, batch_size: int):
         self.n, self.batch_size, self.images = n, batch_size, images
-        if hasattr(images, "shape"):  # one (N, C, H, W) tensor
+        if hasattr(images, "iter_chunks") and hasattr(images, "subset"):
+            # an hvs.data ImageStore: files decoded on demand by its DataLoader workers
+            self.mode = "store"
+        elif hasattr(images, "shape"):  # one (N, C, H, W) tensor
             if len(images.shape) != 4 or str(getattr(images, "dtype", "")) not in ("torch.uint8", "uint8"):
                 raise IndexStoreError(
                     f"images must be a uint8 (N, C, H, W) tensor, got "
@@ -137,6 +141,10 @@ class _Images:
                 self._pull(min(self.batch_size, stop - s))
 
     def batches(self, start: int, stop: int) -> Iterable[tuple[int, Any]]:
+        if self.mode == "store":  # one loader per shard: its workers decode the shard's batches in order
+            chunks = self.images.subset(slice(start, stop)).iter_chunks(self.batch_size)
+            yield from zip(range(start, stop, self.batch_size), chunks)
+            return
         for s in range(start, stop, self.batch_size):
             e = min(stop, s + self.batch_size)
             yield s, (self._slice(s, e) if self.random_access else self._pull(e - s))
@@ -440,7 +448,8 @@ def build_index(
 ) -> GalleryIndex | None:
     """Embed a gallery with ``embed_fn`` and write it as a new index at ``spec``; resumable.
 
-    ``images``: a uint8 (N, C, H, W) tensor, a sequence of (C, H, W) uint8 tensors, or an iterable
+    ``images``: a uint8 (N, C, H, W) tensor, an :class:`hvs.data.store.ImageStore` (decoded
+    shard by shard in its DataLoader workers), a sequence of (C, H, W) uint8 tensors, or an iterable
     (DataLoader) of uint8 batches (or tuples whose first element is the batch); ``labels`` and
     ``sources`` have one entry per image, and item ``i`` gets id ``i``. ``embed_fn`` is called on
     batches of at most ``batch_size`` and must return (B, dim) floats. ``meta`` goes into the

@@ -103,6 +103,7 @@ def build_gallery_index_distributed(
     progress: bool = True,
     strict: bool = False,
     device: str = "auto",
+    **data_kwargs,
 ) -> GalleryIndex | None:
     """:func:`hvs.search.build_gallery_index` on torchrun's processes (same arguments and result).
 
@@ -112,7 +113,7 @@ def build_gallery_index_distributed(
     from ..search import gallery_inputs
 
     model, card, images, labels, sources, meta = gallery_inputs(
-        gallery_model, data, split=split, protocol=protocol, strict=strict
+        gallery_model, data, split=split, protocol=protocol, strict=strict, **data_kwargs
     )
 
     if device == "auto":

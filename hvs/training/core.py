@@ -10,10 +10,12 @@ folder, :mod:`hvs.training.run`)::
     start, history = resume(run, task, opt, sched, epochs) if resume_asked else (0, [])
     fit(task, run, batches, opt, sched, epochs=epochs, start_epoch=start, history=history)
 
-Why the loop looks the way it does: images live in memory as uint8 tensors and batches are sliced
-(no DataLoader workers competing for 2 cores); augmentation is done on whole batches; shuffling and
-augmentation draw from a generator seeded by (seed, epoch), so a resumed run replays exactly what
-an uninterrupted one would have done. On N processes every rank draws the same permutation and
+Why the loop looks the way it does: images usually live in memory as uint8 tensors and batches
+are sliced (no DataLoader workers competing for 2 cores); a file source too large for memory is
+an ImageStore whose batches are decoded and augmented by DataLoader workers instead, the same
+batches. Shuffling draws from a generator seeded by (seed, epoch) and each batch's augmentation
+from a seed of (seed, epoch, step, rank), so a resumed run replays exactly what an uninterrupted
+one would have done. On N processes every rank draws the same permutation and
 takes every N-th item of each global batch (see :mod:`hvs.train`).
 """
 
@@ -29,15 +31,16 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed as dist
+from ..data.store import is_store
 from ..embed import normalize_images
 from ..errors import HVSError
+from .augment import Augment, create_augment, list_augments, translate_flip
 from .run import RunFolder
 
 C = TypeVar("C")
-AUGMENTATIONS = ("crop", "flip")
+AUGMENTATIONS = tuple(list_augments())
 # Environment variable for tests: rank 0 dies abruptly (no cleanup, like SIGKILL) right after
 # saving the given 1-based epoch, to prove that a killed multi-process run resumes.
 KILL_AFTER_EPOCH_ENV = "HVS_TEST_KILL_AFTER_EPOCH"
@@ -76,12 +79,10 @@ def config_from_dict(cls: type[C], d: dict[str, Any], what: str, error: type[HVS
     return cls(**d)
 
 
-def parse_augment(spec: str, error: type[HVSError] = TrainError) -> set[str]:
-    """``"crop,flip"`` -> {"crop", "flip"}; ``"none"`` -> set()."""
-    kinds = {a for a in spec.split(",") if a and a != "none"}
-    if kinds - set(AUGMENTATIONS):
-        raise error(f"unknown augmentation(s) {sorted(kinds - set(AUGMENTATIONS))}; use crop, flip or none")
-    return kinds
+def parse_augment(spec: str, error: type[HVSError] = TrainError) -> Augment:
+    """``"crop,flip"`` -> the :class:`~hvs.training.augment.Augment` it names; ``"none"`` -> an
+    empty (falsy) one. A bad name is ``error`` listing the valid ones (:mod:`hvs.training.augment`)."""
+    return create_augment(spec, error)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -138,21 +139,9 @@ def make_optimizer(
 
 
 def augment(x: torch.Tensor, kinds: set[str], gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to ``pad`` px (zero padding) and horizontal flip, per sample."""
-    n, c, h, w = x.shape
-    if "crop" in kinds:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
-        bi = torch.arange(n)[:, None, None, None]
-        ci = torch.arange(c)[None, :, None, None]
-        x = padded[bi, ci, rows, cols]
-    if "flip" in kinds:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    """Random translation by up to ``pad`` px (zero padding) and horizontal flip, per sample
+    (the ``crop`` and ``flip`` of :mod:`hvs.training.augment`)."""
+    return translate_flip(x, kinds, gen, pad=pad)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -160,29 +149,55 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of one batch's augmentation: a function of (seed, epoch, step, rank) only, so a
+    batch is the same wherever it is prepared (this process or a DataLoader worker)."""
+    return ((epoch_seed(seed, epoch) * 1_000_003 + step) * 1_009 + rank) % (1 << 63)
+
+
+class PrepareBatch:
+    """uint8 batch ``k`` of an epoch -> normalised, augmented float batch (picklable: a streamed
+    store runs it in its DataLoader workers)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], aug: Augment, seeds: Sequence[int]) -> None:
+        self.mean, self.std, self.aug, self.seeds = tuple(mean), tuple(std), aug, list(seeds)
+
+    def __call__(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        if not self.aug:
+            return normalize_images(images, self.mean, self.std)
+        return self.aug(images, self.mean, self.std, self.seeds[k])
+
+
 @dataclass
 class Batches:
-    """Training batches sliced from uint8 images in memory, this rank's share of each global batch.
+    """Training batches of uint8 images, this rank's share of each global batch.
+
+    ``images`` is a uint8 (N, C, H, W) tensor in memory (batches are sliced from it) or an
+    :class:`~hvs.data.store.ImageStore` (batches are decoded, normalised and augmented in its
+    DataLoader workers, ``workers`` of them, default the store's); both give the same batches.
 
     An epoch is a permutation drawn from a generator seeded by (seed, epoch), the same on every
     rank, cut into ``steps_per_epoch`` global batches of ``batch`` images (the last partial batch
     is dropped, for BatchNorm); rank ``r`` of ``world`` takes every ``world``-th image of each
-    from position ``r``. Augmentation on rank 0 continues the permutation's generator (what one
-    process does); other ranks draw from their own, so no two crop or flip alike."""
+    from position ``r``. Each batch is augmented from its own seed (:func:`batch_seed`, which
+    includes the rank, so no two ranks crop or flip alike). ``augment``: an
+    :class:`~hvs.training.augment.Augment`, a spec string or a set of names."""
 
     images: torch.Tensor
     targets: torch.Tensor
     mean: Sequence[float]
     std: Sequence[float]
     batch_size: int  # the global batch asked for
-    augment: set[str]
+    augment: Any
     seed: int = 0
     channels_last: bool = True
     device: torch.device = torch.device("cpu")
     rank: int = 0
     world: int = 1
+    workers: int | None = None  # DataLoader workers for streamed images (None: the store's own)
 
     def __post_init__(self) -> None:
+        self.augment = create_augment(self.augment, TrainError)
         self.n = int(self.images.shape[0])
         self.steps_per_epoch = max(1, self.n // self.batch_size)
         local = min(self.batch_size, self.n) // self.world  # this rank's share of the global batch
@@ -190,27 +205,31 @@ class Batches:
             raise TrainError(f"{self.n} training images cannot be shared by {self.world} processes")
         self.batch = local * self.world  # the global batch
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) of each step of ``epoch``: normalised, augmented, on the device."""
+    def indices(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's image indices of each step of ``epoch``."""
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         perm = torch.randperm(self.n, generator=gen)
-        aug_gen = (
-            gen
-            if self.rank == 0
-            else torch.Generator().manual_seed(epoch_seed(self.seed, epoch) * 1_000_003 + self.rank)
-        )
-        for step in range(self.steps_per_epoch):
-            idx = perm[step * self.batch : (step + 1) * self.batch][self.rank :: self.world]
-            yield self._batch(idx, aug_gen)
+        return [
+            perm[step * self.batch : (step + 1) * self.batch][self.rank :: self.world]
+            for step in range(self.steps_per_epoch)
+        ]
 
-    def _batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_images(self.images[idx], self.mean, self.std)
-        if self.augment:
-            x = augment(x, self.augment, gen)
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.targets[idx].to(self.device, non_blocking=True)
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of each step of ``epoch``: normalised, augmented, on the device."""
+        idx = self.indices(epoch)
+        seeds = [batch_seed(self.seed, epoch, step, self.rank) for step in range(len(idx))]
+        prepare = PrepareBatch(self.mean, self.std, self.augment, seeds)
+        if is_store(self.images):
+            xs = self.images.batches(
+                idx, workers=self.workers, transform=prepare, pin_memory=self.device.type == "cuda"
+            )
+        else:
+            xs = (prepare(self.images[i], k) for k, i in enumerate(idx))
+        for k, x in enumerate(xs):
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.targets[idx[k]].to(self.device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------
