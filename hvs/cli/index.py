@@ -5,6 +5,7 @@ and hvs.index (a bare folder is a FAISS index, as everywhere: see :func:`hvs.ind
     hvs index add --index faiss:runs/index [--gallery-model runs/gallery] --label Bag new_bag.png
     hvs index remove --index faiss:runs/index 17 42 [--uploads DIR]
     hvs index info --index faiss:runs/index
+    hvs index compact faiss:runs/index
     hvs search --index faiss:runs/index --query-model runs/query-bct photo.png [-k 10] [--json]
 """
 
@@ -79,6 +80,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from ..index import open_index
+
+    with open_index(args.spec) as index:
+        summary = index.compact()
+        if summary.get("compacted"):
+            print(
+                f"compacted {index.spec}: {summary.get('count', len(index))} items in version "
+                f"{summary.get('version')}; folded {summary.get('log_records', 0)} log record(s), "
+                f"{summary.get('tombstones', 0)} tombstone(s)"
+            )
+        else:
+            print(f"nothing to compact in {index.spec}: {summary.get('reason', 'no pending writes')}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search import Searcher
 
@@ -136,6 +153,10 @@ def configure_index(ix: argparse.ArgumentParser) -> None:
     i = isub.add_parser("info", help="print the index sidecar")
     i.add_argument("--index", required=True)
     i.set_defaults(fn=cmd_info)
+
+    c = isub.add_parser("compact", help="fold the write-ahead log and tombstones into a new base version")
+    c.add_argument("spec", help="faiss:DIR (or a bare DIR) or milvus:URI")
+    c.set_defaults(fn=cmd_compact)
 
 
 def configure_search(s: argparse.ArgumentParser) -> None:

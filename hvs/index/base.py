@@ -38,6 +38,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib
+import json
 import os
 import sys
 import time
@@ -283,6 +284,37 @@ def merge_user_meta(base: dict, user: dict | None) -> dict:
     return out
 
 
+def check_meta_patch(patch: Any) -> dict:
+    """A sidecar patch for :meth:`GalleryIndex.update_meta`: a JSON object of user keys only."""
+    if not isinstance(patch, dict):
+        raise IndexStoreError(f"a sidecar patch must be a dict, got {type(patch).__name__}")
+    reserved = sorted(k for k in patch if k in RESERVED_META)
+    if reserved:
+        raise IndexStoreError(f"meta key {reserved[0]!r} is kept by hvs itself and cannot be updated")
+    for key in patch:
+        if not isinstance(key, str):
+            raise IndexStoreError(f"meta keys must be strings, got {key!r}")
+    try:
+        json.dumps(patch)
+    except (TypeError, ValueError) as e:
+        raise IndexStoreError(f"meta patch is not JSON-serialisable ({one_line(e)})") from None
+    return dict(patch)
+
+
+def check_model(model: Any) -> str | None:
+    """A gallery model fingerprint as recorded per item: a non-empty string, or None."""
+    if model is not None and (not isinstance(model, str) or not model):
+        raise IndexStoreError(f"model must be a gallery model fingerprint (a non-empty string) or None, got {model!r}")
+    return model
+
+
+def default_model(meta: dict) -> str | None:
+    """The fingerprint ``add`` records when the caller gives none: the sidecar's gallery model."""
+    g = meta.get("gallery_model")
+    fp = g.get("fingerprint") if isinstance(g, dict) else None
+    return fp if isinstance(fp, str) and fp else None
+
+
 def check_meta(meta: Any, where: str) -> dict:
     """The sidecar keys every backend relies on are present with sane values."""
     if not isinstance(meta, dict):
@@ -353,12 +385,36 @@ class GalleryIndex(abc.ABC):
         ids: np.ndarray | None = None,
         labels: Sequence[str] | None = None,
         sources: Sequence[str] | None = None,
+        model: str | None = None,
     ) -> np.ndarray:
         """Add (n, dim) embeddings (L2-normalised here); return their int64 ids.
 
         Ids are assigned from the sidecar's ``next_id`` when not given; an id already in the
-        index (or repeated in ``ids``) is an error, never an overwrite.
+        index (or repeated in ``ids``) is an error, never an overwrite. ``model`` is the
+        fingerprint of the gallery model that embedded them, recorded per item (default: the
+        sidecar's ``gallery_model.fingerprint``, or None when the sidecar has none).
         """
+
+    def replace(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray, model: str | None) -> int:
+        """Give existing ids new vectors and a new ``model`` in one durable write, keeping their
+        label and source; an unknown id is an error and nothing changes. Returns how many."""
+        raise IndexStoreError(f"replace is not supported by the {self.prefix} backend")
+
+    def model_counts(self) -> dict[str | None, int]:
+        """How many live items each gallery model fingerprint embedded (None: not recorded)."""
+        raise IndexStoreError(f"model_counts is not supported by the {self.prefix} backend")
+
+    def ids(self, exclude_model: str | None = None) -> np.ndarray:
+        """Sorted int64 ids of the live items; with ``exclude_model``, only those whose model differs."""
+        raise IndexStoreError(f"ids is not supported by the {self.prefix} backend")
+
+    def update_meta(self, patch: dict) -> dict:
+        """Durably merge ``patch`` into the user (non-reserved) sidecar keys; returns the new sidecar."""
+        raise IndexStoreError(f"update_meta is not supported by the {self.prefix} backend")
+
+    def compact(self) -> dict:
+        """Fold pending writes (log, tombstones) into a new base version; returns a summary."""
+        return {"compacted": False, "reason": f"the {self.prefix} backend compacts by itself"}
 
     @abc.abstractmethod
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
@@ -388,7 +444,7 @@ class GalleryIndex(abc.ABC):
 
     @abc.abstractmethod
     def records(self, ids: Sequence[int] | np.ndarray, *, skip_missing: bool = False) -> list[dict]:
-        """``[{"id", "label", "source"}, ...]`` in the order asked; an unknown id is an error
+        """``[{"id", "label", "source", "model"}, ...]`` in the order asked; an unknown id is an error
         (or, with ``skip_missing``, left out)."""
 
     @abc.abstractmethod

@@ -72,7 +72,10 @@ from .base import (
     as_matrix,
     as_texts,
     check_meta,
+    check_meta_patch,
+    check_model,
     check_new_ids,
+    default_model,
     hvs_version,
     merge_user_meta,
     now_iso,
@@ -235,10 +238,11 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _write_idmap(path: Path, ids: np.ndarray, labels: Sequence, sources: Sequence) -> None:
+def _write_idmap(path: Path, ids: np.ndarray, labels: Sequence, sources: Sequence, models: Sequence) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for i, label, source in zip(ids.tolist(), labels, sources):
-            f.write(json.dumps({"id": i, "label": label, "source": source}, ensure_ascii=False) + "\n")
+        for i, label, source, model in zip(ids.tolist(), labels, sources, models):
+            rec = {"id": i, "label": label, "source": source, "model": model}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -364,9 +368,19 @@ def _read_current(root: Path) -> str | None:
 class _State:
     """One loaded (or about to be written) version: the FAISS index plus what rebuilds need."""
 
-    def __init__(self, index, meta: dict, vectors: np.ndarray, vec_ids: np.ndarray, labels: list, sources: list):
+    def __init__(
+        self,
+        index,
+        meta: dict,
+        vectors: np.ndarray,
+        vec_ids: np.ndarray,
+        labels: list,
+        sources: list,
+        models: list | None = None,
+    ):
         self.index, self.meta = index, meta
         self.vectors, self.vec_ids, self.labels, self.sources = vectors, vec_ids, labels, sources
+        self.models = models if models is not None else [None] * len(labels)
         self._row_of: dict[int, int] | None = None
 
     def row_of(self) -> dict[int, int]:
@@ -422,7 +436,7 @@ def _load_version(root: Path, version: str) -> _State:
     faiss_ids = faiss.vector_to_array(index.id_map)
     if not np.array_equal(np.sort(faiss_ids), np.sort(vec_ids)):
         raise IndexStoreError(f"{where}: ids in index.faiss and vector_ids.npy differ")
-    labels, sources = [], []
+    labels, sources, models = [], [], []
     _verify(vdir, "ids.jsonl", sums, where)
     try:
         with open(vdir / "ids.jsonl", encoding="utf-8") as f:
@@ -432,6 +446,7 @@ def _load_version(root: Path, version: str) -> _State:
                     raise IndexStoreError(f"{where}: ids.jsonl line {row + 1} does not match vector_ids.npy")
                 labels.append(rec.get("label"))
                 sources.append(rec.get("source"))
+                models.append(rec.get("model"))  # absent in indexes written before it: None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise IndexStoreError(f"{where}: ids.jsonl is corrupt ({one_line(e)})") from None
     if len(labels) != count:
@@ -443,7 +458,7 @@ def _load_version(root: Path, version: str) -> _State:
         _check_unit_rows(vectors, vec_ids, where, version)
         _warn_legacy(root, version)
     apply_search_params(index, meta.get("search_params") or {})
-    return _State(index, meta, vectors, vec_ids, labels, sources)
+    return _State(index, meta, vectors, vec_ids, labels, sources, models)
 
 
 class FaissGalleryIndex(GalleryIndex):
@@ -577,8 +592,7 @@ class FaissGalleryIndex(GalleryIndex):
             if initial is None:
                 self._commit(state)
             else:
-                vectors, ids, labels, sources = initial
-                self.add(vectors, ids, labels, sources)
+                self.add(*initial)  # (vectors, ids, labels, sources[, model])
         except BaseException:
             self.close()
             raise
@@ -625,7 +639,7 @@ class FaissGalleryIndex(GalleryIndex):
         _write_faiss(tmp / "index.faiss", state.index)
         _write_npy(tmp / "vectors.npy", np.ascontiguousarray(state.vectors, dtype=np.float32))
         _write_npy(tmp / "vector_ids.npy", state.vec_ids)
-        _write_idmap(tmp / "ids.jsonl", state.vec_ids, state.labels, state.sources)
+        _write_idmap(tmp / "ids.jsonl", state.vec_ids, state.labels, state.sources, state.models)
         _write_json(tmp / "meta.json", state.meta)
         _write_checksums(tmp)
         _fsync_path(tmp)
@@ -668,11 +682,12 @@ class FaissGalleryIndex(GalleryIndex):
     def __len__(self) -> int:
         return int(self._state.index.ntotal)
 
-    def add(self, embeddings, ids=None, labels=None, sources=None) -> np.ndarray:
+    def add(self, embeddings, ids=None, labels=None, sources=None, model=None) -> np.ndarray:
         self._check_open()
         x = as_matrix(embeddings, self.dim, "embeddings")
         n = x.shape[0]
         labels, sources = as_texts(labels, n, "labels"), as_texts(sources, n, "sources")
+        model = check_model(model)
         given = None if ids is None else as_ids(ids, n)
         if given is not None:
             check_new_ids(given)
@@ -687,6 +702,7 @@ class FaissGalleryIndex(GalleryIndex):
                 raise IndexStoreError(
                     f"id {int(clash[0])} is already in index {self.root} ({clash.size} duplicate(s)); remove it first"
                 )
+            item_model = model if model is not None else default_model(s.meta)
             self._dirty = True
             train_if_needed(s.index, x, s.meta["factory"])
             s.index.add_with_ids(x, new)
@@ -699,6 +715,7 @@ class FaissGalleryIndex(GalleryIndex):
                     np.concatenate([s.vec_ids, new]),
                     s.labels + labels,
                     s.sources + sources,
+                    s.models + [item_model] * n,
                 )
             )
             return new
@@ -726,12 +743,84 @@ class FaissGalleryIndex(GalleryIndex):
             except RuntimeError:  # HNSW (and some others) cannot remove: rebuild from kept vectors
                 index = self._fresh_index(vectors)
                 index.add_with_ids(vectors, s.vec_ids[keep])
-            labels = [v for v, k in zip(s.labels, keep.tolist()) if k]
-            sources = [v for v, k in zip(s.sources, keep.tolist()) if k]
-            self._commit(_State(index, dict(s.meta), vectors, s.vec_ids[keep], labels, sources))
+            kept = keep.tolist()
+            labels = [v for v, k in zip(s.labels, kept) if k]
+            sources = [v for v, k in zip(s.sources, kept) if k]
+            models = [v for v, k in zip(s.models, kept) if k]
+            self._commit(_State(index, dict(s.meta), vectors, s.vec_ids[keep], labels, sources, models))
             return n
 
         return self._mutate(run)
+
+    def replace(self, ids, embeddings, model) -> int:
+        self._check_open()
+        want = as_ids(ids, what="ids")
+        x = as_matrix(embeddings, self.dim, "embeddings")
+        if x.shape[0] != want.shape[0]:
+            raise IndexStoreError(f"{x.shape[0]} embeddings but {want.shape[0]} ids")
+        check_new_ids(want)
+        model = check_model(model)
+
+        def run() -> int:
+            s = self._state
+            rows = s.row_of()
+            missing = [i for i in want.tolist() if i not in rows]
+            if missing:
+                raise IndexStoreError(
+                    f"cannot replace id {missing[0]}: not in index {self.root} ({len(missing)} unknown id(s))"
+                )
+            if not len(want):
+                return 0
+            at = np.asarray([rows[i] for i in want.tolist()], dtype=np.int64)
+            vectors = np.array(s.vectors, dtype=np.float32)
+            vectors[at] = x
+            models = list(s.models)
+            for r in at.tolist():
+                models[r] = model
+            self._dirty = True
+            index = s.index
+            try:
+                if index.remove_ids(want) != len(want):
+                    raise RuntimeError("partial removal")
+                index.add_with_ids(x, want)
+            except RuntimeError:  # HNSW cannot remove: rebuild from the kept vectors
+                index = self._fresh_index(vectors)
+                index.add_with_ids(vectors, s.vec_ids)
+            self._commit(_State(index, dict(s.meta), vectors, s.vec_ids, s.labels, s.sources, models))
+            return len(want)
+
+        return self._mutate(run)
+
+    def model_counts(self) -> dict:
+        self._check_open()
+        counts: dict = {}
+        for m in self._state.models:
+            counts[m] = counts.get(m, 0) + 1
+        return counts
+
+    def ids(self, exclude_model=None) -> np.ndarray:
+        self._check_open()
+        s = self._state
+        if exclude_model is None:
+            return np.sort(s.vec_ids)
+        keep = np.fromiter((m != exclude_model for m in s.models), dtype=bool, count=len(s.models))
+        return np.sort(s.vec_ids[keep])
+
+    def update_meta(self, patch) -> dict:
+        self._check_open()
+        patch = check_meta_patch(patch)
+
+        def run() -> dict:
+            s = self._state
+            self._commit(_State(s.index, dict(s.meta, **patch), s.vectors, s.vec_ids, s.labels, s.sources, s.models))
+            return self.meta
+
+        return self._mutate(run)
+
+    def compact(self) -> dict:
+        """Nothing to fold in this layout: every write already rewrote the whole version."""
+        self._check_open()
+        return {"compacted": False, "reason": "no pending writes", "count": len(self)}
 
     def _fresh_index(self, vectors: np.ndarray):
         """An empty index of the sidecar's factory, trained on ``vectors`` if it needs training."""
@@ -760,7 +849,7 @@ class FaissGalleryIndex(GalleryIndex):
             apply_search_params(index, params)
             index.add_with_ids(vectors, s.vec_ids)
             meta = dict(s.meta, factory=new_factory, search_params=params)
-            self._commit(_State(index, meta, vectors, s.vec_ids, s.labels, s.sources))
+            self._commit(_State(index, meta, vectors, s.vec_ids, s.labels, s.sources, s.models))
 
         self._mutate(run)
 
@@ -781,7 +870,10 @@ class FaissGalleryIndex(GalleryIndex):
         missing = [i for i in want.tolist() if i not in rows]
         if missing:
             raise IndexStoreError(f"{len(missing)} id(s) not in index {self.root}, e.g. {missing[0]}")
-        return [{"id": i, "label": s.labels[rows[i]], "source": s.sources[rows[i]]} for i in want.tolist()]
+        return [
+            {"id": i, "label": s.labels[rows[i]], "source": s.sources[rows[i]], "model": s.models[rows[i]]}
+            for i in want.tolist()
+        ]
 
     def referenced(self, sources) -> set[str]:
         return set(sources) & set(self._state.sources)
