@@ -239,6 +239,7 @@ class SearchService:
         self.lock = _RWLock()
         self._gallery_lock = threading.Lock()
         self._gallery: QueryEncoder | None = None
+        self.compat_error: str | None = None  # set by a reload whose models this query model may not search
         meta = self.index.meta
         self.thumbs = ThumbnailResolver(meta)
         if uploads_dir is None:
@@ -255,8 +256,24 @@ class SearchService:
                 with self.lock.write():  # no search is half-way through the old snapshot
                     if self.index.refresh():
                         log.info("reloaded %s: %d items", self.index.spec, len(self.index))
+                        self._recheck()
         except IndexStoreError as e:
             raise HTTPException(503, f"the index on disk changed and cannot be loaded: {_one_line(e)}") from None
+
+    def _recheck(self) -> None:
+        """After a reload: the pairing rule on the gallery models now in the index (a backfill or
+        another writer may have added one); a refusal fails searches closed with its message. A
+        new primary gallery model (a finished backfill) embeds the next ``POST /gallery``."""
+        try:
+            self.searcher.check()
+            self.compat_error = None
+        except CompatError as e:
+            self.compat_error = str(e)
+            log.warning("%s", e)
+        primary = (self.index.meta.get("gallery_model") or {}).get("fingerprint")
+        with self._gallery_lock:
+            if self._gallery is not None and self._gallery.fingerprint != primary:
+                self._gallery = None
 
     def size(self) -> int:
         self.sync()
@@ -301,6 +318,8 @@ class SearchService:
                 f"upload {name!r} (broken model weights?)",
             )
         self.sync()
+        if self.compat_error:
+            raise HTTPException(409, self.compat_error)
         with self.lock.read():
             try:
                 hits = self.searcher.search_embeddings(emb, k)[0]
@@ -360,7 +379,12 @@ class SearchService:
         with self.lock.write():
             stored = self._store_upload(data, digest)
             try:
-                new = self.index.add(emb, labels=[label], sources=[str(stored) if stored else f"upload:{digest}"])
+                new = self.index.add(
+                    emb,
+                    labels=[label],
+                    sources=[str(stored) if stored else f"upload:{digest}"],
+                    model=enc.fingerprint,  # the model that embedded it, whatever the sidecar says by now
+                )
             except IndexStoreError as e:
                 if stored is not None:  # not added: keep no copy of the photo
                     stored.unlink(missing_ok=True)
