@@ -38,10 +38,12 @@ before the registry knows one model, its ``gallery_model``; vectors that record 
 that model's (``legacy_vectors_model`` pins it once another model is registered). The primary
 ``gallery_model`` stays the old one until a backfill (:mod:`hvs.index.backfill`) leaves no vector
 of any other model. :class:`GallerySide` built by :meth:`GallerySide.of_index` carries the
-registry (``models``) and the live vectors per model (``live``); rule 3 then reads:
+registry (``models``) and the live vectors per model (``live``); one built by
+:meth:`GallerySide.of_card` knows its model and the model's own ``compatible_with`` (which an
+index it builds records in its registry). Rule 3 then reads:
 
-4. *searching* an index (any ``check_pair`` call without ``same_model``): every gallery model with
-   live vectors must be the query side's gallery model (its ``compatible_with``) or the query
+4. *searching* (any ``check_pair`` call without ``same_model``): every gallery model with
+   live vectors (a card: the model itself) must be the query side's gallery model (its ``compatible_with``) or the query
    side itself, or a descendant of one of them through recorded ``compatible_with`` links. A
    backward-compatible gallery model maps into its parent's space, so the query models of the
    old gallery model keep searching a half-backfilled index; a query model made for the new
@@ -126,13 +128,21 @@ class GallerySide:
     @classmethod
     def of_card(cls, card: Any, folder: str | os.PathLike | None = None) -> GallerySide:
         """The gallery model folder itself (its card; ``folder`` is where it lives)."""
+        path = None if folder is None else str(Path(folder).resolve())
+        pre = Preprocessing.of_card(card)
+        made_for = (getattr(card, "compatible_with", None) or {}).get("fingerprint")
+        models = {}
+        if card.fingerprint:  # its lineage, for the registry of an index it builds (rule 4)
+            entry = {"model": card.model, "embed_dim": int(card.embed_dim), "path": path}
+            models[card.fingerprint] = {**entry, "preprocessing": pre.as_dict(), "compatible_with": made_for}
         return cls(
             fingerprint=card.fingerprint or None,
             embed_dim=int(card.embed_dim),
-            preprocessing=Preprocessing.of_card(card),
+            preprocessing=pre,
             model=card.model,
-            path=None if folder is None else str(Path(folder).resolve()),
+            path=path,
             kind=GALLERY_MODEL,
+            models=models,
         )
 
     @classmethod
@@ -177,7 +187,7 @@ class GallerySide:
     def index_meta(self) -> dict[str, Any]:
         """What an index sidecar records about this gallery model (read back by :meth:`of_index_meta`)."""
         pre = self.preprocessing
-        return {
+        out = {
             "gallery_model": {
                 "model": self.model,
                 "fingerprint": self.fingerprint,
@@ -186,6 +196,9 @@ class GallerySide:
             },
             "preprocessing": pre.as_dict() if pre is not None else {},
         }
+        if self.models:
+            out[REGISTRY] = {fp: dict(entry) for fp, entry in self.models.items()}
+        return out
 
     # -- how refusals name this side ----------------------------------------------------------------
     @property

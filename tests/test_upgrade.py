@@ -236,11 +236,14 @@ def test_upgrade_through_the_library(world, tmp_path, monkeypatch):
 
 def test_the_re_embedded_vectors_are_the_new_models(world, tmp_path):
     from hvs.index.backfill import backfill
-    from hvs.search import build_gallery_index
+    from hvs.search import Searcher, build_gallery_index
 
     spec = _copy(world, tmp_path)
     backfill(spec, world / "g2")
     fresh = build_gallery_index(world / "g2", TINY_SPEC, f"faiss:{tmp_path / 'fresh'}", progress=False)
+    # an index built by g2 from scratch records its lineage: g's query models may search it
+    assert fresh.meta[compat.REGISTRY][_fp(world / "g2")]["compatible_with"] == _fp(world / "g")
+    assert Searcher(fresh, world / "q").warning is None and Searcher(fresh, world / "q2").warning is None
     with open_index(spec) as index:
         ids = index.ids()
         q = np.asarray(fresh.search(np.eye(16, dtype=np.float32)[:4], k=len(ids))[1])
