@@ -457,8 +457,9 @@ def _check_lineage(
     query: QuerySide, gallery: GallerySide, *, force: bool, action: str, remedy: str | None
 ) -> str | None | bool:
     """Rule 4. None: accepted; a warning (forced); False: a one-model index refused (rule 3 words it)."""
-    live = gallery.live if gallery.live is not None else {gallery.fingerprint: 1}
-    live = {fp: n for fp, n in live.items() if fp and n}
+    live = {fp: n for fp, n in (gallery.live or {}).items() if fp and n}
+    if not live:  # not counted, or an empty index: judged by its primary gallery model
+        live = {gallery.fingerprint: 1} if gallery.fingerprint else {}
     ok = descendants(gallery.models, {query.fingerprint, query.compatible_with} - {None, ""})
     bad = {fp: n for fp, n in live.items() if fp not in ok}
     if not bad:

@@ -112,8 +112,11 @@ def test_an_unrelated_query_model_keeps_rule_3s_words_on_a_one_model_index():
     )
     with pytest.raises(CompatError, match=r"8 of the index's 8 vectors .*re-embed them with hvs index backfill"):
         check_pair(other, _index({"g1": 5, "g2": 3}))
-    # without counts (a backend that records no model per vector) the primary model is all there is
+    # without counts (a backend that records no model per vector), or empty, the primary model is all there is
     assert check_pair(_q(), GallerySide.of_index_meta(_meta(REGISTRY))) is None
+    for empty in (GallerySide.of_index_meta(_meta(REGISTRY)), _index({})):
+        with pytest.raises(CompatError, match="but the index's gallery model cnn-small has fingerprint g1"):
+            check_pair(other, empty)
 
 
 def test_writers_are_known_gallery_models_or_compatible_newcomers():
@@ -308,3 +311,36 @@ def test_the_upgrade_through_the_cli(world, tmp_path, capsys):
     assert main(["search", "--index", spec, "--query-model", str(world / "q"), "-k", "3", query]) == 0
     assert main(["index", "backfill", spec, "--gallery-model", str(world / "gx")]) == 2
     assert "is not a gallery model the index knows" in capsys.readouterr().err
+
+
+def test_the_service_keeps_answering_through_a_backfill_and_rechecks_on_reload(world, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from hvs.gallery import add_images
+    from hvs.index.backfill import backfill
+    from hvs.serve import create_app
+
+    spec = _copy(world, tmp_path)
+    png = (world / "new2.png").read_bytes()
+    files = {"image": ("q.png", png, "image/png")}
+    with TestClient(create_app(spec, world / "q", token="tok")) as old:  # the old query model's service
+        assert old.post("/search?k=3", files=files).status_code == 200
+        auth = {"Authorization": "Bearer tok"}
+        first = old.post("/gallery", headers=auth, data={"label": "x"}, files=files).json()  # by g, loaded now
+        backfill(spec, world / "g2", batch_size=4, max_batches=2)  # another process, half-way
+        assert old.post("/search?k=3", files=files).status_code == 200
+        backfill(spec, world / "g2")
+        body = old.post("/search?k=3", files=files).json()
+        assert {hit["model"] for hit in body["results"]} == {_fp(world / "g2")}
+        added = old.post("/gallery", headers=auth, data={"label": "x"}, files=files).json()  # by the new primary
+        with open_index(spec) as index:
+            # the upload kept for its thumbnail was the source the backfill re-embedded it from
+            assert [r["model"] for r in index.records([first["id"], added["id"]])] == [_fp(world / "g2")] * 2
+    with TestClient(create_app(spec, world / "q2", token="")) as new:  # the new query model's service
+        assert new.post("/search?k=3", files=files).status_code == 200
+        with open_index(spec) as index:  # someone adds an item with the old gallery model
+            add_images(index, [world / "new0.png"], ["x"], gallery_model=world / "g")
+        refused = new.post("/search?k=3", files=files)
+        assert refused.status_code == 409 and "1 of the index's" in refused.json()["detail"]
