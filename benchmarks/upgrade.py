@@ -2,6 +2,7 @@
 
     python benchmarks/upgrade.py                       # fashion-mnist, ~10 min on 2 CPU cores
     python benchmarks/upgrade.py --train-subset 60000 --epochs 8 --queries 0   # the full run
+    python benchmarks/upgrade.py --g2-compat bct,l2=1    # G2 also regressed onto G1's embeddings
 
 Trains, on the data's train split:
 
@@ -15,6 +16,7 @@ query split, searched through the index itself: every score is the index's) at e
 upgrade: the G1 index, the index half backfilled with G2 (``hvs index backfill`` stopped midway),
 and fully re-embedded. References in the same run: G1->G1 and G2->G2 (each model searching its own
 vectors) and Q1 against an index built with G2 from scratch (must equal the full backfill).
+Q1's change against its starting accuracy comes with a paired bootstrap 95% CI over the queries.
 Prints a table; ``--json FILE`` writes every number and the command. Models are kept in
 ``--work`` and reused when complete (delete the folder to retrain).
 """
@@ -37,7 +39,7 @@ from hvs.data import create_dataset
 from hvs.encoders import load_query_encoder
 from hvs.index import open_index
 from hvs.index.backfill import backfill
-from hvs.metrics import retrieval_metrics_from_scores
+from hvs.metrics import paired_bootstrap_ci, retrieval_metrics_from_scores
 from hvs.search import Searcher, build_gallery_index
 from hvs.train import TrainConfig, train
 
@@ -66,7 +68,28 @@ def measure(index_spec: str, query_model: Path, images: torch.Tensor, q_labels, 
     valid = torch.from_numpy(ids >= 0)
     matrix[rows[valid], torch.from_numpy(ids)[valid]] = torch.from_numpy(scores)[valid]
     m = retrieval_metrics_from_scores(matrix, q_labels, g_labels, ks=(1,), far_targets=(), fpir_targets=())
-    return {"r1": float(m["recall@1"]), "map": float(m["map"]), "models": {str(k): v for k, v in counts.items()}}
+    per_q = m["per_query"]
+    return {
+        "r1": float(m["recall@1"]),
+        "map": float(m["map"]),
+        "models": {str(k): v for k, v in counts.items()},
+        "per_query": {"query_index": per_q["query_index"], "hit@1": per_q["hit@1"], "ap": per_q["ap"]},
+    }
+
+
+def paired_change(row: dict, start: dict, n_boot: int) -> dict:
+    """Change of R@1 and mAP against ``start`` (same queries): mean and paired bootstrap 95% CI."""
+    a, b = row["per_query"], start["per_query"]
+    assert np.array_equal(a["query_index"], b["query_index"])
+    out = {}
+    for key, name in (("hit@1", "r1"), ("ap", "map")):
+        mean, lo, hi = paired_bootstrap_ci(a[key], b[key], n_boot=n_boot)
+        out[name] = [float(mean), float(lo), float(hi)]
+    return out
+
+
+def _pp(x: list[float]) -> str:
+    return f"{100 * x[0]:+.2f} [{100 * x[1]:+.2f}, {100 * x[2]:+.2f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--g1", default="cnn-small")
     p.add_argument("--q1", default="cnn-tiny")
     p.add_argument("--g2", default="resnet8")
+    p.add_argument("--g2-compat", default="bct", help="G2's compatibility losses with G1 (e.g. bct,l2=1)")
+    p.add_argument("--g2-epochs", type=int, help="G2's epochs (default --epochs)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the paired CIs")
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=12000, help="training images (0: all)")
@@ -100,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         train_subset=args.train_subset or None,
         threads=args.threads,
     )
-    g1, q1, g2 = work / "g1", work / "q1", work / "g2"
+    g2_epochs = args.g2_epochs or args.epochs
+    g1, q1 = work / "g1", work / "q1"
+    g2 = work / ("g2" if (args.g2_compat, g2_epochs) == ("bct", args.epochs) else f"g2-{args.g2_compat}-{g2_epochs}ep")
     _train(g1, log, model=args.g1, role="gallery", **common)
     _train(q1, log, model=args.q1, gallery=str(g1), compat=["bct"], **common)
-    g2_card = _train(g2, log, model=args.g2, gallery=str(g1), role="gallery", compat=["bct"], **common)
+    g2_common = dict(common, epochs=g2_epochs)
+    g2_card = _train(
+        g2, log, model=args.g2, gallery=str(g1), role="gallery", compat=args.g2_compat.split(","), **g2_common
+    )
     assert g2_card.compatible_with["fingerprint"] == ckpt.read_card(g1).fingerprint
 
     query = data.query
@@ -160,22 +191,30 @@ def main(argv: list[str] | None = None) -> int:
 
     start = rows[0]
     table = [
-        "| step | query model | R@1 | mAP | vectors (G1 / G2) |",
-        "|---|---|---|---|---|",
+        "| step | query model | R@1 | mAP | Q1's change vs start: R@1, mAP [95% CI] | vectors (G1 / G2) |",
+        "|---|---|---|---|---|---|",
     ]
     fp1, fp2 = ckpt.read_card(g1).fingerprint, g2_card.fingerprint
     for r in rows:
         counts = f"{r['models'].get(fp1, 0) + r['models'].get('None', 0)} / {r['models'].get(fp2, 0)}"
-        table.append(f"| {r['step']} | {r['query_model']} | {100 * r['r1']:.2f} | {100 * r['map']:.2f} | {counts} |")
-    q1_rows = [r for r in rows if r["query_model"] == "q1"]
-    worst = min(q1_rows, key=lambda r: r["map"])
-    verdict = (
-        f"Q1 (for G1) never fell below its starting accuracy: worst mAP {100 * worst['map']:.2f} "
-        f"vs {100 * start['map']:.2f} at the start ({worst['step']})"
-        if all(r["map"] >= start["map"] and r["r1"] >= start["r1"] for r in q1_rows)
-        else f"Q1 fell below its starting accuracy at '{worst['step']}': mAP {100 * worst['map']:.2f} "
-        f"vs {100 * start['map']:.2f} (R@1 {100 * worst['r1']:.2f} vs {100 * start['r1']:.2f})"
-    )
+        change = ""
+        if r["query_model"] == "q1" and r is not start:
+            r["change"] = paired_change(r, start, args.n_boot)
+            change = f"{_pp(r['change']['r1'])}, {_pp(r['change']['map'])}"
+        table.append(
+            f"| {r['step']} | {r['query_model']} | {100 * r['r1']:.2f} | {100 * r['map']:.2f} | {change} | {counts} |"
+        )
+    q1_rows = [r for r in rows if "change" in r]
+    below = [r for r in q1_rows if r["change"]["r1"][2] < 0 or r["change"]["map"][2] < 0]
+    lower = [r for r in q1_rows if r["change"]["r1"][0] < 0 or r["change"]["map"][0] < 0]
+    if below:
+        verdict = "Q1 (for G1) fell below its starting accuracy (95% CI below 0) at: " + ", ".join(
+            r["step"] for r in below
+        )
+    elif lower:
+        verdict = "Q1 (for G1) did not fall significantly below its starting accuracy (every 95% CI reaches 0)"
+    else:
+        verdict = "Q1 (for G1) never fell below its starting accuracy"
     print("\n" + "\n".join(table))
     print(f"\n{verdict}")
     print(f"G2 as a query model on the half-backfilled index: {g2_half}")
@@ -189,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                     "args": vars(args),
-                    "rows": rows,
+                    "rows": [{k: v for k, v in r.items() if k != "per_query"} for r in rows],
                     "verdict": verdict,
                 },
                 indent=2,
