@@ -37,6 +37,7 @@ def open_index(
     dim: int | None = None,
     factory: str = "Flat",
     meta: dict | None = None,
+    mmap: bool | None = None,
 ) -> GalleryIndex:
     """Open the gallery index at ``spec`` (``faiss:DIR``, a bare ``DIR`` meaning the same, or ``milvus:URI``).
 
@@ -44,14 +45,19 @@ def open_index(
     factory string such as ``"Flat"``, ``"HNSW32"``, ``"IVF64,Flat"``, ``"IVF16,PQ8"``; ``meta`` is
     merged into the sidecar, by convention ``gallery_model`` and ``preprocessing``); it is an
     error if one already exists there. Without it, the index must exist and is validated.
+    ``mmap=True`` (``faiss:DIR`` only) memory-maps the base index read-only, for galleries past
+    RAM; at creation it is recorded in the sidecar, so later opens map it too.
     """
     prefix, location = parse_spec(spec)
     cls = backend_class(prefix)
+    extra = {} if mmap is None else {"mmap": bool(mmap)}
+    if extra and prefix != "faiss":
+        raise IndexStoreError(f"mmap= is a faiss:DIR option; the {prefix} backend manages its own memory")
     if create:
         if dim is None:
             raise IndexStoreError(f"creating index {spec} needs dim=")
-        return cls.create(location, dim, factory, meta)
-    return cls.open(location)
+        return cls.create(location, dim, factory, meta, **extra)
+    return cls.open(location, **extra)
 
 
 __all__ = ["GalleryIndex", "IndexStoreError", "build_index", "list_backends", "open_index", "register_backend"]

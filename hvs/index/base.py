@@ -66,6 +66,9 @@ RESERVED_META = (
     "updated",
     "hvs_version",
     "search_params",
+    "mmap",
+    "models",
+    "trained",
 )
 MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
 MAX_ID = 2**63 - 1  # ids are int64; -1 is the padding id, so 0 .. MAX_ID
