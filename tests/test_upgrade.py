@@ -344,3 +344,52 @@ def test_the_service_keeps_answering_through_a_backfill_and_rechecks_on_reload(w
             add_images(index, [world / "new0.png"], ["x"], gallery_model=world / "g")
         refused = new.post("/search?k=3", files=files)
         assert refused.status_code == 409 and "1 of the index's" in refused.json()["detail"]
+
+
+def test_an_item_removed_by_another_writer_mid_batch_is_dropped_not_an_error(world, tmp_path, monkeypatch):
+    from hvs.index.backfill import backfill
+
+    spec = _copy(world, tmp_path)
+    with open_index(spec) as index:
+        real = type(index).records
+        removed = []
+
+        def records_then_removed(self, ids, **kw):
+            out = real(self, ids, **kw)
+            if not removed and self is index:  # the backfill read item 1's record; now another process removes it
+                with open_index(spec) as other:
+                    removed.append(other.remove([1]))
+            return out
+
+        monkeypatch.setattr(type(index), "records", records_then_removed)
+        report = backfill(index, world / "g2", batch_size=4)
+        monkeypatch.undo()
+        assert removed == [1] and report.complete and report.replaced == report.todo - 1
+        assert 1 not in index.ids().tolist() and index.model_counts() == {_fp(world / "g2"): report.todo - 1}
+
+
+def test_a_batch_waits_for_another_writers_lock(world, tmp_path, monkeypatch):
+    import threading
+
+    from hvs.index.backfill import backfill
+
+    spec = _copy(world, tmp_path)
+    other = open_index(spec)
+    with open_index(spec) as index:
+        real = type(index).records
+        held = []
+
+        def records_then_locked(self, ids, **kw):
+            out = real(self, ids, **kw)
+            if not held and self is index:  # another writer takes the lock and keeps it a moment
+                other.update_meta({"note": "busy"})
+                held.append(threading.Timer(0.3, other.release_writer))
+                held[0].start()
+            return out
+
+        monkeypatch.setattr(type(index), "records", records_then_locked)
+        report = backfill(index, world / "g2", batch_size=100)
+        monkeypatch.undo()
+        assert held and report.complete and report.replaced == report.todo
+    held[0].join()
+    other.close()

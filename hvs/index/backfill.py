@@ -24,8 +24,9 @@ input size and channels:
 
 Items go in batches of ``batch_size``; each batch is one durable ``replace`` (vectors and model
 fingerprint of existing ids, label and source kept) under the index's writer lock, which is
-released between batches, so a running service keeps answering (with either model's vector for
-an item, never none) and other writers interleave. The index itself is the progress: a backfill
+released between batches (and while a batch is embedded), so a running service keeps answering
+(with either model's vector for an item, never none) and other writers interleave: a batch waits
+a moment for another writer's lock, and an item another writer removed meanwhile is dropped. The index itself is the progress: a backfill
 killed at any point is resumed by running it again, which re-embeds only the items still
 recording another model. An item whose source is missing or unreadable is listed in the report
 and left as it is (``strict=True``: an error naming it, after the batches before it are written).
@@ -36,6 +37,7 @@ When no live vector of another model remains, the sidecar's primary ``gallery_mo
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from ..gallery import embed_gallery_images, load_gallery_encoder, register_galle
 from .base import GalleryIndex, IndexStoreError
 
 MAX_LISTED_MISSING = 20
+LOCK_WAIT_S = 10.0  # how long a batch waits for another writer's lock before giving up (rerun resumes)
 
 
 @dataclass
@@ -185,7 +188,10 @@ def _backfill(
     say = log or (lambda _: None)
     encoder = load_gallery_encoder(index, gallery_model)  # hvs.compat rule 5, or CompatError
     fp = encoder.fingerprint
-    registered = register_gallery_model(index, encoder, gallery_model)
+    try:
+        registered = register_gallery_model(index, encoder, gallery_model)
+    finally:
+        index.release_writer()  # other writers may write while batches are embedded
     pre = encoder.preprocessing
     sources = _Sources(index.meta, pre["image_size"], pre["channels"])
     todo = index.ids(exclude_model=fp)
@@ -226,12 +232,30 @@ def _backfill(
     return report
 
 
+def _locked(e: IndexStoreError) -> bool:
+    return "locked by another writer" in str(e)  # the FAISS backend's wording (no subclass of its own)
+
+
 def _replace(index: GalleryIndex, ids: np.ndarray, emb: np.ndarray, fp: str) -> int:
-    """One durable ``replace``, the writer lock released after it. An item removed meanwhile (by
-    another writer, between reading its record and this write) is dropped and the rest retried."""
+    """One durable ``replace``, the writer lock released after it. Another writer holding the lock
+    (a write of its own, a moment long) is waited for, up to LOCK_WAIT_S; an item removed meanwhile
+    (between reading its record and this write) is dropped and the rest written."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            return _replace_once(index, ids, emb, fp)
+        except IndexStoreError as e:
+            if not _locked(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _replace_once(index: GalleryIndex, ids: np.ndarray, emb: np.ndarray, fp: str) -> int:
     try:
         return int(index.replace(ids, emb, model=fp))
-    except IndexStoreError:
+    except IndexStoreError as e:
+        if _locked(e):
+            raise
         if index.stale():
             index.refresh()
         alive = {int(r["id"]) for r in index.records(ids, skip_missing=True)}
