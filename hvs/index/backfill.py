@@ -26,10 +26,11 @@ Items go in batches of ``batch_size``; each batch is one durable ``replace`` (ve
 fingerprint of existing ids, label and source kept) under the index's writer lock, which is
 released between batches (and while a batch is embedded), so a running service keeps answering
 (with either model's vector for an item, never none) and other writers interleave: a batch waits
-a moment for another writer's lock, and an item another writer removed meanwhile is dropped. The index itself is the progress: a backfill
-killed at any point is resumed by running it again, which re-embeds only the items still
-recording another model. An item whose source is missing or unreadable is listed in the report
-and left as it is (``strict=True``: an error naming it, after the batches before it are written).
+a moment for another writer's lock, and an item another writer removed meanwhile is dropped.
+The index itself is the progress: a backfill killed at any point is resumed by running it
+again, which re-embeds only the items still recording another model. An item whose source is
+missing or unreadable is listed in the report and left as it is (``strict=True``: an error
+naming it, after the batches before it are written).
 When no live vector of another model remains, the sidecar's primary ``gallery_model`` (and
 ``preprocessing``) becomes NEW, so ``hvs index add`` and the service embed new items with it.
 """
