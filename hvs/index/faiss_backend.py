@@ -78,7 +78,6 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +87,7 @@ from .base import (
     METRIC,
     GalleryIndex,
     IndexStoreError,
+    RWLock,
     as_ids,
     as_matrix,
     as_texts,
@@ -860,46 +860,6 @@ def _load_records_v2(vdir: Path, meta: dict, vec_ids: np.ndarray, sums: dict | N
     return records, codes, models
 
 
-class _RW:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
-    Writers hold it only to apply an already durable change in memory: microseconds."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 # ----------------------------------------------------------------------------------------------
 class FaissGalleryIndex(GalleryIndex):
     """``faiss:DIR``: see the module docstring for the folder layout and its guarantees."""
@@ -918,7 +878,7 @@ class FaissGalleryIndex(GalleryIndex):
         self._closed = False
         self._current_key: tuple | None = None  # stat of CURRENT when the snapshot was taken
         self._wal_seen = WAL_HEADER  # size of the log when last read
-        self._rw = _RW()  # snapshot: searches share it, applying a durable write takes it
+        self._rw = RWLock()  # snapshot: searches share it, applying a durable write takes it
         self._writing = threading.RLock()  # writers of this handle, one at a time
 
     @property
@@ -1327,6 +1287,9 @@ class FaissGalleryIndex(GalleryIndex):
                 )
             )
             return np.sort(np.concatenate(out))
+
+    def snapshot(self):
+        return self._rw.read()
 
     def search(self, queries, k):
         with self._rw.read():  # one snapshot for the count and the search
