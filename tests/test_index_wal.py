@@ -432,3 +432,30 @@ def test_an_index_of_the_previous_format_opens_and_takes_writes(tmp_path):
         assert json.loads((root / "v000004" / "meta.json").read_text())["format"] == fb.FORMAT
         assert len(index) == 20 and index.records([20])[0]["model"] == "sha256:g"
         assert index.records([19])[0]["label"] == "L19"
+
+
+def test_rerank_rescores_compressed_candidates_with_the_raw_vectors(tmp_path):
+    x = unit(17, 2000, 16)
+    q = x[:50] + 0.05 * unit(18, 50, 16)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recall = {}
+    for rerank in (1, 8):
+        spec = f"faiss:{tmp_path / f'r{rerank}'}"
+        params = {"nprobe": 8, "rerank": rerank}
+        with open_index(spec, create=True, dim=16, factory="IVF8,PQ4", meta={"search_params": params}) as index:
+            index.add(x)
+            index.remove([int(exact[0, 1])])  # a tombstone among the candidates
+            scores, ids = index.search(q, k=10)
+            assert int(exact[0, 1]) not in ids[0].tolist()
+        want = [set(row) - {int(exact[0, 1])} for row in exact.tolist()]
+        recall[rerank] = np.mean([len(set(g) & w) / len(w) for g, w in zip(ids.tolist(), want)])
+        if rerank > 1:  # exact inner products of the stored vectors, best first
+            np.testing.assert_allclose(
+                scores[:, 0],
+                np.sum(q[:, None] / np.linalg.norm(q, axis=1)[:, None, None] * x[ids[:, :1]], -1)[:, 0],
+                atol=1e-5,
+            )
+            assert (np.diff(scores, axis=1) <= 1e-7).all()
+    assert recall[8] > recall[1] + 0.2 and recall[8] > 0.9, recall
+    with pytest.raises(IndexStoreError, match="rerank must be an integer"):
+        open_index(f"faiss:{tmp_path / 'bad'}", create=True, dim=16, meta={"search_params": {"rerank": 0}})

@@ -215,8 +215,11 @@ def apply_search_params(index, params: dict) -> None:
             if hnsw is None:
                 raise IndexStoreError("search param efSearch needs an HNSW index")
             hnsw.efSearch = int(value)
+        elif key == "rerank":  # hvs' own: re-score rerank * k candidates with the raw vectors
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise IndexStoreError(f"search param rerank must be an integer from 1 to 1000, got {value!r}")
         else:
-            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch")
+            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch, rerank")
 
 
 def training_need(dim: int, factory: str, n: int) -> None:
@@ -1298,15 +1301,28 @@ class FaissGalleryIndex(GalleryIndex):
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         b, d = self._base, self._delta
         parts_s, parts_i = [], []
+        rerank = 1
         if b.count:
-            kb = min(b.count, k + d.tombstones)
+            rerank = int((b.meta.get("search_params") or {}).get("rerank", 1))
+            kb = min(b.count, k * rerank + d.tombstones)
             s, i = b.index.search(queries, kb)
-            if d.tombstones:
+            if d.tombstones or rerank > 1:
                 rows = b.rows(i)
                 hit = rows >= 0
-                dead = np.zeros(i.shape, bool)
-                dead[hit] = d.base_dead[rows[hit]]
-                i[dead] = -1
+                if d.tombstones:
+                    hit[hit] = ~d.base_dead[rows[hit]]
+                    i[~hit] = -1
+                if rerank > 1:  # exact scores from the (memory-mapped) raw vectors
+                    flat = rows[hit]
+                    order = np.argsort(flat, kind="stable")  # ascending rows: a sequential read
+                    exact = np.empty(len(flat), np.float32)
+                    exact[order] = np.einsum(
+                        "ij,ij->i",
+                        np.asarray(b.vectors[flat[order]], np.float32),
+                        np.repeat(queries, hit.sum(1), 0)[order],
+                    )
+                    s = np.full(i.shape, -np.inf, np.float32)
+                    s[hit] = exact
             parts_s.append(s)
             parts_i.append(i)
         if d.m:
@@ -1321,7 +1337,7 @@ class FaissGalleryIndex(GalleryIndex):
             parts_i.append(i)
         scores, ids = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
         scores[ids < 0] = -np.inf  # FAISS pads inner-product results with -FLT_MAX
-        if len(parts_s) > 1 or d.tombstones or d.dead:
+        if len(parts_s) > 1 or d.tombstones or d.dead or (b.count and rerank > 1):
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         scores, ids = scores[:, :k], ids[:, :k]
