@@ -283,18 +283,13 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _write_records(path: Path, lines: Iterator[bytes]) -> np.ndarray:
-    """ids.jsonl from already-encoded lines; returns the byte offset of each line plus the end."""
-    offsets = [0]
+def _write_records(path: Path, chunks: Iterator[bytes]) -> None:
+    """ids.jsonl from already-encoded lines (one or several per chunk)."""
     with open(path, "wb") as f:
-        pos = 0
-        for line in lines:
-            f.write(line)
-            pos += len(line)
-            offsets.append(pos)
+        for chunk in chunks:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return np.asarray(offsets, dtype=np.int64)
 
 
 def _record_line(i: int, label, source, model) -> bytes:
@@ -550,6 +545,17 @@ class _Records:
                 with open(self._path, "rb") as f:
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             return self._map
+
+    def spans(self) -> bool:
+        """True when lines can be copied by byte range (format 2), False for in-memory lists."""
+        return self._lists is None
+
+    def offsets(self) -> np.ndarray:
+        return self._offsets
+
+    def span(self, first: int, last: int) -> bytes:
+        """The ids.jsonl lines of rows first..last, as stored."""
+        return bytes(self._mapped()[int(self._offsets[first]) : int(self._offsets[last + 1])])
 
     def line(self, row: int, item_id: int, model) -> bytes:
         """ids.jsonl line of a row, as compaction copies it into the next base."""
@@ -972,10 +978,14 @@ class FaissGalleryIndex(GalleryIndex):
         return size is not None and size != self._wal_seen
 
     def refresh(self) -> bool:
-        with self._writing:
-            if not self.stale():
-                return False
-            return self._catch_up()
+        # A write or compaction running in this handle brings the snapshot up to date itself:
+        # do not queue a request behind it.
+        if not self._writing.acquire(blocking=False):
+            return False
+        try:
+            return self.stale() and self._catch_up()
+        finally:
+            self._writing.release()
 
     def _catch_up(self) -> bool:
         """Load what other processes committed since this snapshot: new log records, or a new
@@ -1062,7 +1072,7 @@ class FaissGalleryIndex(GalleryIndex):
         try:
             self._acquire_lock()
             cls.check_creatable(location)  # again, now that we hold the lock
-            self._compact_locked(force=True)
+            self._compact_locked()
         except BaseException:
             self.close()
             raise
@@ -1124,7 +1134,9 @@ class FaissGalleryIndex(GalleryIndex):
         if self.auto_compact and self.needs_compaction():
             try:
                 with self._writing:
-                    self._compact_locked()
+                    self._begin_write()
+                    if self.needs_compaction():  # another thread may have compacted meanwhile
+                        self._compact_locked()
             except (IndexStoreError, OSError) as e:  # the write itself is durable: say so, go on
                 _warn_once(
                     (str(self.root), "auto-compact", str(e)),
@@ -1418,7 +1430,7 @@ class FaissGalleryIndex(GalleryIndex):
                 make_index(self.dim, factory)
             self._compact_locked(factory=factory or self._base.meta["factory"], retrain=True)
 
-    def _compact_locked(self, factory: str | None = None, retrain: bool = False, force: bool = False) -> dict:
+    def _compact_locked(self, factory: str | None = None, retrain: bool = False) -> dict:
         """Write base + log as a new base version and make it current (writer lock held)."""
         faiss = _faiss()
         b, d = self._base, self._delta
@@ -1468,24 +1480,53 @@ class FaissGalleryIndex(GalleryIndex):
             os.close(fd)
         vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
         _write_npy(tmp / "vector_ids.npy", all_ids)
-        # Records and the gallery model of each item.
-        models: list = []
-        code_of: dict = {}
-        codes = np.zeros(n, np.int32)
+        # Records and the gallery model of each item, vectorised over base rows: a compaction
+        # spends its time in numpy, FAISS and file I/O (which release the GIL), not in a Python
+        # loop over the gallery that would stall the searches of other threads.
+        table = list(b.models)
+        code_of = {m: c for c, m in enumerate(table)}
+        for m in d.models:
+            if m not in code_of:
+                code_of[m] = len(table)
+                table.append(m)
+        in_base = ~from_delta
+        codes = np.empty(n, np.int32)
+        codes[in_base] = np.asarray(b.codes)[rows[in_base]]
+        codes[from_delta] = [code_of[d.models[r]] for r in rows[from_delta].tolist()]
+        used, codes = np.unique(codes, return_inverse=True)
+        codes = codes.astype(np.int32).reshape(n)
+        models = [table[c] for c in used.tolist()]
+        delta_lines = {
+            r: _record_line(int(d.ids[r]), d.labels[r], d.sources[r], d.models[r]) for r in rows[from_delta].tolist()
+        }
+        lengths = np.zeros(n, np.int64)
+        lengths[from_delta] = [len(delta_lines[r]) for r in rows[from_delta].tolist()]
+        if b.records.spans():
+            lengths[in_base] = np.diff(np.asarray(b.records.offsets()))[rows[in_base]]
+            # runs of consecutive base rows are copied as one byte range each
+            starts = np.ones(n, bool)
+            starts[1:] = from_delta[1:] | from_delta[:-1] | (rows[1:] != rows[:-1] + 1)
+            bounds = np.append(np.flatnonzero(starts), n).tolist()
 
-        def lines() -> Iterator[bytes]:
-            for j, (i, fdl, r) in enumerate(zip(all_ids.tolist(), from_delta.tolist(), rows.tolist())):
-                m = d.models[r] if fdl else b.model(r)
-                if m not in code_of:
-                    code_of[m] = len(models)
-                    models.append(m)
-                codes[j] = code_of[m]
-                if fdl:
-                    yield _record_line(i, d.labels[r], d.sources[r], m)
-                else:
-                    yield b.records.line(r, i, m)
+            def chunks_of_lines() -> Iterator[bytes]:
+                for s0, e0 in zip(bounds[:-1], bounds[1:]):
+                    if from_delta[s0]:
+                        yield delta_lines[int(rows[s0])]
+                    else:
+                        yield b.records.span(int(rows[s0]), int(rows[e0 - 1]))
 
-        offsets = _write_records(tmp / "ids.jsonl", lines())
+        else:  # a base of format 1: its records are in lists
+            legacy = [
+                delta_lines[r] if fdl else b.records.line(r, i, b.model(r))
+                for i, fdl, r in zip(all_ids.tolist(), from_delta.tolist(), rows.tolist())
+            ]
+            lengths[:] = [len(line) for line in legacy]
+
+            def chunks_of_lines() -> Iterator[bytes]:
+                yield from legacy
+
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        _write_records(tmp / "ids.jsonl", chunks_of_lines())
         _write_npy(tmp / "offsets.npy", offsets)
         _write_npy(tmp / "models.npy", codes)
         # The FAISS index: fresh for factories that need no training, else the trained template.
