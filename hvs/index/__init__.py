@@ -6,7 +6,7 @@
                        meta={"gallery_model": {"name": "...", "fingerprint": "sha256:..."}})
     ids = index.add(gallery_embeddings, labels=labels, sources=paths)
     scores, ids = index.search(query_embeddings, k=10)   # cosine similarity, (q, k) each
-    index.records(ids[0])                                # [{"id", "label", "source"}, ...]
+    index.records(ids[0])                                # [{"id", "label", "source", "model"}, ...]
 
 Specs carry a backend prefix: ``faiss:DIR`` (the default choice: a folder searched in-process;
 any FAISS factory string; a bare ``DIR`` means ``faiss:DIR``) or ``milvus:URI`` (a Milvus Lite ``.db``
@@ -14,8 +14,11 @@ file or an ``http(s)://`` Milvus server; ``Flat`` only; needs ``pip install pymi
 Both implement :class:`GalleryIndex` and behave the same: vectors are L2-normalised on add and on
 search, ids are stable int64 (0 .. 2**63-1), removal is real, k is capped at the index size
 (results are -1/-inf padded to k, but never wider than ``max(len(index), MAX_PADDED_K)``), and a
-long-lived reader picks up other processes' commits with ``stale()`` / ``refresh()``. FAISS
-version files are SHA-256 checksummed and verified at open. ``build_index`` embeds a gallery in
+long-lived reader picks up other processes' commits with ``stale()`` / ``refresh()``. A FAISS
+write appends one checksummed, fsync'ed record to a write-ahead log beside an immutable base
+version (O(items written), not O(gallery)); ``compact()`` (automatic past a size ratio, or
+``hvs index compact SPEC``) folds the log into a new base. Base files are SHA-256 checksummed
+and verified at open; ``mmap=True`` maps a base too large for RAM read-only. ``build_index`` embeds a gallery in
 resumable, checksummed shards and writes the index in one step.
 """
 

@@ -41,8 +41,10 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +339,54 @@ def check_meta(meta: Any, where: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    Reads are reentrant per thread (a search inside a snapshot that is already held does not
+    queue behind a waiting writer and deadlock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+        self._local = threading.local()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if not depth:
+            with self._cond:
+                while self._writer or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if not depth:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class GalleryIndex(abc.ABC):
     """A persistent id -> (vector, label, source) store with inner-product top-k search.
 
@@ -458,6 +508,13 @@ class GalleryIndex(abc.ABC):
         """Raise IndexStoreError if the index was closed (backends override)."""
 
     # -- snapshots ----------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Hold one consistent state across several reads (a search, then its records): writes
+        by other threads wait until it is released, and then apply in one step. Backends whose
+        reads are live (Milvus) hold nothing."""
+        yield
+
     def stale(self) -> bool:
         """Has a newer version been committed since this handle loaded its snapshot? Cheap
         (a ``stat``): meant to be called per request. Backends whose reads are live say False."""

@@ -78,7 +78,6 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +87,7 @@ from .base import (
     METRIC,
     GalleryIndex,
     IndexStoreError,
+    RWLock,
     as_ids,
     as_matrix,
     as_texts,
@@ -215,8 +215,11 @@ def apply_search_params(index, params: dict) -> None:
             if hnsw is None:
                 raise IndexStoreError("search param efSearch needs an HNSW index")
             hnsw.efSearch = int(value)
+        elif key == "rerank":  # hvs' own: re-score rerank * k candidates with the raw vectors
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise IndexStoreError(f"search param rerank must be an integer from 1 to 1000, got {value!r}")
         else:
-            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch")
+            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch, rerank")
 
 
 def training_need(dim: int, factory: str, n: int) -> None:
@@ -280,18 +283,13 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _write_records(path: Path, lines: Iterator[bytes]) -> np.ndarray:
-    """ids.jsonl from already-encoded lines; returns the byte offset of each line plus the end."""
-    offsets = [0]
+def _write_records(path: Path, chunks: Iterator[bytes]) -> None:
+    """ids.jsonl from already-encoded lines (one or several per chunk)."""
     with open(path, "wb") as f:
-        pos = 0
-        for line in lines:
-            f.write(line)
-            pos += len(line)
-            offsets.append(pos)
+        for chunk in chunks:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return np.asarray(offsets, dtype=np.int64)
 
 
 def _record_line(i: int, label, source, model) -> bytes:
@@ -547,6 +545,17 @@ class _Records:
                 with open(self._path, "rb") as f:
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             return self._map
+
+    def spans(self) -> bool:
+        """True when lines can be copied by byte range (format 2), False for in-memory lists."""
+        return self._lists is None
+
+    def offsets(self) -> np.ndarray:
+        return self._offsets
+
+    def span(self, first: int, last: int) -> bytes:
+        """The ids.jsonl lines of rows first..last, as stored."""
+        return bytes(self._mapped()[int(self._offsets[first]) : int(self._offsets[last + 1])])
 
     def line(self, row: int, item_id: int, model) -> bytes:
         """ids.jsonl line of a row, as compaction copies it into the next base."""
@@ -860,46 +869,6 @@ def _load_records_v2(vdir: Path, meta: dict, vec_ids: np.ndarray, sums: dict | N
     return records, codes, models
 
 
-class _RW:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
-    Writers hold it only to apply an already durable change in memory: microseconds."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 # ----------------------------------------------------------------------------------------------
 class FaissGalleryIndex(GalleryIndex):
     """``faiss:DIR``: see the module docstring for the folder layout and its guarantees."""
@@ -918,7 +887,7 @@ class FaissGalleryIndex(GalleryIndex):
         self._closed = False
         self._current_key: tuple | None = None  # stat of CURRENT when the snapshot was taken
         self._wal_seen = WAL_HEADER  # size of the log when last read
-        self._rw = _RW()  # snapshot: searches share it, applying a durable write takes it
+        self._rw = RWLock()  # snapshot: searches share it, applying a durable write takes it
         self._writing = threading.RLock()  # writers of this handle, one at a time
 
     @property
@@ -1009,10 +978,14 @@ class FaissGalleryIndex(GalleryIndex):
         return size is not None and size != self._wal_seen
 
     def refresh(self) -> bool:
-        with self._writing:
-            if not self.stale():
-                return False
-            return self._catch_up()
+        # A write or compaction running in this handle brings the snapshot up to date itself:
+        # do not queue a request behind it.
+        if not self._writing.acquire(blocking=False):
+            return False
+        try:
+            return self.stale() and self._catch_up()
+        finally:
+            self._writing.release()
 
     def _catch_up(self) -> bool:
         """Load what other processes committed since this snapshot: new log records, or a new
@@ -1099,7 +1072,7 @@ class FaissGalleryIndex(GalleryIndex):
         try:
             self._acquire_lock()
             cls.check_creatable(location)  # again, now that we hold the lock
-            self._compact_locked(force=True)
+            self._compact_locked()
         except BaseException:
             self.close()
             raise
@@ -1161,7 +1134,9 @@ class FaissGalleryIndex(GalleryIndex):
         if self.auto_compact and self.needs_compaction():
             try:
                 with self._writing:
-                    self._compact_locked()
+                    self._begin_write()
+                    if self.needs_compaction():  # another thread may have compacted meanwhile
+                        self._compact_locked()
             except (IndexStoreError, OSError) as e:  # the write itself is durable: say so, go on
                 _warn_once(
                     (str(self.root), "auto-compact", str(e)),
@@ -1328,6 +1303,9 @@ class FaissGalleryIndex(GalleryIndex):
             )
             return np.sort(np.concatenate(out))
 
+    def snapshot(self):
+        return self._rw.read()
+
     def search(self, queries, k):
         with self._rw.read():  # one snapshot for the count and the search
             return super().search(queries, k)
@@ -1335,15 +1313,28 @@ class FaissGalleryIndex(GalleryIndex):
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         b, d = self._base, self._delta
         parts_s, parts_i = [], []
+        rerank = 1
         if b.count:
-            kb = min(b.count, k + d.tombstones)
+            rerank = int((b.meta.get("search_params") or {}).get("rerank", 1))
+            kb = min(b.count, k * rerank + d.tombstones)
             s, i = b.index.search(queries, kb)
-            if d.tombstones:
+            if d.tombstones or rerank > 1:
                 rows = b.rows(i)
                 hit = rows >= 0
-                dead = np.zeros(i.shape, bool)
-                dead[hit] = d.base_dead[rows[hit]]
-                i[dead] = -1
+                if d.tombstones:
+                    hit[hit] = ~d.base_dead[rows[hit]]
+                    i[~hit] = -1
+                if rerank > 1:  # exact scores from the (memory-mapped) raw vectors
+                    flat = rows[hit]
+                    order = np.argsort(flat, kind="stable")  # ascending rows: a sequential read
+                    exact = np.empty(len(flat), np.float32)
+                    exact[order] = np.einsum(
+                        "ij,ij->i",
+                        np.asarray(b.vectors[flat[order]], np.float32),
+                        np.repeat(queries, hit.sum(1), 0)[order],
+                    )
+                    s = np.full(i.shape, -np.inf, np.float32)
+                    s[hit] = exact
             parts_s.append(s)
             parts_i.append(i)
         if d.m:
@@ -1358,7 +1349,7 @@ class FaissGalleryIndex(GalleryIndex):
             parts_i.append(i)
         scores, ids = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
         scores[ids < 0] = -np.inf  # FAISS pads inner-product results with -FLT_MAX
-        if len(parts_s) > 1 or d.tombstones or d.dead:
+        if len(parts_s) > 1 or d.tombstones or d.dead or (b.count and rerank > 1):
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         scores, ids = scores[:, :k], ids[:, :k]
@@ -1439,7 +1430,7 @@ class FaissGalleryIndex(GalleryIndex):
                 make_index(self.dim, factory)
             self._compact_locked(factory=factory or self._base.meta["factory"], retrain=True)
 
-    def _compact_locked(self, factory: str | None = None, retrain: bool = False, force: bool = False) -> dict:
+    def _compact_locked(self, factory: str | None = None, retrain: bool = False) -> dict:
         """Write base + log as a new base version and make it current (writer lock held)."""
         faiss = _faiss()
         b, d = self._base, self._delta
@@ -1489,24 +1480,53 @@ class FaissGalleryIndex(GalleryIndex):
             os.close(fd)
         vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
         _write_npy(tmp / "vector_ids.npy", all_ids)
-        # Records and the gallery model of each item.
-        models: list = []
-        code_of: dict = {}
-        codes = np.zeros(n, np.int32)
+        # Records and the gallery model of each item, vectorised over base rows: a compaction
+        # spends its time in numpy, FAISS and file I/O (which release the GIL), not in a Python
+        # loop over the gallery that would stall the searches of other threads.
+        table = list(b.models)
+        code_of = {m: c for c, m in enumerate(table)}
+        for m in d.models:
+            if m not in code_of:
+                code_of[m] = len(table)
+                table.append(m)
+        in_base = ~from_delta
+        codes = np.empty(n, np.int32)
+        codes[in_base] = np.asarray(b.codes)[rows[in_base]]
+        codes[from_delta] = [code_of[d.models[r]] for r in rows[from_delta].tolist()]
+        used, codes = np.unique(codes, return_inverse=True)
+        codes = codes.astype(np.int32).reshape(n)
+        models = [table[c] for c in used.tolist()]
+        delta_lines = {
+            r: _record_line(int(d.ids[r]), d.labels[r], d.sources[r], d.models[r]) for r in rows[from_delta].tolist()
+        }
+        lengths = np.zeros(n, np.int64)
+        lengths[from_delta] = [len(delta_lines[r]) for r in rows[from_delta].tolist()]
+        if b.records.spans():
+            lengths[in_base] = np.diff(np.asarray(b.records.offsets()))[rows[in_base]]
+            # runs of consecutive base rows are copied as one byte range each
+            starts = np.ones(n, bool)
+            starts[1:] = from_delta[1:] | from_delta[:-1] | (rows[1:] != rows[:-1] + 1)
+            bounds = np.append(np.flatnonzero(starts), n).tolist()
 
-        def lines() -> Iterator[bytes]:
-            for j, (i, fdl, r) in enumerate(zip(all_ids.tolist(), from_delta.tolist(), rows.tolist())):
-                m = d.models[r] if fdl else b.model(r)
-                if m not in code_of:
-                    code_of[m] = len(models)
-                    models.append(m)
-                codes[j] = code_of[m]
-                if fdl:
-                    yield _record_line(i, d.labels[r], d.sources[r], m)
-                else:
-                    yield b.records.line(r, i, m)
+            def chunks_of_lines() -> Iterator[bytes]:
+                for s0, e0 in zip(bounds[:-1], bounds[1:]):
+                    if from_delta[s0]:
+                        yield delta_lines[int(rows[s0])]
+                    else:
+                        yield b.records.span(int(rows[s0]), int(rows[e0 - 1]))
 
-        offsets = _write_records(tmp / "ids.jsonl", lines())
+        else:  # a base of format 1: its records are in lists
+            legacy = [
+                delta_lines[r] if fdl else b.records.line(r, i, b.model(r))
+                for i, fdl, r in zip(all_ids.tolist(), from_delta.tolist(), rows.tolist())
+            ]
+            lengths[:] = [len(line) for line in legacy]
+
+            def chunks_of_lines() -> Iterator[bytes]:
+                yield from legacy
+
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        _write_records(tmp / "ids.jsonl", chunks_of_lines())
         _write_npy(tmp / "offsets.npy", offsets)
         _write_npy(tmp / "models.npy", codes)
         # The FAISS index: fresh for factories that need no training, else the trained template.
