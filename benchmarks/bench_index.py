@@ -10,6 +10,10 @@
    queries at once), bytes per vector on disk, build seconds.
 3. ``hvs index build`` throughput (images/s) against the bare forward pass of the gallery model on
    the same images: what sharding, id maps and atomic writes cost.
+4. Writes, concurrency and a gallery past RAM (benchmarks/bench_index_writes.py): one-item add /
+   remove latency at 10k, 100k (and ``--write-sizes`` up to 1M) against raw FAISS add_with_ids,
+   search QPS while a writer adds 10 items/s and a compaction runs, and a memory-mapped IVF-PQ
+   gallery (``--ram-n``, 10M for the full figure): build time, resident memory, recall@10, QPS.
 """
 
 from __future__ import annotations
@@ -101,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--factories", default="HNSW32;IVF256,Flat;IVF256,PQ16;IVF256,PQ8")
     p.add_argument("--overhead-n", type=int, default=100_000)
+    p.add_argument("--write-sizes", default="10000,100000,1000000")
+    p.add_argument("--ram-n", type=int, default=1_000_000, help="past-RAM gallery size (10000000: the issue's figure)")
+    p.add_argument("--ram-factory", default="IVF1024,PQ16")
+    p.add_argument("--skip-writes", action="store_true", help="skip part 4")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -131,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{b['images']} images: bare forward {b['bare_forward_img_s']:.0f} img/s, hvs index build "
         f"{b['index_build_img_s']:.0f} img/s, ratio build/forward = {b['ratio']:.2f}"
     )
+
+    if not args.skip_writes:
+        import bench_index_writes
+
+        print("\n== 4. writes, searches under writes, a gallery past RAM")
+        bench_index_writes.main(
+            ["--sizes", args.write_sizes, "--ram-n", str(args.ram_n), "--ram-factory", args.ram_factory]
+        )
 
 
 if __name__ == "__main__":

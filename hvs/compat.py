@@ -27,19 +27,48 @@ The rule, in the order it is checked:
 
 Each refusal has one wording, with the sides named by their ``label`` ("query model resnet8",
 "the supernet"; "the gallery model", "the index").
+
+**Several gallery models in one index** (upgrading the gallery model without re-indexing first).
+Every vector of an index records the fingerprint of the gallery model that embedded it, and the
+sidecar keeps a registry of the gallery models it knows, ``meta["gallery_models"]`` =
+``{fingerprint: {"model", "embed_dim", "path", "preprocessing", "compatible_with"}}``, where
+``compatible_with`` is the fingerprint of the gallery model it was trained backward-compatible
+with (``hvs train --role gallery --gallery-model OLD --compat bct``), or None. An index written
+before the registry knows one model, its ``gallery_model``; vectors that record no model are
+that model's (``legacy_vectors_model`` pins it once another model is registered). The primary
+``gallery_model`` stays the old one until a backfill (:mod:`hvs.index.backfill`) leaves no vector
+of any other model. :class:`GallerySide` built by :meth:`GallerySide.of_index` carries the
+registry (``models``) and the live vectors per model (``live``); one built by
+:meth:`GallerySide.of_card` knows its model and the model's own ``compatible_with`` (which an
+index it builds records in its registry). Rule 3 then reads:
+
+4. *searching* (any ``check_pair`` call without ``same_model``): every gallery model with
+   live vectors (a card: the model itself) must be the query side's gallery model (its ``compatible_with``) or the query
+   side itself, or a descendant of one of them through recorded ``compatible_with`` links. A
+   backward-compatible gallery model maps into its parent's space, so the query models of the
+   old gallery model keep searching a half-backfilled index; a query model made for the new
+   gallery model is refused while old vectors remain (the refusal says how many, and to run
+   ``hvs index backfill``). ``force=True`` turns this refusal, too, into a warning. With a
+   single live model this is rule 3 exactly, plus its descendants.
+5. *writing* an index (``same_model=True, upgrade=True``: ``hvs index add``, ``POST /gallery``,
+   the backfill): the writer is a gallery model the index knows, or a gallery model (card role
+   ``gallery``) trained compatible with one it knows; the caller then registers it
+   (:func:`register_patch`). Anything else is refused, never forceable, naming both sides. A
+   resumed build keeps ``same_model=True`` alone: its shards are one model's.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SearchError
+from .errors import HVSError, SearchError
 
 GALLERY_MODEL, INDEX = "gallery model", "index"  # the kinds of gallery side
+REGISTRY, LEGACY = "gallery_models", "legacy_vectors_model"  # the sidecar keys of rules 4 and 5
 
 
 class CompatError(SearchError):
@@ -90,24 +119,49 @@ class GallerySide:
     model: str | None = None
     path: str | None = None
     kind: str = GALLERY_MODEL  # GALLERY_MODEL or INDEX: how refusals name this side
+    # rules 4 and 5 (an index): the gallery models it knows (fingerprint -> registry entry) and its
+    # live vectors per model fingerprint (None: not counted, every vector is ``fingerprint``'s)
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
+    live: Mapping[str, int] | None = field(default=None, compare=False)
+    spec: str | None = None  # the index's spec, for the backfill command a refusal suggests
 
     @classmethod
     def of_card(cls, card: Any, folder: str | os.PathLike | None = None) -> GallerySide:
         """The gallery model folder itself (its card; ``folder`` is where it lives)."""
+        path = None if folder is None else str(Path(folder).resolve())
+        pre = Preprocessing.of_card(card)
+        made_for = (getattr(card, "compatible_with", None) or {}).get("fingerprint")
+        models = {}
+        if card.fingerprint:  # its lineage, for the registry of an index it builds (rule 4)
+            entry = {"model": card.model, "embed_dim": int(card.embed_dim), "path": path}
+            models[card.fingerprint] = {**entry, "preprocessing": pre.as_dict(), "compatible_with": made_for}
         return cls(
             fingerprint=card.fingerprint or None,
             embed_dim=int(card.embed_dim),
-            preprocessing=Preprocessing.of_card(card),
+            preprocessing=pre,
             model=card.model,
-            path=None if folder is None else str(Path(folder).resolve()),
+            path=path,
             kind=GALLERY_MODEL,
+            models=models,
         )
 
     @classmethod
-    def of_index_meta(cls, meta: Mapping[str, Any]) -> GallerySide:
-        """An index sidecar (``GalleryIndex.meta``: ``dim``, ``gallery_model``, ``preprocessing``)."""
+    def of_index_meta(
+        cls, meta: Mapping[str, Any], counts: Mapping[str | None, int] | None = None, spec: str | None = None
+    ) -> GallerySide:
+        """An index sidecar (``GalleryIndex.meta``: ``dim``, ``gallery_model``, ``preprocessing``,
+        ``gallery_models``); ``counts``: its live vectors per gallery-model fingerprint (None for
+        vectors that record none), as ``GalleryIndex.model_counts()`` gives them."""
         g = meta.get("gallery_model") or {}
         dim = meta.get("dim", g.get("embed_dim"))
+        live = None
+        if counts is not None:
+            legacy = meta.get(LEGACY) or g.get("fingerprint") or None
+            live = {}
+            for fp, n in counts.items():
+                key = fp or legacy
+                if n and key:
+                    live[key] = live.get(key, 0) + int(n)
         return cls(
             fingerprint=g.get("fingerprint") or None,
             embed_dim=None if dim is None else int(dim),
@@ -115,12 +169,25 @@ class GallerySide:
             model=g.get("model"),
             path=g.get("path"),
             kind=INDEX,
+            models=gallery_models(meta),
+            live=live,
+            spec=spec,
         )
+
+    @classmethod
+    def of_index(cls, index: Any) -> GallerySide:
+        """An open :class:`~hvs.index.GalleryIndex`: its sidecar and its live vectors per model
+        (``model_counts()``, where the backend records a model per vector)."""
+        try:
+            counts = index.model_counts()
+        except (AttributeError, HVSError):  # a backend that records no model per vector
+            counts = None
+        return cls.of_index_meta(index.meta, counts, getattr(index, "spec", None))
 
     def index_meta(self) -> dict[str, Any]:
         """What an index sidecar records about this gallery model (read back by :meth:`of_index_meta`)."""
         pre = self.preprocessing
-        return {
+        out = {
             "gallery_model": {
                 "model": self.model,
                 "fingerprint": self.fingerprint,
@@ -129,6 +196,9 @@ class GallerySide:
             },
             "preprocessing": pre.as_dict() if pre is not None else {},
         }
+        if self.models:
+            out[REGISTRY] = {fp: dict(entry) for fp, entry in self.models.items()}
+        return out
 
     # -- how refusals name this side ----------------------------------------------------------------
     @property
@@ -221,6 +291,7 @@ def check_pair(
     allow_independent: bool = False,
     action: str = "search",
     remedy: str | None = None,
+    upgrade: bool = False,
 ) -> str | None:
     """Refuse a query side that may not search (or, ``same_model``, write) the gallery side's vectors.
 
@@ -231,7 +302,11 @@ def check_pair(
     ending with ``remedy`` (default: "pass --force to ACTION anyway"; none for ``same_model``).
 
     ``same_model=True`` is for writing vectors into the gallery (adding to an index, resuming a
-    build): only the very model that made them will do, a compatible query model will not.
+    build): only the very model that made them will do, a compatible query model will not. With
+    ``upgrade=True`` too (adding to an index, backfilling it), rule 5 of the module docstring:
+    any gallery model the index knows, or a gallery model trained compatible with one it knows.
+
+    A gallery side with a registry (:meth:`GallerySide.of_index`) is judged by rules 4 and 5.
     """
     q_dim, g_dim = query.embed_dim, gallery.embed_dim
     if q_dim is not None and g_dim is not None and int(q_dim) != int(g_dim):
@@ -246,6 +321,12 @@ def check_pair(
         verb = "was built from" if gallery.kind == INDEX else "reads"
         raise CompatError(f"{query.label} reads {q_pre} images but {gallery.label} {verb} {g_pre} images")
 
+    if same_model and upgrade and gallery.models and query.role == "gallery":
+        return _check_writer(query, gallery)
+    if not same_model and gallery.models:
+        mixed = _check_lineage(query, gallery, force=force, action=action, remedy=remedy)
+        if mixed is not False:
+            return mixed
     target, made_for = gallery.fingerprint, query.compatible_with
     if not target:
         msg = f"{gallery.label} has no recorded fingerprint, so {query.long_label} cannot be checked for compatibility"
@@ -273,9 +354,154 @@ def check_pair(
     raise CompatError(f"{msg}; {remedy or f'pass --force to {action} anyway'}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Rules 4 and 5: several gallery models in one index.
+def registry_entry(side: QuerySide) -> dict[str, Any]:
+    """What ``meta["gallery_models"]`` records of a gallery model (a writer's side)."""
+    pre = side.preprocessing
+    return {
+        "model": side.name or None,
+        "embed_dim": side.embed_dim,
+        "path": side.path,
+        "preprocessing": pre.as_dict() if pre is not None else {},
+        "compatible_with": side.compatible_with,
+    }
+
+
+def gallery_models(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The gallery models an index sidecar knows: its ``gallery_models`` registry, plus its primary
+    ``gallery_model`` (all a sidecar written before the registry knows). {} without a fingerprint."""
+    out: dict[str, dict[str, Any]] = {}
+    registry = meta.get(REGISTRY)
+    if isinstance(registry, Mapping):
+        for fp, entry in registry.items():
+            if isinstance(fp, str) and fp and isinstance(entry, Mapping):
+                out[fp] = dict(entry)
+    g = meta.get("gallery_model") or {}
+    fp = g.get("fingerprint") if isinstance(g, Mapping) else None
+    if fp and fp not in out:
+        out[fp] = {
+            "model": g.get("model"),
+            "embed_dim": g.get("embed_dim", meta.get("dim")),
+            "path": g.get("path"),
+            "preprocessing": dict(meta.get("preprocessing") or {}),
+            "compatible_with": None,  # not recorded before the registry
+        }
+    return out
+
+
+def register_patch(meta: Mapping[str, Any], writer: QuerySide) -> dict[str, Any] | None:
+    """The sidecar update (``GalleryIndex.update_meta``) that registers ``writer``, a gallery model
+    :func:`check_pair` let write (rule 5); None if the index knows it already. It pins the model of
+    the vectors that record none (``legacy_vectors_model``) to the primary gallery model."""
+    known = gallery_models(meta)
+    if writer.fingerprint in known:
+        return None
+    known[writer.fingerprint] = registry_entry(writer)
+    patch: dict[str, Any] = {REGISTRY: known}
+    primary = (meta.get("gallery_model") or {}).get("fingerprint")
+    if not meta.get(LEGACY) and primary:
+        patch[LEGACY] = primary
+    return patch
+
+
+def primary_patch(meta: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
+    """The sidecar update that makes the registered model ``fingerprint`` the index's primary
+    ``gallery_model`` (and ``preprocessing``): once no vector of another model remains."""
+    entry = gallery_models(meta)[fingerprint]
+    return {
+        "gallery_model": {
+            "model": entry.get("model"),
+            "fingerprint": fingerprint,
+            "embed_dim": entry.get("embed_dim"),
+            "path": entry.get("path"),
+        },
+        "preprocessing": dict(entry.get("preprocessing") or {}),
+    }
+
+
+def descendants(models: Mapping[str, Mapping[str, Any]], roots: set[str]) -> set[str]:
+    """``roots`` and every model whose ``compatible_with`` chain (in ``models``) reaches one of them."""
+    out = {r for r in roots if r}
+    for fp in models:
+        seen, cur = set(), fp
+        while cur and cur not in out and cur not in seen:
+            seen.add(cur)
+            cur = (models.get(cur) or {}).get("compatible_with")
+        if cur in out:
+            out |= seen
+    return out
+
+
+def _name(models: Mapping[str, Mapping[str, Any]], fp: str) -> str:
+    name = (models.get(fp) or {}).get("model")
+    return f"gallery model {name} ({fp})" if name else f"gallery model {fp}"
+
+
+def _check_writer(query: QuerySide, gallery: GallerySide) -> None:
+    """Rule 5 for a gallery model: one the index knows, or one trained compatible with a known one."""
+    known = gallery.models
+    if query.fingerprint in known or query.compatible_with in known:
+        return None  # the latter is an upgrade: the caller registers it (register_patch)
+    made_for = (
+        f"was trained compatible with {query.compatible_with}" if query.compatible_with else "was trained independently"
+    )
+    raise CompatError(
+        f"{query.path or query.long_label} (fingerprint {query.fingerprint or 'none'}) is not a gallery model "
+        f"{gallery.label} knows ({', '.join(sorted(known))}) and {made_for}: its vectors would live in another "
+        "embedding space (train it with hvs train --role gallery --gallery-model KNOWN --compat bct)"
+    )
+
+
+def _check_lineage(
+    query: QuerySide, gallery: GallerySide, *, force: bool, action: str, remedy: str | None
+) -> str | None | bool:
+    """Rule 4. None: accepted; a warning (forced); False: a one-model index refused (rule 3 words it)."""
+    live = {fp: n for fp, n in (gallery.live or {}).items() if fp and n}
+    if not live:  # not counted, or an empty index: judged by its primary gallery model
+        live = {gallery.fingerprint: 1} if gallery.fingerprint else {}
+    ok = descendants(gallery.models, {query.fingerprint, query.compatible_with} - {None, ""})
+    bad = {fp: n for fp, n in live.items() if fp not in ok}
+    if not bad:
+        return None
+    if len(live) == 1 and gallery.fingerprint in live:
+        return False  # the single-model refusal of rule 3, in its own words
+    total, n_bad = sum(live.values()), sum(bad.values())
+    worst = max(bad, key=lambda fp: bad[fp])
+    others = f" and {len(bad) - 1} other model(s)" if len(bad) > 1 else ""
+    msg = (
+        f"{query.long_label} was trained for gallery fingerprint {query.compatible_with or 'none (independent)'}, "
+        f"but {n_bad} of {gallery.label}'s {total} vectors come from {_name(gallery.models, worst)}{others}, "
+        "which it is not compatible with"
+    )
+    if force:
+        return msg
+    spec = gallery.spec or "INDEX"
+    target = query.compatible_with if query.compatible_with in gallery.models else None
+    backfill = (
+        f"run hvs index backfill {spec} --gallery-model {(gallery.models[target] or {}).get('path') or 'DIR'} "
+        "to re-embed them"
+        if target
+        else "re-embed them with hvs index backfill"
+    )
+    raise CompatError(f"{msg}; {remedy or f'{backfill}, or pass --force to {action} anyway'}")
+
+
 def index_meta(card: Any, folder: str | os.PathLike) -> dict[str, Any]:
     """What an index sidecar records about the gallery model (card at ``folder``) that made its vectors."""
     return GallerySide.of_card(card, folder).index_meta()
 
 
-__all__ = ["CompatError", "GallerySide", "Preprocessing", "QuerySide", "check_pair", "index_meta"]
+__all__ = [
+    "CompatError",
+    "GallerySide",
+    "Preprocessing",
+    "QuerySide",
+    "check_pair",
+    "descendants",
+    "gallery_models",
+    "index_meta",
+    "primary_patch",
+    "register_patch",
+    "registry_entry",
+]

@@ -108,11 +108,18 @@ class Searcher:
         self.index = open_index(index) if isinstance(index, str) else index
         try:
             self.encoder = query_model if isinstance(query_model, QueryEncoder) else load_query_encoder(query_model)
-            self.warning = check_pair(self.encoder.side, GallerySide.of_index_meta(self.index.meta), force=force)
+            self.force = force
+            self.warning = self.check()
         except BaseException:
             if isinstance(index, str):  # opened here: do not leak it
                 self.index.close()
             raise
+
+    def check(self) -> str | None:
+        """The pairing rule on the index as it is now (:func:`hvs.compat.check_pair`, with its
+        gallery models' live vectors): None, a warning when forced, or :class:`CompatError`.
+        A long-lived reader calls it again after each refresh (other writers add models)."""
+        return check_pair(self.encoder.side, GallerySide.of_index(self.index), force=self.force)
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[dict[str, Any]]]:
         scores, ids = self.index.search(queries, k)

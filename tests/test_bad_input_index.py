@@ -227,3 +227,62 @@ def test_missing_index_and_existing_output_use_cli_wording(world, index, tmp_pat
         ],
         "already exists",
     )
+
+
+def _log_with_records(index: Path, n: int) -> tuple[Path, bytes]:
+    """Add n items through the CLI's library path (one log record each) and return the log."""
+    from hvs.index import open_index
+
+    with open_index(f"faiss:{index}") as ix:
+        for i in range(n):
+            ix.add(np.ones((1, ix.dim), np.float32) + i, labels=[f"new{i}"])
+    log = _version(index) / "wal.log"
+    return log, log.read_bytes()
+
+
+def test_a_torn_log_tail_is_a_warning_and_the_acknowledged_writes_stay(index, capsys):
+    import hvs.index.faiss_backend as fb
+
+    log, data = _log_with_records(index, 3)
+    log.write_bytes(data[:-10])  # the last write was killed half-way
+    fb._WARNED.clear()
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"wal.log ends in 1\d\d byte\(s\) that are not a complete record") as got:
+        assert main(["index", "info", "--index", str(index)]) == 0
+    assert len(got) == 1 and "\n" not in str(got[0].message)
+    assert json.loads(capsys.readouterr().out)["count"] == 20  # 18 + the two complete records
+
+
+def test_a_corrupt_log_record_followed_by_good_ones_is_refused(index, capsys):
+    log, data = _log_with_records(index, 3)
+    damaged = bytearray(data)
+    damaged[40] ^= 0xFF  # inside the first record
+    log.write_bytes(bytes(damaged))
+    fails(capsys, ["index", "info", "--index", str(index)], "wal.log is corrupt at byte", "acknowledged writes")
+    fails(capsys, ["index", "compact", str(index)], "wal.log is corrupt at byte")
+
+
+def test_compact_folds_the_log_and_names_a_missing_index(index, tmp_path, capsys):
+    _log_with_records(index, 2)
+    capsys.readouterr()
+    assert main(["index", "compact", str(index)]) == 0
+    out = capsys.readouterr().out
+    assert "compacted" in out and "20 items" in out and "2 log record(s)" in out
+    assert main(["index", "compact", str(index)]) == 0
+    assert "nothing to compact" in capsys.readouterr().out
+    fails(capsys, ["index", "compact", str(tmp_path / "nowhere")], "no index at", "nowhere")
+
+
+def test_duplicate_and_unknown_ids(index, capsys):
+    from hvs.index import IndexStoreError, open_index
+
+    with open_index(f"faiss:{index}") as ix:
+        with pytest.raises(IndexStoreError, match="id 3 is already in index") as info:
+            ix.add(np.ones((1, ix.dim), np.float32), ids=[3])
+        assert "\n" not in str(info.value)
+        assert ix.remove([12345]) == 0 and len(ix) == 18  # an unknown id: nothing to remove
+        with pytest.raises(IndexStoreError, match="cannot replace id 12345: not in index"):
+            ix.replace([12345], np.ones((1, ix.dim), np.float32), "sha256:x")
+    capsys.readouterr()
+    assert main(["index", "remove", "--index", str(index), "12345"]) == 0
+    assert "removed 0" in capsys.readouterr().out

@@ -325,6 +325,7 @@ def index_state(spec: str):
             "ranking": ids.tolist(),
             "scores": fi.fingerprint(scores),
             "meta": {k: meta[k] for k in ("dim", "count", "next_id", "factory")},
+            "models": index.model_counts(),
         }
 
 
@@ -376,19 +377,38 @@ def next_writer(root: Path, state, after) -> None:
     assert now["ids"] == sorted(state["ids"] + [10_000]), "the next writer did not build on the committed state"
 
 
+def _compact(root: Path) -> None:
+    with open_index(_idx(root)) as index:
+        assert index.compact()["compacted"]
+
+
+def _replace(root: Path) -> None:
+    with open_index(_idx(root)) as index:
+        index.replace([2, 25], unit(5, 2), "sha256:new")
+
+
 INDEX_COMMITS = {
     "create": (lambda root: None, _create),
     "add": (_then(_create, _add(1, 20)), _add(2, 12)),
     "remove": (_then(_create, _add(1, 20), _add(2, 12)), _remove([3, 4, 5, 21, 30])),
+    "replace": (_then(_create, _add(1, 20), _add(2, 12)), _replace),
+    # a compaction interrupted anywhere: the base and its log, or the new base, never a mix
+    "compact": (_then(_create, _add(1, 20), _compact, _add(2, 12), _remove([3, 4, 21])), _compact),
 }
 
 
 @pytest.mark.parametrize("name", list(INDEX_COMMITS))
 def test_index_commit_is_all_or_nothing(tmp_path, name):
     prepare, commit = INDEX_COMMITS[name]
-    report = fi.crash_matrix(
-        tmp_path, prepare, commit, lambda root: index_state(_idx(root)), nothing=nothing_index, recover=next_writer
-    )
+
+    def observe(root: Path):
+        state = index_state(_idx(root))
+        if name == "compact":  # the same items either way: which base holds them is the difference
+            with open_index(_idx(root)) as index:
+                state["base"] = (index.info()["version"], index.info()["log"]["records"])
+        return state
+
+    report = fi.crash_matrix(tmp_path, prepare, commit, observe, nothing=nothing_index, recover=next_writer)
     assert (report.before is fi.NOTHING) == (name == "create")
     check(report)
 

@@ -5,6 +5,8 @@ and hvs.index (a bare folder is a FAISS index, as everywhere: see :func:`hvs.ind
     hvs index add --index faiss:runs/index [--gallery-model runs/gallery] --label Bag new_bag.png
     hvs index remove --index faiss:runs/index 17 42 [--uploads DIR]
     hvs index info --index faiss:runs/index
+    hvs index compact faiss:runs/index
+    hvs index backfill faiss:runs/index --gallery-model runs/gallery-v2 [--batch 256] [--strict]
     hvs search --index faiss:runs/index --query-model runs/query-bct photo.png [-k 10] [--json]
 """
 
@@ -80,6 +82,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from ..index import open_index
+
+    with open_index(args.spec) as index:
+        summary = index.compact()
+        if summary.get("compacted"):
+            print(
+                f"compacted {index.spec}: {summary.get('count', len(index))} items in version "
+                f"{summary.get('version')}; folded {summary.get('log_records', 0)} log record(s), "
+                f"{summary.get('tombstones', 0)} tombstone(s)"
+            )
+        else:
+            print(f"nothing to compact in {index.spec}: {summary.get('reason', 'no pending writes')}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from ..index.backfill import backfill, missing_lines
+
+    report = backfill(args.spec, args.gallery_model, batch_size=args.batch, strict=args.strict, log=print)
+    for line in missing_lines(report):
+        print(line)
+    print(report.summary())
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search import Searcher
 
@@ -138,6 +166,22 @@ def configure_index(ix: argparse.ArgumentParser) -> None:
     i = isub.add_parser("info", help="print the index sidecar")
     i.add_argument("--index", required=True)
     i.set_defaults(fn=cmd_info)
+
+    c = isub.add_parser("compact", help="fold the write-ahead log and tombstones into a new base version")
+    c.add_argument("spec", help="faiss:DIR (or a bare DIR) or milvus:URI")
+    c.set_defaults(fn=cmd_compact)
+
+    configure_backfill(isub)
+
+
+def configure_backfill(isub) -> None:
+    """``hvs index backfill SPEC --gallery-model NEW``: re-embed the other models' items (hvs.index.backfill)."""
+    f = isub.add_parser("backfill", help="re-embed the items of older gallery models with a new one (resumable)")
+    f.add_argument("spec", help="faiss:DIR (or a bare DIR) or milvus:URI")
+    add_gallery_model_arg(f, required=True, help="the new gallery model (trained compatible with the index's)")
+    f.add_argument("--batch", type=int, default=256, help="items per durable write (the lock is released between)")
+    f.add_argument("--strict", action="store_true", help="an item whose source cannot be read is an error")
+    f.set_defaults(fn=cmd_backfill)
 
 
 def configure_search(s: argparse.ArgumentParser) -> None:

@@ -38,10 +38,13 @@ from __future__ import annotations
 import abc
 import hashlib
 import importlib
+import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,9 @@ RESERVED_META = (
     "updated",
     "hvs_version",
     "search_params",
+    "mmap",
+    "models",
+    "trained",
 )
 MAX_TEXT = 65535  # longest label / source kept (Milvus' VARCHAR limit; same on every backend)
 MAX_ID = 2**63 - 1  # ids are int64; -1 is the padding id, so 0 .. MAX_ID
@@ -283,6 +289,37 @@ def merge_user_meta(base: dict, user: dict | None) -> dict:
     return out
 
 
+def check_meta_patch(patch: Any) -> dict:
+    """A sidecar patch for :meth:`GalleryIndex.update_meta`: a JSON object of user keys only."""
+    if not isinstance(patch, dict):
+        raise IndexStoreError(f"a sidecar patch must be a dict, got {type(patch).__name__}")
+    reserved = sorted(k for k in patch if k in RESERVED_META)
+    if reserved:
+        raise IndexStoreError(f"meta key {reserved[0]!r} is kept by hvs itself and cannot be updated")
+    for key in patch:
+        if not isinstance(key, str):
+            raise IndexStoreError(f"meta keys must be strings, got {key!r}")
+    try:
+        json.dumps(patch)
+    except (TypeError, ValueError) as e:
+        raise IndexStoreError(f"meta patch is not JSON-serialisable ({one_line(e)})") from None
+    return dict(patch)
+
+
+def check_model(model: Any) -> str | None:
+    """A gallery model fingerprint as recorded per item: a non-empty string, or None."""
+    if model is not None and (not isinstance(model, str) or not model):
+        raise IndexStoreError(f"model must be a gallery model fingerprint (a non-empty string) or None, got {model!r}")
+    return model
+
+
+def default_model(meta: dict) -> str | None:
+    """The fingerprint ``add`` records when the caller gives none: the sidecar's gallery model."""
+    g = meta.get("gallery_model")
+    fp = g.get("fingerprint") if isinstance(g, dict) else None
+    return fp if isinstance(fp, str) and fp else None
+
+
 def check_meta(meta: Any, where: str) -> dict:
     """The sidecar keys every backend relies on are present with sane values."""
     if not isinstance(meta, dict):
@@ -302,6 +339,54 @@ def check_meta(meta: Any, where: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    Reads are reentrant per thread (a search inside a snapshot that is already held does not
+    queue behind a waiting writer and deadlock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+        self._local = threading.local()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if not depth:
+            with self._cond:
+                while self._writer or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if not depth:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class GalleryIndex(abc.ABC):
     """A persistent id -> (vector, label, source) store with inner-product top-k search.
 
@@ -353,12 +438,36 @@ class GalleryIndex(abc.ABC):
         ids: np.ndarray | None = None,
         labels: Sequence[str] | None = None,
         sources: Sequence[str] | None = None,
+        model: str | None = None,
     ) -> np.ndarray:
         """Add (n, dim) embeddings (L2-normalised here); return their int64 ids.
 
         Ids are assigned from the sidecar's ``next_id`` when not given; an id already in the
-        index (or repeated in ``ids``) is an error, never an overwrite.
+        index (or repeated in ``ids``) is an error, never an overwrite. ``model`` is the
+        fingerprint of the gallery model that embedded them, recorded per item (default: the
+        sidecar's ``gallery_model.fingerprint``, or None when the sidecar has none).
         """
+
+    def replace(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray, model: str | None) -> int:
+        """Give existing ids new vectors and a new ``model`` in one durable write, keeping their
+        label and source; an unknown id is an error and nothing changes. Returns how many."""
+        raise IndexStoreError(f"replace is not supported by the {self.prefix} backend")
+
+    def model_counts(self) -> dict[str | None, int]:
+        """How many live items each gallery model fingerprint embedded (None: not recorded)."""
+        raise IndexStoreError(f"model_counts is not supported by the {self.prefix} backend")
+
+    def ids(self, exclude_model: str | None = None) -> np.ndarray:
+        """Sorted int64 ids of the live items; with ``exclude_model``, only those whose model differs."""
+        raise IndexStoreError(f"ids is not supported by the {self.prefix} backend")
+
+    def update_meta(self, patch: dict) -> dict:
+        """Durably merge ``patch`` into the user (non-reserved) sidecar keys; returns the new sidecar."""
+        raise IndexStoreError(f"update_meta is not supported by the {self.prefix} backend")
+
+    def compact(self) -> dict:
+        """Fold pending writes (log, tombstones) into a new base version; returns a summary."""
+        return {"compacted": False, "reason": f"the {self.prefix} backend compacts by itself"}
 
     @abc.abstractmethod
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
@@ -388,7 +497,7 @@ class GalleryIndex(abc.ABC):
 
     @abc.abstractmethod
     def records(self, ids: Sequence[int] | np.ndarray, *, skip_missing: bool = False) -> list[dict]:
-        """``[{"id", "label", "source"}, ...]`` in the order asked; an unknown id is an error
+        """``[{"id", "label", "source", "model"}, ...]`` in the order asked; an unknown id is an error
         (or, with ``skip_missing``, left out)."""
 
     @abc.abstractmethod
@@ -399,6 +508,13 @@ class GalleryIndex(abc.ABC):
         """Raise IndexStoreError if the index was closed (backends override)."""
 
     # -- snapshots ----------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Hold one consistent state across several reads (a search, then its records): writes
+        by other threads wait until it is released, and then apply in one step. Backends whose
+        reads are live (Milvus) hold nothing."""
+        yield
+
     def stale(self) -> bool:
         """Has a newer version been committed since this handle loaded its snapshot? Cheap
         (a ``stat``): meant to be called per request. Backends whose reads are live say False."""

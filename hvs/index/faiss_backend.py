@@ -1,52 +1,67 @@
 """``faiss:DIR`` — a gallery index kept in a folder, searched in-process with FAISS.
 
-Layout (every write makes a new *version* folder and then atomically repoints ``CURRENT``)::
+Layout: an immutable *base version* plus an append-only *write-ahead log* beside it::
 
     DIR/
-      CURRENT            "v000007": the version readers open (replaced with os.replace)
+      CURRENT            "v000007": the base version readers open (replaced with os.replace)
       writer.lock        fcntl.flock'ed by the one writer; holds its pid for the error message
       v000007/
         index.faiss      faiss.write_index of an IndexIDMap2 around the factory index
-        meta.json        the sidecar (dim, metric "ip", normalised, factory, count, next_id, ...)
-        ids.jsonl        one {"id", "label", "source"} per item, in the row order of vectors.npy
-        vectors.npy      the L2-normalised float32 vectors, (count, dim)
-        vector_ids.npy   their int64 ids, (count,)
-        checksums.json   SHA-256 of each file above, written last; verified at open
-      v000006/           the previous version, kept so a reader that has just read CURRENT can
-                         still open it; older ones are deleted by the next writer
+        meta.json        the base sidecar (dim, metric "ip", normalised, factory, count, next_id,
+                         the table of gallery-model fingerprints, ...)
+        ids.jsonl        one {"id", "label", "source", "model"} per item, in row order (by id)
+        offsets.npy      int64 byte offset of each line of ids.jsonl (+ the end): records by row
+        models.npy       int32 row -> index into meta.json "models" (the item's gallery model)
+        vectors.npy      the L2-normalised float32 vectors, (count, dim), memory-mapped
+        vector_ids.npy   their int64 ids, (count,), ascending
+        trained.faiss    the trained, empty index (IVF/PQ factories only): what compaction fills
+        checksums.json   size and SHA-256 of each file above, written last; verified at open
+        wal.log          the writes since this base: add, remove, replace, meta records
+      v000006/           the previous base, kept so a reader that has just read CURRENT can
+                         still open it; older ones are deleted by the next compaction
 
 Why these choices:
 
-* **IndexIDMap2** maps FAISS' internal row numbers to our stable int64 ids, so ids survive
-  removal of other items (plain FAISS renumbers rows on removal); unlike IndexIDMap it also keeps
-  the reverse map (id -> row), so a vector can be reconstructed by id, and keeps both maps
-  consistent through ``remove_ids``. Every factory index (``"Flat"``,
-  ``"HNSW32"``, ``"IVF64,Flat"``, ``"IVF16,PQ8"``, ...) is wrapped in one, with
-  METRIC_INNER_PRODUCT: on L2-normalised vectors that is cosine similarity.
-* **The raw vectors are kept** (``vectors.npy``) because not every FAISS index can give them
-  back or change in place: HNSW does not implement ``remove_ids`` at all, so removal from an HNSW
-  index is a rebuild from the kept vectors; PQ codes are lossy, so retraining an IVF/PQ index on
-  a grown gallery (``rebuild()``) needs the originals. Without them both would need the gallery
-  model and images again. The cost is ``4 * dim`` bytes per item on disk; ``vectors.npy`` is
-  memory-mapped, so it costs no RAM until a write or rebuild reads it.
-* **Atomic writes.** All files of a version are written into ``DIR/.tmp-*``, fsync'ed, the folder
-  renamed to ``vNNNNNN`` and only then ``CURRENT`` replaced (``os.replace`` is atomic on POSIX). A
-  crash at any point leaves ``CURRENT`` naming a complete version; the debris is removed by the
-  next writer. Each ``add``/``remove`` is one such commit, so batch adds rather than adding one
-  vector at a time (each commit rewrites the folder).
-* **Checksums.** Every commit records the SHA-256 of each file of the version in
-  ``checksums.json``; opening a version (and reloading one) verifies them first, so flipped bytes
-  in ``index.faiss`` or rows edited in ``vectors.npy`` are refused with a one-line error naming
-  the file, never searched. A version written before checksums existed still opens, with a
-  warning, after a value check of ``vectors.npy`` (finite unit rows); its next commit records
-  checksums. Refusing it would strand every existing index for no protection gained: whoever can
-  edit the files can equally edit a checksum file (checksums catch damage, not an adversary).
+* **Writes cost what they write.** ``add``/``remove``/``replace``/``update_meta`` append one
+  record to ``wal.log`` and fsync it: O(k) bytes for k items, whatever the gallery size. A
+  record is ``magic, payload length, sequence number, crc32`` then the payload (a JSON header
+  and the raw float32 vectors), so a torn or corrupt record is detected. In memory the log is a
+  *delta*: added vectors in an exact (flat) FAISS index beside the base, removed base ids as
+  tombstones. A search asks the base for ``k + tombstones`` neighbours, drops the tombstoned,
+  merges with the delta's top-k by score. ``compact()`` (automatic once the log holds more than
+  ``compact_ratio`` of the base, or ``hvs index compact``) folds both into a new base version.
+* **Durability.** A write returns once its record is fsync'ed (the folder too when the log file
+  is created); the in-memory snapshot is updated after that, under a short exclusive lock, so a
+  concurrent search sees the state before or after the write, never half of it. A log tail that
+  fails its length or checksum (a write killed mid-way: never acknowledged) is dropped with a
+  warning at open, never served, and cut off by the next writer; a bad record *followed by good
+  ones* is damage to acknowledged writes and refuses to open with a one-line error.
+* **IndexIDMap2** maps FAISS' internal row numbers to our stable int64 ids. Every factory index
+  (``"Flat"``, ``"HNSW32"``, ``"IVF64,Flat"``, ``"IVF16,PQ8"``, ...) is wrapped in one, with
+  METRIC_INNER_PRODUCT: on L2-normalised vectors that is cosine similarity. The base is never
+  modified in place (removal is a tombstone until compaction), so HNSW, which cannot remove, needs
+  no special case, and the base can be memory-mapped.
+* **The raw vectors are kept** (``vectors.npy``, memory-mapped: no RAM until read) because
+  compaction rebuilds the FAISS index and PQ codes are lossy; ``rebuild()`` retrains from them.
+* **Past RAM.** ``mmap=True`` at creation (sidecar ``"mmap": true``, or ``open_index(spec,
+  mmap=True)``) opens ``index.faiss`` memory-mapped read-only (FAISS ``IO_FLAG_MMAP`` for IVF
+  inverted lists, ``IO_FLAG_MMAP_IFC`` for flat codes), and item records are read by offset from
+  ``ids.jsonl``, so resident memory is the id map plus what searches touch. With a compressed
+  factory (``IVF4096,PQ16``) compaction adds vectors in chunks; raw vectors are streamed.
+* **Atomic compaction.** The new base is written into ``DIR/.tmp-*``, fsync'ed, renamed to
+  ``vNNNNNN`` and only then ``CURRENT`` replaced. A kill at any point leaves ``CURRENT`` naming a
+  complete base whose log holds every acknowledged write; the debris is removed next time.
+* **Checksums.** Every base records the SHA-256 of each file in ``checksums.json``, verified at
+  open (a base written before checksums existed opens with a warning after a value check).
 * **One writer, any number of readers.** A writer takes a non-blocking ``fcntl.flock`` on
-  ``writer.lock`` at its first write and keeps it until ``close()``; a second writer gets "index
-  DIR is locked by another writer (pid N)". Readers never lock: they see the version that was
-  current when they opened (``stale()`` / ``refresh()`` move a long-lived reader to the newest
-  commit). A writer whose snapshot is older than ``CURRENT`` when it takes the lock reloads first,
-  so it never overwrites another writer's commit.
+  ``writer.lock`` at its first write and keeps it until ``close()``/``release_writer()``; a second
+  writer gets "index DIR is locked by another writer (pid N)". In one process, writes through one
+  handle are serialised by a mutex. Readers never lock: ``stale()`` (two ``stat`` calls) says
+  whether another process appended to the log or compacted; ``refresh()`` reads just the new log
+  records, or the new base after a compaction. A writer catches up the same way when it takes
+  the lock, so it never overwrites another writer's commit.
+* **Older formats.** A ``hvs-faiss-index/1`` base (no log, no model per item) opens as is: its
+  items have ``model`` None, and the first compaction writes the current format.
 """
 
 from __future__ import annotations
@@ -54,11 +69,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import shutil
+import struct
+import threading
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +87,15 @@ from .base import (
     METRIC,
     GalleryIndex,
     IndexStoreError,
+    RWLock,
     as_ids,
     as_matrix,
     as_texts,
     check_meta,
+    check_meta_patch,
+    check_model,
     check_new_ids,
+    default_model,
     hvs_version,
     merge_user_meta,
     now_iso,
@@ -81,13 +104,25 @@ from .base import (
 )
 from .base import fsync_path as _fsync_path
 
-FORMAT = "hvs-faiss-index/1"
-FILES = ("index.faiss", "meta.json", "ids.jsonl", "vectors.npy", "vector_ids.npy")
+FORMAT = "hvs-faiss-index/2"
+FORMAT_V1 = "hvs-faiss-index/1"  # no log, no model per item: still opened
+FILES_V1 = ("index.faiss", "meta.json", "ids.jsonl", "vectors.npy", "vector_ids.npy")
+FILES = (*FILES_V1, "offsets.npy", "models.npy")
+TRAINED = "trained.faiss"  # present when the factory needs training and the base is trained
 CHECKSUMS = "checksums.json"  # {"algorithm": "sha256", "files": {name: hex}}; absent in versions before it
+WAL_NAME = "wal.log"
+WAL_MAGIC = b"HVSWAL/1"  # + the 8-byte base version name: the 16-byte header of wal.log
+WAL_HEADER = 16
+REC = struct.Struct("<4sIQI")  # record magic, payload bytes, sequence number, crc32(seq + payload)
+REC_MAGIC = b"hvsR"
 UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored (L2-normalised float32) vector
 LOCK_NAME = "writer.lock"
 _VERSION_RE = re.compile(r"^v\d{6}$")
 FACTORY_EXAMPLES = "Flat, HNSW32, IVF64,Flat, IVF16,PQ8"
+CHUNK_ROWS = 65536  # rows per step when compaction streams vectors (bounded memory)
+COMPACT_RATIO = 0.25  # auto-compact once the log holds more items than this share of the base...
+COMPACT_MIN = 4096  # ... and more than this many (small galleries are cheap to search flat)
+TRAIN_SAMPLE = 256  # training points per centroid / code passed to FAISS (its own cap)
 
 
 def _faiss():
@@ -180,8 +215,11 @@ def apply_search_params(index, params: dict) -> None:
             if hnsw is None:
                 raise IndexStoreError("search param efSearch needs an HNSW index")
             hnsw.efSearch = int(value)
+        elif key == "rerank":  # hvs' own: re-score rerank * k candidates with the raw vectors
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise IndexStoreError(f"search param rerank must be an integer from 1 to 1000, got {value!r}")
         else:
-            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch")
+            raise IndexStoreError(f"unknown FAISS search param {key!r}; known: nprobe, efSearch, rerank")
 
 
 def training_need(dim: int, factory: str, n: int) -> None:
@@ -223,6 +261,8 @@ def train_if_needed(index, vectors: np.ndarray, factory: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Durable file writes. Each step is a module-level function so tests can make one fail.
+# ----------------------------------------------------------------------------------------------
+# Durable file writes. Each step is a module-level function so tests can make one fail.
 def _write_faiss(path: Path, index) -> None:
     _faiss().write_index(index, str(path))
     _fsync_path(path)
@@ -235,14 +275,6 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _write_idmap(path: Path, ids: np.ndarray, labels: Sequence, sources: Sequence) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i, label, source in zip(ids.tolist(), labels, sources):
-            f.write(json.dumps({"id": i, "label": label, "source": source}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_json(path: Path, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -251,20 +283,34 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _write_checksums(vdir: Path) -> None:
+def _write_records(path: Path, chunks: Iterator[bytes]) -> None:
+    """ids.jsonl from already-encoded lines (one or several per chunk)."""
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _record_line(i: int, label, source, model) -> bytes:
+    rec = {"id": int(i), "label": label, "source": source, "model": model}
+    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _write_checksums(vdir: Path, names: Sequence[str]) -> None:
     """Record size and SHA-256 of every file of a version (read back from disk: what was written)."""
     _write_json(
         vdir / CHECKSUMS,
         {
             "algorithm": "sha256",
             "files": {
-                name: {"sha256": sha256_file(vdir / name), "bytes": (vdir / name).stat().st_size} for name in FILES
+                name: {"sha256": sha256_file(vdir / name), "bytes": (vdir / name).stat().st_size} for name in names
             },
         },
     )
 
 
-def _read_checksums(vdir: Path, where: str) -> dict | None:
+def _read_checksums(vdir: Path, where: str, required: Sequence[str]) -> dict | None:
     """``{name: {"sha256", "bytes"}}`` of a version, or None for a version written before them."""
     path = vdir / CHECKSUMS
     if not path.is_file():
@@ -273,7 +319,7 @@ def _read_checksums(vdir: Path, where: str) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
         sums = record["files"]
         if record.get("algorithm") != "sha256" or not all(
-            isinstance(sums[name]["sha256"], str) and isinstance(sums[name]["bytes"], int) for name in FILES
+            isinstance(sums[name]["sha256"], str) and isinstance(sums[name]["bytes"], int) for name in required
         ):
             raise KeyError("algorithm")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
@@ -288,6 +334,8 @@ def _verify(vdir: Path, name: str, sums: dict | None, where: str) -> None:
     replaced file is "unreadable", a same-size one with flipped bytes "corrupt"; both name it."""
     if sums is None:
         return
+    if name not in sums:
+        raise IndexStoreError(f"{where}: {vdir.name}/{name} is not listed in {CHECKSUMS} (file from elsewhere?)")
     size, want = (vdir / name).stat().st_size, sums[name]
     if size != want["bytes"]:
         raise IndexStoreError(
@@ -304,8 +352,8 @@ def _verify(vdir: Path, name: str, sums: dict | None, where: str) -> None:
 def _check_unit_rows(vectors: np.ndarray, vec_ids: np.ndarray, where: str, version: str) -> None:
     """Every stored vector is finite with norm 1 (they are L2-normalised on add): catches NaN,
     inf and overwritten rows in a version that has no checksums to catch them."""
-    for start in range(0, len(vectors), 65536):  # chunked: vectors.npy is memory-mapped
-        norms = np.linalg.norm(np.asarray(vectors[start : start + 65536], dtype=np.float64), axis=1)
+    for start in range(0, len(vectors), CHUNK_ROWS):  # chunked: vectors.npy is memory-mapped
+        norms = np.linalg.norm(np.asarray(vectors[start : start + CHUNK_ROWS], dtype=np.float64), axis=1)
         bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_TOLERANCE))  # NaN compares False
         if bad.size:
             row = start + int(bad[0])
@@ -315,19 +363,22 @@ def _check_unit_rows(vectors: np.ndarray, vec_ids: np.ndarray, where: str, versi
             )
 
 
-_WARNED_LEGACY: set[tuple[str, str]] = set()
+_WARNED: set[tuple[str, ...]] = set()
+_WARNED_LEGACY = _WARNED  # the name tests clear
+
+
+def _warn_once(key: tuple[str, ...], message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, HVSWarning, stacklevel=4)
 
 
 def _warn_legacy(root: Path, version: str) -> None:
-    key = (str(root), version)
-    if key not in _WARNED_LEGACY:
-        _WARNED_LEGACY.add(key)
-        warnings.warn(
-            f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
-            "value-checked only; the next write to the index records checksums",
-            HVSWarning,
-            stacklevel=3,
-        )
+    _warn_once(
+        (str(root), version),
+        f"index {root} {version} has no {CHECKSUMS} (written by an older hvs): its files are "
+        "value-checked only; the next compaction records checksums",
+    )
 
 
 def _write_current(root: Path, version: str) -> None:
@@ -361,43 +412,372 @@ def _read_current(root: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-class _State:
-    """One loaded (or about to be written) version: the FAISS index plus what rebuilds need."""
-
-    def __init__(self, index, meta: dict, vectors: np.ndarray, vec_ids: np.ndarray, labels: list, sources: list):
-        self.index, self.meta = index, meta
-        self.vectors, self.vec_ids, self.labels, self.sources = vectors, vec_ids, labels, sources
-        self._row_of: dict[int, int] | None = None
-
-    def row_of(self) -> dict[int, int]:
-        if self._row_of is None:
-            self._row_of = {i: r for r, i in enumerate(self.vec_ids.tolist())}
-        return self._row_of
+# The write-ahead log.
+def _wal_header(version: str) -> bytes:
+    return WAL_MAGIC + version.encode("ascii").ljust(8)
 
 
-def _load_version(root: Path, version: str) -> _State:
+def _encode_record(seq: int, op: dict, vectors: np.ndarray | None) -> bytes:
+    head = json.dumps(op, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = struct.pack("<I", len(head)) + head
+    if vectors is not None:
+        body += np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+    crc = zlib.crc32(struct.pack("<Q", seq) + body)
+    return REC.pack(REC_MAGIC, len(body), seq, crc) + body
+
+
+def _append_wal(path: Path, data: bytes) -> None:
+    """Append one encoded record and fsync it (creating the log, and fsync'ing its folder, if new)."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if created:
+            os.write(fd, _wal_header(path.parent.name))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_path(path.parent)
+
+
+class _WalTail:
+    """Records parsed from a log, where the good part ends, and what (if anything) followed it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict, np.ndarray | None]] = []
+        self.end = WAL_HEADER  # byte offset just past the last good record
+        self.size = WAL_HEADER  # bytes in the file when read
+        self.torn = 0  # bytes after ``end`` that are not a complete, valid record
+
+
+def _parse_record(data: bytes, pos: int, dim: int, seq: int) -> tuple[int, dict, np.ndarray | None] | None:
+    """The record at ``pos`` if it is complete and valid with sequence number ``seq``, else None."""
+    if len(data) - pos < REC.size:
+        return None
+    magic, length, got_seq, crc = REC.unpack_from(data, pos)
+    start, stop = pos + REC.size, pos + REC.size + length
+    if magic != REC_MAGIC or got_seq != seq or stop > len(data) or length < 4:
+        return None
+    body = data[start:stop]
+    if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
+        return None
+    (head_len,) = struct.unpack_from("<I", body, 0)
+    try:
+        op = json.loads(body[4 : 4 + head_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    raw = body[4 + head_len :]
+    vectors = None
+    if raw:
+        if len(raw) % (4 * dim):
+            return None
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(-1, dim).astype(np.float32)
+    return stop, op, vectors
+
+
+def _read_wal(path: Path, version: str, dim: int, offset: int, seq: int, where: str) -> _WalTail:
+    """Parse the log from byte ``offset`` (just past record ``seq``). A bad record is a torn tail
+    when nothing valid follows it; otherwise the log is corrupt (acknowledged writes damaged)."""
+    tail = _WalTail()
+    tail.end = offset
+    try:
+        with open(path, "rb") as f:
+            if offset <= WAL_HEADER:
+                header = f.read(WAL_HEADER)
+                if len(header) < WAL_HEADER:  # killed while creating the log: nothing was in it
+                    tail.end, tail.size, tail.torn = 0, len(header), len(header)
+                    return tail
+                if header != _wal_header(version):
+                    raise IndexStoreError(
+                        f"{where}: {version}/{WAL_NAME} does not start with the header of a log of "
+                        f"{version} (file from elsewhere or corrupt)"
+                    )
+                offset = tail.end = WAL_HEADER
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        tail.size = tail.end = offset if offset > WAL_HEADER else 0
+        return tail
+    tail.size = offset + len(data)
+    pos = 0
+    while pos < len(data):
+        got = _parse_record(data, pos, dim, seq + 1)
+        if got is None:
+            break
+        pos, op, vectors = got
+        seq += 1
+        tail.records.append((seq, op, vectors))
+    tail.end = offset + pos
+    rest = len(data) - pos
+    if rest:
+        # Anything valid further on means this bad record is not the tail a kill leaves behind.
+        probe = data.find(REC_MAGIC, pos + 1)
+        while 0 <= probe <= len(data) - REC.size:
+            later_seq = REC.unpack_from(data, probe)[2]
+            if later_seq > seq and _parse_record(data, probe, dim, later_seq) is not None:
+                raise IndexStoreError(
+                    f"{where}: {version}/{WAL_NAME} is corrupt at byte {offset + pos} (record {seq + 1}) "
+                    "with valid records after it: acknowledged writes are damaged; restore the folder "
+                    "from a backup"
+                )
+            probe = data.find(REC_MAGIC, probe + 1)
+        tail.torn = rest
+    return tail
+
+
+# ----------------------------------------------------------------------------------------------
+# The base version: immutable once committed.
+class _Records:
+    """Label, source and gallery model of each base row: read by byte offset from ids.jsonl
+    (memory-mapped) or, for a version written before offsets.npy, parsed into lists at open."""
+
+    def __init__(self, path: Path | None, offsets: np.ndarray | None, lists: tuple[list, list] | None):
+        self._path, self._offsets, self._lists = path, offsets, lists
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def _mapped(self) -> mmap.mmap:
+        with self._lock:
+            if self._map is None:
+                with open(self._path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._map
+
+    def spans(self) -> bool:
+        """True when lines can be copied by byte range (format 2), False for in-memory lists."""
+        return self._lists is None
+
+    def offsets(self) -> np.ndarray:
+        return self._offsets
+
+    def span(self, first: int, last: int) -> bytes:
+        """The ids.jsonl lines of rows first..last, as stored."""
+        return bytes(self._mapped()[int(self._offsets[first]) : int(self._offsets[last + 1])])
+
+    def line(self, row: int, item_id: int, model) -> bytes:
+        """ids.jsonl line of a row, as compaction copies it into the next base."""
+        if self._lists is not None:
+            return _record_line(item_id, self._lists[0][row], self._lists[1][row], model)
+        return bytes(self._mapped()[int(self._offsets[row]) : int(self._offsets[row + 1])])
+
+    def get(self, row: int) -> tuple:
+        if self._lists is not None:
+            return self._lists[0][row], self._lists[1][row]
+        try:
+            rec = json.loads(self.line(row, 0, None))
+            return rec.get("label"), rec.get("source")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError):
+            raise IndexStoreError(
+                f"{self._path} is corrupt at line {row + 1} (changed on disk after it was verified)"
+            ) from None
+
+    def rows_with_source(self, source: str) -> Iterator[int]:
+        """Rows whose source is ``source``: a byte search of the mapped ids.jsonl (no parsing)."""
+        if self._lists is not None:
+            yield from (r for r, s in enumerate(self._lists[1]) if s == source)
+            return
+        if len(self._offsets) < 2:
+            return
+        needle = ('"source": ' + json.dumps(source, ensure_ascii=False) + ",").encode("utf-8")
+        data, pos = self._mapped(), 0
+        while (pos := data.find(needle, pos)) >= 0:
+            row = int(np.searchsorted(self._offsets, pos, side="right")) - 1
+            label_source = self.get(row)
+            if label_source[1] == source:
+                yield row
+            pos += len(needle)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive; the mapping goes with it
+                pass
+
+
+class _Base:
+    """One committed base version: the FAISS index, raw vectors, ids and per-row records."""
+
+    def __init__(self, version: str, index, meta: dict, vectors, vec_ids, records: _Records, codes, models: list):
+        self.version, self.index, self.meta = version, index, meta
+        self.vectors, self.vec_ids, self.records = vectors, vec_ids, records
+        self.codes, self.models = codes, models  # row -> models[code]
+        self.count = len(vec_ids)
+        if self.count < 2 or bool(np.all(vec_ids[1:] > vec_ids[:-1])):
+            self._sorted, self._order = np.asarray(vec_ids), None
+        else:  # bases of format 1 keep insertion order
+            self._order = np.argsort(vec_ids, kind="stable")
+            self._sorted = np.asarray(vec_ids)[self._order]
+
+    @classmethod
+    def empty(cls, dim: int, meta: dict, index) -> _Base:
+        return cls(
+            "",
+            index,
+            meta,
+            np.zeros((0, dim), np.float32),
+            np.zeros(0, np.int64),
+            _Records(None, None, ([], [])),
+            np.zeros(0, np.int32),
+            [],
+        )
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where the base does not hold it."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self.count:
+            return np.full(ids.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, ids), self.count - 1)
+        found = self._sorted[pos] == ids
+        rows = pos if self._order is None else self._order[pos]
+        return np.where(found, rows, -1).astype(np.int64)
+
+    def model(self, row: int):
+        return self.models[int(self.codes[row])]
+
+    def trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+
+class _Delta:
+    """What the log adds to a base: new rows in an exact flat index, tombstones on base rows,
+    sidecar changes. Changed only under the handle's exclusive lock."""
+
+    def __init__(self, base: _Base, dim: int):
+        self.index = _faiss().IndexFlatIP(dim)
+        self.ids = np.zeros(0, np.int64)  # row -> item id (capacity grows by doubling)
+        self.alive = np.zeros(0, bool)
+        self.m = 0  # rows used
+        self.labels: list = []
+        self.sources: list = []
+        self.models: list = []
+        self.live: dict[int, int] = {}  # item id -> delta row
+        self.dead = 0  # delta rows removed or replaced since
+        self.base_dead = np.zeros(base.count, bool)
+        self.tombstones = 0
+        self.patch: dict = {}
+        self.next_id = int(base.meta["next_id"])
+        self.seq = 0  # last log record applied
+        self.offset = WAL_HEADER  # bytes of the log consumed
+        self.records = 0  # log records applied
+
+    def pending(self) -> int:
+        return self.m + self.tombstones + self.records
+
+    def _grow(self, n: int) -> None:
+        if self.m + n > len(self.ids):
+            cap = max(64, 2 * len(self.ids), self.m + n)
+            ids, alive = np.zeros(cap, np.int64), np.zeros(cap, bool)
+            ids[: self.m], alive[: self.m] = self.ids[: self.m], self.alive[: self.m]
+            self.ids, self.alive = ids, alive
+
+    def kill(self, base: _Base, item_ids: list[int]) -> int:
+        n = 0
+        base_rows = base.rows(np.asarray(item_ids, dtype=np.int64))
+        for i, row in zip(item_ids, base_rows.tolist()):
+            if i in self.live:
+                r = self.live.pop(i)
+                self.alive[r] = False
+                self.dead += 1
+                n += 1
+            elif row >= 0 and not self.base_dead[row]:
+                self.base_dead[row] = True
+                self.tombstones += 1
+                n += 1
+        return n
+
+    def put(self, item_ids: list[int], vectors: np.ndarray, labels: list, sources: list, model) -> None:
+        n = len(item_ids)
+        self._grow(n)
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.ids[self.m : self.m + n] = item_ids
+        self.alive[self.m : self.m + n] = True
+        for j, i in enumerate(item_ids):
+            self.live[i] = self.m + j
+        self.m += n
+        self.labels += labels
+        self.sources += sources
+        self.models += [model] * n
+        if n:
+            self.next_id = max(self.next_id, max(item_ids) + 1)
+
+    def apply(self, base: _Base, op: dict, vectors: np.ndarray | None) -> None:
+        kind = op["op"]
+        if kind == "add":
+            self.put(op["ids"], vectors, op["labels"], op["sources"], op.get("model"))
+        elif kind == "remove":
+            self.kill(base, op["ids"])
+        elif kind == "replace":
+            self.kill(base, op["ids"])
+            self.put(op["ids"], vectors, op["labels"], op["sources"], op.get("model"))
+        elif kind == "meta":
+            self.patch.update(op["patch"])
+        else:
+            raise IndexStoreError(f"log record of unknown kind {kind!r} (written by a newer hvs?)")
+        self.next_id = max(self.next_id, int(op.get("next_id", 0)))
+        self.records += 1
+
+    def vectors(self) -> np.ndarray:
+        """(m, dim) view of the delta's flat index storage."""
+        faiss = _faiss()
+        if not self.m:
+            return np.zeros((0, self.index.d), np.float32)
+        return faiss.rev_swig_ptr(self.index.get_xb(), self.m * self.index.d).reshape(self.m, self.index.d)
+
+
+def _read_index(path: Path, mmap_mode: bool, ivf: bool):
+    """faiss.read_index, memory-mapped read-only with ``mmap_mode``: IVF inverted lists with
+    IO_FLAG_MMAP, flat codes (Flat, HNSW storage, PQ) with IO_FLAG_MMAP_IFC."""
+    faiss = _faiss()
+    if not mmap_mode:
+        return faiss.read_index(str(path))
+    flag = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC
+    return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+
+
+def _is_ivf(dim: int, factory: str) -> bool:
+    try:
+        _faiss().extract_index_ivf(make_index(dim, factory))
+        return True
+    except (RuntimeError, IndexStoreError):
+        return False
+
+
+def _load_base(root: Path, version: str, mmap_mode: bool | None = None) -> _Base:
     faiss = _faiss()
     vdir = root / version
     where = f"index {root}"
     if not vdir.is_dir():
         raise IndexStoreError(f"{where}: CURRENT names {version} but that folder is missing")
-    for name in FILES:
+    for name in FILES_V1:
         if not (vdir / name).is_file():
             raise IndexStoreError(f"{where} is incomplete: {version}/{name} is missing")
-    # Each binary file is verified before it is parsed (a damaged one is named, never mis-read);
-    # meta.json last, so an edited sidecar gets the more precise consistency message below.
-    sums = _read_checksums(vdir, where)
     try:
         meta = json.loads((vdir / "meta.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexStoreError(f"{where}: meta.json is not valid JSON ({one_line(e)})") from None
     check_meta(meta, where)
-    if meta.get("format") != FORMAT:
-        raise IndexStoreError(f"{where}: meta.json format {meta.get('format')!r} is not {FORMAT!r}")
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, FORMAT_V1):
+        raise IndexStoreError(
+            f"{where}: meta.json format {fmt!r} is not {FORMAT!r} (nor {FORMAT_V1!r}): written by a newer hvs?"
+        )
+    v2 = fmt == FORMAT
+    if v2:
+        for name in FILES[len(FILES_V1) :]:
+            if not (vdir / name).is_file():
+                raise IndexStoreError(f"{where} is incomplete: {version}/{name} is missing")
+    # Each binary file is verified before it is parsed (a damaged one is named, never mis-read);
+    # meta.json last, so an edited sidecar gets the more precise consistency message below.
+    sums = _read_checksums(vdir, where, FILES if v2 else FILES_V1)
     dim, count = meta["dim"], meta["count"]
+    use_mmap = bool(meta.get("mmap")) if mmap_mode is None else bool(mmap_mode)
     _verify(vdir, "index.faiss", sums, where)
     try:
-        index = faiss.read_index(str(vdir / "index.faiss"))
+        index = _read_index(vdir / "index.faiss", use_mmap, use_mmap and _is_ivf(dim, meta["factory"]))
     except Exception as e:
         raise IndexStoreError(f"{where}: index.faiss is unreadable ({one_line(e)})") from None
     if not isinstance(index, faiss.IndexIDMap2):
@@ -422,8 +802,25 @@ def _load_version(root: Path, version: str) -> _State:
     faiss_ids = faiss.vector_to_array(index.id_map)
     if not np.array_equal(np.sort(faiss_ids), np.sort(vec_ids)):
         raise IndexStoreError(f"{where}: ids in index.faiss and vector_ids.npy differ")
-    labels, sources = [], []
     _verify(vdir, "ids.jsonl", sums, where)
+    if v2:
+        records, codes, models = _load_records_v2(vdir, meta, vec_ids, sums, where)
+    else:
+        records, codes, models = _load_records_v1(vdir, count, vec_ids, where)
+    if vec_ids.size and int(vec_ids.max()) >= meta["next_id"]:
+        raise IndexStoreError(f"{where}: meta.json next_id {meta['next_id']} is not above the largest id")
+    _verify(vdir, "meta.json", sums, where)
+    if sums is None:
+        _check_unit_rows(vectors, vec_ids, where, version)
+        _warn_legacy(root, version)
+    elif TRAINED in sums:
+        _verify(vdir, TRAINED, sums, where)
+    apply_search_params(index, meta.get("search_params") or {})
+    return _Base(version, index, meta, vectors, vec_ids, records, codes, models)
+
+
+def _load_records_v1(vdir: Path, count: int, vec_ids: np.ndarray, where: str):
+    labels, sources, fingerprints = [], [], []
     try:
         with open(vdir / "ids.jsonl", encoding="utf-8") as f:
             for row, line in enumerate(f):
@@ -432,32 +829,73 @@ def _load_version(root: Path, version: str) -> _State:
                     raise IndexStoreError(f"{where}: ids.jsonl line {row + 1} does not match vector_ids.npy")
                 labels.append(rec.get("label"))
                 sources.append(rec.get("source"))
+                fingerprints.append(rec.get("model"))
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise IndexStoreError(f"{where}: ids.jsonl is corrupt ({one_line(e)})") from None
     if len(labels) != count:
         raise IndexStoreError(f"{where}: ids.jsonl has {len(labels)} records but meta.json says count {count}")
-    if vec_ids.size and int(vec_ids.max()) >= meta["next_id"]:
-        raise IndexStoreError(f"{where}: meta.json next_id {meta['next_id']} is not above the largest id")
-    _verify(vdir, "meta.json", sums, where)
-    if sums is None:
-        _check_unit_rows(vectors, vec_ids, where, version)
-        _warn_legacy(root, version)
-    apply_search_params(index, meta.get("search_params") or {})
-    return _State(index, meta, vectors, vec_ids, labels, sources)
+    models = list(dict.fromkeys(fingerprints)) or [None]
+    code_of = {m: c for c, m in enumerate(models)}
+    codes = np.asarray([code_of[m] for m in fingerprints], dtype=np.int32)
+    return _Records(None, None, (labels, sources)), codes, models
 
 
+def _load_records_v2(vdir: Path, meta: dict, vec_ids: np.ndarray, sums: dict | None, where: str):
+    count = meta["count"]
+    _verify(vdir, "offsets.npy", sums, where)
+    _verify(vdir, "models.npy", sums, where)
+    try:
+        offsets = np.load(vdir / "offsets.npy", mmap_mode="r", allow_pickle=False)
+        codes = np.load(vdir / "models.npy", mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise IndexStoreError(f"{where}: offsets.npy/models.npy unreadable ({one_line(e)})") from None
+    models = meta.get("models")
+    size = (vdir / "ids.jsonl").stat().st_size
+    if offsets.shape != (count + 1,) or offsets.dtype != np.int64 or int(offsets[0]) != 0 or int(offsets[-1]) != size:
+        raise IndexStoreError(f"{where}: offsets.npy does not index the {count} lines of ids.jsonl")
+    if not isinstance(models, list) or codes.shape != (count,) or codes.dtype != np.int32:
+        raise IndexStoreError(f"{where}: models.npy / meta.json models do not describe {count} items")
+    if count and (int(codes.min()) < 0 or int(codes.max()) >= len(models)):
+        raise IndexStoreError(f"{where}: models.npy refers to a model meta.json does not list")
+    records = _Records(vdir / "ids.jsonl", offsets, None)
+    for row in {0, count - 1} if count else ():  # the ends must line up with vector_ids.npy
+        try:
+            rec = json.loads(records.line(row, 0, None))
+            ok = rec["id"] == int(vec_ids[row])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise IndexStoreError(f"{where}: ids.jsonl is corrupt (line {row + 1} does not match vector_ids.npy)")
+    return records, codes, models
+
+
+# ----------------------------------------------------------------------------------------------
 class FaissGalleryIndex(GalleryIndex):
     """``faiss:DIR``: see the module docstring for the folder layout and its guarantees."""
 
     prefix = "faiss"
+    compact_ratio = COMPACT_RATIO  # per handle: auto-compaction threshold (pending / base items)
+    compact_min = COMPACT_MIN
+    auto_compact = True  # False: only compact() folds the log (a service may run it in a thread)
 
-    def __init__(self, root: Path, version: str, state: _State):
+    def __init__(self, root: Path, base: _Base, mmap_mode: bool | None = None):
         self.root, self.spec = root, f"faiss:{root}"
-        self._version, self._state = version, state
-        self.dim = int(state.meta["dim"])
+        self.dim = int(base.meta["dim"])
+        self._mmap = mmap_mode
+        self._base, self._delta = base, _Delta(base, self.dim)
         self._lock_fd: int | None = None
-        self._closed = self._dirty = False
+        self._closed = False
         self._current_key: tuple | None = None  # stat of CURRENT when the snapshot was taken
+        self._wal_seen = WAL_HEADER  # size of the log when last read
+        self._rw = RWLock()  # snapshot: searches share it, applying a durable write takes it
+        self._writing = threading.RLock()  # writers of this handle, one at a time
+
+    @property
+    def _version(self) -> str:
+        return self._base.version
+
+    def _wal_path(self, base: _Base | None = None) -> Path:
+        return self.root / (base or self._base).version / WAL_NAME
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -483,62 +921,106 @@ class FaissGalleryIndex(GalleryIndex):
             training_need(dim, factory, n)
 
     @staticmethod
-    def _load_current(root: Path) -> tuple[str, _State, tuple | None]:
-        """(version, state, stat key of CURRENT) of the newest committed version."""
-        for _ in range(3):  # a writer may replace CURRENT and delete old versions while we read
+    def _load_current(root: Path, mmap_mode: bool | None) -> tuple[_Base, _Delta, _WalTail, tuple | None]:
+        """The newest committed base with its log replayed, and the stat key of CURRENT."""
+        for _ in range(3):  # a compaction may replace CURRENT and delete old versions while we read
             key = _current_key(root)  # before reading: a later commit then shows as a new key
             version = _read_current(root)
             if version is None:
                 raise IndexStoreError(f"{root} is not an hvs index (no CURRENT file)")
             try:
-                return version, _load_version(root, version), key
-            except IndexStoreError:
+                base = _load_base(root, version, mmap_mode)
+                delta = _Delta(base, int(base.meta["dim"]))
+                tail = _read_wal(root / version / WAL_NAME, version, delta.index.d, WAL_HEADER, 0, f"index {root}")
+                for _, op, vectors in tail.records:
+                    delta.apply(base, op, vectors)
+                delta.seq, delta.offset = len(tail.records), max(tail.end, WAL_HEADER)
+                return base, delta, tail, key
+            except (IndexStoreError, FileNotFoundError):
                 if _read_current(root) == version:
                     raise
         raise IndexStoreError(f"index {root} kept changing while being opened; try again")
 
     @classmethod
-    def open(cls, location: str) -> FaissGalleryIndex:
+    def open(cls, location: str, mmap: bool | None = None) -> FaissGalleryIndex:
         root = Path(location)
         if not root.is_dir():
             raise IndexStoreError(
                 f"no index at {root} (missing folder); build one first (hvs index build --out faiss:{root})"
             )
-        version, state, key = cls._load_current(root)
-        self = cls(root, version, state)
-        self._current_key = key
+        base, delta, tail, key = cls._load_current(root, mmap)
+        if tail.torn:
+            _warn_once(
+                (str(root), base.version, "torn", str(tail.end)),
+                f"index {root}: {base.version}/{WAL_NAME} ends in {tail.torn} byte(s) that are not a "
+                f"complete record (a write killed before it was acknowledged): ignored",
+            )
+        self = cls(root, base, mmap)
+        self._delta, self._current_key, self._wal_seen = delta, key, tail.size
         return self
 
     # -- snapshots ----------------------------------------------------------------------------------
+    def _wal_size(self) -> int | None:
+        try:
+            return os.stat(self._wal_path()).st_size
+        except FileNotFoundError:
+            return None
+
     def stale(self) -> bool:
         if self._closed or self._lock_fd is not None:  # a lock holder's snapshot is the newest
             return False
         key = _current_key(self.root)
-        if key is None or key == self._current_key:
-            return False
-        if _read_current(self.root) == self._version:  # touched, same version
-            self._current_key = key
-            return False
-        return True
+        if key is not None and key != self._current_key:
+            if _read_current(self.root) != self._version:
+                return True
+            self._current_key = key  # touched, same version
+        size = self._wal_size()
+        return size is not None and size != self._wal_seen
 
     def refresh(self) -> bool:
-        if not self.stale():
+        # A write or compaction running in this handle brings the snapshot up to date itself:
+        # do not queue a request behind it.
+        if not self._writing.acquire(blocking=False):
             return False
-        version, state, key = self._load_current(self.root)
-        if int(state.meta["dim"]) != self.dim:
-            raise IndexStoreError(
-                f"index {self.root} was replaced by one of dim {state.meta['dim']} "
-                f"(this one has dim {self.dim}); reopen it"
-            )
-        self._version, self._state, self._current_key = version, state, key
-        return True
+        try:
+            return self.stale() and self._catch_up()
+        finally:
+            self._writing.release()
+
+    def _catch_up(self) -> bool:
+        """Load what other processes committed since this snapshot: new log records, or a new
+        base after a compaction. Applied under the exclusive lock (a search sees before or after)."""
+        current = _read_current(self.root)
+        if current is not None and current != self._version:
+            base, delta, tail, key = self._load_current(self.root, self._mmap)
+            if int(base.meta["dim"]) != self.dim:
+                raise IndexStoreError(
+                    f"index {self.root} was replaced by one of dim {base.meta['dim']} "
+                    f"(this one has dim {self.dim}); reopen it"
+                )
+            with self._rw.write():
+                old, self._base, self._delta = self._base, base, delta
+                self._current_key, self._wal_seen = key, tail.size
+            old.records.close()
+            return True
+        d = self._delta
+        tail = _read_wal(self._wal_path(), self._version, self.dim, d.offset, d.seq, f"index {self.root}")
+        if tail.records:
+            with self._rw.write():
+                for seq, op, vectors in tail.records:
+                    d.apply(self._base, op, vectors)
+                    d.seq = seq
+                d.offset = tail.end
+        self._wal_seen = tail.size
+        return bool(tail.records)
 
     def default_uploads_dir(self) -> Path:
         return self.root / "uploads"  # travels with the index folder
 
+    # -- creating -----------------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None, initial=None
+        cls, location: str, dim: int, factory: str = "Flat", meta: dict | None = None, initial=None, mmap=None
     ) -> FaissGalleryIndex:
         root = Path(location)
         cls.check_creatable(location)
@@ -549,6 +1031,8 @@ class FaissGalleryIndex(GalleryIndex):
         user = dict(meta or {})
         search_params = user.pop("search_params", None)
         search_params = default_search_params(index) if search_params is None else dict(search_params)
+        mmap_mode = bool(user.pop("mmap", False) if mmap is None else mmap)
+        user.pop("mmap", None)
         apply_search_params(index, search_params)
         stamp = now_iso()
         sidecar = merge_user_meta(
@@ -565,20 +1049,30 @@ class FaissGalleryIndex(GalleryIndex):
                 "updated": stamp,
                 "hvs_version": hvs_version(),
                 "search_params": search_params,
+                "mmap": mmap_mode,
+                "models": [],
             },
             user,
         )
+        self = cls(root, _Base.empty(dim, sidecar, index), mmap_mode)
+        # The first version is a compaction of an in-memory delta holding the initial items.
+        if initial is not None:
+            vectors, ids, labels, sources = initial[:4]
+            model = initial[4] if len(initial) > 4 else None
+            x = as_matrix(vectors, dim, "embeddings")
+            n = x.shape[0]
+            labels, sources = as_texts(labels, n, "labels"), as_texts(sources, n, "sources")
+            new = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n)
+            check_new_ids(new)
+            model = check_model(model) if model is not None else default_model(sidecar)
+            if n:
+                training_need(dim, factory, n)
+            self._delta.put(new.tolist(), x, labels, sources, model)
         root.mkdir(parents=True, exist_ok=True)
-        state = _State(index, sidecar, np.zeros((0, dim), np.float32), np.zeros(0, np.int64), [], [])
-        self = cls(root, "", state)
         try:
             self._acquire_lock()
             cls.check_creatable(location)  # again, now that we hold the lock
-            if initial is None:
-                self._commit(state)
-            else:
-                vectors, ids, labels, sources = initial
-                self.add(vectors, ids, labels, sources)
+            self._compact_locked()
         except BaseException:
             self.close()
             raise
@@ -602,44 +1096,506 @@ class FaissGalleryIndex(GalleryIndex):
         self._lock_fd = fd
 
     def _begin_write(self) -> None:
+        """Take the writer lock, load what others committed, cut off a torn log tail."""
         self._check_open()
         self._acquire_lock()
-        current = _read_current(self.root)
-        if current is not None and current != self._version:
-            # Another writer committed since we opened: start from its version, not our snapshot.
-            self._version, self._state = current, _load_version(self.root, current)
+        self._catch_up()
+        size, path = self._wal_size(), self._wal_path()
+        if size is None:
+            return
+        if size < WAL_HEADER:  # killed while creating the log: it held nothing
+            path.unlink()
+            _fsync_path(path.parent)
+        elif size > self._delta.offset:
+            _warn_once(
+                (str(self.root), self._version, "cut", str(self._delta.offset)),
+                f"index {self.root}: cut {size - self._delta.offset} byte(s) of an unacknowledged write "
+                f"off the end of {self._version}/{WAL_NAME}",
+            )
+            with open(path, "r+b") as f:
+                f.truncate(self._delta.offset)
+                f.flush()
+                os.fsync(f.fileno())
+        self._wal_seen = self._delta.offset
 
-    # -- committing ---------------------------------------------------------------------------------
-    def _commit(self, state: _State) -> None:
-        """Write ``state`` as a new version and make it current (lock held)."""
-        number = int(self._version[1:]) + 1 if self._version else 1
+    def _log(self, op: dict, vectors: np.ndarray | None = None) -> None:
+        """Make one write durable (append + fsync), then apply it to the in-memory snapshot."""
+        d = self._delta
+        op["next_id"] = max(d.next_id, int(op.get("next_id", 0)))
+        data = _encode_record(d.seq + 1, op, vectors)
+        _append_wal(self._wal_path(), data)
+        with self._rw.write():
+            d.apply(self._base, op, vectors)
+            d.seq += 1
+            d.offset += len(data)
+        self._wal_seen = d.offset
+
+    def _after_write(self) -> None:
+        if self.auto_compact and self.needs_compaction():
+            try:
+                with self._writing:
+                    self._begin_write()
+                    if self.needs_compaction():  # another thread may have compacted meanwhile
+                        self._compact_locked()
+            except (IndexStoreError, OSError) as e:  # the write itself is durable: say so, go on
+                _warn_once(
+                    (str(self.root), "auto-compact", str(e)),
+                    f"index {self.root}: automatic compaction failed ({one_line(e)}); writes go on in the log",
+                )
+
+    def needs_compaction(self) -> bool:
+        d = self._delta
+        if not self._base.trained():
+            return d.m - d.dead >= self._train_need()  # train as soon as there is enough
+        return d.pending() > max(self.compact_min, self.compact_ratio * self._base.count)
+
+    def _train_need(self) -> int:
+        index = make_index(self.dim, self._base.meta["factory"])
+        return 0 if index.is_trained else min_train_size(index)
+
+    # -- the interface ----------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        with self._rw.read():
+            return json.loads(json.dumps(self._meta_now(), default=str))
+
+    def _meta_now(self) -> dict:
+        b, d = self._base, self._delta
+        meta = dict(b.meta, **d.patch)
+        meta["count"] = b.count - d.tombstones + len(d.live)
+        meta["next_id"] = d.next_id
+        meta.pop("models", None)  # the base's table of fingerprints: see model_counts()
+        meta.pop("trained", None)
+        meta.setdefault("mmap", False)
+        if self._mmap is not None:
+            meta["mmap"] = self._mmap
+        return meta
+
+    def __len__(self) -> int:
+        d = self._delta
+        return self._base.count - d.tombstones + len(d.live)
+
+    def _live_rows(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(base row or -1, delta row or -1) of each id, over live items only."""
+        b, d = self._base, self._delta
+        base_rows = b.rows(want)
+        if base_rows.size:
+            dead = base_rows >= 0
+            dead[dead] = d.base_dead[base_rows[dead]]
+            base_rows[dead] = -1
+        delta_rows = np.asarray([d.live.get(i, -1) for i in want.tolist()], dtype=np.int64)
+        return base_rows, delta_rows
+
+    def add(self, embeddings, ids=None, labels=None, sources=None, model=None) -> np.ndarray:
+        self._check_open()
+        x = as_matrix(embeddings, self.dim, "embeddings")
+        n = x.shape[0]
+        labels, sources = as_texts(labels, n, "labels"), as_texts(sources, n, "sources")
+        model = check_model(model)
+        given = None if ids is None else as_ids(ids, n)
+        if given is not None:
+            check_new_ids(given)
+        with self._writing:
+            self._begin_write()
+            d = self._delta
+            new = given if given is not None else np.arange(d.next_id, d.next_id + n, dtype=np.int64)
+            if n == 0:
+                return new
+            base_rows, delta_rows = self._live_rows(new)
+            clash = new[(base_rows >= 0) | (delta_rows >= 0)]
+            if clash.size:
+                raise IndexStoreError(
+                    f"id {int(clash[0])} is already in index {self.root} ({clash.size} duplicate(s)); remove it first"
+                )
+            if not self._base.trained():
+                need, have = self._train_need(), len(self)
+                if have + n < need:
+                    factory = self._base.meta["factory"]
+                    raise IndexStoreError(
+                        f"FAISS factory {factory!r} needs at least {need} vectors to train, got "
+                        f"{have + n}: add at least {need} in the first write, or use 'Flat'"
+                    )
+            item_model = model if model is not None else default_model(self._meta_now())
+            op = {"op": "add", "ids": new.tolist(), "labels": labels, "sources": sources, "model": item_model}
+            self._log(op, x)
+        self._after_write()
+        return new
+
+    def remove(self, ids) -> int:
+        self._check_open()
+        drop = np.unique(as_ids(ids, what="ids"))
+        with self._writing:
+            self._begin_write()
+            base_rows, delta_rows = self._live_rows(drop)
+            present = drop[(base_rows >= 0) | (delta_rows >= 0)]
+            if not present.size:
+                return 0
+            self._log({"op": "remove", "ids": present.tolist()})
+        self._after_write()
+        return int(present.size)
+
+    def replace(self, ids, embeddings, model) -> int:
+        self._check_open()
+        want = as_ids(ids, what="ids")
+        x = as_matrix(embeddings, self.dim, "embeddings")
+        if x.shape[0] != want.shape[0]:
+            raise IndexStoreError(f"{x.shape[0]} embeddings but {want.shape[0]} ids")
+        check_new_ids(want)
+        model = check_model(model)
+        with self._writing:
+            self._begin_write()
+            base_rows, delta_rows = self._live_rows(want)
+            missing = want[(base_rows < 0) & (delta_rows < 0)]
+            if missing.size:
+                raise IndexStoreError(
+                    f"cannot replace id {int(missing[0])}: not in index {self.root} ({missing.size} unknown id(s))"
+                )
+            if not len(want):
+                return 0
+            labels, sources = [], []
+            d = self._delta
+            for br, dr in zip(base_rows.tolist(), delta_rows.tolist()):
+                label, source = (d.labels[dr], d.sources[dr]) if dr >= 0 else self._base.records.get(br)
+                labels.append(label)
+                sources.append(source)
+            op = {"op": "replace", "ids": want.tolist(), "labels": labels, "sources": sources, "model": model}
+            self._log(op, x)
+        self._after_write()
+        return len(want)
+
+    def update_meta(self, patch) -> dict:
+        self._check_open()
+        patch = check_meta_patch(patch)
+        with self._writing:
+            self._begin_write()
+            self._log({"op": "meta", "patch": patch})
+        self._after_write()
+        return self.meta
+
+    def model_counts(self) -> dict:
+        self._check_open()
+        with self._rw.read():
+            b, d = self._base, self._delta
+            counts: dict = {}
+            if b.count:
+                alive = ~d.base_dead if d.tombstones else slice(None)
+                per_code = np.bincount(np.asarray(b.codes)[alive], minlength=len(b.models))
+                counts = {b.models[c]: int(k) for c, k in enumerate(per_code.tolist()) if k}
+            for r in d.live.values():
+                m = d.models[r]
+                counts[m] = counts.get(m, 0) + 1
+            return counts
+
+    def ids(self, exclude_model=None) -> np.ndarray:
+        self._check_open()
+        with self._rw.read():
+            b, d = self._base, self._delta
+            keep = ~d.base_dead
+            if exclude_model is not None and b.count:
+                codes = [c for c, m in enumerate(b.models) if m == exclude_model]
+                keep &= ~np.isin(np.asarray(b.codes), codes)
+            out = [np.asarray(b.vec_ids)[keep]]
+            out.append(
+                np.asarray(
+                    [i for i, r in d.live.items() if exclude_model is None or d.models[r] != exclude_model],
+                    dtype=np.int64,
+                )
+            )
+            return np.sort(np.concatenate(out))
+
+    def snapshot(self):
+        return self._rw.read()
+
+    def search(self, queries, k):
+        with self._rw.read():  # one snapshot for the count and the search
+            return super().search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        b, d = self._base, self._delta
+        parts_s, parts_i = [], []
+        rerank = 1
+        if b.count:
+            rerank = int((b.meta.get("search_params") or {}).get("rerank", 1))
+            kb = min(b.count, k * rerank + d.tombstones)
+            s, i = b.index.search(queries, kb)
+            if d.tombstones or rerank > 1:
+                rows = b.rows(i)
+                hit = rows >= 0
+                if d.tombstones:
+                    hit[hit] = ~d.base_dead[rows[hit]]
+                    i[~hit] = -1
+                if rerank > 1:  # exact scores from the (memory-mapped) raw vectors
+                    flat = rows[hit]
+                    order = np.argsort(flat, kind="stable")  # ascending rows: a sequential read
+                    exact = np.empty(len(flat), np.float32)
+                    exact[order] = np.einsum(
+                        "ij,ij->i",
+                        np.asarray(b.vectors[flat[order]], np.float32),
+                        np.repeat(queries, hit.sum(1), 0)[order],
+                    )
+                    s = np.full(i.shape, -np.inf, np.float32)
+                    s[hit] = exact
+            parts_s.append(s)
+            parts_i.append(i)
+        if d.m:
+            kd = min(d.m, k + d.dead)
+            s, r = d.index.search(queries, kd)
+            ok = r >= 0
+            i = np.full(r.shape, -1, np.int64)
+            i[ok] = d.ids[r[ok]]
+            ok[ok] = d.alive[r[ok]]
+            i[~ok] = -1
+            parts_s.append(s)
+            parts_i.append(i)
+        scores, ids = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
+        scores[ids < 0] = -np.inf  # FAISS pads inner-product results with -FLT_MAX
+        if len(parts_s) > 1 or d.tombstones or d.dead or (b.count and rerank > 1):
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        scores, ids = scores[:, :k], ids[:, :k]
+        if ids.shape[1] < k:  # fewer candidates than asked (cannot happen unless ntotal < count)
+            pad = k - ids.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def records(self, ids, *, skip_missing: bool = False) -> list[dict]:
+        self._check_open()
+        want = as_ids(ids, what="ids")
+        with self._rw.read():
+            b, d = self._base, self._delta
+            base_rows, delta_rows = self._live_rows(want)
+            present = (base_rows >= 0) | (delta_rows >= 0)
+            if not skip_missing and not present.all():
+                missing = want[~present]
+                raise IndexStoreError(f"{missing.size} id(s) not in index {self.root}, e.g. {int(missing[0])}")
+            out = []
+            for i, br, dr in zip(want.tolist(), base_rows.tolist(), delta_rows.tolist()):
+                if dr >= 0:
+                    out.append({"id": i, "label": d.labels[dr], "source": d.sources[dr], "model": d.models[dr]})
+                elif br >= 0:
+                    label, source = b.records.get(br)
+                    out.append({"id": i, "label": label, "source": source, "model": b.model(br)})
+            return out
+
+    def referenced(self, sources) -> set[str]:
+        wanted = set(sources)
+        with self._rw.read():
+            b, d = self._base, self._delta
+            found = {d.sources[r] for r in d.live.values()} & wanted
+            for src in wanted - found:
+                if src is not None and any(not d.base_dead[r] for r in b.records.rows_with_source(src)):
+                    found.add(src)
+            return found
+
+    def vectors(self, ids) -> np.ndarray:
+        """The stored (normalised) vectors of these ids, (n, dim) float32."""
+        want = as_ids(ids, what="ids")
+        with self._rw.read():
+            base_rows, delta_rows = self._live_rows(want)
+            missing = want[(base_rows < 0) & (delta_rows < 0)]
+            if missing.size:
+                raise IndexStoreError(f"{missing.size} id(s) not in index {self.root}, e.g. {int(missing[0])}")
+            out = np.zeros((len(want), self.dim), np.float32)
+            dv = self._delta.vectors()
+            for j, (br, dr) in enumerate(zip(base_rows.tolist(), delta_rows.tolist())):
+                out[j] = dv[dr] if dr >= 0 else self._base.vectors[br]
+            return out
+
+    # -- compaction ---------------------------------------------------------------------------------
+    def compact(self) -> dict:
+        """Fold the log (new rows, tombstones, sidecar changes) into a new base version, atomically."""
+        self._check_open()
+        with self._writing:
+            self._begin_write()
+            d = self._delta
+            if not d.pending():
+                return {"compacted": False, "reason": "no pending writes", "count": len(self), "version": self._version}
+            if not self._base.trained() and len(self) < self._train_need():
+                need = self._train_need()
+                raise IndexStoreError(
+                    f"cannot compact index {self.root}: FAISS factory {self._base.meta['factory']!r} needs "
+                    f"at least {need} vectors to train, the index holds {len(self)}"
+                )
+            return self._compact_locked()
+
+    def rebuild(self, factory: str | None = None) -> None:
+        """Re-create the FAISS index from the kept vectors, retraining it (after a gallery has
+        grown well past what an IVF/PQ index was trained on), optionally with a new factory."""
+        self._check_open()
+        with self._writing:
+            self._begin_write()
+            if factory is not None:
+                make_index(self.dim, factory)
+            self._compact_locked(factory=factory or self._base.meta["factory"], retrain=True)
+
+    def _compact_locked(self, factory: str | None = None, retrain: bool = False) -> dict:
+        """Write base + log as a new base version and make it current (writer lock held)."""
+        faiss = _faiss()
+        b, d = self._base, self._delta
+        folded = {"log_records": d.records, "tombstones": d.tombstones, "added_rows": d.m}
+        meta = dict(b.meta, **d.patch)
+        old_factory = meta["factory"]
+        factory = factory or old_factory
+        # Live items in id order: (id, 0 = base / 1 = delta, row).
+        base_rows = np.flatnonzero(~d.base_dead) if b.count else np.zeros(0, np.int64)
+        delta_rows = np.flatnonzero(d.alive[: d.m])
+        all_ids = np.concatenate([np.asarray(b.vec_ids)[base_rows], d.ids[delta_rows]])
+        from_delta = np.concatenate([np.zeros(len(base_rows), bool), np.ones(len(delta_rows), bool)])
+        rows = np.concatenate([base_rows, delta_rows]).astype(np.int64)
+        order = np.argsort(all_ids, kind="stable")
+        all_ids, from_delta, rows = all_ids[order], from_delta[order], rows[order]
+        n = len(all_ids)
+        number = int(b.version[1:]) + 1 if b.version else 1
         version = f"v{number:06d}"
-        state.meta["count"] = int(state.index.ntotal)
-        state.meta["updated"] = now_iso()
         tmp = self.root / f".tmp-{version}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
-        # Order is irrelevant for safety (nothing is visible before CURRENT moves); meta last
-        # keeps a half-written temp folder obviously incomplete to a human looking at it.
-        _write_faiss(tmp / "index.faiss", state.index)
-        _write_npy(tmp / "vectors.npy", np.ascontiguousarray(state.vectors, dtype=np.float32))
-        _write_npy(tmp / "vector_ids.npy", state.vec_ids)
-        _write_idmap(tmp / "ids.jsonl", state.vec_ids, state.labels, state.sources)
-        _write_json(tmp / "meta.json", state.meta)
-        _write_checksums(tmp)
+        tmp.mkdir(parents=True)
+        dv = d.vectors()
+
+        def chunks() -> Iterator[tuple[slice, np.ndarray]]:
+            for start in range(0, n, CHUNK_ROWS):
+                sl = slice(start, min(n, start + CHUNK_ROWS))
+                out = np.empty((sl.stop - start, self.dim), np.float32)
+                fd, r = from_delta[sl], rows[sl]
+                if (~fd).any():
+                    out[~fd] = b.vectors[r[~fd]]  # ascending rows in a base of this format: a sequential read
+                if fd.any():
+                    out[fd] = dv[r[fd]]
+                yield sl, out
+
+        # Raw vectors, streamed into a memory-mapped file.
+        vec_path = tmp / "vectors.npy"
+        out = np.lib.format.open_memmap(vec_path, mode="w+", dtype=np.float32, shape=(n, self.dim))
+        for sl, block in chunks():
+            out[sl] = block
+        out.flush()
+        del out
+        fd = os.open(vec_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
+        _write_npy(tmp / "vector_ids.npy", all_ids)
+        # Records and the gallery model of each item, vectorised over base rows: a compaction
+        # spends its time in numpy, FAISS and file I/O (which release the GIL), not in a Python
+        # loop over the gallery that would stall the searches of other threads.
+        table = list(b.models)
+        code_of = {m: c for c, m in enumerate(table)}
+        for m in d.models:
+            if m not in code_of:
+                code_of[m] = len(table)
+                table.append(m)
+        in_base = ~from_delta
+        codes = np.empty(n, np.int32)
+        codes[in_base] = np.asarray(b.codes)[rows[in_base]]
+        codes[from_delta] = [code_of[d.models[r]] for r in rows[from_delta].tolist()]
+        used, codes = np.unique(codes, return_inverse=True)
+        codes = codes.astype(np.int32).reshape(n)
+        models = [table[c] for c in used.tolist()]
+        delta_lines = {
+            r: _record_line(int(d.ids[r]), d.labels[r], d.sources[r], d.models[r]) for r in rows[from_delta].tolist()
+        }
+        lengths = np.zeros(n, np.int64)
+        lengths[from_delta] = [len(delta_lines[r]) for r in rows[from_delta].tolist()]
+        if b.records.spans():
+            lengths[in_base] = np.diff(np.asarray(b.records.offsets()))[rows[in_base]]
+            # runs of consecutive base rows are copied as one byte range each
+            starts = np.ones(n, bool)
+            starts[1:] = from_delta[1:] | from_delta[:-1] | (rows[1:] != rows[:-1] + 1)
+            bounds = np.append(np.flatnonzero(starts), n).tolist()
+
+            def chunks_of_lines() -> Iterator[bytes]:
+                for s0, e0 in zip(bounds[:-1], bounds[1:]):
+                    if from_delta[s0]:
+                        yield delta_lines[int(rows[s0])]
+                    else:
+                        yield b.records.span(int(rows[s0]), int(rows[e0 - 1]))
+
+        else:  # a base of format 1: its records are in lists
+            legacy = [
+                delta_lines[r] if fdl else b.records.line(r, i, b.model(r))
+                for i, fdl, r in zip(all_ids.tolist(), from_delta.tolist(), rows.tolist())
+            ]
+            lengths[:] = [len(line) for line in legacy]
+
+            def chunks_of_lines() -> Iterator[bytes]:
+                yield from legacy
+
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        _write_records(tmp / "ids.jsonl", chunks_of_lines())
+        _write_npy(tmp / "offsets.npy", offsets)
+        _write_npy(tmp / "models.npy", codes)
+        # The FAISS index: fresh for factories that need no training, else the trained template.
+        names = list(FILES)
+        index = make_index(self.dim, factory)
+        if not index.is_trained:
+            template = b.meta.get("trained") and (self.root / b.version / TRAINED)
+            if not retrain and factory == old_factory and template and template.is_file():
+                index = faiss.read_index(str(template))
+            elif n:
+                train_if_needed(index, _train_sample(vectors, min_train_size(index)), factory)
+            if index.is_trained:
+                _write_faiss(tmp / TRAINED, index)
+                names.append(TRAINED)
+        params = meta.get("search_params") if factory == old_factory else None
+        params = default_search_params(index) if params is None else params
+        apply_search_params(index, params)
+        if n:
+            for sl, block in chunks():
+                index.add_with_ids(block, all_ids[sl])
+        _write_faiss(tmp / "index.faiss", index)
+        meta.update(
+            format=FORMAT,
+            factory=factory,
+            search_params=params,
+            count=n,
+            next_id=d.next_id,
+            updated=now_iso(),
+            models=models,
+            trained=TRAINED in names,
+        )
+        if self._mmap is not None:
+            meta["mmap"] = self._mmap
+        _write_json(tmp / "meta.json", meta)
+        _write_checksums(tmp, names)
+        with open(tmp / WAL_NAME, "wb") as f:
+            f.write(_wal_header(version))
+            f.flush()
+            os.fsync(f.fileno())
         _fsync_path(tmp)
         final = self.root / version
-        if final.exists():  # debris of a writer that crashed after its rename; CURRENT never named it
+        if final.exists():  # debris of a compaction killed after its rename; CURRENT never named it
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_path(self.root)
         _write_current(self.root, version)
         self._current_key = None  # our own commit: the next stale() re-reads CURRENT once
-        # Map the vectors back from disk: a writer holds no second in-RAM copy of the gallery.
-        state.vectors = np.load(final / "vectors.npy", mmap_mode="r", allow_pickle=False)
-        previous, self._version, self._state = self._version, version, state
-        self._collect_garbage(keep={version, previous})
+        # The new snapshot maps its files back from disk: no second in-RAM copy of the gallery.
+        use_mmap = bool(meta.get("mmap"))
+        if use_mmap:
+            index = _read_index(final / "index.faiss", True, _is_ivf(self.dim, factory))
+            apply_search_params(index, params)
+        records = _Records(final / "ids.jsonl", np.load(final / "offsets.npy", mmap_mode="r"), None)
+        new_base = _Base(
+            version,
+            index,
+            meta,
+            np.load(final / "vectors.npy", mmap_mode="r", allow_pickle=False),
+            np.load(final / "vector_ids.npy", allow_pickle=False),
+            records,
+            np.load(final / "models.npy", mmap_mode="r", allow_pickle=False),
+            models,
+        )
+        with self._rw.write():
+            old, self._base, self._delta = self._base, new_base, _Delta(new_base, self.dim)
+            self._wal_seen = WAL_HEADER
+        old.records.close()
+        self._collect_garbage(keep={version, old.version})
+        return {"compacted": True, "version": version, "count": n, **folded}
 
     def _collect_garbage(self, keep: set[str]) -> None:
         for p in self.root.iterdir():
@@ -648,157 +1604,15 @@ class FaissGalleryIndex(GalleryIndex):
             elif p.name.startswith(".CURRENT.") and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
 
-    def _mutate(self, fn) -> object:
-        """Run a write: if it fails after touching the FAISS index, reload the committed version,
-        so memory always matches disk (validation errors raised earlier skip the reload)."""
-        self._begin_write()
-        self._dirty = False
-        try:
-            return fn()
-        except BaseException:
-            if self._dirty and self._version:
-                self._state = _load_version(self.root, self._version)
-            raise
-
-    # -- the interface ----------------------------------------------------------------------------
-    @property
-    def meta(self) -> dict:
-        return json.loads(json.dumps(self._state.meta, default=str))
-
-    def __len__(self) -> int:
-        return int(self._state.index.ntotal)
-
-    def add(self, embeddings, ids=None, labels=None, sources=None) -> np.ndarray:
-        self._check_open()
-        x = as_matrix(embeddings, self.dim, "embeddings")
-        n = x.shape[0]
-        labels, sources = as_texts(labels, n, "labels"), as_texts(sources, n, "sources")
-        given = None if ids is None else as_ids(ids, n)
-        if given is not None:
-            check_new_ids(given)
-
-        def run() -> np.ndarray:
-            s = self._state
-            new = given if given is not None else np.arange(s.meta["next_id"], s.meta["next_id"] + n, dtype=np.int64)
-            if n == 0:
-                return new
-            clash = new[np.isin(new, s.vec_ids)]
-            if clash.size:
-                raise IndexStoreError(
-                    f"id {int(clash[0])} is already in index {self.root} ({clash.size} duplicate(s)); remove it first"
-                )
-            self._dirty = True
-            train_if_needed(s.index, x, s.meta["factory"])
-            s.index.add_with_ids(x, new)
-            meta = dict(s.meta, next_id=max(int(s.meta["next_id"]), int(new.max()) + 1))
-            self._commit(
-                _State(
-                    s.index,
-                    meta,
-                    np.concatenate([s.vectors, x]),
-                    np.concatenate([s.vec_ids, new]),
-                    s.labels + labels,
-                    s.sources + sources,
-                )
-            )
-            return new
-
-        return self._mutate(run)
-
-    def remove(self, ids) -> int:
-        self._check_open()
-        drop = as_ids(ids, what="ids")
-
-        def run() -> int:
-            s = self._state
-            gone = np.isin(s.vec_ids, drop)
-            n = int(gone.sum())
-            if n == 0:
-                return 0
-            keep = ~gone
-            vectors = np.ascontiguousarray(s.vectors[keep])
-            self._dirty = True
-            try:
-                removed = s.index.remove_ids(s.vec_ids[gone])
-                index = s.index
-                if removed != n:
-                    raise IndexStoreError(f"FAISS removed {removed} of {n} ids from {self.root}")
-            except RuntimeError:  # HNSW (and some others) cannot remove: rebuild from kept vectors
-                index = self._fresh_index(vectors)
-                index.add_with_ids(vectors, s.vec_ids[keep])
-            labels = [v for v, k in zip(s.labels, keep.tolist()) if k]
-            sources = [v for v, k in zip(s.sources, keep.tolist()) if k]
-            self._commit(_State(index, dict(s.meta), vectors, s.vec_ids[keep], labels, sources))
-            return n
-
-        return self._mutate(run)
-
-    def _fresh_index(self, vectors: np.ndarray):
-        """An empty index of the sidecar's factory, trained on ``vectors`` if it needs training."""
-        meta = self._state.meta
-        index = make_index(self.dim, meta["factory"])
-        if len(vectors):
-            train_if_needed(index, vectors, meta["factory"])
-        apply_search_params(index, meta.get("search_params") or {})
-        return index
-
-    def rebuild(self, factory: str | None = None) -> None:
-        """Re-create the FAISS index from the kept vectors, retraining it (after a gallery has
-        grown well past what an IVF/PQ index was trained on), optionally with a new factory."""
-        self._check_open()
-
-        def run() -> None:
-            s = self._state
-            self._dirty = True
-            new_factory = factory or s.meta["factory"]
-            index = make_index(self.dim, new_factory)
-            vectors = np.ascontiguousarray(s.vectors, dtype=np.float32)
-            if len(vectors):
-                train_if_needed(index, vectors, new_factory)
-            params = s.meta.get("search_params") if new_factory == s.meta["factory"] else None
-            params = default_search_params(index) if params is None else params
-            apply_search_params(index, params)
-            index.add_with_ids(vectors, s.vec_ids)
-            meta = dict(s.meta, factory=new_factory, search_params=params)
-            self._commit(_State(index, meta, vectors, s.vec_ids, s.labels, s.sources))
-
-        self._mutate(run)
-
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self._state.index.search(queries, k)
-        missing = ids < 0
-        if missing.any():  # FAISS pads inner-product results with -FLT_MAX; make it -inf
-            scores[missing] = -np.inf
-        return scores, ids
-
-    def records(self, ids, *, skip_missing: bool = False) -> list[dict]:
-        self._check_open()
-        want = as_ids(ids, what="ids")
-        s = self._state
-        rows = s.row_of()
-        if skip_missing:
-            want = np.asarray([i for i in want.tolist() if i in rows], dtype=np.int64)
-        missing = [i for i in want.tolist() if i not in rows]
-        if missing:
-            raise IndexStoreError(f"{len(missing)} id(s) not in index {self.root}, e.g. {missing[0]}")
-        return [{"id": i, "label": s.labels[rows[i]], "source": s.sources[rows[i]]} for i in want.tolist()]
-
-    def referenced(self, sources) -> set[str]:
-        return set(sources) & set(self._state.sources)
-
-    def vectors(self, ids) -> np.ndarray:
-        """The stored (normalised) vectors of these ids, (n, dim) float32."""
-        s = self._state
-        rows = s.row_of()
-        want = as_ids(ids, what="ids").tolist()
-        missing = [i for i in want if i not in rows]
-        if missing:
-            raise IndexStoreError(f"{len(missing)} id(s) not in index {self.root}, e.g. {missing[0]}")
-        return np.asarray(s.vectors[[rows[i] for i in want]], dtype=np.float32)
-
+    # -- the rest ----------------------------------------------------------------------------------
     def info(self) -> dict:
         out = super().info()
-        out.update(version=self._version, writer=self._lock_fd is not None)
+        d = self._delta
+        out.update(
+            version=self._version,
+            writer=self._lock_fd is not None,
+            log={"records": d.records, "added_rows": d.m, "tombstones": d.tombstones, "bytes": d.offset},
+        )
         return out
 
     def release_writer(self) -> None:
@@ -825,3 +1639,14 @@ class FaissGalleryIndex(GalleryIndex):
                 os.close(self._lock_fd)
         except Exception:
             pass
+
+
+def _train_sample(vectors: np.ndarray, need: int) -> np.ndarray:
+    """What FAISS trains on: every vector, or an evenly spaced sample of TRAIN_SAMPLE per
+    centroid (FAISS' own cap) for a large gallery, read in one go (bounded memory)."""
+    n = len(vectors)
+    cap = max(need, TRAIN_SAMPLE * need)
+    if n <= cap:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = np.linspace(0, n - 1, cap).astype(np.int64)
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)

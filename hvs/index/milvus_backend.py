@@ -49,6 +49,8 @@ from .base import (
     as_matrix,
     as_texts,
     check_meta,
+    check_meta_patch,
+    check_model,
     check_new_ids,
     hvs_version,
     merge_user_meta,
@@ -64,6 +66,7 @@ FACTORIES = {"Flat": "FLAT"}  # FAISS factory string -> Milvus index type
 INSTALL_HINT = "the milvus backend needs pymilvus: pip install pymilvus milvus-lite"
 CHUNK = 1000  # rows per insert/get call: keeps gRPC messages well under Milvus' 64 MB limit
 MAX_TOPK = 16384  # Milvus' limit on k (and on queries per search call)
+NO_MODELS = "recording the gallery model per item (add(model=...)) is not supported by the milvus backend"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -292,8 +295,10 @@ class MilvusGalleryIndex(GalleryIndex):
         _write_meta(self._client, self.collection, meta)
         self._meta = meta
 
-    def add(self, embeddings, ids=None, labels=None, sources=None) -> np.ndarray:
+    def add(self, embeddings, ids=None, labels=None, sources=None, model=None) -> np.ndarray:
         self._check_open()
+        if check_model(model) is not None:
+            raise IndexStoreError(NO_MODELS)
         x = as_matrix(embeddings, self.dim, "embeddings")
         n = x.shape[0]
         labels, sources = as_texts(labels, n, "labels"), as_texts(sources, n, "sources")
@@ -358,7 +363,12 @@ class MilvusGalleryIndex(GalleryIndex):
         for start in range(0, len(want), CHUNK):
             chunk = np.unique(want[start : start + CHUNK]).tolist()
             for r in self._client.get(self.collection, ids=chunk, output_fields=["id", "label", "source"]):
-                found[int(r["id"])] = {"id": int(r["id"]), "label": r.get("label"), "source": r.get("source")}
+                found[int(r["id"])] = {
+                    "id": int(r["id"]),
+                    "label": r.get("label"),
+                    "source": r.get("source"),
+                    "model": None,  # not recorded by this backend
+                }
         if skip_missing:
             want = np.asarray([i for i in want.tolist() if i in found], dtype=np.int64)
         missing = [i for i in want.tolist() if i not in found]
@@ -377,6 +387,32 @@ class MilvusGalleryIndex(GalleryIndex):
             )
             found |= {r["source"] for r in rows}
         return found
+
+    def replace(self, ids, embeddings, model) -> int:
+        raise IndexStoreError("replace (new vectors and model per item) is not supported by the milvus backend")
+
+    def model_counts(self) -> dict:
+        n = len(self)
+        return {None: n} if n else {}
+
+    def ids(self, exclude_model=None) -> np.ndarray:
+        self._check_open()
+        if exclude_model is not None:
+            return self.ids()  # no item records a model here: every model differs from exclude_model
+        found: list[int] = []
+        iterator = self._client.query_iterator(self.collection, batch_size=CHUNK, filter="", output_fields=["id"])
+        try:
+            while batch := iterator.next():
+                found += [int(r["id"]) for r in batch]
+        finally:
+            iterator.close()
+        return np.sort(np.asarray(found, dtype=np.int64))
+
+    def update_meta(self, patch) -> dict:
+        self._check_open()
+        patch = check_meta_patch(patch)
+        self._save_meta(**patch)
+        return self.meta
 
     def info(self) -> dict:
         out = super().info()

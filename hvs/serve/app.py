@@ -25,8 +25,11 @@ Start-up refuses a query model that was not trained for the index's gallery mode
 :class:`~hvs.search.Searcher` check) unless ``force``. Uploads are refused before decoding when the
 body is over the limit (Content-Length, and counted while reading for chunked bodies), and images
 over ``max_image_pixels`` are refused from their header, before any pixel is decoded
-(decompression bombs). Searches run concurrently; gallery writes are exclusive (a readers-writer
-lock in this process) and go through the index's own writer lock and atomic commits.
+(decompression bombs). Searches run concurrently, and never wait for a gallery write or a
+compaction: a write is made durable first (one fsync'ed log record) and then applied to the
+index's in-memory snapshot in one short step, and a search holds one snapshot for its hits and
+their records (``index.snapshot()``). Gallery writes are serialised (a lock in this process, and
+the index's own writer lock across processes); each returns once it is durable.
 """
 
 from __future__ import annotations
@@ -41,8 +44,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,45 +78,6 @@ MAX_LABEL = 256
 TOKEN_ENV = "HVS_TOKEN"
 _ROUTES = ("/", "/search", "/healthz", "/stats", "/gallery", "/thumb/{item_id}", "/gallery/{item_id}")
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "PPM": ".ppm"}
-
-
-class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 class RequestStats:
@@ -236,9 +199,10 @@ class SearchService:
         )
         self.query_model_path = None if isinstance(query_model, QueryEncoder) else str(query_model)
         self.max_image_pixels = int(max_image_pixels)
-        self.lock = _RWLock()
+        self._write_lock = threading.Lock()  # gallery writes of this service, one at a time
         self._gallery_lock = threading.Lock()
         self._gallery: QueryEncoder | None = None
+        self.compat_error: str | None = None  # set by a reload whose models this query model may not search
         meta = self.index.meta
         self.thumbs = ThumbnailResolver(meta)
         if uploads_dir is None:
@@ -251,17 +215,30 @@ class SearchService:
         nothing changed). Fails closed: if the newer version cannot be loaded the request gets 503,
         not the old gallery (a takedown must not be undone by a damaged commit)."""
         try:
-            if self.index.stale():
-                with self.lock.write():  # no search is half-way through the old snapshot
-                    if self.index.refresh():
-                        log.info("reloaded %s: %d items", self.index.spec, len(self.index))
+            if self.index.stale() and self.index.refresh():  # swapped in atomically by the index
+                log.info("reloaded %s: %d items", self.index.spec, len(self.index))
+                self._recheck()
         except IndexStoreError as e:
             raise HTTPException(503, f"the index on disk changed and cannot be loaded: {_one_line(e)}") from None
 
+    def _recheck(self) -> None:
+        """After a reload: the pairing rule on the gallery models now in the index (a backfill or
+        another writer may have added one); a refusal fails searches closed with its message. A
+        new primary gallery model (a finished backfill) embeds the next ``POST /gallery``."""
+        try:
+            self.searcher.check()
+            self.compat_error = None
+        except CompatError as e:
+            self.compat_error = str(e)
+            log.warning("%s", e)
+        primary = (self.index.meta.get("gallery_model") or {}).get("fingerprint")
+        with self._gallery_lock:
+            if self._gallery is not None and self._gallery.fingerprint != primary:
+                self._gallery = None
+
     def size(self) -> int:
         self.sync()
-        with self.lock.read():
-            return len(self.index)
+        return len(self.index)
 
     # -- images -------------------------------------------------------------------------------------
     def decode(self, data: bytes, preprocessing: dict, name: str) -> Any:
@@ -301,7 +278,9 @@ class SearchService:
                 f"upload {name!r} (broken model weights?)",
             )
         self.sync()
-        with self.lock.read():
+        if self.compat_error:
+            raise HTTPException(409, self.compat_error)
+        with self.index.snapshot():  # the hits and their records from one state of the gallery
             try:
                 hits = self.searcher.search_embeddings(emb, k)[0]
             except HVSError as e:
@@ -357,10 +336,15 @@ class SearchService:
         except IndexStoreError as e:
             raise HTTPException(500, _one_line(e)) from None
         digest = hashlib.sha256(data).hexdigest()[:16]
-        with self.lock.write():
+        with self._write_lock:
             stored = self._store_upload(data, digest)
             try:
-                new = self.index.add(emb, labels=[label], sources=[str(stored) if stored else f"upload:{digest}"])
+                new = self.index.add(
+                    emb,
+                    labels=[label],
+                    sources=[str(stored) if stored else f"upload:{digest}"],
+                    model=enc.fingerprint,  # the model that embedded it, whatever the sidecar says by now
+                )
             except IndexStoreError as e:
                 if stored is not None:  # not added: keep no copy of the photo
                     stored.unlink(missing_ok=True)
@@ -381,7 +365,7 @@ class SearchService:
 
     def remove(self, item_id: int) -> dict[str, Any]:
         item_id = self._check_id(item_id)
-        with self.lock.write():
+        with self._write_lock:
             try:
                 n, _ = self.index.remove_with_uploads([item_id], self.uploads_dir)
             except IndexStoreError as e:
@@ -405,7 +389,7 @@ class SearchService:
     def thumb(self, item_id: int) -> bytes:
         item_id = self._check_id(item_id)
         self.sync()
-        with self.lock.read():
+        with self.index.snapshot():
             try:
                 record = self.index.records([item_id])[0]
             except IndexStoreError:
@@ -417,7 +401,7 @@ class SearchService:
 
     def info(self) -> dict[str, Any]:
         self.sync()
-        with self.lock.read():
+        with self.index.snapshot():
             size = len(self.index)
             meta = self.index.meta
         g = meta.get("gallery_model") or {}
