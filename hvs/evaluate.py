@@ -54,7 +54,14 @@ class EvaluationError(HVSError):
 
 
 def model_cost(model: torch.nn.Module, card: ckpt.ModelCard, latency: bool = True, batch: int = 256) -> dict:
-    cost = {"model": card.model, "flops": count_flops(model, card.input_shape), "params": count_params(model)}
+    """FLOPs, parameters and CPU latency of a model at its own input size (``card.input_shape``:
+    a query model reading smaller images than its gallery model is costed at its size)."""
+    cost = {
+        "model": card.model,
+        "image_size": card.image_size,
+        "flops": count_flops(model, card.input_shape),
+        "params": count_params(model),
+    }
     if latency:
         m = model.to(memory_format=torch.channels_last)
         cost["latency_ms_batch1"] = measure_latency(m, card.input_shape, 1)
@@ -100,7 +107,7 @@ def evaluate(
         data = create_dataset(
             data,
             protocol=protocol,
-            image_size=g_card.image_size,
+            image_size=max(g_card.image_size, q_card.image_size),  # decoded once, each side resized to its own
             channels=g_card.in_chans,
             seed=data_seed,
             strict=strict,
@@ -110,15 +117,24 @@ def evaluate(
     else:
         leaks = [d.message for d in check_duplicates(data, strict=strict)]
     notes += [f"data: {line}" for line in leaks]
-    if (data.channels, data.image_size) != (g_card.in_chans, g_card.image_size):
+    need = max(g_card.image_size, q_card.image_size)
+    if data.channels != g_card.in_chans or data.image_size < need:
+        sizes = (
+            f"{g_card.image_size}px"
+            if g_card.image_size == q_card.image_size
+            else f"{g_card.image_size}px (gallery) and {q_card.image_size}px (query)"
+        )
         raise EvaluationError(
-            f"data is {data.channels}x{data.image_size}px but the models read {g_card.in_chans}x{g_card.image_size}px"
+            f"data is {data.channels}x{data.image_size}px but the models read {g_card.in_chans}-channel images "
+            f"at {sizes}"
         )
 
     emb = {}
     for role, model, card in (("gallery", g_model, g_card), ("query", q_model, q_card)):
-        emb[role] = {
-            split: embed_images(model, data.split(split).images, card.mean, card.std, batch_size)
+        emb[role] = {  # each side reads the images at its own size
+            split: embed_images(
+                model, data.split(split).images, card.mean, card.std, batch_size, image_size=card.image_size
+            )
             for split in ("query", "gallery")
         }
 
@@ -407,8 +423,13 @@ def format_report(result: dict[str, Any]) -> str:
     cost = result["cost"]
     r = cost["ratio_gallery_over_query"]
     g, q = cost["gallery"], cost["query"]
+    at = (
+        f" (gallery at {g['image_size']}px, query at {q['image_size']}px)"
+        if g.get("image_size", 0) != q.get("image_size", 0)
+        else ""
+    )
     line = (
-        f"cost: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
+        f"cost{at}: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
         f"fewer query FLOPs"
     )
     if "latency_batch1" in r:

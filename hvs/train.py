@@ -78,6 +78,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
+from .embed import resize_images
 from .losses import MarginHead, parse_compat
 from .models import create_model
 from .training import core
@@ -91,6 +92,9 @@ class TrainConfig:
     out: str
     data: str = "fashion-mnist"
     protocol: str = "closed"
+    # the trained model's input size (default: the data's; with a gallery model, the gallery's). A
+    # query model may read smaller images than its gallery model: the data is then decoded at the
+    # larger size and each side's images are resized to its own (hvs.embed.resize_images)
     image_size: int | None = None
     model: str = "resnet8"
     model_kwargs: dict = field(default_factory=dict)
@@ -146,8 +150,8 @@ class _ModelTask:
 
     error = TrainError
 
-    def __init__(self, net: _Net, terms: CompatTerms, device: torch.device) -> None:
-        self.net, self.terms = net, terms
+    def __init__(self, net: _Net, terms: CompatTerms, device: torch.device, size: int | None = None) -> None:
+        self.net, self.terms, self.size = net, terms, size  # size: the model's input (batches may be larger)
         self.forward: nn.Module = net
         if dist.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -160,7 +164,7 @@ class _ModelTask:
         return {}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float]) -> float:
-        emb, own = self.forward(x, y)
+        emb, own = self.forward(resize_images(x, self.size), y)
         loss = self.terms.add(own, emb, y, self.terms.reference(x), sums)
         loss.backward()
         sums["own"] += own.item()
@@ -213,9 +217,14 @@ def train(
         data
         if data is not None
         else create_dataset(
-            cfg.data, protocol=cfg.protocol, image_size=cfg.image_size, seed=cfg.data_seed, strict=cfg.strict
+            cfg.data, protocol=cfg.protocol, image_size=_decode_size(cfg), seed=cfg.data_seed, strict=cfg.strict
         )
     )
+    size = cfg.image_size or data.image_size  # the input size of the model trained here
+    if size > data.image_size and not cfg.force:
+        raise TrainError(
+            f"--image-size {size} is larger than the data's {data.image_size}px images (pass --force to upscale)"
+        )
     _log_data(cfg, data, device, log)
     classes, images, targets = _training_set(cfg, data)
     batches = Batches(
@@ -231,7 +240,7 @@ def train(
         dist.rank(),
         dist.world_size(),
     )
-    gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log)
+    gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log, size)
     net = _build_net(cfg, data, classes, model, classifier, device).to(device)
     terms.to(device)
     opt, sched = make_optimizer(list(net.parameters()), cfg, batches.steps_per_epoch)
@@ -239,7 +248,7 @@ def train(
     if dist.is_main():
         run.start(asdict(cfg))
 
-    task = _ModelTask(net, terms, device)
+    task = _ModelTask(net, terms, device, size)
     start, history = core.resume(run, task, opt, sched, cfg.epochs, log) if resume else (0, [])
     history = core.fit(
         task,
@@ -254,7 +263,7 @@ def train(
         log=log,
     )
     if dist.is_main():
-        card = _model_card(cfg, data, classes, compat, gallery, history, extra)
+        card = _model_card(cfg, data, classes, compat, gallery, history, extra, size)
         core.save_trained_model(cfg.out, net.model, card, classifier=net.head.weight)
         log(f"saved {card.role} model {cfg.model} to {cfg.out} (fingerprint {card.fingerprint})")
     dist.barrier()  # the model folder is complete before any rank returns
@@ -263,6 +272,15 @@ def train(
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _decode_size(cfg: TrainConfig) -> int | None:
+    """The size the data is decoded at: ``cfg.image_size``; with a gallery model, the larger of
+    its input size and ``cfg.image_size`` (each side is resized down to its own)."""
+    if not cfg.gallery:
+        return cfg.image_size
+    g_size = ckpt.read_card(cfg.gallery).image_size
+    return max(g_size, cfg.image_size or g_size)
 
 
 def _check_options(cfg: TrainConfig) -> tuple[list[tuple[str, float]], set[str]]:
@@ -315,12 +333,15 @@ def _compat_terms(
     images: torch.Tensor,
     targets: torch.Tensor,
     log: Callable[[str], None],
+    size: int | None = None,
 ) -> tuple[FrozenGallery | None, CompatTerms]:
     """The frozen gallery model (with --gallery) and the compatibility losses built on it."""
     if not cfg.gallery:
         return None, CompatTerms([])
     gallery = FrozenGallery.load(cfg.gallery)
-    check_gallery_card(gallery.card, cfg.embed_dim, data, force=cfg.force, error=TrainError)
+    check_gallery_card(gallery.card, cfg.embed_dim, data, force=cfg.force, error=TrainError, image_size=size)
+    if size and size != gallery.card.image_size:
+        log(f"query model reads {size}px images, the gallery model {gallery.card.image_size}px")
     context = gallery.context(classes, images, targets, kind=cfg.loss, scale=cfg.scale, margin=cfg.margin, log=log)
     return gallery, build_compat_terms(compat, gallery, context, to_gallery=renormalizer(data, gallery.card))
 
@@ -383,12 +404,13 @@ def _model_card(
     gallery: FrozenGallery | None,
     history: list[dict],
     extra: dict[str, Any] | None,
+    size: int | None = None,
 ) -> ckpt.ModelCard:
     return ckpt.ModelCard(
         model=cfg.model,
         embed_dim=cfg.embed_dim,
         in_chans=data.channels,
-        image_size=data.image_size,
+        image_size=size or data.image_size,
         mean=list(data.mean),
         std=list(data.std),
         role=cfg.role or ("query" if cfg.gallery else "gallery"),

@@ -17,7 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass for a single image of shape (C, H, W)."""
+    """FLOPs of one forward pass for a single image of shape (C, H, W). A module torch cannot
+    count (an adopted ONNX encoder, :class:`hvs.adopt.OnnxModule`) reports its own ``flops_for``."""
+    if hasattr(model, "flops_for"):
+        return int(model.flops_for(input_shape))
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *input_shape)
