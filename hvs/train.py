@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ from . import distributed as dist
 from .data import RetrievalData, create_dataset
 from .embed import resize_images
 from .losses import MarginHead, parse_compat
-from .models import create_model
+from .models import create_model, resolve_model_kwargs
+from .models.pretrained import file_sha256, load_pretrained
 from .training import core
 from .training.core import KILL_AFTER_EPOCH_ENV, Batches, TrainError, hooks, make_optimizer, read_mapping  # noqa: F401
 from .training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
@@ -101,6 +102,8 @@ class TrainConfig:
     embed_dim: int = 128
     gallery: str | None = None  # folder of the frozen gallery model: makes this a query model
     init_from: str | None = None  # model folder whose weights (and classifier, same classes) start training
+    pretrained: str | None = None  # weights file (timm/torchvision layout) loaded into the backbone first
+    pretrained_sha256: str | None = None  # of that file; filled in at the start, checked on --resume
     role: str | None = None  # "gallery" | "query"; default: query when --gallery is given
     compat: list[str] = field(default_factory=list)  # e.g. ["bct"], ["bct=1", "l2=0.5"]
     loss: str = "cosface"  # normface | cosface | arcface
@@ -210,6 +213,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     compat, aug = _check_options(cfg)
+    if cfg.pretrained:  # recorded in train_config.json: a resumption with another file is refused
+        cfg = _with_pretrained_digest(cfg)
     run = RunFolder(cfg.out, TrainError)
     run.check(asdict(cfg), asdict(TrainConfig(out=cfg.out)), resume=resume, resume_free=_RESUME_FREE)
 
@@ -241,7 +246,7 @@ def train(
         dist.world_size(),
     )
     gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log, size)
-    net = _build_net(cfg, data, classes, model, classifier, device).to(device)
+    net = _build_net(cfg, data, classes, model, classifier, device, size).to(device)
     terms.to(device)
     opt, sched = make_optimizer(list(net.parameters()), cfg, batches.steps_per_epoch)
     dist.barrier()  # every rank has checked the old run folder before rank 0 writes into it
@@ -288,6 +293,8 @@ def _check_options(cfg: TrainConfig) -> tuple[list[tuple[str, float]], set[str]]
     compat = parse_compat(cfg.compat)
     if compat and not cfg.gallery:
         raise TrainError("compatibility losses need a frozen gallery model: pass --gallery DIR")
+    if cfg.pretrained and cfg.init_from:
+        raise TrainError("--pretrained and --init-from both give the starting weights: pass one of them")
     if cfg.role not in (None, "gallery", "query"):
         raise TrainError(f"unknown role {cfg.role!r}; use gallery or query")
     aug = core.parse_augment(cfg.augment)
@@ -353,10 +360,16 @@ def _build_net(
     model: nn.Module | None,
     classifier: torch.Tensor | None,
     device: torch.device,
+    size: int | None = None,
 ) -> _Net:
-    """The model (new from the registry, the given module, or --init-from's weights) and its head."""
+    """The model (new from the registry, the given module, or --init-from's weights) and its head;
+    ``size``: its input size (picks a resolution-aware model's stem)."""
     torch.manual_seed(cfg.seed)  # not offset by rank: every rank starts from the same weights
-    registered = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **cfg.model_kwargs)
+    registered = create_model(
+        cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **_model_kwargs(cfg, size or data.image_size)
+    )
+    if cfg.pretrained and model is None:
+        load_pretrained(registered, cfg.pretrained)
     if model is not None:
         _load_weights(registered, model.state_dict(), "the given model", cfg.model)  # its folder must load back
     model = registered if model is None else model
@@ -377,6 +390,21 @@ def _build_net(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return _Net(model, head)
+
+
+def _model_kwargs(cfg: TrainConfig, image_size: int) -> dict[str, Any]:
+    """The model arguments with the stem its input size gets (recorded in the model folder)."""
+    return resolve_model_kwargs(cfg.model, image_size, cfg.model_kwargs)
+
+
+def _with_pretrained_digest(cfg: TrainConfig) -> TrainConfig:
+    try:
+        digest = file_sha256(cfg.pretrained)
+    except OSError as e:
+        raise TrainError(f"--pretrained {cfg.pretrained}: cannot read ({e.strerror or e})") from None
+    if cfg.pretrained_sha256 and cfg.pretrained_sha256 != digest:
+        raise TrainError(f"--pretrained {cfg.pretrained}: sha256 {digest[:16]}... is not the configured one")
+    return replace(cfg, pretrained_sha256=digest)
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
@@ -414,7 +442,7 @@ def _model_card(
         mean=list(data.mean),
         std=list(data.std),
         role=cfg.role or ("query" if cfg.gallery else "gallery"),
-        model_kwargs=dict(cfg.model_kwargs),
+        model_kwargs=_model_kwargs(cfg, size or data.image_size),
         classes=classes,
         compat=[list(c) for c in compat],
         compatible_with=None if gallery is None else gallery.reference(),
@@ -423,6 +451,7 @@ def _model_card(
             "protocol": data.protocol,
             "epochs": cfg.epochs,
             "final": history[-1] if history else {},
+            **({"pretrained": {"file": cfg.pretrained, "sha256": cfg.pretrained_sha256}} if cfg.pretrained else {}),
             **(extra or {}),
         },
     )

@@ -31,16 +31,20 @@ from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..models import create_model, list_models, model_entry
+    from ..models import STANDARD_STEM_MIN_SIZE, create_model, list_models, model_entry, resolve_model_kwargs
     from ..models.cost import count_flops, count_params
 
     shape = (args.channels, args.image_size, args.image_size)
-    print(f"{'model':<20}{'role':<9}{'MFLOPs':>10}{'params (M)':>12}  description   [input {shape}]")
+    print(
+        f"{'model':<20}{'role':<9}{'stem':<10}{'MFLOPs':>10}{'params (M)':>12}  description   "
+        f"[input {shape}; standard stems from {STANDARD_STEM_MIN_SIZE} px]"
+    )
     for name in list_models(args.role):
-        model = create_model(name, in_chans=args.channels, embed_dim=args.embed_dim)
+        kwargs = resolve_model_kwargs(name, args.image_size)
+        model = create_model(name, in_chans=args.channels, embed_dim=args.embed_dim, **kwargs)
         entry = model_entry(name)
         print(
-            f"{name:<20}{entry.role:<9}{count_flops(model, shape) / 1e6:>10.2f}"
+            f"{name:<20}{entry.role:<9}{kwargs.get('stem', '-'):<10}{count_flops(model, shape) / 1e6:>10.2f}"
             f"{count_params(model) / 1e6:>12.3f}  {entry.description}"
         )
     return 0
@@ -76,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "device",
             "role",
             "init_from",
+            "pretrained",
         )
     }
     overrides["gallery"] = args.gallery_model  # the config's name of the gallery model folder
@@ -155,12 +160,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         type=int,
         help="the model's input size in px (a query model may read smaller images than its gallery model)",
     )
-    t.add_argument("--model", help="registered model name (hvs models)")
+    t.add_argument("--model", help="registered model name (hvs models), or timm:NAME / torchvision:NAME")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument, e.g. width=2")
     t.add_argument("--embed-dim", type=int)
     add_gallery_model_arg(t, help="frozen gallery model folder: trains a query model for it")
     t.add_argument("--role", choices=["gallery", "query"], help="recorded role (default: query with --gallery-model)")
     t.add_argument("--init-from", help="model folder to start from (fine-tuning); its classifier too if classes match")
+    t.add_argument(
+        "--pretrained",
+        metavar="FILE",
+        help="local weights file (safetensors or torch state dict, timm or torchvision layout) loaded into "
+        "the backbone before training; its classifier is ignored",
+    )
     t.add_argument(
         "--compat",
         action="append",

@@ -31,7 +31,9 @@ The decomposition follows OFA's code, with guard rails:
   arch plus the supernet's shape arguments, so an exported model folder is rebuilt by
   :func:`hvs.checkpoint.load_model` like any other model.
 
-Adapted to 28-64 px inputs: a stride-1 stem (OFA's is stride 2) keeps the total stride at 16.
+Adapted to 28-64 px inputs: a stride-1 stem (OFA's is stride 2) keeps the total stride at 16;
+from :data:`hvs.models.STANDARD_STEM_MIN_SIZE` px on, the stem rule gives OFA's own stride-2 stem
+(total stride 32), for the supernet (``hvs nas train-supernet``) and the ``ofa-mbv3`` model alike.
 The defaults are OFA-MobileNetV3's widths (16 | 16 | 24, 40, 80, 112, 160 | 960 | 1280), SE
 placement and activations; narrow test supernets pass their own.
 """
@@ -455,12 +457,25 @@ class OFAMobileNetV3(nn.Module):
         return self.feature_mix(self.pool(self.final_expand(x))).flatten(1)
 
 
+def stem_stride(stem: str) -> int:
+    """The stem stride of the stem rule's choice: 2 (OFA's own layout, total stride 32) for
+    ``"standard"``, 1 (total stride 16) for ``"small"``."""
+    return 2 if stem == "standard" else 1
+
+
 @register_model(
     "ofa-mbv3",
     "query",
-    "Once-for-All MobileNetV3 sub-network from a JSON arch (model arg arch=...), stride-1 stem; default = the largest",
+    "Once-for-All MobileNetV3 sub-network from a JSON arch (model arg arch=...); default = the largest "
+    "(small inputs: stride-1 stem)",
+    resolution_aware=True,
 )
-def _ofa_mbv3(in_chans: int = 1, arch: dict[str, Any] | None = None, **shape: Any) -> OFAMobileNetV3:
+def _ofa_mbv3(
+    in_chans: int = 1, arch: dict[str, Any] | None = None, stem: str | None = None, **shape: Any
+) -> OFAMobileNetV3:
+    # An explicit stem_stride (every exported sub-network records its supernet's) wins over the stem.
+    if stem is not None and "stem_stride" not in shape:
+        shape["stem_stride"] = stem_stride(stem)
     return OFAMobileNetV3(in_chans=in_chans, arch=arch, **shape)
 
 

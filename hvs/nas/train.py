@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
 from ..losses import MarginHead, create_compat_loss
-from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet
+from ..models import stem_for
+from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, stem_stride
 from ..training import core
 from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
 from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
@@ -269,7 +270,7 @@ def train_supernet(
     batches = Batches(images, targets, data.mean, data.std, cfg.batch_size, aug, cfg.seed, cfg.channels_last)
     embed_dim = cfg.embed_dim or (g_card.embed_dim if g_card else 128)
     terms = _compat_terms(cfg, g_card, data, classes, images, targets, embed_dim, log)
-    model, head = _build(cfg, embed_dim, data.channels, len(classes))
+    model, head = _build(cfg, embed_dim, data.channels, len(classes), data.image_size)
     opt, sched = make_optimizer(list(model.parameters()) + list(head.parameters()), cfg, batches.steps_per_epoch)
     run.start(asdict(cfg))
 
@@ -353,11 +354,15 @@ def _compat_terms(
 
 
 def _build(
-    cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int
+    cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int, image_size: int | None = None
 ) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
+    """The supernet and its head. Its stem stride follows the stem rule of the registry (OFA's
+    stride-2 stem from STANDARD_STEM_MIN_SIZE px on) unless ``supernet`` sets ``stem_stride``; the
+    card records the resolved value, so the supernet folder rebuilds it."""
     torch.manual_seed(cfg.seed)
+    kwargs = {"stem_stride": stem_stride(stem_for(image_size)), **cfg.supernet}
     try:
-        model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **cfg.supernet)
+        model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **kwargs)
     except TypeError as e:
         raise NASError(f"bad supernet argument: {e}") from None
     head = MarginHead(embed_dim, n_classes, cfg.loss, cfg.scale, cfg.margin)
