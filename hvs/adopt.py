@@ -48,7 +48,7 @@ from . import checkpoint as ckpt
 from . import fileio
 from .errors import HVSError
 
-KIND_ONNX = "onnx"
+KIND_ONNX, KIND_WEIGHTS = "onnx", "weights"
 
 
 class AdoptError(HVSError):
@@ -102,6 +102,111 @@ def load_onnx_module(folder: str | os.PathLike, card: ckpt.ModelCard, verify: bo
         )
     session = ort_session(path, torch.get_num_threads())
     return OnnxModule(session, card.embed_dim, card.in_chans, card.image_size, card.adopted.get("flops"))
+
+
+# ----------------------------------------------------------------------------------------------
+# An architecture + weights file: the library network's pooled features.
+class BackboneEncoder(nn.Module):
+    """A timm / torchvision (or registered) backbone as a frozen encoder: its pooled features,
+    L2-normalised (no embedding head: the production model's own output is what its index holds)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embed_dim = int(getattr(backbone, "num_features", 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x).flatten(1), dim=-1)
+
+
+def _backbone_encoder(arch: str, in_chans: int, image_size: int, kwargs: dict) -> BackboneEncoder:
+    from .models import build_backbone
+
+    return BackboneEncoder(build_backbone(arch, in_chans, image_size, **kwargs))
+
+
+def load_backbone_module(folder: str | os.PathLike, card: ckpt.ModelCard, verify: bool = True) -> BackboneEncoder:
+    """The adopted architecture + weights of a model folder (``checkpoint.ADOPTED_LOADERS["weights"]``),
+    its ``model.safetensors`` checked against the fingerprint its card records."""
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / ckpt.WEIGHTS
+    if not weights.is_file():
+        raise ckpt.CheckpointError(f"{folder}: missing {ckpt.WEIGHTS}")
+    if verify and ckpt.file_fingerprint(weights) != card.fingerprint:
+        raise ckpt.CheckpointError(
+            f"{weights}: weights do not match the fingerprint in {ckpt.CONFIG} (corrupt or replaced)"
+        )
+    module = _backbone_encoder(card.model, card.in_chans, card.image_size, card.model_kwargs)
+    try:
+        module.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # safetensors / torch raise several types for a damaged or foreign file
+        raise ckpt.CheckpointError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
+    return module
+
+
+def adopt_weights(
+    arch: str,
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_size: int,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    channels: int = 3,
+    model_kwargs: dict | None = None,
+    data: str | None = None,
+) -> ckpt.ModelCard:
+    """Make the architecture ``arch`` (``timm:NAME``, ``torchvision:NAME`` or a registered name)
+    with the local weights file ``weights`` (:func:`hvs.models.pretrained.load_pretrained`: timm
+    or torchvision keys, the classifier dropped) the gallery model folder ``out``. Its embeddings
+    are the network's pooled features, L2-normalised; the folder stores them as
+    ``model.safetensors`` (fingerprinted) and records the source file's SHA-256."""
+    from .models.pretrained import load_pretrained
+
+    src, out = Path(weights), Path(out)
+    _check_out(out)
+    if channels not in (1, 3):
+        raise AdoptError(f"channels must be 1 or 3, got {channels}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise AdoptError(f"image size must be a positive integer, got {image_size!r}")
+    mean_c = _per_channel(mean, channels, "mean", src)
+    std_c = _per_channel(std, channels, "std", src)
+    if data is not None and (data_c := _data_channels(data)) != channels:
+        raise AdoptError(
+            f"{src}: the preprocessing reads {channels}-channel images but the data {data} has {data_c}-channel images"
+        )
+    kwargs = dict(model_kwargs or {})
+    torch.manual_seed(0)
+    module = _backbone_encoder(arch, channels, image_size, kwargs)
+    sha = load_pretrained(module.backbone, src)
+    module.eval()
+    embed_dim = _probe(module, (channels, image_size, image_size), src)
+    card = ckpt.ModelCard(
+        model=arch,
+        embed_dim=embed_dim,
+        in_chans=channels,
+        image_size=image_size,
+        mean=mean_c,
+        std=std_c,
+        role="gallery",
+        model_kwargs=kwargs,
+        adopted={
+            "kind": KIND_WEIGHTS,
+            "source": str(src.resolve()),
+            "sha256": sha,
+            "output": "pooled features, L2-normalised",
+        },
+    )
+
+    def write(staging: Path) -> ckpt.ModelCard:
+        ckpt.atomic_save_tensors(staging / ckpt.WEIGHTS, module.state_dict())
+        card.fingerprint = ckpt.file_fingerprint(staging / ckpt.WEIGHTS)
+        card.hvs_version = ckpt.hvs_version()
+        ckpt.atomic_write_json(staging / ckpt.CONFIG, card.to_dict())  # config.json last
+        return card
+
+    return _commit(out, write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,4 +448,13 @@ def _agree(what: str, given: int | None, in_graph: int | None, recorded: Any, wh
     return int(value)
 
 
-__all__ = ["AdoptError", "OnnxModule", "adopt_onnx", "load_onnx_module", "onnx_flops"]
+__all__ = [
+    "AdoptError",
+    "BackboneEncoder",
+    "OnnxModule",
+    "adopt_onnx",
+    "adopt_weights",
+    "load_backbone_module",
+    "load_onnx_module",
+    "onnx_flops",
+]

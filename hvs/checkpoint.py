@@ -10,8 +10,9 @@ An **adopted** gallery model (:mod:`hvs.adopt`: a frozen encoder hvs did not tra
 production model whose index cannot be rebuilt) is a model folder too: its card's ``adopted``
 records where it came from (kind, source file and its SHA-256) and it has no classifier. An
 adopted ONNX file is kept in the folder as ``model.onnx`` (the fingerprint is of that file) and
-:func:`load_model` returns it as an inference-only torch module over an ONNX Runtime session, so
-every caller of :func:`load_model` works with it unchanged.
+:func:`load_model` returns it as an inference-only torch module over an ONNX Runtime session; an
+adopted architecture + weights file is stored as ``model.safetensors`` of the library backbone
+(no embedding head). Every caller of :func:`load_model` works with either unchanged.
 
 All writes are atomic (write to a temporary name, fsync, ``os.replace``): an interrupted save
 leaves the previous version, never a half-written file. ``config.json`` is checked field by field
@@ -46,9 +47,9 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CLASSIFIER = "classifier.safetensors"
 ADOPTED_ONNX = "model.onnx"  # an adopted ONNX gallery encoder, kept in its folder
-# Loaders of adopted models by kind ("module:function", imported on first use): the frozen
-# encoders of a kind hvs cannot rebuild from the registry (architecture + safetensors weights).
-ADOPTED_LOADERS: dict[str, str] = {"onnx": "hvs.adopt:load_onnx_module"}
+# Loaders of adopted models by kind ("module:function", imported on first use): frozen encoders
+# that are not a registry EmbeddingModel (an ONNX file; a library backbone without embedding head).
+ADOPTED_LOADERS: dict[str, str] = {"onnx": "hvs.adopt:load_onnx_module", "weights": "hvs.adopt:load_backbone_module"}
 STATE_CHECKSUM = "sha256"  # key of the contents' digest inside a training checkpoint
 
 C = TypeVar("C")

@@ -440,11 +440,12 @@ def check_export(
     encoders = {"torch": report["model_folder"], "onnx": report["onnx"]}
     if report.get("int8"):
         encoders["int8"] = report["int8"]["path"]
-    loaded = {kind: load_query_encoder(path) for kind, path in encoders.items()}
     gallery_side = GallerySide.of_card(g_card, gallery_model)
+    loaded: dict[str, Any] = {}
     note = None
-    for enc in loaded.values():  # refused before any data is decoded
-        note = note or check_pair(enc.side, gallery_side, force=force, action="measure")
+    for kind, path in encoders.items():  # each refused before the next is read and any data decoded
+        loaded[kind] = load_query_encoder(path)
+        note = note or check_pair(loaded[kind].side, gallery_side, force=force, action="measure")
     # decoded once, at the larger of the two sides' sizes; each side resized to its own
     size = max([g_card.image_size, *(enc.preprocessing["image_size"] for enc in loaded.values())])
     with warnings.catch_warnings():

@@ -286,3 +286,71 @@ def test_no_preprocessing_or_an_occupied_folder_is_refused(bad_files, tmp_path, 
                      "--out", tmp_path / "busy"], capsys)  # fmt: skip
     assert code == 2 and "already exists and is not empty" in err
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------- architecture + weights
+@pytest.fixture(scope="module")
+def weights_world(tmp_path_factory):
+    """A timm network saved as a release would be (with its classifier), adopted by name + file."""
+    import timm
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("adopt_w")
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "prod.safetensors"))
+    other = timm.create_model("test_efficientnet", pretrained=False, num_classes=5, in_chans=1)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(root / "other.safetensors"))
+    (root / "truncated.safetensors").write_bytes((root / "prod.safetensors").read_bytes()[:1000])
+    assert main(["adopt", "weights", "--arch", "timm:test_resnet", "--weights", str(root / "prod.safetensors"),
+                 "--image-size", "12", "--channels", "1", "--mean", "0.5", "--std", "0.25",
+                 "--out", str(root / "g")]) == 0  # fmt: skip
+    return root, net
+
+
+def test_adopt_weights_index_train_evaluate(weights_world, tmp_path):
+    from hvs.evaluate import evaluate
+    from hvs.models.pretrained import file_sha256
+    from hvs.search import Searcher, build_gallery_index
+    from hvs.train import TrainConfig, train
+
+    root, net = weights_world
+    card = ckpt.read_card(root / "g")
+    assert card.model == "timm:test_resnet" and card.adopted["kind"] == "weights"
+    assert card.adopted["sha256"] == file_sha256(root / "prod.safetensors") and card.embed_dim == net.num_features
+    assert card.fingerprint == ckpt.file_fingerprint(root / "g" / ckpt.WEIGHTS)
+    assert not (root / "g" / ckpt.CLASSIFIER).exists()
+    model, _ = ckpt.load_model(root / "g")
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+        assert torch.allclose(model(x), F.normalize(pooled), atol=1e-5)
+    build_gallery_index(root / "g", SPEC, f"faiss:{tmp_path / 'idx'}", progress=False)
+    q = train(
+        TrainConfig(out=str(tmp_path / "q"), data=SPEC, model="cnn-nano", embed_dim=card.embed_dim, epochs=1,
+                    batch_size=32, lr=0.05, gallery=str(root / "g"), compat=["bct"]),
+        progress=False, log=lambda _: None,
+    )  # fmt: skip
+    assert q.compatible_with["fingerprint"] == card.fingerprint
+    r = evaluate(root / "g", tmp_path / "q", SPEC, n_boot=10, latency=False)
+    assert r["cost"]["gallery"]["flops"] > 0 and r["cost"]["gallery"]["params"] > 0
+    s = Searcher(f"faiss:{tmp_path / 'idx'}", tmp_path / "q")
+    assert len(s.search_images(create_dataset(SPEC).query.images[:2], k=3)[1]) == 3
+    s.index.close()
+
+
+@pytest.mark.parametrize(
+    "file, arch, message",
+    [
+        ("other.safetensors", "timm:test_resnet", "do not fit"),
+        ("truncated.safetensors", "timm:test_resnet", "cannot read, truncated or corrupt"),
+        ("prod.safetensors", "timm:no_such_net", "unknown timm architecture"),
+    ],
+)
+def test_bad_weights_are_one_line_errors_and_write_nothing(weights_world, tmp_path, capsys, file, arch, message):
+    root, _ = weights_world
+    code, err = run(["adopt", "weights", "--arch", arch, "--weights", root / file, "--image-size", 12,
+                     "--channels", 1, "--mean", 0.5, "--std", 0.25, "--out", tmp_path / "g"], capsys)  # fmt: skip
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g*"))

@@ -8,7 +8,7 @@
     hvs export onnx, hvs serve                 on-device export and the search service
     hvs nas train-supernet|search|export|inherit|info|plot   CMP-NAS (hvs/cli/nas.py)
     hvs data build|info|fonts                  dataset builds and summaries (hvs/cli/data.py)
-    hvs adopt onnx                             an existing encoder as a gallery model (hvs/cli/adopt.py)
+    hvs adopt onnx|weights                     an existing encoder as a gallery model (hvs/cli/adopt.py)
 
 Multi-process training: ``torchrun --standalone --nproc_per_node N -m hvs train ...`` (see hvs.train).
 
@@ -238,7 +238,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("hvs.cli.serve:configure", "serve searches over HTTP (FastAPI + uvicorn), with a search page"),
     "nas": ("hvs.cli.nas:configure", "CMP-NAS: compatibility-aware supernet training, search, export, inheritance"),
     "data": ("hvs.cli.data:configure", "inspect data sources; build the kanji-fonts cache"),
-    "adopt": ("hvs.cli.adopt:configure", "adopt a frozen encoder hvs did not train (ONNX) as a gallery model"),
+    "adopt": ("hvs.cli.adopt:configure", "adopt an encoder hvs did not train (ONNX, weights) as a gallery model"),
 }
 
 

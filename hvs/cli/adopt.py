@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from ._common import parse_kv
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -44,12 +45,32 @@ def cmd_adopt_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt_weights(args: argparse.Namespace) -> int:
+    from ..adopt import adopt_weights
+
+    if args.image_size is None:
+        raise UsageError("--image-size is required: a weights file does not record its input size")
+    card = adopt_weights(
+        args.arch,
+        args.weights,
+        args.out,
+        image_size=args.image_size,
+        mean=_floats(args.mean, "--mean"),
+        std=_floats(args.std, "--std"),
+        channels=args.channels or 3,
+        model_kwargs=parse_kv(args.model_arg),
+        data=args.data,
+    )
+    _print(card, args.out)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the new gallery model folder (must not exist, or be empty)")
     p.add_argument("--mean", help="preprocessing mean on the [0, 1] scale: one value, or one per channel (a,b,c)")
     p.add_argument("--std", help="preprocessing std: one value, or one per channel")
-    p.add_argument("--channels", type=int, help="input channels (default: the model's input shape)")
-    p.add_argument("--image-size", type=int, help="input size in px (default: the model's input shape)")
+    p.add_argument("--channels", type=int, help="input channels (default: the ONNX input's; weights: 3)")
+    p.add_argument("--image-size", type=int, help="input size in px (default: the ONNX input's; weights: required)")
     p.add_argument("--name", help="the model name its card records (default: onnx:FILE-STEM)")
     p.add_argument("--data", metavar="SPEC", help="check that this data's images have the model's channels")
 
@@ -61,6 +82,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--onnx", required=True, help="the .onnx file of the encoder")
     _common(o)
     o.set_defaults(fn=cmd_adopt_onnx)
+    w = kinds.add_parser("weights", help="a timm/torchvision architecture and a local weights file (pooled features)")
+    w.add_argument("--arch", required=True, help="timm:NAME, torchvision:NAME or a registered model name")
+    w.add_argument("--weights", required=True, help="safetensors or torch state dict (timm / torchvision keys)")
+    w.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra architecture argument")
+    _common(w)
+    w.set_defaults(fn=cmd_adopt_weights)
 
 
-__all__ = ["cmd_adopt_onnx", "configure"]
+__all__ = ["cmd_adopt_onnx", "cmd_adopt_weights", "configure"]
