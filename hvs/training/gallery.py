@@ -61,7 +61,7 @@ def renormalizer(data: RetrievalData, g_card: ckpt.ModelCard) -> Callable[[torch
     resizes it to the gallery model's input size when the data is decoded larger
     (:func:`hvs.embed.resize_images`), so the frozen model sees its own preprocessing; the
     identity when they agree. Built once."""
-    size = g_card.image_size
+    size = getattr(g_card, "image_size", None)
     if list(g_card.mean) == list(data.mean) and list(g_card.std) == list(data.std):
         return lambda x: resize_images(x, size)
     shape = (1, -1, 1, 1)
