@@ -9,6 +9,11 @@ Reports Recall@K, mAP, TAR@FAR and TPIR@FPIR for each, the empirical compatibili
 BCT (Shen et al. 2020) M(q->g) > M(q->q) with a paired bootstrap interval of the difference, the gap
 to the paragon M(g->g) - M(q->g) (paired bootstrap over queries), and the query-side cost ratios:
 FLOPs and measured CPU latency (batch 1 and batched).
+
+Each model reads the images at its own input size: a query model may take a smaller input than
+its gallery model (e.g. 112 px against 224 px). The data is decoded once at the larger size and
+each side's images are resized to its own (:func:`hvs.embed.resize_images`); FLOPs and latency
+are measured at each side's own size, so the ratios are what the deployment pays.
 """
 
 from __future__ import annotations

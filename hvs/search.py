@@ -8,7 +8,9 @@
 
 The index sidecar records the gallery model's fingerprint and preprocessing; a query encoder is
 accepted only if :func:`hvs.compat.check_pair` accepts the pair (it was trained for that
-fingerprint or is the gallery model itself, with the same embedding dimension and input). Query
+fingerprint or is the gallery model itself, with the same embedding dimension and input channels;
+the query model may read smaller images than the gallery model, and files are decoded at the query
+encoder's own size). Query
 encoders are PyTorch model folders, or exported ONNX files (see :mod:`hvs.export`), loaded by
 :mod:`hvs.encoders`.
 """
