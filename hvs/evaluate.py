@@ -155,7 +155,9 @@ def evaluate(
     if q_card.compatible_with:  # a query model made for this gallery: the report says when that does not pay
         notes += [f"warning: {line}" for line in scores["verdict"]]
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
-    ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
+    g_flops, q_flops = cost["gallery"]["flops"], cost["query"]["flops"]
+    # an adopted ONNX graph whose shapes cannot be inferred has no FLOP count (0): no ratio
+    ratios = {"flops": g_flops / max(1, q_flops) if g_flops else None}
     if latency:
         b = cost["gallery"]["latency_batch"]
         ratios["latency_batch1"] = cost["gallery"]["latency_ms_batch1"] / cost["query"]["latency_ms_batch1"]
@@ -436,6 +438,8 @@ def format_report(result: dict[str, Any]) -> str:
     line = (
         f"cost{at}: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
         f"fewer query FLOPs"
+        if r["flops"] is not None
+        else f"cost{at}: gallery FLOPs unknown (not countable from its graph) / query {q['flops'] / 1e6:.2f} MFLOPs"
     )
     if "latency_batch1" in r:
         b = g["latency_batch"]

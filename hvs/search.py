@@ -120,7 +120,8 @@ class Searcher:
         return self.search_embeddings(self.encoder.embed(images), k)
 
     def load(self, sources: Sequence[str | os.PathLike | bytes]) -> torch.Tensor:
-        """Decode image files (or bytes) exactly as the gallery images were decoded."""
+        """Decode image files (or bytes) as the gallery images were decoded (cropped and resized
+        alike), at the query encoder's own size and channels."""
         pre = self.encoder.preprocessing
         return torch.stack([load_image(s, pre["image_size"], pre["channels"]) for s in sources])
 
