@@ -186,6 +186,25 @@ def test_search_add_and_export_with_the_adopted_gallery(world, tmp_path, capsys)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_serve_searches_and_adds_with_the_adopted_gallery(world, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from hvs.serve import create_app
+
+    root, data, _ = world
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    client = TestClient(create_app(f"faiss:{tmp_path / 'idx'}", root / "q", token="tok"))
+    image = {"image": ("q.png", png_of(data.train.images[0]), "image/png")}
+    r = client.post("/search?k=3", files=image)
+    assert r.status_code == 200 and len(r.json()["results"]) == 3, r.text
+    r = client.post("/gallery", headers={"Authorization": "Bearer tok"}, data={"label": "new"}, files=image)
+    assert r.status_code == 201 and r.json()["index_size"] == len(data.gallery) + 1, r.text
+
+
 @pytest.mark.slow
 def test_nas_trains_searches_and_exports_against_the_adopted_gallery(world, tmp_path):
     from hvs.nas.train import SupernetTrainConfig, train_supernet
