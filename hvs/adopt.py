@@ -65,13 +65,22 @@ class OnnxModule(nn.Module):
     from the graph when adopted, see :func:`onnx_flops`) is what :func:`hvs.models.cost.count_flops`
     reports for it."""
 
-    def __init__(self, session: Any, embed_dim: int, in_chans: int, image_size: int, flops: int | None = None) -> None:
+    def __init__(
+        self,
+        session: Any,
+        embed_dim: int,
+        in_chans: int,
+        image_size: int,
+        flops: int | None = None,
+        params: int | None = None,
+    ) -> None:
         super().__init__()
         self.session = session
         self.input_name = session.get_inputs()[0].name
         batch = session.get_inputs()[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
-        self.embed_dim, self.in_chans, self.image_size, self.flops = embed_dim, in_chans, image_size, flops
+        self.embed_dim, self.in_chans, self.image_size = embed_dim, in_chans, image_size
+        self.flops, self.params = flops, params
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if self.fixed_batch == 1 and len(x) != 1:
@@ -82,6 +91,10 @@ class OnnxModule(nn.Module):
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         out = torch.from_numpy(np.asarray(self.run(arr), dtype=np.float32).copy())
         return F.normalize(out.reshape(len(arr), -1), dim=-1).to(x.device)
+
+    def param_count(self) -> int:
+        """Parameters of the graph (its initializers' elements), recorded when adopted."""
+        return int(self.params or 0)
 
     def flops_for(self, input_shape: tuple[int, ...]) -> int:
         """FLOPs of one image (counted at the adopted input size, the only one it reads)."""
@@ -101,7 +114,8 @@ def load_onnx_module(folder: str | os.PathLike, card: ckpt.ModelCard, verify: bo
             f"{path}: the ONNX encoder does not match the fingerprint in {ckpt.CONFIG} (corrupt or replaced)"
         )
     session = ort_session(path, torch.get_num_threads())
-    return OnnxModule(session, card.embed_dim, card.in_chans, card.image_size, card.adopted.get("flops"))
+    a = card.adopted
+    return OnnxModule(session, card.embed_dim, card.in_chans, card.image_size, a.get("flops"), a.get("params"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +408,7 @@ def adopt_onnx(
             "input": input_name,
             "output": "L2-normalised by hvs",
             "flops": onnx_flops(proto, (c, s, s)),
+            "params": int(sum(int(np.prod(i.dims)) for i in proto.graph.initializer)),
         },
         hvs_version=ckpt.hvs_version(),
     )

@@ -288,6 +288,14 @@ def _normalised_graph(proto):
     torch, the exported file must give the same unit vectors."""
     import onnx
 
+    inits = {i.name for i in proto.graph.initializer}
+    inp = next(i for i in proto.graph.input if i.name not in inits)
+    batch = inp.type.tensor_type.shape.dim[0]
+    if batch.HasField("dim_value"):
+        raise ExportError(
+            f"the adopted ONNX encoder has a fixed batch of {batch.dim_value} (input {inp.name!r}); an export needs "
+            "a dynamic batch axis: export the encoder again with one"
+        )
     out = proto.graph.output[0]
     raw = f"{out.name}_unnormalised"
     for node in proto.graph.node:

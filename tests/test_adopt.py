@@ -149,7 +149,8 @@ def test_query_models_record_the_adopted_gallery_and_evaluate(world):
         assert ckpt.read_card(root / name).compatible_with["fingerprint"] == g.fingerprint
     r = evaluate(root / "g", root / "q", SPEC, n_boot=20, latency=True)
     assert r["gallery_model"]["model"] == "onnx:prod"
-    assert r["cost"]["gallery"]["flops"] == g.adopted["flops"] and r["cost"]["gallery"]["params"] == 0
+    assert r["cost"]["gallery"]["flops"] == g.adopted["flops"]
+    assert r["cost"]["gallery"]["params"] == 8 * 9 + 8 + 16 * 8 + 16  # the graph's initializers
     assert r["cost"]["gallery"]["latency_ms_batch1"] > 0
     assert 0 <= r["metrics"]["query->gallery"]["map"] <= 1 and not any("trained for" in n for n in r["notes"])
 
@@ -373,3 +374,22 @@ def test_bad_weights_are_one_line_errors_and_write_nothing(weights_world, tmp_pa
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g*"))
+
+
+def test_a_fixed_batch_graph_runs_image_by_image_but_does_not_export(tmp_path):
+    from hvs.adopt import adopt_onnx
+    from hvs.errors import ExportError
+    from hvs.export import export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        torch.onnx.export(Encoder().eval(), (torch.zeros(1, 1, 12, 12),), str(tmp_path / "b1.onnx"), dynamo=False)
+    adopt_onnx(tmp_path / "b1.onnx", tmp_path / "g", mean=[0.5], std=[0.25])
+    model, _ = ckpt.load_model(tmp_path / "g")
+    x = torch.randn(3, 1, 12, 12)
+    torch.manual_seed(0)
+    assert torch.allclose(model(x), F.normalize(Encoder().eval()(x), dim=-1), atol=1e-5)
+    with pytest.raises(ExportError, match="has a fixed batch of 1"):
+        export_onnx(tmp_path / "g", tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()

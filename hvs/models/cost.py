@@ -31,6 +31,9 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of a module (an adopted ONNX encoder reports its graph's: ``param_count``)."""
+    if hasattr(model, "param_count"):
+        return int(model.param_count())
     return sum(p.numel() for p in model.parameters())
 
 
