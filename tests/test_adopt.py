@@ -90,7 +90,7 @@ def world(tmp_path_factory):
     assert main(["index", "build", "--gallery-model", str(root / "g"), "--data", SPEC,
                  "--out", f"faiss:{root / 'idx'}", "--no-progress"]) == 0  # fmt: skip
     data = create_dataset(SPEC)
-    common = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=2, batch_size=32, lr=0.05)
+    common = dict(data=SPEC, model="cnn-nano", embed_dim=16, epochs=1, batch_size=32, lr=0.05)
     logs: list[str] = []
     for name, compat in (("q", "bct"), ("ql", "l2")):
         train(
