@@ -251,18 +251,22 @@ class Runner(ProfileStages):
         ratios: list[float],
         results: dict,
     ) -> None:
-        from hvs.models.cost import measure_latency
         from hvs.nas.common import InfeasibleBudget
+        from hvs.nas.latency import module_latency
+        from hvs.nas.search import SearchConfig
 
+        # the budget is a ratio of the paragon's latency in the runtime the search measures (ORT by default)
+        runtime = (self.profile.get("search") or {}).get("latency_runtime", SearchConfig.latency_runtime)
         ref = sd / "paragon_latency.json"  # measured once: every latency budget of the seed derives from it
-        if ref.is_file():
-            par_ms = float(json.loads(ref.read_text())["latency_ms_batch1"])
+        saved = json.loads(ref.read_text()) if ref.is_file() else {}
+        if saved.get("runtime", "torch") == runtime and "latency_ms_batch1" in saved:
+            par_ms = float(saved["latency_ms_batch1"])
         else:
-            par_ms = measure_latency(
-                g_model.to(memory_format=torch.channels_last), g_card.input_shape, 1, min_seconds=1.0
-            )
-            ckpt.atomic_write_json(ref, {"latency_ms_batch1": par_ms, "threads": torch.get_num_threads()})
+            par_ms = module_latency(g_model, g_card.input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0)
+            record = {"latency_ms_batch1": par_ms, "runtime": runtime, "threads": torch.get_num_threads()}
+            ckpt.atomic_write_json(ref, record)
         results["meta"]["paragon_latency_ms_batch1_at_search"] = par_ms
+        results["meta"]["latency_runtime_at_search"] = runtime
         for ratio in ratios:
             tag = f"lat{ratio:g}x"
             name = f"nas-hetero-{tag}"
@@ -415,8 +419,60 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 qq_ind = None if twin is None else twin["metrics"]["query->query"].get(metric)
                 b["headroom"] = None if qq_ind is None or b.get("paragon_g->g") is None else b["paragon_g->g"] - qq_ind
                 rec["metrics"][metric] = b
+            rec["verdict"] = record_verdict(r, rec, metrics)
             records.append(rec)
     return records
+
+
+def record_verdict(result: dict, rec: dict, metrics: list[str]) -> list[str]:
+    """Why heterogeneous search does not pay for this query model, one line per reason (empty: it pays).
+
+    The evaluation's own lines (:func:`hvs.evaluate.heterogeneous_verdict`: on mAP, on the upper end of
+    the paired 95% interval) and, for a model with an independently trained twin, the twin line: the
+    paragon's M(g->g) is not above what the same architecture reaches alone (a point estimate: the two
+    come from different trainings, so there is no paired interval)."""
+    from hvs.evaluate import heterogeneous_verdict
+
+    metric = "map" if "map" in (result.get("headroom") or {}) else metrics[0]
+    lines = list(heterogeneous_verdict(result, metric)) if "metrics" in result else []
+    if rec["kind"] not in ("offshelf-independent", "nas-independent", "weight-inheritance"):
+        m = "map" if "map" in rec["metrics"] else metrics[0]
+        room = rec["metrics"][m].get("headroom")
+        if room is not None and room <= 0:
+            lines.append(
+                f"the paragon is no stronger than this architecture trained alone: {m} M(g->g) "
+                f"{pct(rec['metrics'][m]['paragon_g->g'])} vs its independent twin's M(q->q) "
+                f"{pct(rec['metrics'][m]['paragon_g->g'] - room)}"
+            )
+    return lines
+
+
+def verdict_section(records: list[dict]) -> tuple[str, dict]:
+    """The report's first section: for each method and size, whether heterogeneous search pays (every
+    seed free of :func:`record_verdict` lines) and, where not, each seed's reasons."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] not in ("paragon", "offshelf-independent", "nas-independent"):
+            groups.setdefault(_group_key(r), []).append(r)
+    lines, out = [], {}
+    for key, rs in groups.items():
+        bad = [(r["seed"], r.get("verdict") or []) for r in sorted(rs, key=lambda r: r["seed"])]
+        bad = [(s, v) for s, v in bad if v]
+        label = f"{KIND_LABEL.get(key[0], key[0])} `{key[1]}`"
+        if not bad:
+            lines.append(f"- {label}: **pays** in {len(rs)}/{len(rs)} seeds")
+        else:
+            lines.append(f"- {label}: **cannot pay** in {len(bad)}/{len(rs)} seeds")
+            lines += [f"  - seed {s}: {line}" for s, v in bad for line in v]
+        out[f"{key[0]} {key[1]}"] = {"seeds": len(rs), "cannot_pay": {str(s): v for s, v in bad}}
+    if not lines:
+        lines = ["- no query model was evaluated"]
+    head = (
+        "Does a compatible query model searching the paragon's gallery beat what it could do alone? "
+        "A model *cannot pay* when the numbers show (upper end of the paired 95% CI on mAP) that the "
+        "paragon is no stronger than it, or that it does better searching its own embeddings of the gallery."
+    )
+    return head + "\n\n" + "\n".join(lines) + "\n", out
 
 
 def _group_key(r: dict) -> tuple:
@@ -908,12 +964,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     records = build_records(seed_results, metrics)
     table = markdown_table(records, metrics, infeasible)
     claims_md, claims_d = claims(records, metrics, int((profile.get("evaluate") or {}).get("n_boot", 1000)))
+    verdict_md, verdict_d = verdict_section(records)
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"
     )
     md = (
         f"# Accuracy vs query cost: {title.replace(chr(10), ' ')}\n\n"
+        f"## Verdict\n\n{verdict_md}\n"
         f"## Summary (mean over seeds)\n\n{summary_table(records, metrics)}\n\n"
         f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
         f"measured in one pass after training; ratio = paragon / model.\n\n"
@@ -944,6 +1002,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         "metrics": metrics,
         "records": records,
         "claims": claims_d,
+        "verdict": verdict_d,
         "infeasible_budgets": infeasible,
         "meta": {str(sr["seed"]): sr["meta"] for sr in seed_results},
         "stages": runner.events,

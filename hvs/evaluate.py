@@ -18,6 +18,7 @@ are measured at each side's own size, so the ratios are what the deployment pays
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -192,6 +193,37 @@ def evaluate(
         "notes": notes,
     }
     return result
+
+
+def quick_verdict(
+    gallery_model: str | Path,
+    query_model: str | Path,
+    data: RetrievalData,
+    *,
+    max_queries: int = 2000,
+    max_gallery: int = 10000,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> list[str]:
+    """The verdict lines of :func:`heterogeneous_verdict` on a sample of ``data``'s test splits: the
+    cheap check ``hvs train --gallery-model`` runs after training (empty when search pays, or when
+    the data has no query and gallery splits to check on).
+
+    At most ``max_queries`` queries and ``max_gallery`` gallery items (a seeded random sample of
+    each), ``n_boot`` bootstrap resamples and no latency: seconds, not the minutes of a full
+    :func:`evaluate`, whose numbers it does not replace."""
+    if data.query is None or data.gallery is None or not len(data.query) or not len(data.gallery):
+        return []
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(part, n):
+        return part if len(part) <= n else part.subset(torch.randperm(len(part), generator=g)[:n].sort().values)
+
+    small = dataclasses.replace(
+        data, train=None, query=sample(data.query, max_queries), gallery=sample(data.gallery, max_gallery)
+    )
+    result = evaluate(gallery_model, query_model, small, latency=False, n_boot=n_boot)
+    return list(result["verdict"])
 
 
 def evaluate_embeddings(

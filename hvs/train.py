@@ -79,6 +79,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
 from .embed import resize_images
+from .errors import HVSError
 from .losses import MarginHead, parse_compat
 from .models import create_model, resolve_model_kwargs
 from .models.pretrained import file_sha256, load_pretrained
@@ -126,6 +127,7 @@ class TrainConfig:
     sync_bn: bool = False  # multi-process runs: BatchNorm statistics over the global batch
     force: bool = False  # allow a gallery model whose preprocessing differs
     strict: bool = False  # unreadable images are an error instead of skipped
+    check: bool = True  # with a gallery model: after training, say when heterogeneous search cannot pay
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -133,7 +135,7 @@ class TrainConfig:
 
 
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"threads", "out", "force", "strict", "device"}
+_RESUME_FREE = {"threads", "out", "force", "strict", "device", "check"}
 
 
 class _Net(nn.Module):
@@ -271,8 +273,26 @@ def train(
         card = _model_card(cfg, data, classes, compat, gallery, history, extra, size)
         core.save_trained_model(cfg.out, net.model, card, classifier=net.head.weight)
         log(f"saved {card.role} model {cfg.model} to {cfg.out} (fingerprint {card.fingerprint})")
+        if cfg.gallery and cfg.check:
+            _check_verdict(cfg, data, log)
     dist.barrier()  # the model folder is complete before any rank returns
     return card if dist.is_main() else ckpt.read_card(cfg.out)
+
+
+def _check_verdict(cfg: TrainConfig, data: RetrievalData, log: Callable[[str], None]) -> None:
+    """The cheap after-training check (:func:`hvs.evaluate.quick_verdict`): a note per reason the new
+    query model's searches of the gallery model's vectors do not pay, on a sample of the test splits."""
+    from .evaluate import quick_verdict
+
+    try:
+        lines = quick_verdict(cfg.gallery, cfg.out, data, seed=cfg.data_seed)
+    except HVSError as e:  # the model is saved; a check that cannot run is a note, not a failed training
+        log(f"note: after-training check skipped: {str(e).splitlines()[0]}")
+        return
+    for line in lines:
+        log(f"note: warning: {line}")
+    if lines:
+        log(f"note: checked on a sample of the test splits; hvs evaluate --gallery-model {cfg.gallery} gives all")
 
 
 def _quiet(_: str) -> None:
@@ -372,6 +392,7 @@ def _build_net(
         load_pretrained(registered, cfg.pretrained)
     if model is not None:
         _load_weights(registered, model.state_dict(), "the given model", cfg.model)  # its folder must load back
+        _check_strides(model, registered, cfg, size or data.image_size)
     model = registered if model is None else model
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
     if cfg.init_from:
@@ -390,6 +411,24 @@ def _build_net(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return _Net(model, head)
+
+
+def _check_strides(model: nn.Module, registered: nn.Module, cfg: TrainConfig, size: int) -> None:
+    """A given module whose convs stride otherwise than the model its folder will rebuild (a
+    timm stem differs in stride only, so its weights load either way) is refused by name."""
+
+    def strides(m: nn.Module) -> list[tuple[str, tuple]]:
+        return [(n, tuple(c.stride)) for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
+
+    ours, theirs = strides(registered), strides(model)
+    if ours != theirs:
+        where = next((a[0] for a, b in zip(ours, theirs) if a != b), "")
+        stem = _model_kwargs(cfg, size).get("stem")
+        raise TrainError(
+            f"the given model's conv strides differ from model {cfg.model} at {size} px"
+            f"{f' (stem {stem!r})' if stem else ''}, first at {where!r}: build it with "
+            f"create_model(..., image_size={size})"
+        )
 
 
 def _model_kwargs(cfg: TrainConfig, image_size: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from hvs import checkpoint as ckpt
 from hvs.cli import main
+from hvs.data import create_dataset
 from hvs.models import create_model
 from hvs.models.cost import count_flops
 from hvs.models.ofa import ArchError, ArchSpace, OFAMobileNetV3Supernet, make_divisible
@@ -20,9 +21,11 @@ from hvs.nas import (
     Budget,
     LatencyTable,
     NASError,
+    carve_identities,
     carve_validation,
     compare_latency,
     phase_plan,
+    prepare_data,
     random_search,
     regularized_evolution,
     sample_under_budget,
@@ -271,6 +274,46 @@ def test_latency_table_predicts_and_is_reused(tmp_path):
     assert rows[0]["predicted_ms"] > 0 and rows[0]["measured_ms"] > 0
 
 
+@pytest.mark.parametrize("runtime", ["ort", "ort-int8"])
+def test_onnx_runtime_latency_table_is_its_own_file_and_is_reused(tmp_path, runtime):
+    """A unit exported to ONNX and timed in ONNX Runtime: the same units as the torch table, a file of
+    its own (every number depends on the runtime), reused without measuring again."""
+    net = _supernet()
+    table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2, runtime=runtime)
+    arch = net.min_arch()
+    assert table.predict(arch) > 0 and table.measured == len(table.entries) > 0
+    table.save()
+    assert table.path.name == f"latency_table_{runtime}_b1_t{torch.get_num_threads()}.json"
+    assert json.loads(table.path.read_text())["meta"]["runtime"] == runtime
+    torch_table = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2)
+    assert torch_table.entries == {} and torch_table.path != table.path
+    again = LatencyTable(net, 12, tmp_path, min_seconds=0.0, repeats=2, runtime=runtime)
+    again.predict(arch)
+    assert again.measured == 0 and again.entries == table.entries
+    rows = compare_latency(net, table, [arch], min_seconds=0.0)  # the sub-network in the same runtime
+    assert rows[0]["predicted_ms"] > 0 and rows[0]["measured_ms"] > 0
+
+
+def test_latency_agreement_against_hand_computed_ranks():
+    from hvs.nas.latency import latency_agreement
+
+    rows = [{"predicted_ms": p, "measured_ms": m} for p, m in [(1.0, 2.0), (2.0, 4.0), (3.0, 3.0), (4.0, 8.0)]]
+    # ranks: predicted 0,1,2,3; measured 0,2,1,3 -> Spearman 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*2/60 = 0.8
+    got = latency_agreement(rows)
+    assert got["n"] == 4 and got["spearman"] == pytest.approx(0.8)
+    assert got["ratio_median"] == pytest.approx(0.5) and got["ratio_range"] == [0.5, 1.0]
+    assert latency_agreement(rows[:2])["spearman"] is None  # too few to rank
+    tied = [{"predicted_ms": 1.0, "measured_ms": m} for m in (1.0, 2.0, 3.0)]
+    assert latency_agreement(tied)["spearman"] is None  # a constant side has no ranking
+
+
+def test_unknown_latency_runtime_is_a_one_line_error():
+    from hvs.nas.latency import LatencyError
+
+    with pytest.raises(LatencyError, match=r"^unknown latency runtime 'tflite'; use one of torch, ort, ort-int8$"):
+        LatencyTable(_supernet(), 12, runtime="tflite")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training pieces
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +326,33 @@ def test_validation_split_is_carved_from_training_images_per_class():
     assert not set(tr.tolist()) & (set(vq.tolist()) | set(vg.tolist())) and not set(vq.tolist()) & set(vg.tolist())
     assert torch.bincount(labels[vq]).tolist() == [1] * 4 and torch.bincount(labels[vg]).tolist() == [2] * 4
     assert torch.equal(carve_validation(labels, 0.2, 3, 0)[1], vq)
+
+
+def test_held_out_identity_split_never_shares_an_identity_with_training():
+    """The open-set reward's split: whole classes held out (disjoint in identities from what trains),
+    one query and one positive from a 2-view identity, the same split from the same seed."""
+    for seed in range(3):
+        labels = torch.arange(30).repeat_interleave(2)  # 30 identities, 2 views each (consumer-to-shop shape)
+        tr, vq, vg = carve_identities(labels, fraction=0.2, max_per_class=50, seed=seed)
+        held = set(labels[vq].tolist())
+        assert len(held) == 6 and held == set(labels[vg].tolist())  # round(0.2 * 30) identities, both sides
+        assert not held & set(labels[tr].tolist()), "a held-out identity trains"
+        assert len(tr) + len(vq) + len(vg) == 60 and len(vq) == len(vg) == 6
+        assert torch.equal(carve_identities(labels, 0.2, 50, seed)[1], vq)
+    assert carve_validation(labels, 0.2, 50, 0)[1].numel() == 0  # the per-class carve cannot use 2 views
+    with pytest.raises(NASError, match="needs 2 classes with >= 2 images; the training split has 0"):
+        carve_identities(torch.arange(5), fraction=0.1)
+
+
+def test_prepare_data_drops_held_out_identities_from_the_classifier_rows():
+    data = create_dataset("synthetic:classes=48,train_per_class=6,test_per_class=2,size=8", protocol="open")
+    nd = prepare_data(data, 0.25, 50, 0, "auto")  # open-set with >= 20 training classes: identities
+    held = set(nd.val_query_labels.tolist())
+    assert len(held) == 6 and not held & {data.classes.index(c) for c in nd.classes}  # round(0.25 * 24) held out
+    assert len(nd.classes) == len(torch.unique(data.train.labels)) - len(held)
+    assert int(nd.train_targets.max()) == len(nd.classes) - 1
+    closed = prepare_data(create_dataset("synthetic:classes=24,train_per_class=6,test_per_class=2,size=8"), 0.25)
+    assert set(closed.val_query_labels.tolist()) <= {closed.data.classes.index(c) for c in closed.classes}
 
 
 def test_progressive_shrinking_phases():

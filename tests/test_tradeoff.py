@@ -57,7 +57,9 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     # ... and one latency budget (1000x below the paragon's batch-1 latency)
     assert any(i.get("latency_ratio") == 1000 for i in out["infeasible_budgets"])
     lat = [r for r in records if r["kind"] == "cmp-nas-latency"]
-    assert lat and all(r["latency_ratio"] == 0.01 and r["budget_latency_ms"] > 0 for r in lat)
+    failed = [e for e in out["stages"] if e["status"] not in ("ran", "reused", "infeasible", "not-cheaper")]
+    assert lat, f"no latency-budget pick; stages that did not run: {failed}"
+    assert all(r["latency_ratio"] == 0.01 and r["budget_latency_ms"] > 0 for r in lat)
 
     # each CMP-NAS pick trained alone too: its M(q->q) is the headroom of the CMP-NAS row
     ind_nas = {r["twin_of"]: r for r in records if r["kind"] == "nas-independent"}
@@ -96,6 +98,10 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert all(ev["metrics"]["query->gallery"][k] is not None for k in boot if k.startswith("tpir@"))
     md = (tmp_path / "fashion-mnist" / "tiny.md").read_text()
     assert "## Summary (mean over seeds)" in md and "## Claims" in md
+    assert md.index("## Verdict") < md.index("## Summary"), "the verdict is what a user reads first"
+    for r in records:  # every query model's lines are in the verdict section, under its group
+        if r["kind"] not in ("paragon", "offshelf-independent", "nas-independent"):
+            assert isinstance(r["verdict"], list) and all(line in md for line in r["verdict"]), r["name"]
 
     for r in records:
         for key in ("flops", "params", "latency_ms_batch1", "latency_ms_batched"):
@@ -142,6 +148,55 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert {e["status"] for e in again["stages"]} <= {"reused", "infeasible", "not-cheaper"}
     strip = lambda rs: [{k: v for k, v in r.items() if k != "eval_json"} for r in rs]  # noqa: E731
     assert strip(again["records"]) == strip(records)
+
+
+def _fake_result(gg: float, qq: float, qg: float, half_width: float) -> dict:
+    """An evaluation result with the fields the verdict reads (mAP only, symmetric paired intervals)."""
+    ci = lambda d: [d - half_width, d + half_width]  # noqa: E731
+    return {
+        "metrics": {
+            "gallery->gallery": {"map": gg},
+            "query->query": {"map": qq},
+            "query->gallery": {"map": qg},
+        },
+        "headroom": {"map": {"headroom": gg - qq, "ci95": ci(gg - qq)}},
+        "compatibility_criterion": {"map": {"holds": qg > qq, "difference": qg - qq, "ci95": ci(qg - qq)}},
+    }
+
+
+def _record(kind: str, seed: int, result: dict, twin_qq: float | None) -> dict:
+    gg = result["metrics"]["gallery->gallery"]["map"]
+    rec = {
+        "kind": kind,
+        "arch": "cnn-nano",
+        "seed": seed,
+        "metrics": {"map": {"paragon_g->g": gg, "headroom": None if twin_qq is None else gg - twin_qq}},
+    }
+    return rec
+
+
+def test_the_verdict_section_names_each_model_that_cannot_pay():
+    """Hand-made numbers: a strong paragon (pays), a paragon weaker than the query model alone, a query
+    model better off on its own embeddings, and a CI that reaches both sides of zero (no verdict)."""
+    bench = _load_benchmark()
+    cases = {
+        0: (_fake_result(0.90, 0.70, 0.80, 0.02), 0.70, []),
+        1: (_fake_result(0.60, 0.70, 0.73, 0.02), 0.72, ["no stronger than the query model alone", "trained alone"]),
+        2: (_fake_result(0.90, 0.80, 0.70, 0.02), 0.80, ["does better searching its own embeddings"]),
+        3: (_fake_result(0.71, 0.70, 0.705, 0.05), None, []),
+    }
+    records = []
+    for seed, (result, twin_qq, expected) in cases.items():
+        rec = _record("offshelf-bct", seed, result, twin_qq)
+        rec["verdict"] = bench.record_verdict(result, rec, ["map"])
+        assert len(rec["verdict"]) == len(expected), (seed, rec["verdict"])
+        for line, phrase in zip(rec["verdict"], expected):
+            assert phrase in line, (seed, line)
+        records.append(rec)
+    md, d = bench.verdict_section(records)
+    assert "**cannot pay** in 2/4 seeds" in md
+    assert d["offshelf-bct cnn-nano"]["cannot_pay"].keys() == {"1", "2"}
+    assert "- off-the-shelf + BCT `cnn-nano`: **pays** in 1/1 seeds" in bench.verdict_section(records[:1])[0]
 
 
 def test_unknown_stage_is_a_one_line_error(tmp_path, capsys):

@@ -185,3 +185,51 @@ def test_train_accepts_a_module(tmp_path, data):
             log=quiet,
             model=create_model("cnn-nano", embed_dim=16, in_chans=1),
         )
+
+
+def test_a_query_model_gets_the_after_training_check(tmp_path, data, monkeypatch):
+    """With a gallery model the trainer runs the quick heterogeneous check and prints each verdict line
+    as a warning note; --no-check (check=False) skips it. The check itself runs unpatched first."""
+    import hvs.evaluate
+
+    train(_cfg(tmp_path / "g", epochs=1), progress=False, data=data, log=quiet)
+    logs = []
+    train(
+        _cfg(tmp_path / "q0", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"]),
+        progress=False,
+        data=data,
+        log=logs.append,
+    )
+    assert not any("check skipped" in line for line in logs)  # the real check ran on the real splits
+
+    seen = {}
+
+    def fake_evaluate(gallery, query, small, **kw):
+        seen.update(gallery=gallery, query=query, n_query=len(small.query), n_gallery=len(small.gallery), **kw)
+        return {"verdict": ["the gallery model is no stronger than the query model alone: (numbers)"], "notes": []}
+
+    monkeypatch.setattr(hvs.evaluate, "evaluate", fake_evaluate)
+    logs = []
+    train(
+        _cfg(tmp_path / "q1", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"]),
+        progress=False,
+        data=data,
+        log=logs.append,
+    )
+    assert "note: warning: the gallery model is no stronger than the query model alone: (numbers)" in logs
+    assert seen["gallery"] == str(tmp_path / "g") and seen["query"] == str(tmp_path / "q1")
+    assert (seen["n_query"], seen["n_gallery"]) == (len(data.query), len(data.gallery)) and not seen["latency"]
+
+    assert hvs.evaluate.quick_verdict(tmp_path / "g", tmp_path / "q1", data, max_queries=5, max_gallery=7) == [
+        "the gallery model is no stronger than the query model alone: (numbers)"
+    ]
+    assert (seen["n_query"], seen["n_gallery"]) == (5, 7)  # a sample, not the whole test split
+
+    seen.clear()
+    train(
+        _cfg(tmp_path / "q2", epochs=1, gallery=str(tmp_path / "g"), compat=["bct"], check=False),
+        progress=False,
+        data=data,
+        log=quiet,
+    )
+    assert not seen  # --no-check

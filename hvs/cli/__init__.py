@@ -31,17 +31,20 @@ from ._common import ERRORS, add_gallery_model_arg, add_optimization_args, parse
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from ..models import STANDARD_STEM_MIN_SIZE, create_model, list_models, model_entry, resolve_model_kwargs
     from ..models.cost import count_flops, count_params
 
     shape = (args.channels, args.image_size, args.image_size)
     print(
         f"{'model':<20}{'role':<9}{'stem':<10}{'MFLOPs':>10}{'params (M)':>12}  description   "
-        f"[input {shape}; standard stems from {STANDARD_STEM_MIN_SIZE} px]"
+        f"[input {shape}; FLOPs = 2 x multiply-adds; standard stems from {STANDARD_STEM_MIN_SIZE} px]"
     )
     for name in list_models(args.role):
         kwargs = resolve_model_kwargs(name, args.image_size)
-        model = create_model(name, in_chans=args.channels, embed_dim=args.embed_dim, **kwargs)
+        with torch.device("meta"):  # shapes only: FLOPs and parameters without weights or arithmetic
+            model = create_model(name, in_chans=args.channels, embed_dim=args.embed_dim, **kwargs)
         entry = model_entry(name)
         print(
             f"{name:<20}{entry.role:<9}{kwargs.get('stem', '-'):<10}{count_flops(model, shape) / 1e6:>10.2f}"
@@ -80,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "device",
             "role",
             "init_from",
+            "check",
             "pretrained",
         )
     }
@@ -191,6 +195,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="accept a gallery model whose input differs")
     t.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        default=None,
+        help="skip the after-training check that heterogeneous search pays (with --gallery-model)",
+    )
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="homogeneous and heterogeneous retrieval of a gallery/query model pair")

@@ -42,6 +42,7 @@ _TRAIN_FLAGS = (
     "train_subset",
     "val_fraction",
     "val_max_per_class",
+    "val_split",
     "seed",
     "threads",
 )
@@ -53,6 +54,7 @@ _SEARCH_FLAGS = (
     "flops",
     "latency_ms",
     "latency_mode",
+    "latency_runtime",
     "latency_batch",
     "reward",
     "metric",
@@ -233,8 +235,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--progressive", help="progressive shrinking phases, e.g. full,kernel,depth,expand")
     t.add_argument("--phase-epochs", help="epochs per phase, e.g. 2,2,3,3 (default: even split)")
     add_optimization_args(t)
-    t.add_argument("--val-fraction", type=float, help="share of each training class held out for the search (0.1)")
+    t.add_argument(
+        "--val-fraction", type=float, help="share of each training class (or of the identities) held out (0.1)"
+    )
     t.add_argument("--val-max-per-class", type=int, help="cap on held-out images per class (50)")
+    t.add_argument(
+        "--val-split",
+        choices=["auto", "images", "identities"],
+        help="validation of the search's reward: images of every training class, or whole held-out "
+        "identities (auto: identities for open-set data)",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -249,13 +259,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_gallery_model_arg(s, help="gallery model folder (needed by the hetero and penalized rewards)")
     s.add_argument("--data", help="default: the supernet's training data (same validation split)")
     s.add_argument("--flops", help="FLOPs budget, e.g. 5M, 0.5G, 5e6")
-    s.add_argument("--latency-ms", type=float, help="CPU latency budget (this machine)")
+    s.add_argument("--latency-ms", type=float, help="batch-1 latency budget on this CPU (ms; see --latency-runtime)")
     s.add_argument(
         "--latency-mode",
         choices=["table", "measure"],
         help="per-layer lookup table (default) or time each extracted sub-network",
     )
     s.add_argument("--latency-batch", type=int, help="batch size of the latency budget (1)")
+    s.add_argument(
+        "--latency-runtime",
+        choices=["ort", "ort-int8", "torch"],
+        help="where the latency budget is measured: ONNX Runtime fp32 (default), int8, or eager PyTorch",
+    )
     s.add_argument("--reward", help="hetero (M(q->g), default), homo (M(q->q)), penalized")
     s.add_argument("--metric", choices=["recall@1", "recall@5", "map"])
     s.add_argument("--penalty", type=float, help="weight of the penalized reward's criterion penalty (1)")

@@ -34,6 +34,8 @@ The decomposition follows OFA's code, with guard rails:
 Adapted to 28-64 px inputs: a stride-1 stem (OFA's is stride 2) keeps the total stride at 16;
 from :data:`hvs.models.STANDARD_STEM_MIN_SIZE` px on, the stem rule gives OFA's own stride-2 stem
 (total stride 32), for the supernet (``hvs nas train-supernet``) and the ``ofa-mbv3`` model alike.
+At those sizes the supernet's input resolution is elastic by default, as in OFA
+(:func:`default_resolution_list`): trained over, and searched under the budget with, the other genes.
 The defaults are OFA-MobileNetV3's widths (16 | 16 | 24, 40, 80, 112, 160 | 960 | 1280), SE
 placement and activations; narrow test supernets pass their own.
 """
@@ -455,6 +457,21 @@ class OFAMobileNetV3(nn.Module):
         for block in self.blocks.values():
             x = block(x)
         return self.feature_mix(self.pool(self.final_expand(x))).flatten(1)
+
+
+OFA_RESOLUTIONS_224 = (160, 176, 192, 208, 224)  # OFA's searched input sizes for 224 px images
+
+
+def default_resolution_list(image_size: int | None) -> list[int]:
+    """The elastic input resolutions a supernet gets by default for ``image_size`` px images:
+    OFA's (160-224 for 224 px, scaled to the image size, multiples of 4) at the sizes the stem
+    rule calls standard; none below (a 28 px image is not worth shrinking: the images' own size)."""
+    from ._registry import stem_for
+
+    if stem_for(image_size) != "standard":
+        return []
+    assert image_size is not None
+    return sorted({max(4, round(image_size * r / 224 / 4) * 4) for r in OFA_RESOLUTIONS_224})
 
 
 def stem_stride(stem: str) -> int:

@@ -17,7 +17,16 @@ builds on Once-for-All (Cai et al., ICLR 2020) and regularized evolution (Real e
    query model, no further training.
 """
 
-from .common import NASData, NASError, SupernetCard, carve_validation, load_supernet, prepare_data, recalibrate_bn
+from .common import (
+    NASData,
+    NASError,
+    SupernetCard,
+    carve_identities,
+    carve_validation,
+    load_supernet,
+    prepare_data,
+    recalibrate_bn,
+)
 from .export import export_subnet, inherit, largest_under_budget
 from .latency import LatencyTable, compare_latency, measure_subnet_latency
 from .search import (
@@ -46,6 +55,7 @@ __all__ = [
     "SubnetScorer",
     "SupernetCard",
     "SupernetTrainConfig",
+    "carve_identities",
     "carve_validation",
     "check_feasible",
     "compare_latency",

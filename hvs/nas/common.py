@@ -12,10 +12,19 @@ A supernet folder (written by :func:`hvs.nas.train.train_supernet`)::
     latency_table_*.json   per-layer CPU latencies measured by the search (reused)
 
 Why the validation split: CMP-NAS scores candidates by retrieval accuracy, and scoring on the
-test split would tune the architecture on the test set. So a few images per *training* class
-are held out of supernet training and split into a val-query and a val-gallery side
-(:func:`carve_validation`); the supernet never trains on them, and search re-creates the same
-split from the same data spec and seed.
+test split would tune the architecture on the test set. So part of the *training* split is held
+out of supernet training and split into a val-query and a val-gallery side; the supernet never
+trains on it, and search re-creates the same split from the same data spec, seed and kind
+(``val_split``, recorded in the supernet card):
+
+* ``images`` (:func:`carve_validation`): a few images of every training class. Right for
+  closed-set data, where the test queries are of classes the models trained on.
+* ``identities`` (:func:`carve_identities`): every image of a share of the training classes,
+  which the supernet then never sees. Right for open-set data (the test identities are new
+  ones): a reward scored on images of training identities rewards memorising them. It works with
+  2 views per identity (one val-query, one val-gallery), where ``images`` needs >= 4 per class.
+* ``auto`` (the training default): ``identities`` for open-set data with at least
+  ``AUTO_MIN_IDENTITIES`` training classes (fewer cannot spare whole classes), else ``images``.
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ class SupernetCard:
     data_seed: int = 0
     val_fraction: float = 0.1
     val_max_per_class: int = 50
+    val_split: str = "images"  # the kind of validation split (module docstring); older cards: images
     gallery: dict | None = None  # {"fingerprint", "model", "path"} of the frozen gallery model (BCT)
     bct_weight: float = 0.0
     regress_weight: float = 0.0  # feature regression onto the gallery model's embeddings
@@ -161,6 +171,61 @@ def carve_validation(
     )
 
 
+VAL_SPLITS = ("images", "identities")
+AUTO_MIN_IDENTITIES = 20
+
+
+def resolve_val_split(split: str, data: RetrievalData) -> str:
+    """``auto`` -> ``identities`` for open-set data of >= ``AUTO_MIN_IDENTITIES`` training classes, else
+    ``images``; the others as given."""
+    if split == "auto":
+        n_classes = int(torch.unique(data.train.labels).numel()) if data.train is not None else 0
+        return "identities" if data.protocol == "open" and n_classes >= AUTO_MIN_IDENTITIES else "images"
+    if split not in VAL_SPLITS:
+        raise NASError(f"unknown validation split {split!r}; expected auto, {', '.join(VAL_SPLITS)}")
+    return split
+
+
+def carve_identities(
+    labels: torch.Tensor, fraction: float = 0.1, max_per_class: int = 50, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, val_query, val_gallery) indices into ``labels``, the validation sides from held-out classes.
+
+    Of the classes with >= 2 images, a seeded draw of ``max(2, round(fraction * n_classes))`` is
+    held out whole (none if ``fraction`` is 0): their images never train. Of each, up to
+    ``max_per_class`` images (a seeded shuffle) are split half val-query (rounded down, at least
+    1), the rest val-gallery, so an identity with 2 views gives one query and its one positive.
+    Every other class trains on all its images."""
+    if not 0 <= fraction < 1:
+        raise NASError(f"validation fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    lab = labels.numpy()
+    classes, counts = np.unique(lab, return_counts=True)
+    eligible = classes[counts >= 2]
+    n_held = 0 if fraction == 0 else max(2, int(math.floor(fraction * len(classes) + 0.5)))
+    if n_held and len(classes) - n_held < 1:
+        raise NASError(f"{len(classes)} training classes cannot spare {n_held} held-out identities and still train")
+    if n_held > len(eligible):
+        raise NASError(
+            f"a held-out-identity validation split needs {n_held} classes with >= 2 images; "
+            f"the training split has {len(eligible)}"
+        )
+    held = set(rng.permutation(eligible)[:n_held].tolist())
+    train, vq, vg = [], [], []
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(lab == c))
+        if c not in held:
+            train.append(idx)
+            continue
+        idx = idx[: max(2, max_per_class)]
+        n_q = max(1, len(idx) // 2)
+        vq.append(idx[:n_q])
+        vg.append(idx[n_q:])
+    return tuple(
+        torch.from_numpy(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)).long() for p in (train, vq, vg)
+    )
+
+
 @dataclass
 class NASData:
     """Training targets (classifier rows) and the carved validation split, all uint8 in memory."""
@@ -182,15 +247,23 @@ class NASData:
         return self.train_images[perm[:n]]
 
 
-def prepare_data(data: RetrievalData, val_fraction: float = 0.1, val_max_per_class: int = 50, seed: int = 0) -> NASData:
-    """Rows = the training classes in sorted order of their global label (as hvs.train does)."""
+def prepare_data(
+    data: RetrievalData,
+    val_fraction: float = 0.1,
+    val_max_per_class: int = 50,
+    seed: int = 0,
+    val_split: str = "images",
+) -> NASData:
+    """Rows = the classes that train, in sorted order of their global label (as hvs.train does):
+    every training class, less the held-out identities of a ``val_split="identities"`` split."""
     labels = data.train.labels
     if len(labels) == 0:
         raise NASError(f"{data.name}: the train split is empty")
-    class_ids = torch.unique(labels)
+    carve = carve_identities if resolve_val_split(val_split, data) == "identities" else carve_validation
+    tr, vq, vg = carve(labels, val_fraction, val_max_per_class, seed)
+    class_ids = torch.unique(labels[tr])
     row_of = torch.full((len(data.classes),), -1, dtype=torch.long)
     row_of[class_ids] = torch.arange(len(class_ids))
-    tr, vq, vg = carve_validation(labels, val_fraction, val_max_per_class, seed)
     return NASData(
         data,
         [data.classes[i] for i in class_ids.tolist()],

@@ -100,7 +100,7 @@ def export_subnet(
     trained_for = (card.gallery or {}).get("fingerprint")
 
     data = load_data(data if data is not None else card.data, card.protocol, card.image_size, card.data_seed)
-    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed, card.val_split)
     if nd.classes != card.classes:
         raise NASError(
             f"{data.name}: its training classes differ from the supernet's ({len(nd.classes)} vs {len(card.classes)})"
@@ -224,7 +224,7 @@ def inherit(
     else:
         arch = largest_under_budget(model, card.image_size, flops, samples, seed)
     data = load_data(data if data is not None else card.data, card.protocol, card.image_size, card.data_seed)
-    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed, card.val_split)
     bn = nd.bn_subset(bn_images, seed)
     cards = []
     for role, a, folder in (("gallery", model.max_arch(), out_gallery), ("query", arch, out_query)):

@@ -14,22 +14,35 @@ once on the device; this module does the same:
   thread count change every number), so later searches reuse it;
 * :func:`measure_subnet_latency` times the extracted sub-network itself (the ground truth the
   table approximates; the sum of units ignores the calls' fixed overhead, so it runs high for
-  tiny networks). :func:`compare_latency` reports both for a few archs.
+  tiny networks). :func:`compare_latency` reports both for a few archs, and
+  :func:`latency_agreement` their rank correlation and ratio.
+
+Where a query model runs decides its latency, so the **runtime** is part of every number
+(``RUNTIMES``): ``torch`` (eager PyTorch), ``ort`` (ONNX Runtime fp32: what ``hvs export``
+ships to a device, and the search's default) and ``ort-int8`` (ONNX Runtime after the static
+int8 quantization of :func:`hvs.export.quantize_onnx_int8`, calibrated here on random inputs:
+latency does not depend on the calibration's values). In ONNX Runtime each unit is exported
+alone (TorchScript exporter, fixed shape) and timed in its own session with as many intra-op
+threads as torch uses; the table file is keyed by runtime, batch size and thread count.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..errors import HVSError
 from ..models.cost import measure_latency
 from ..models.ofa import MBConv, OFAMobileNetV3Supernet, _conv_bn_act, _layer_plan, make_divisible
 
@@ -102,8 +115,118 @@ def latency_units(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_
     return units
 
 
+RUNTIMES = ("torch", "ort", "ort-int8")
+
+
+class LatencyError(HVSError):
+    """A latency that cannot be measured as asked (unknown runtime, ONNX Runtime missing)."""
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise LatencyError(f"unknown latency runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime.startswith("ort"):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise LatencyError(
+                f"latency runtime {runtime} needs onnxruntime (pip install 'hvs[export]'), or use the torch runtime"
+            ) from None
+    return runtime
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """``module`` as an ONNX graph of one fixed input shape (TorchScript exporter: fast, and the
+    units are plain conv / BN / activation stacks it handles)."""
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), buf, input_names=["x"], output_names=["y"], opset_version=18, dynamo=False
+        )
+    return buf.getvalue()
+
+
+def _int8_bytes(fp32: bytes, example: torch.Tensor) -> bytes:
+    """Static QDQ int8 (per-channel weights, uint8 activations, MinMax), as hvs.export quantizes."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(0)
+    batches = iter([{"x": rng.standard_normal(tuple(example.shape)).astype(np.float32)} for _ in range(4)])
+
+    class _Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="hvs-lat-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        import logging
+        import warnings
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    _Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+        finally:
+            root.setLevel(level)
+        return dst.read_bytes()
+
+
+def module_latency(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    runtime: str = "torch",
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_seconds: float = 0.05,
+) -> float:
+    """Median latency (ms) of one call of ``module`` (eval mode) on a (batch, *input_shape) input in
+    ``runtime``: channels-last eager PyTorch, or the module exported to ONNX and run by ONNX Runtime
+    (fp32 or int8) with torch's thread count."""
+    check_runtime(runtime)
+    module = module.eval()
+    if runtime == "torch":
+        module = module.to(memory_format=torch.channels_last)
+        return measure_latency(module, input_shape, batch_size, warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+    from ..encoders import measure_ort_latency, ort_session
+
+    example = torch.randn(batch_size, *input_shape)
+    with torch.no_grad():
+        blob = _onnx_bytes(module, example)
+    if runtime == "ort-int8":
+        blob = _int8_bytes(blob, example)
+    session = ort_session(blob, threads=torch.get_num_threads())
+    return measure_ort_latency(
+        session, tuple(input_shape), batch_size, warmup=warmup, repeats=repeats, min_seconds=min_seconds
+    )
+
+
+def _runtime_meta(runtime: str) -> dict[str, str]:
+    if runtime == "torch":
+        return {"torch": torch.__version__}
+    import onnxruntime
+
+    return {"runtime": runtime, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
 class LatencyTable:
-    """Per-unit latencies (ms) measured on this CPU, filled lazily and saved as JSON."""
+    """Per-unit latencies (ms) measured on this CPU in one runtime, filled lazily and saved as JSON."""
 
     def __init__(
         self,
@@ -113,13 +236,13 @@ class LatencyTable:
         batch_size: int = 1,
         min_seconds: float = 0.05,
         repeats: int = 10,
+        runtime: str = "torch",
     ) -> None:
         self.supernet, self.image_size, self.batch_size = supernet, image_size, batch_size
-        self.min_seconds, self.repeats = min_seconds, repeats
-        self.meta = {"batch_size": batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__}
-        self.path = (
-            None if folder is None else (Path(folder) / f"latency_table_b{batch_size}_t{self.meta['threads']}.json")
-        )
+        self.min_seconds, self.repeats, self.runtime = min_seconds, repeats, check_runtime(runtime)
+        self.meta = {"batch_size": batch_size, "threads": torch.get_num_threads(), **_runtime_meta(runtime)}
+        prefix = "latency_table" if runtime == "torch" else f"latency_table_{runtime}"  # torch: the older name
+        self.path = None if folder is None else (Path(folder) / f"{prefix}_b{batch_size}_t{self.meta['threads']}.json")
         self.entries: dict[str, float] = {}
         self.measured = 0  # units measured by this instance (the rest came from the file)
         if self.path is not None and self.path.is_file():
@@ -132,9 +255,13 @@ class LatencyTable:
         key, factory, input_shape = unit
         if key not in self.entries:
             torch.manual_seed(0)
-            module = factory().eval().to(memory_format=torch.channels_last)
-            self.entries[key] = measure_latency(
-                module, input_shape, self.batch_size, warmup=3, repeats=self.repeats, min_seconds=self.min_seconds
+            self.entries[key] = module_latency(
+                factory(),
+                input_shape,
+                self.batch_size,
+                self.runtime,
+                repeats=self.repeats,
+                min_seconds=self.min_seconds,
             )
             self.measured += 1
             self._dirty = True
@@ -156,21 +283,32 @@ def measure_subnet_latency(
     image_size: int,
     batch_size: int = 1,
     min_seconds: float = 0.3,
+    runtime: str = "torch",
 ) -> float:
-    """Median latency (ms) of the extracted sub-network, channels-last, eval mode."""
+    """Median latency (ms) of the extracted sub-network in ``runtime`` (:func:`module_latency`)."""
     supernet.set_active_subnet(arch)
-    sub = supernet.get_active_subnet().eval().to(memory_format=torch.channels_last)
-    return measure_latency(sub, (supernet.in_chans, image_size, image_size), batch_size, min_seconds=min_seconds)
+    sub = supernet.get_active_subnet()
+    return module_latency(
+        sub,
+        (supernet.in_chans, image_size, image_size),
+        batch_size,
+        runtime,
+        warmup=5,
+        repeats=20,
+        min_seconds=min_seconds,
+    )
 
 
 def compare_latency(
     supernet: OFAMobileNetV3Supernet, table: LatencyTable, archs: list[dict[str, Any]], min_seconds: float = 0.3
 ) -> list[dict[str, Any]]:
-    """Predicted (table) vs measured (extracted sub-network) latency for each arch."""
+    """Predicted (table) vs measured (extracted sub-network, same runtime) latency for each arch."""
     rows = []
     for arch in archs:
         predicted = table.predict(arch)
-        measured = measure_subnet_latency(supernet, arch, table.image_size, table.batch_size, min_seconds)
+        measured = measure_subnet_latency(
+            supernet, arch, table.image_size, table.batch_size, min_seconds, runtime=table.runtime
+        )
         rows.append(
             {
                 "key": supernet.space.key(arch),
@@ -180,3 +318,35 @@ def compare_latency(
             }
         )
     return rows
+
+
+def latency_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well the table predicts the measurement over :func:`compare_latency` rows: Spearman's rank
+    correlation (None below 3 rows or when one side is constant) and the median and range of
+    predicted / measured. The ranking is what a search under a budget needs; the ratio says by
+    how much the sum of units misses the calls' fixed overhead."""
+    pred = np.array([r["predicted_ms"] for r in rows], dtype=float)
+    meas = np.array([r["measured_ms"] for r in rows], dtype=float)
+    ratio = pred / meas if len(rows) else np.zeros(0)
+    rho = None
+    if len(rows) >= 3:
+        rp, rm = _ranks(pred), _ranks(meas)
+        if rp.std() > 0 and rm.std() > 0:
+            rho = float(np.corrcoef(rp, rm)[0, 1])
+    return {
+        "n": len(rows),
+        "spearman": None if rho is None else round(rho, 4),
+        "ratio_median": None if not len(rows) else round(float(np.median(ratio)), 4),
+        "ratio_range": None if not len(rows) else [round(float(ratio.min()), 4), round(float(ratio.max()), 4)],
+    }
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (what Spearman's coefficient correlates)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks

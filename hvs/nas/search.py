@@ -62,7 +62,14 @@ from .common import (
     prepare_data,
     recalibrate_bn,
 )
-from .latency import LatencyTable, compare_latency, measure_subnet_latency
+from .latency import (
+    LatencyError,
+    LatencyTable,
+    check_runtime,
+    compare_latency,
+    latency_agreement,
+    measure_subnet_latency,
+)
 
 METRICS = ("recall@1", "recall@5", "map")
 
@@ -381,6 +388,7 @@ class SearchConfig:
     latency_ms: float | None = None  # budget on this CPU
     latency_mode: str = "table"  # table (per-layer lookup table) | measure (time each extracted sub-network)
     latency_batch: int = 1
+    latency_runtime: str = "ort"  # where the latency budget is measured: ort (ONNX Runtime fp32) | ort-int8 | torch
     reward: str = "hetero"
     metric: str = "recall@1"
     penalty: float = 1.0
@@ -410,6 +418,7 @@ def make_budget(
     latency_mode: str = "table",
     latency_batch: int = 1,
     folder: str | Path | None = None,
+    latency_runtime: str = "torch",
 ) -> tuple[Budget | None, LatencyTable | None]:
     """The budget (None for none) and, for a table-based latency budget, the table."""
     if flops is not None and latency_ms is not None:
@@ -420,8 +429,12 @@ def make_budget(
         return None, None
     if latency_ms <= 0:
         raise NASError(f"a latency budget must be positive, got {latency_ms}")
+    try:
+        check_runtime(latency_runtime)
+    except LatencyError as e:
+        raise NASError(str(e)) from None
     if latency_mode == "table":
-        table = LatencyTable(supernet, image_size, folder, latency_batch)
+        table = LatencyTable(supernet, image_size, folder, latency_batch, runtime=latency_runtime)
         return Budget("latency", float(latency_ms), table.predict), table
     if latency_mode == "measure":
         cache: dict[str, float] = {}
@@ -429,7 +442,9 @@ def make_budget(
         def measured(arch: dict) -> float:
             key = supernet.space.key(arch)
             if key not in cache:
-                cache[key] = measure_subnet_latency(supernet, arch, image_size, latency_batch, min_seconds=0.1)
+                cache[key] = measure_subnet_latency(
+                    supernet, arch, image_size, latency_batch, min_seconds=0.1, runtime=latency_runtime
+                )
             return cache[key]
 
         return Budget("latency", float(latency_ms), measured), None
@@ -458,6 +473,7 @@ def run_search(
         latency_mode=cfg.latency_mode,
         latency_batch=cfg.latency_batch,
         folder=cfg.supernet,
+        latency_runtime=cfg.latency_runtime,
     )
     if budget is None:
         raise NASError("no budget: pass --flops (e.g. 5M) or --latency-ms")
@@ -492,9 +508,10 @@ def run_search(
             f"note: searching on {data.name}, the supernet trained on {card.data}: validation images may have been "
             "training images"
         )
-    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed, card.val_split)
     if len(nd.val_query_labels) == 0 or len(nd.val_gallery_labels) == 0:
-        raise NASError("no validation images (the supernet was trained with val_fraction=0 or classes of < 4 images)")
+        why = " or classes of < 4 images; --val-split identities needs 2" if card.val_split == "images" else ""
+        raise NASError(f"no validation images (the supernet was trained with val_fraction=0{why})")
     scorer = SubnetScorer(
         supernet,
         card.mean,
@@ -510,7 +527,9 @@ def run_search(
     )
     log(
         f"search: {cfg.reward} reward ({reward.description}) on {len(nd.val_query_labels)} val-query / "
-        f"{len(nd.val_gallery_labels)} val-gallery images from the training classes; budget "
+        f"{len(nd.val_gallery_labels)} val-gallery images "
+        + ("from the training classes" if card.val_split == "images" else "of held-out training identities")
+        + "; budget "
         f"{budget.describe(budget.limit)}; population {cfg.population}, {cfg.iterations} iterations"
     )
 
@@ -540,14 +559,23 @@ def run_search(
         table.save()
 
     best = result.best
-    measured = measure_subnet_latency(supernet, best["arch"], card.image_size, cfg.latency_batch)
-    latency_check = None
+    runtime = cfg.latency_runtime if budget.kind == "latency" else "torch"  # a FLOPs search: eager PyTorch, as before
+    measured = measure_subnet_latency(supernet, best["arch"], card.image_size, cfg.latency_batch, runtime=runtime)
+    latency_check = agreement = None
     if table is not None:  # predicted vs measured: the best and a few others of the final population
         others = {r["key"]: r["arch"] for r in reversed(result.history) if r["key"] != best["key"]}
-        latency_check = compare_latency(supernet, table, [best["arch"], *list(others.values())[:3]])
+        latency_check = compare_latency(supernet, table, [best["arch"], *list(others.values())[:4]])
+        agreement = latency_agreement(latency_check)
         table.save()
         for row in latency_check:
-            log(f"latency {row['key']}: table {row['predicted_ms']:.3f} ms, measured {row['measured_ms']:.3f} ms")
+            log(
+                f"latency ({runtime}) {row['key']}: table {row['predicted_ms']:.3f} ms, "
+                f"measured {row['measured_ms']:.3f} ms"
+            )
+        log(
+            f"latency table vs measurement over {agreement['n']} sub-networks: Spearman {agreement['spearman']}, "
+            f"predicted/measured median {agreement['ratio_median']} (range {agreement['ratio_range']})"
+        )
     summary = {
         "arch": best["arch"],
         "key": best["key"],
@@ -561,7 +589,11 @@ def run_search(
             "kind": budget.kind,
             "limit": budget.limit,
             **(
-                {"latency_mode": cfg.latency_mode, "latency_batch": cfg.latency_batch}
+                {
+                    "latency_mode": cfg.latency_mode,
+                    "latency_batch": cfg.latency_batch,
+                    "latency_runtime": cfg.latency_runtime,
+                }
                 if budget.kind == "latency"
                 else {}
             ),
@@ -574,6 +606,7 @@ def run_search(
         "candidates": len(result.history),
         "seconds": round(seconds, 1),
         "latency_check": latency_check,
+        "latency_agreement": agreement,
     }
     if "latency_ms" in best:
         summary["latency_ms_predicted"] = best["latency_ms"]

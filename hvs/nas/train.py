@@ -49,12 +49,21 @@ from .. import checkpoint as ckpt
 from ..data import RetrievalData
 from ..losses import MarginHead, create_compat_loss
 from ..models import stem_for
-from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, stem_stride
+from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, default_resolution_list, stem_stride
 from ..training import core
 from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
 from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
 from ..training.run import TRAIN_CONFIG, RunFolder  # noqa: F401  (TRAIN_CONFIG: re-exported)
-from .common import NASError, SupernetCard, config_from_dict, load_data, prepare_data, read_supernet_card, save_supernet
+from .common import (
+    NASError,
+    SupernetCard,
+    config_from_dict,
+    load_data,
+    prepare_data,
+    read_supernet_card,
+    resolve_val_split,
+    save_supernet,
+)
 
 PHASES = ("full", *ELASTIC_DIMS)
 _RESUME_FREE = {"threads", "out", "force"}
@@ -92,6 +101,7 @@ class SupernetTrainConfig:
     train_subset: int | None = None
     val_fraction: float = 0.1  # held out per training class for the search's reward
     val_max_per_class: int = 50
+    val_split: str = "auto"  # auto | images | identities (hvs.nas.common); auto: identities for open-set data
     seed: int = 0
     threads: int | None = None
     channels_last: bool = True
@@ -314,7 +324,8 @@ def _training_set(
     cfg: SupernetTrainConfig, data: RetrievalData, log: Callable[[str], None]
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(classes, images, targets) of the training split less the validation images the search scores on."""
-    nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed)
+    split = resolve_val_split(cfg.val_split, data)
+    nd = prepare_data(data, cfg.val_fraction, cfg.val_max_per_class, cfg.data_seed, split)
     images, targets = nd.train_images, nd.train_targets
     if cfg.train_subset and cfg.train_subset < len(images):
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.train_subset]
@@ -322,6 +333,7 @@ def _training_set(
     log(
         f"supernet trains on {len(images)} images; {len(nd.val_query_labels)} val-query and "
         f"{len(nd.val_gallery_labels)} val-gallery images held out for the search"
+        + (f" ({len(torch.unique(nd.val_query_labels))} held-out identities)" if split == "identities" else "")
     )
     return nd.classes, images, targets
 
@@ -357,10 +369,15 @@ def _build(
     cfg: SupernetTrainConfig, embed_dim: int, in_chans: int, n_classes: int, image_size: int | None = None
 ) -> tuple[OFAMobileNetV3Supernet, MarginHead]:
     """The supernet and its head. Its stem stride follows the stem rule of the registry (OFA's
-    stride-2 stem from STANDARD_STEM_MIN_SIZE px on) unless ``supernet`` sets ``stem_stride``; the
-    card records the resolved value, so the supernet folder rebuilds it."""
+    stride-2 stem from STANDARD_STEM_MIN_SIZE px on) and at those sizes its input resolution is
+    elastic (OFA's list, scaled), unless ``supernet`` sets ``stem_stride`` / ``resolution_list``;
+    the card records the resolved values, so the supernet folder rebuilds it."""
     torch.manual_seed(cfg.seed)
-    kwargs = {"stem_stride": stem_stride(stem_for(image_size)), **cfg.supernet}
+    kwargs = {
+        "stem_stride": stem_stride(stem_for(image_size)),
+        "resolution_list": default_resolution_list(image_size),
+        **cfg.supernet,
+    }
     try:
         model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **kwargs)
     except TypeError as e:
@@ -392,6 +409,7 @@ def _card(
         data_seed=cfg.data_seed,
         val_fraction=cfg.val_fraction,
         val_max_per_class=cfg.val_max_per_class,
+        val_split=resolve_val_split(cfg.val_split, data),
         gallery=terms.gallery.reference() if terms else None,
         bct_weight=cfg.bct_weight if "bct" in terms.keys else 0.0,
         regress_weight=cfg.regress_weight if "regress" in terms.keys else 0.0,
