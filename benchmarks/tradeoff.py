@@ -103,9 +103,16 @@ class Runner(ProfileStages):
             tr = dict(off.get("train") or {})
             from hvs.models import create_model
 
+            q_size = int(tr.get("image_size") or g_card.image_size)  # a query model is costed at its own size
             arch_flops = count_flops(
-                create_model(arch, embed_dim=self.embed_dim, in_chans=self.full.channels, **tr.get("model_kwargs", {})),
-                g_card.input_shape,
+                create_model(
+                    arch,
+                    embed_dim=self.embed_dim,
+                    in_chans=self.full.channels,
+                    image_size=q_size,
+                    **tr.get("model_kwargs", {}),
+                ),
+                (g_card.in_chans, q_size, q_size),
             )
             if arch_flops >= paragon_flops:  # not a query model of this paragon
                 why = f"{arch_flops / 1e6:.2f} MFLOPs is not below the paragon's {paragon_flops / 1e6:.2f}"

@@ -44,6 +44,8 @@ _API = {
     "build_gallery_index": "hvs.search",
     "Searcher": "hvs.search",
     "open_index": "hvs.index",
+    "adopt_onnx": "hvs.adopt",
+    "adopt_weights": "hvs.adopt",
 }
 
 __all__ = ["__version__", *_API]

@@ -6,6 +6,14 @@ the preprocessing (channels, image size, mean, std), the class names of the clas
 compatibility records the fingerprint of the gallery model it was trained against, so an index
 built by one gallery model refuses queries from a model made for another.
 
+An **adopted** gallery model (:mod:`hvs.adopt`: a frozen encoder hvs did not train, e.g. a
+production model whose index cannot be rebuilt) is a model folder too: its card's ``adopted``
+records where it came from (kind, source file and its SHA-256) and it has no classifier. An
+adopted ONNX file is kept in the folder as ``model.onnx`` (the fingerprint is of that file) and
+:func:`load_model` returns it as an inference-only torch module over an ONNX Runtime session; an
+adopted architecture + weights file is stored as ``model.safetensors`` of the library backbone
+(no embedding head). Every caller of :func:`load_model` works with either unchanged.
+
 All writes are atomic (write to a temporary name, fsync, ``os.replace``): an interrupted save
 leaves the previous version, never a half-written file. ``config.json`` is checked field by field
 when read (a wrong type or a key this version does not know is a one-line error naming the key),
@@ -38,6 +46,10 @@ from .models import EmbeddingModel, create_model
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CLASSIFIER = "classifier.safetensors"
+ADOPTED_ONNX = "model.onnx"  # an adopted ONNX gallery encoder, kept in its folder
+# Loaders of adopted models by kind ("module:function", imported on first use): frozen encoders
+# that are not a registry EmbeddingModel (an ONNX file; a library backbone without embedding head).
+ADOPTED_LOADERS: dict[str, str] = {"onnx": "hvs.adopt:load_onnx_module", "weights": "hvs.adopt:load_backbone_module"}
 STATE_CHECKSUM = "sha256"  # key of the contents' digest inside a training checkpoint
 
 C = TypeVar("C")
@@ -97,13 +109,18 @@ class ModelCard:
     compat: list = field(default_factory=list)  # [(loss, weight)] used for compatibility
     extra: dict = field(default_factory=dict)  # data spec, metrics at save time, ...
     hvs_version: str = ""  # the hvs that wrote the folder ("" before 0.1.0 recorded it)
+    # an adopted gallery model (hvs.adopt): {"kind", "source", "sha256", ...}; {} for one hvs trained
+    adopted: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_chans, self.image_size, self.image_size)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if not d["adopted"]:  # a trained model's card stays readable by an hvs without the key
+            del d["adopted"]
+        return d
 
 
 def save_model_folder(
@@ -306,6 +323,14 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[Embeddin
     """Rebuild the model of a folder in eval mode; checks the weights against the fingerprint."""
     folder = Path(folder)
     card = read_card(folder)
+    kind = card.adopted.get("kind") if card.adopted else None
+    if kind in ADOPTED_LOADERS:
+        import importlib
+
+        module, _, name = ADOPTED_LOADERS[kind].partition(":")
+        model = getattr(importlib.import_module(module), name)(folder, card, verify=verify)
+        model.eval()
+        return model, card
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: missing {WEIGHTS}")
@@ -327,6 +352,8 @@ def load_classifier(folder: str | os.PathLike) -> torch.Tensor:
     """The classifier rows of a model folder (BCT's fixed targets), checked against the fingerprint
     its card records (folders written before hvs recorded one are read unchecked)."""
     path = Path(folder) / CLASSIFIER
+    if not path.is_file() and (Path(folder) / CONFIG).is_file() and read_card(folder).adopted:
+        raise CheckpointError(f"{folder}: an adopted gallery model has no classifier")
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing {CLASSIFIER} (BCT needs the gallery model's classifier)")
     expected = read_card(folder).classifier_fingerprint

@@ -18,8 +18,9 @@ The two sides are typed records of what the artefacts say:
 The rule, in the order it is checked:
 
 1. the dimensions agree (never forceable: vectors of two sizes cannot be compared);
-2. the input channels and size agree (never forceable: every path decodes both sides' images
-   alike);
+2. the input channels agree (never forceable: both sides read the same images); the sizes may
+   differ (a cheaper query model at a lower resolution: each side reads images at its own
+   size), except when the query side is to write gallery vectors (``same_model``);
 3. the query side *is* the gallery model (same fingerprint), or was trained for it
    (``compatible_with``); with ``same_model=True`` (writing gallery vectors) only the first
    will do. A gallery side without a recorded fingerprint cannot be checked. This refusal is
@@ -316,7 +317,7 @@ def check_pair(
     if (
         q_pre is not None
         and g_pre is not None
-        and (q_pre.channels, q_pre.image_size) != (g_pre.channels, g_pre.image_size)
+        and (q_pre.channels != g_pre.channels or (same_model and q_pre.image_size != g_pre.image_size))
     ):
         verb = "was built from" if gallery.kind == INDEX else "reads"
         raise CompatError(f"{query.label} reads {q_pre} images but {gallery.label} {verb} {g_pre} images")

@@ -9,6 +9,11 @@ Reports Recall@K, mAP, TAR@FAR and TPIR@FPIR for each, the empirical compatibili
 BCT (Shen et al. 2020) M(q->g) > M(q->q) with a paired bootstrap interval of the difference, the gap
 to the paragon M(g->g) - M(q->g) (paired bootstrap over queries), and the query-side cost ratios:
 FLOPs and measured CPU latency (batch 1 and batched).
+
+Each model reads the images at its own input size: a query model may take a smaller input than
+its gallery model (e.g. 112 px against 224 px). The data is decoded once at the larger size and
+each side's images are resized to its own (:func:`hvs.embed.resize_images`); FLOPs and latency
+are measured at each side's own size, so the ratios are what the deployment pays.
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ class EvaluationError(HVSError):
 
 
 def model_cost(model: torch.nn.Module, card: ckpt.ModelCard, latency: bool = True, batch: int = 256) -> dict:
-    cost = {"model": card.model, "flops": count_flops(model, card.input_shape), "params": count_params(model)}
+    """FLOPs, parameters and CPU latency of a model at its own input size (``card.input_shape``:
+    a query model reading smaller images than its gallery model is costed at its size)."""
+    cost = {
+        "model": card.model,
+        "image_size": card.image_size,
+        "flops": count_flops(model, card.input_shape),
+        "params": count_params(model),
+    }
     if latency:
         m = model.to(memory_format=torch.channels_last)
         cost["latency_ms_batch1"] = measure_latency(m, card.input_shape, 1)
@@ -106,7 +118,7 @@ def evaluate(
         data = create_dataset(
             data,
             protocol=protocol,
-            image_size=g_card.image_size,
+            image_size=max(g_card.image_size, q_card.image_size),  # decoded once, each side resized to its own
             channels=g_card.in_chans,
             seed=data_seed,
             strict=strict,
@@ -117,15 +129,24 @@ def evaluate(
     else:
         leaks = [d.message for d in check_duplicates(data, strict=strict)]
     notes += [f"data: {line}" for line in leaks]
-    if (data.channels, data.image_size) != (g_card.in_chans, g_card.image_size):
+    need = max(g_card.image_size, q_card.image_size)
+    if data.channels != g_card.in_chans or data.image_size < need:
+        sizes = (
+            f"{g_card.image_size}px"
+            if g_card.image_size == q_card.image_size
+            else f"{g_card.image_size}px (gallery) and {q_card.image_size}px (query)"
+        )
         raise EvaluationError(
-            f"data is {data.channels}x{data.image_size}px but the models read {g_card.in_chans}x{g_card.image_size}px"
+            f"data is {data.channels}x{data.image_size}px but the models read {g_card.in_chans}-channel images "
+            f"at {sizes}"
         )
 
     emb = {}
     for role, model, card in (("gallery", g_model, g_card), ("query", q_model, q_card)):
-        emb[role] = {
-            split: embed_images(model, data.split(split).images, card.mean, card.std, batch_size)
+        emb[role] = {  # each side reads the images at its own size
+            split: embed_images(
+                model, data.split(split).images, card.mean, card.std, batch_size, image_size=card.image_size
+            )
             for split in ("query", "gallery")
         }
 
@@ -141,7 +162,9 @@ def evaluate(
     if q_card.compatible_with:  # a query model made for this gallery: the report says when that does not pay
         notes += [f"warning: {line}" for line in scores["verdict"]]
     cost = {"gallery": model_cost(g_model, g_card, latency), "query": model_cost(q_model, q_card, latency)}
-    ratios = {"flops": cost["gallery"]["flops"] / max(1, cost["query"]["flops"])}
+    g_flops, q_flops = cost["gallery"]["flops"], cost["query"]["flops"]
+    # an adopted ONNX graph whose shapes cannot be inferred has no FLOP count (0): no ratio
+    ratios = {"flops": g_flops / max(1, q_flops) if g_flops else None}
     if latency:
         b = cost["gallery"]["latency_batch"]
         ratios["latency_batch1"] = cost["gallery"]["latency_ms_batch1"] / cost["query"]["latency_ms_batch1"]
@@ -445,9 +468,16 @@ def format_report(result: dict[str, Any]) -> str:
     cost = result["cost"]
     r = cost["ratio_gallery_over_query"]
     g, q = cost["gallery"], cost["query"]
+    at = (
+        f" (gallery at {g['image_size']}px, query at {q['image_size']}px)"
+        if g.get("image_size", 0) != q.get("image_size", 0)
+        else ""
+    )
     line = (
-        f"cost: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
+        f"cost{at}: gallery {g['flops'] / 1e6:.2f} MFLOPs / query {q['flops'] / 1e6:.2f} MFLOPs = {r['flops']:.1f}x "
         f"fewer query FLOPs"
+        if r["flops"] is not None
+        else f"cost{at}: gallery FLOPs unknown (not countable from its graph) / query {q['flops'] / 1e6:.2f} MFLOPs"
     )
     if "latency_batch1" in r:
         b = g["latency_batch"]

@@ -233,9 +233,12 @@ def export_onnx(
     example = to_float(_random_images(card, 2, seed), card.mean, card.std)
 
     with tempfile.TemporaryDirectory(prefix="hvs-export-") as tmp:
-        raw_path = Path(tmp) / "model.onnx"
-        exporter = _torch_export(model, example, raw_path, opset)
-        proto = onnx.load(str(raw_path))
+        if card.adopted.get("kind") == "onnx":  # an adopted ONNX encoder: its own graph, L2-normalised
+            proto, exporter = _normalised_graph(onnx.load(str(Path(model_folder) / ckpt.ADOPTED_ONNX))), "adopted"
+        else:
+            raw_path = Path(tmp) / "model.onnx"
+            exporter = _torch_export(model, example, raw_path, opset)
+            proto = onnx.load(str(raw_path))
         _set_metadata(proto, card)
         data = proto.SerializeToString()
         try:
@@ -263,7 +266,7 @@ def export_onnx(
         "fingerprint": card.fingerprint,
         "compatible_with": (card.compatible_with or {}).get("fingerprint"),
         "parity": parity,
-        "size_bytes": {"torch": (Path(model_folder) / ckpt.WEIGHTS).stat().st_size, "onnx": out.stat().st_size},
+        "size_bytes": {"torch": _weights_file(model_folder, card).stat().st_size, "onnx": out.stat().st_size},
     }
     if quantize_int8:
         q_out = Path(int8_path) if int8_path is not None else int8_path_for(out)
@@ -273,6 +276,33 @@ def export_onnx(
         report["size_bytes"]["int8"] = q_out.stat().st_size
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def _weights_file(folder: str | os.PathLike, card: ckpt.ModelCard) -> Path:
+    return Path(folder) / (ckpt.ADOPTED_ONNX if card.adopted.get("kind") == "onnx" else ckpt.WEIGHTS)
+
+
+def _normalised_graph(proto):
+    """An adopted ONNX encoder's graph with its output L2-normalised (``LpNormalization``, p=2,
+    last axis) and named ``embeddings``, as an hvs export's is: the folder's module normalises in
+    torch, the exported file must give the same unit vectors."""
+    import onnx
+
+    inits = {i.name for i in proto.graph.initializer}
+    inp = next(i for i in proto.graph.input if i.name not in inits)
+    batch = inp.type.tensor_type.shape.dim[0]
+    if batch.HasField("dim_value"):
+        raise ExportError(
+            f"the adopted ONNX encoder has a fixed batch of {batch.dim_value} (input {inp.name!r}); an export needs "
+            "a dynamic batch axis: export the encoder again with one"
+        )
+    out = proto.graph.output[0]
+    raw = f"{out.name}_unnormalised"
+    for node in proto.graph.node:
+        node.output[:] = [raw if o == out.name else o for o in node.output]
+    proto.graph.node.append(onnx.helper.make_node("LpNormalization", [raw], [OUTPUT], axis=-1, p=2))
+    out.name = OUTPUT
+    return proto
 
 
 @torch.inference_mode()
@@ -410,34 +440,35 @@ def check_export(
     int8) exports, on ``data``'s query split against its gallery split embedded by
     ``gallery_model``. Returns ``{"rows": {"torch"|"onnx"|"int8": {...}}, "note": ...}``."""
     from .data import create_dataset
-    from .embed import embed_images
+    from .embed import embed_images, resize_images
     from .metrics import retrieval_metrics
     from .models.cost import measure_latency
 
     g_model, g_card = ckpt.load_model(gallery_model)
-    datasets: dict[tuple[int, int], Any] = {}
-
-    def dataset(size: int, channels: int):
-        if (size, channels) not in datasets:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                datasets[size, channels] = create_dataset(data, protocol=protocol, image_size=size, channels=channels)
-        return datasets[size, channels]
-
-    gal = dataset(g_card.image_size, g_card.in_chans).gallery
-    g_emb = embed_images(g_model, gal.images, g_card.mean, g_card.std)
-    gallery_side = GallerySide.of_card(g_card, gallery_model)
     encoders = {"torch": report["model_folder"], "onnx": report["onnx"]}
     if report.get("int8"):
         encoders["int8"] = report["int8"]["path"]
-    rows: dict[str, dict[str, Any]] = {}
+    gallery_side = GallerySide.of_card(g_card, gallery_model)
+    loaded: dict[str, Any] = {}
     note = None
+    for kind, path in encoders.items():  # each refused before the next is read and any data decoded
+        loaded[kind] = load_query_encoder(path)
+        note = note or check_pair(loaded[kind].side, gallery_side, force=force, action="measure")
+    # decoded once, at the larger of the two sides' sizes; each side resized to its own
+    size = max([g_card.image_size, *(enc.preprocessing["image_size"] for enc in loaded.values())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = create_dataset(
+            data, protocol=protocol, image_size=size, channels=g_card.in_chans, splits=("query", "gallery")
+        )
+    gal, query = dataset.gallery, dataset.query
+    g_emb = embed_images(g_model, gal.images, g_card.mean, g_card.std, image_size=g_card.image_size)
+    rows: dict[str, dict[str, Any]] = {}
     for kind, path in encoders.items():
-        enc = load_query_encoder(path)
-        note = note or check_pair(enc.side, gallery_side, force=force, action="measure")
+        enc = loaded[kind]
         pre = enc.preprocessing
-        query = dataset(pre["image_size"], pre["channels"]).query
-        q_emb = torch.from_numpy(np.ascontiguousarray(enc.embed(query.images)))
+        q_images = resize_images(query.images, pre["image_size"])
+        q_emb = torch.from_numpy(np.ascontiguousarray(enc.embed(q_images)))
         m = retrieval_metrics(q_emb, query.labels, g_emb, gal.labels, ks=(1, 5), far_targets=(), fpir_targets=())
         row = {"recall@1": float(m["recall@1"]), "recall@5": float(m["recall@5"]), "map": float(m["map"])}
         if latency:

@@ -172,7 +172,12 @@ class BCTLoss(CompatLoss):
         rows, synthesized = synthesize_gallery_classifier(
             ctx.gallery_classifier(), ctx.gallery_classes, ctx.classes, ctx.class_mean
         )
-        if synthesized:
+        if synthesized and not ctx.gallery_classes:
+            ctx.log(
+                "bct: the gallery model has no classifier (adopted); every classifier row is the "
+                "L2-normalised mean gallery embedding of its class's training images"
+            )
+        elif synthesized:
             ctx.log(
                 f"bct: {len(synthesized)} of {len(ctx.classes)} classes unseen by the gallery model; "
                 "their classifier rows are their mean gallery embeddings"

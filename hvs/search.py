@@ -8,7 +8,9 @@
 
 The index sidecar records the gallery model's fingerprint and preprocessing; a query encoder is
 accepted only if :func:`hvs.compat.check_pair` accepts the pair (it was trained for that
-fingerprint or is the gallery model itself, with the same embedding dimension and input). Query
+fingerprint or is the gallery model itself, with the same embedding dimension and input channels;
+the query model may read smaller images than the gallery model, and files are decoded at the query
+encoder's own size). Query
 encoders are PyTorch model folders, or exported ONNX files (see :mod:`hvs.export`), loaded by
 :mod:`hvs.encoders`.
 """
@@ -135,7 +137,8 @@ class Searcher:
         return self.search_embeddings(self.encoder.embed(images), k)
 
     def load(self, sources: Sequence[str | os.PathLike | bytes]) -> torch.Tensor:
-        """Decode image files (or bytes) exactly as the gallery images were decoded."""
+        """Decode image files (or bytes) as the gallery images were decoded (cropped and resized
+        alike), at the query encoder's own size and channels."""
         pre = self.encoder.preprocessing
         return torch.stack([load_image(s, pre["image_size"], pre["channels"]) for s in sources])
 

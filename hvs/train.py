@@ -79,6 +79,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import RetrievalData, create_dataset
 from .data.store import take
+from .embed import resize_images
 from .errors import HVSError
 from .losses import MarginHead, parse_compat
 from .models import create_model, resolve_model_kwargs
@@ -94,6 +95,9 @@ class TrainConfig:
     out: str
     data: str = "fashion-mnist"
     protocol: str = "closed"
+    # the trained model's input size (default: the data's; with a gallery model, the gallery's). A
+    # query model may read smaller images than its gallery model: the data is then decoded at the
+    # larger size and each side's images are resized to its own (hvs.embed.resize_images)
     image_size: int | None = None
     model: str = "resnet8"
     model_kwargs: dict = field(default_factory=dict)
@@ -155,8 +159,8 @@ class _ModelTask:
 
     error = TrainError
 
-    def __init__(self, net: _Net, terms: CompatTerms, device: torch.device) -> None:
-        self.net, self.terms = net, terms
+    def __init__(self, net: _Net, terms: CompatTerms, device: torch.device, size: int | None = None) -> None:
+        self.net, self.terms, self.size = net, terms, size  # size: the model's input (batches may be larger)
         self.forward: nn.Module = net
         if dist.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -169,7 +173,7 @@ class _ModelTask:
         return {}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float]) -> float:
-        emb, own = self.forward(x, y)
+        emb, own = self.forward(resize_images(x, self.size), y)
         loss = self.terms.add(own, emb, y, self.terms.reference(x), sums)
         loss.backward()
         sums["own"] += own.item()
@@ -226,7 +230,7 @@ def train(
         else create_dataset(
             cfg.data,
             protocol=cfg.protocol,
-            image_size=cfg.image_size,
+            image_size=_decode_size(cfg),
             seed=cfg.data_seed,
             strict=cfg.strict,
             data_mode=cfg.data_mode,
@@ -234,6 +238,11 @@ def train(
             cache_dir=cfg.cache_dir,
         )
     )
+    size = cfg.image_size or data.image_size  # the input size of the model trained here
+    if size > data.image_size and not cfg.force:
+        raise TrainError(
+            f"--image-size {size} is larger than the data's {data.image_size}px images (pass --force to upscale)"
+        )
     _log_data(cfg, data, device, log)
     classes, images, targets = _training_set(cfg, data)
     batches = Batches(
@@ -250,15 +259,15 @@ def train(
         dist.world_size(),
         cfg.workers,
     )
-    gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log)
-    net = _build_net(cfg, data, classes, model, classifier, device).to(device)
+    gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log, size)
+    net = _build_net(cfg, data, classes, model, classifier, device, size).to(device)
     terms.to(device)
     opt, sched = make_optimizer(list(net.parameters()), cfg, batches.steps_per_epoch)
     dist.barrier()  # every rank has checked the old run folder before rank 0 writes into it
     if dist.is_main():
         run.start(asdict(cfg))
 
-    task = _ModelTask(net, terms, device)
+    task = _ModelTask(net, terms, device, size)
     start, history = core.resume(run, task, opt, sched, cfg.epochs, log) if resume else (0, [])
     history = core.fit(
         task,
@@ -273,7 +282,7 @@ def train(
         log=log,
     )
     if dist.is_main():
-        card = _model_card(cfg, data, classes, compat, gallery, history, extra)
+        card = _model_card(cfg, data, classes, compat, gallery, history, extra, size)
         core.save_trained_model(cfg.out, net.model, card, classifier=net.head.weight)
         log(f"saved {card.role} model {cfg.model} to {cfg.out} (fingerprint {card.fingerprint})")
         if cfg.gallery and cfg.check:
@@ -300,6 +309,15 @@ def _check_verdict(cfg: TrainConfig, data: RetrievalData, log: Callable[[str], N
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _decode_size(cfg: TrainConfig) -> int | None:
+    """The size the data is decoded at: ``cfg.image_size``; with a gallery model, the larger of
+    its input size and ``cfg.image_size`` (each side is resized down to its own)."""
+    if not cfg.gallery:
+        return cfg.image_size
+    g_size = ckpt.read_card(cfg.gallery).image_size
+    return max(g_size, cfg.image_size or g_size)
 
 
 def _check_options(cfg: TrainConfig) -> tuple[list[tuple[str, float]], set[str]]:
@@ -354,12 +372,15 @@ def _compat_terms(
     images: torch.Tensor,
     targets: torch.Tensor,
     log: Callable[[str], None],
+    size: int | None = None,
 ) -> tuple[FrozenGallery | None, CompatTerms]:
     """The frozen gallery model (with --gallery) and the compatibility losses built on it."""
     if not cfg.gallery:
         return None, CompatTerms([])
     gallery = FrozenGallery.load(cfg.gallery)
-    check_gallery_card(gallery.card, cfg.embed_dim, data, force=cfg.force, error=TrainError)
+    check_gallery_card(gallery.card, cfg.embed_dim, data, force=cfg.force, error=TrainError, image_size=size)
+    if size and size != gallery.card.image_size:
+        log(f"query model reads {size}px images, the gallery model {gallery.card.image_size}px")
     context = gallery.context(classes, images, targets, kind=cfg.loss, scale=cfg.scale, margin=cfg.margin, log=log)
     return gallery, build_compat_terms(compat, gallery, context, to_gallery=renormalizer(data, gallery.card))
 
@@ -371,15 +392,19 @@ def _build_net(
     model: nn.Module | None,
     classifier: torch.Tensor | None,
     device: torch.device,
+    size: int | None = None,
 ) -> _Net:
-    """The model (new from the registry, the given module, or --init-from's weights) and its head."""
+    """The model (new from the registry, the given module, or --init-from's weights) and its head;
+    ``size``: its input size (picks a resolution-aware model's stem)."""
     torch.manual_seed(cfg.seed)  # not offset by rank: every rank starts from the same weights
-    registered = create_model(cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **_model_kwargs(cfg, data))
+    registered = create_model(
+        cfg.model, embed_dim=cfg.embed_dim, in_chans=data.channels, **_model_kwargs(cfg, size or data.image_size)
+    )
     if cfg.pretrained and model is None:
         load_pretrained(registered, cfg.pretrained)
     if model is not None:
         _load_weights(registered, model.state_dict(), "the given model", cfg.model)  # its folder must load back
-        _check_strides(model, registered, cfg, data)
+        _check_strides(model, registered, cfg, size or data.image_size)
     model = registered if model is None else model
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
     if cfg.init_from:
@@ -400,7 +425,7 @@ def _build_net(
     return _Net(model, head)
 
 
-def _check_strides(model: nn.Module, registered: nn.Module, cfg: TrainConfig, data: RetrievalData) -> None:
+def _check_strides(model: nn.Module, registered: nn.Module, cfg: TrainConfig, size: int) -> None:
     """A given module whose convs stride otherwise than the model its folder will rebuild (a
     timm stem differs in stride only, so its weights load either way) is refused by name."""
 
@@ -410,17 +435,17 @@ def _check_strides(model: nn.Module, registered: nn.Module, cfg: TrainConfig, da
     ours, theirs = strides(registered), strides(model)
     if ours != theirs:
         where = next((a[0] for a, b in zip(ours, theirs) if a != b), "")
-        stem = _model_kwargs(cfg, data).get("stem")
+        stem = _model_kwargs(cfg, size).get("stem")
         raise TrainError(
-            f"the given model's conv strides differ from model {cfg.model} at {data.image_size} px"
+            f"the given model's conv strides differ from model {cfg.model} at {size} px"
             f"{f' (stem {stem!r})' if stem else ''}, first at {where!r}: build it with "
-            f"create_model(..., image_size={data.image_size})"
+            f"create_model(..., image_size={size})"
         )
 
 
-def _model_kwargs(cfg: TrainConfig, data: RetrievalData) -> dict[str, Any]:
-    """The model arguments with the stem the input size gets (recorded in the model folder)."""
-    return resolve_model_kwargs(cfg.model, data.image_size, cfg.model_kwargs)
+def _model_kwargs(cfg: TrainConfig, image_size: int) -> dict[str, Any]:
+    """The model arguments with the stem its input size gets (recorded in the model folder)."""
+    return resolve_model_kwargs(cfg.model, image_size, cfg.model_kwargs)
 
 
 def _with_pretrained_digest(cfg: TrainConfig) -> TrainConfig:
@@ -458,16 +483,17 @@ def _model_card(
     gallery: FrozenGallery | None,
     history: list[dict],
     extra: dict[str, Any] | None,
+    size: int | None = None,
 ) -> ckpt.ModelCard:
     return ckpt.ModelCard(
         model=cfg.model,
         embed_dim=cfg.embed_dim,
         in_chans=data.channels,
-        image_size=data.image_size,
+        image_size=size or data.image_size,
         mean=list(data.mean),
         std=list(data.std),
         role=cfg.role or ("query" if cfg.gallery else "gallery"),
-        model_kwargs=_model_kwargs(cfg, data),
+        model_kwargs=_model_kwargs(cfg, size or data.image_size),
         classes=classes,
         compat=[list(c) for c in compat],
         compatible_with=None if gallery is None else gallery.reference(),

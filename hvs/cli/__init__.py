@@ -8,6 +8,7 @@
     hvs export onnx, hvs serve                 on-device export and the search service
     hvs nas train-supernet|search|export|inherit|info|plot   CMP-NAS (hvs/cli/nas.py)
     hvs data build|info|fonts                  dataset builds and summaries (hvs/cli/data.py)
+    hvs adopt onnx|weights                     an existing encoder as a gallery model (hvs/cli/adopt.py)
 
 Multi-process training: ``torchrun --standalone --nproc_per_node N -m hvs train ...`` (see hvs.train).
 
@@ -162,7 +163,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (becomes the model folder)")
     t.add_argument("--data", help="data source, e.g. fashion-mnist, imagefolder:DIR, csv:FILE, deepfashion2:DIR")
     t.add_argument("--protocol", choices=["closed", "open"])
-    t.add_argument("--image-size", type=int)
+    t.add_argument(
+        "--image-size",
+        type=int,
+        help="the model's input size in px (a query model may read smaller images than its gallery model)",
+    )
     t.add_argument("--model", help="registered model name (hvs models), or timm:NAME / torchvision:NAME")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument, e.g. width=2")
     t.add_argument("--embed-dim", type=int)
@@ -250,6 +255,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("hvs.cli.serve:configure", "serve searches over HTTP (FastAPI + uvicorn), with a search page"),
     "nas": ("hvs.cli.nas:configure", "CMP-NAS: compatibility-aware supernet training, search, export, inheritance"),
     "data": ("hvs.cli.data:configure", "inspect data sources; build the kanji-fonts cache"),
+    "adopt": ("hvs.cli.adopt:configure", "adopt an encoder hvs did not train (ONNX, weights) as a gallery model"),
 }
 
 

@@ -18,7 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass for a single image of shape (C, H, W), on the model's device (a
-    model on the ``meta`` device is counted from shapes alone, without arithmetic)."""
+    model on the ``meta`` device is counted from shapes alone, without arithmetic). A module torch
+    cannot count (an adopted ONNX encoder, :class:`hvs.adopt.OnnxModule`) reports its own
+    ``flops_for``."""
+    if hasattr(model, "flops_for"):
+        return int(model.flops_for(input_shape))
     was_training = model.training
     model.eval()
     param = next(iter(model.parameters()), None)
@@ -38,6 +42,9 @@ def meta_flops(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> 
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of a module (an adopted ONNX encoder reports its graph's: ``param_count``)."""
+    if hasattr(model, "param_count"):
+        return int(model.param_count())
     return sum(p.numel() for p in model.parameters())
 
 
