@@ -88,6 +88,10 @@ def test_stream_is_the_memory_path_item_for_item_and_embedding_for_embedding(fol
         for workers in (0, 2):
             got = embed_images(model, streamed.split(role).images, mem.mean, mem.std, batch_size=4, workers=workers)
             assert torch.equal(got, want)
+    # a model of a smaller input (a query model at its own resolution): resized in the workers alike
+    want = embed_images(model, mem.gallery.images, mem.mean, mem.std, batch_size=4, image_size=8)
+    got = embed_images(model, streamed.gallery.images, mem.mean, mem.std, batch_size=4, workers=2, image_size=8)
+    assert torch.equal(got, want)
 
 
 def test_csv_with_boxes_streams_like_memory(tmp_path, folder):
