@@ -17,7 +17,7 @@ from hvs.models.cost import count_flops
 from hvs.models.fastcnn import BLOCKS, FastCNNSupernet
 from hvs.models.ofa import ArchError, OFAMobileNetV3Supernet
 from hvs.models.supernets import create_supernet, list_supernets, supernet_entry
-from hvs.nas import LatencyTable, phase_plan, regularized_evolution
+from hvs.nas import LatencyTable, compare_latency, phase_plan, regularized_evolution
 from hvs.nas.common import SupernetCard, load_supernet, save_supernet
 from hvs.nas.latency import latency_units
 
@@ -242,6 +242,16 @@ def test_latency_table_predicts_for_the_fast_space(tmp_path):
     assert again.predict(archs[0]) == table.predict(archs[0]) and again.measured == 0  # reused from the file
 
 
+def test_table_and_measured_latency_agree_in_rank_on_the_fast_space():
+    net = _fast()
+    table = LatencyTable(net, 12, min_seconds=0.0, repeats=3)
+    small, large = net.min_arch(), net.max_arch()
+    rows = compare_latency(net, table, [small, large], min_seconds=0.02)
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in rows)
+    # the largest sub-network (fused blocks, 3 layers per stage) costs several times the smallest
+    assert rows[1]["predicted_ms"] > rows[0]["predicted_ms"] and rows[1]["measured_ms"] > rows[0]["measured_ms"]
+
+
 def test_onnx_runtime_latency_table_for_the_fast_space(tmp_path):
     pytest.importorskip("onnxruntime")
     net = _fast()
@@ -298,3 +308,13 @@ def test_train_search_export_through_the_cli_with_the_fast_space(tmp_path):
     model, _ = ckpt.load_model(tmp_path / "q")
     assert count_flops(model, (1, 12, 12)) == best["flops"]
     assert main(["nas", "info", "--supernet", str(tmp_path / "s")]) == 0
+    # the exported model ships like any other: ONNX export with parity checked against PyTorch
+    pytest.importorskip("onnxruntime")
+    onnx = ["export", "onnx", "--query-model", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx")]
+    assert main([*onnx, "--no-latency", "--json", str(tmp_path / "report.json")]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["export"]["parity"]
+    # weight inheritance: the largest and a budgeted sub-network as a pair of fast-cnn models
+    inherit = ["nas", "inherit", "--supernet", str(tmp_path / "s"), "--flops", str(budget), "--samples", "5"]
+    inherit += ["--bn-images", "32", "--out-gallery", str(tmp_path / "g2"), "--out-query", str(tmp_path / "q2")]
+    assert main(inherit) == 0
+    assert ckpt.read_card(tmp_path / "g2").model == ckpt.read_card(tmp_path / "q2").model == "fast-cnn"
