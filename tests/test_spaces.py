@@ -318,3 +318,13 @@ def test_train_search_export_through_the_cli_with_the_fast_space(tmp_path):
     inherit += ["--bn-images", "32", "--out-gallery", str(tmp_path / "g2"), "--out-query", str(tmp_path / "q2")]
     assert main(inherit) == 0
     assert ckpt.read_card(tmp_path / "g2").model == ckpt.read_card(tmp_path / "q2").model == "fast-cnn"
+
+
+def test_sandwich_rule_trains_each_spaces_smallest_sub_network():
+    from hvs.nas.train import _MinRng
+
+    fast = _fast()
+    assert fast.space.sample(_MinRng()) == fast.min_arch()
+    assert fast.space.sample(_MinRng(), elastic=["depth"]) == {**fast.max_arch(), "d": [1, 1, 1]}
+    ofa = create_supernet("ofa-mbv3", embed_dim=8, resolution_list=[16, 24])
+    assert ofa.space.sample(_MinRng()) == ofa.min_arch()

@@ -448,7 +448,9 @@ def _card(
 
 class _MinRng(random.Random):
     """A 'random' source that always picks the smallest choice (the sandwich rule's smallest
-    sub-network within the currently elastic dimensions)."""
+    sub-network within the currently elastic dimensions). Every space lists its choices in cost
+    order (OFA's sorted numbers; fast-cnn's blocks dw < plain < fused, SE off < on, relu <
+    h_swish), so the smallest is the first."""
 
     def choice(self, seq):  # type: ignore[override]
-        return min(seq, key=lambda v: (v is not None, v if v is not None else 0))
+        return seq[0]
