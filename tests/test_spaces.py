@@ -262,7 +262,6 @@ def test_onnx_runtime_latency_table_for_the_fast_space(tmp_path):
 
 
 SUPERNET_YAML = """
-space: fast-cnn
 embed_dim: 16
 supernet:
   stem_width: 8
@@ -276,14 +275,20 @@ val_fraction: 0.2
 """
 
 
-def test_train_search_export_through_the_cli_with_the_fast_space(tmp_path):
+def test_train_search_export_through_the_cli_with_the_fast_space(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(SUPERNET_YAML)
     g = ["train", "--model", "cnn-nano", "--data", DATA, "--epochs", "1", "--batch-size", "32", "--embed-dim", "16"]
     assert main([*g, "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     train = ["nas", "train-supernet", "--config", str(tmp_path / "s.yaml"), "--gallery", str(tmp_path / "g")]
+    train += ["--space", "fast-cnn"]
     assert main([*train, "--data", DATA, "--epochs", "1", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     card = json.loads((tmp_path / "s" / "config.json").read_text())
     assert card["space"] == "fast-cnn"
+    capsys.readouterr()
+    bad = [*train[:-1], "fast-cn", "--data", DATA, "--epochs", "1", "--out", str(tmp_path / "bad"), "--no-progress"]
+    assert main(bad) == 2 and not (tmp_path / "bad").exists()
+    err = capsys.readouterr().err.strip()
+    assert "unknown search space 'fast-cn'" in err and len(err.splitlines()) == 1
     net, _, _ = load_supernet(tmp_path / "s")
     budget = 0.5 * (net.flops(net.min_arch(), 12) + net.flops(net.max_arch(), 12))
     search = [
