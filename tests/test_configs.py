@@ -6,7 +6,7 @@ import pytest
 
 from hvs.losses import parse_compat
 from hvs.models import list_models
-from hvs.models.ofa import OFAMobileNetV3Supernet
+from hvs.models.supernets import create_supernet
 from hvs.nas.train import SupernetTrainConfig
 from hvs.train import load_config, read_mapping
 
@@ -26,5 +26,5 @@ def test_training_config_resolves(path):
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("nas")], ids=lambda p: p.name)
 def test_supernet_config_resolves(path):
     cfg = SupernetTrainConfig.from_dict({**read_mapping(path), "out": "unused"})
-    supernet = OFAMobileNetV3Supernet(in_chans=1, **cfg.supernet)
+    supernet = create_supernet(cfg.space, in_chans=1, **cfg.supernet)
     assert supernet.flops(supernet.min_arch(), 28) < supernet.flops(supernet.max_arch(), 28)

@@ -24,7 +24,17 @@ SHAPE = (3, 224, 224)
 TOLERANCE = 0.10  # relative, backbone against backbone (the embedding head is not counted)
 # hvs's own architectures: no timm / torchvision network to compare with (their large-input stem
 # is checked by the stride test below instead).
-NO_COUNTERPART = {"resnet8", "resnet14", "resnet20", "resnet32", "cnn-nano", "cnn-tiny", "cnn-small", "ofa-mbv3"}
+NO_COUNTERPART = {
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "cnn-nano",
+    "cnn-tiny",
+    "cnn-small",
+    "ofa-mbv3",
+    "fast-cnn",
+}
 
 
 def library_backbone(counterpart: str) -> nn.Module:

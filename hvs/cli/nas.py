@@ -25,6 +25,7 @@ _TRAIN_FLAGS = (
     "image_size",
     "gallery",
     "embed_dim",
+    "space",
     "bct_weight",
     "regress_weight",
     "compat",
@@ -178,11 +179,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"trained for gallery {card.gallery['model']} {card.gallery['fingerprint']} ({card.gallery['path']}), "
             f"BCT weight {card.bct_weight}, regression weight {card.regress_weight}"
         )
-    print(
-        f"space: kernel {list(space.ks_list)}, expand {list(space.expand_list)}, depth {list(space.depth_list)} "
-        f"x {space.num_stages} stages, width {list(space.width_mult_list)}, "
-        f"resolution {list(space.resolution_list) or 'native'}"
-    )
+    print(f"space {card.space}: {space.describe()}")
     for name, arch in (("smallest", space.min_arch()), ("largest", space.max_arch())):
         print(f"{name}: {model.flops(arch, card.image_size) / 1e6:.3f} MFLOPs  [{space.key(arch)}]")
     if args.arch:
@@ -217,6 +214,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--image-size", type=int)
     add_gallery_model_arg(t, help="frozen gallery model folder: adds the BCT influence loss")
     t.add_argument("--embed-dim", type=int, help="default: the gallery model's, else 128")
+    t.add_argument("--space", help="search space: ofa-mbv3 (default) or fast-cnn (dense, fused and depthwise blocks)")
     t.add_argument(
         "--supernet-arg",
         action="append",

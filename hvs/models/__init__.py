@@ -85,7 +85,7 @@ for _name, _widths, _cost in (
         f"plain CNN {'/'.join(map(str, _widths))}, {_cost} MFLOPs at 28 px (large inputs: strided stem)",
         resolution_aware=True,
     )(lambda in_chans=1, stem="small", _wd=_widths: bb.PlainCNN(_wd, in_chans, stem))
-from . import ofa  # noqa: E402,F401  registers ofa-mbv3
+from . import fastcnn, ofa  # noqa: E402,F401  register ofa-mbv3 and fast-cnn (models and supernets)
 
 __all__ = [
     "STANDARD_STEM_MIN_SIZE",

@@ -57,6 +57,7 @@ from torch import nn
 from ..errors import HVSError
 from ._registry import create_model, register_model
 from .embedding import EmbeddingModel
+from .supernets import register_supernet
 
 DEFAULT_SHAPE: dict[str, Any] = {
     "stem_width": 16,
@@ -277,6 +278,14 @@ class ArchSpace:
             slots = range(s * self.max_depth, s * self.max_depth + arch["d"][s])
             stages.append(" ".join(f"k{arch['ks'][j]}e{_fmt(arch['e'][j])}" for j in slots))
         return f"r{arch.get('r') or '-'} w{_fmt(arch.get('w', 1.0))} | " + " | ".join(stages)
+
+    def describe(self) -> str:
+        """The choice lists in one line (``hvs nas info``)."""
+        return (
+            f"kernel {list(self.ks_list)}, expand {list(self.expand_list)}, depth {list(self.depth_list)} "
+            f"x {self.num_stages} stages, width {list(self.width_mult_list)}, "
+            f"resolution {list(self.resolution_list) or 'native'}"
+        )
 
 
 ELASTIC_DIMS = {"kernel": "ks", "expand": "e", "depth": "d", "width": "w", "resolution": "r"}
@@ -759,6 +768,9 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
 
     ``config()`` is a JSON dict from which ``OFAMobileNetV3Supernet(**config)`` rebuilds it."""
 
+    space_name = "ofa-mbv3"  # in the supernet registry (hvs.models.supernets)
+    model_name = "ofa-mbv3"  # the registered static model of its sub-networks
+
     def __init__(
         self,
         embed_dim: int = 128,
@@ -841,7 +853,7 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
         """A standalone ``ofa-mbv3`` :class:`EmbeddingModel` with the active weights copied
         (kernel transforms applied, running statistics included), in the supernet's mode."""
         kwargs = self.subnet_kwargs()
-        sub = create_model("ofa-mbv3", embed_dim=self.embed_dim, in_chans=self.in_chans, **kwargs)
+        sub = create_model(self.model_name, embed_dim=self.embed_dim, in_chans=self.in_chans, **kwargs)
         own = dict(self.named_modules())
         for name, module in sub.named_modules():
             src = own[name]
@@ -887,6 +899,15 @@ def subnet_flops(
     conv(plan[-1]["cout"], final, 1, 1)
     total += 2 * final * shape["feature_width"] + 2 * shape["feature_width"] * embed_dim  # after pooling
     return int(total)
+
+
+register_supernet(
+    "ofa-mbv3",
+    OFAMobileNetV3Supernet,
+    model="ofa-mbv3",
+    elastic_dims=ELASTIC_DIMS,
+    description="Once-for-All MobileNetV3: depthwise MBConv, elastic kernel/expand/depth/width/resolution",
+)
 
 
 def load_arch(text_or_path: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from ..data import RetrievalData, create_dataset
 from ..embed import normalize_images
 from ..errors import HVSError
 from ..models.ofa import OFAMobileNetV3Supernet
+from ..models.supernets import DEFAULT_SPACE, create_supernet
 
 CONFIG = "config.json"
 WEIGHTS = "supernet.safetensors"
@@ -67,7 +68,7 @@ class InfeasibleBudget(NASError):
 class SupernetCard:
     """What ``config.json`` of a supernet folder holds."""
 
-    supernet: dict  # OFAMobileNetV3Supernet(**supernet)
+    supernet: dict  # create_supernet(space, **supernet)
     embed_dim: int
     in_chans: int
     image_size: int
@@ -90,6 +91,7 @@ class SupernetCard:
     epochs_done: int = 0
     fingerprint: str = ""  # of supernet.safetensors
     extra: dict = field(default_factory=dict)
+    space: str = DEFAULT_SPACE  # the search space (hvs.models.supernets); older cards: ofa-mbv3
 
     @property
     def kind(self) -> str:
@@ -131,7 +133,10 @@ def load_supernet(folder: str | os.PathLike) -> tuple[OFAMobileNetV3Supernet, to
     card = read_supernet_card(folder)
     if card.fingerprint and ckpt.file_fingerprint(folder / WEIGHTS) != card.fingerprint:
         raise NASError(f"{folder / WEIGHTS}: weights do not match the fingerprint in {CONFIG} (corrupt or replaced)")
-    model = OFAMobileNetV3Supernet(**card.supernet)
+    try:
+        model = create_supernet(card.space, **card.supernet)
+    except HVSError as e:
+        raise NASError(f"{folder / CONFIG}: {e}") from None
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     head = load_file(str(folder / HEAD))["weight"]
     return model.eval(), head, card

@@ -1,12 +1,13 @@
 """Sub-networks out of the supernet as ordinary model folders (CMP-NAS steps 5 and 6).
 
-* :func:`export_subnet`: the searched arch becomes a **query model** folder (``ofa-mbv3`` with
-  the arch in its ``model_kwargs``; role "query"; ``compatible_with`` = the gallery model's
-  fingerprint; classifier = the supernet's shared head), usable by ``hvs evaluate``,
-  ``hvs index`` and ``hvs search``. Its BatchNorm statistics are re-estimated on training
-  images first (Once-for-All, Cai et al. 2020). Optionally it is fine-tuned with the BCT loss
-  (Shen et al. 2020) against the frozen gallery classifier, which is CMP-NAS's last step (or with
-  any other mix of the trainer's compatibility losses, ``compat=["bct", "l2=1"]``).
+* :func:`export_subnet`: the searched arch becomes a **query model** folder (the space's static
+  model, ``ofa-mbv3`` or ``fast-cnn``, with the arch in its ``model_kwargs``; role "query";
+  ``compatible_with`` = the gallery model's fingerprint; classifier = the supernet's shared
+  head), usable by ``hvs evaluate``, ``hvs index`` and ``hvs search``. Its BatchNorm
+  statistics are re-estimated on training images first (Once-for-All, Cai et al. 2020).
+  Optionally it is fine-tuned with the BCT loss (Shen et al. 2020) against the frozen gallery
+  classifier, which is CMP-NAS's last step (or with any other mix of the trainer's
+  compatibility losses, ``compat=["bct", "l2=1"]``).
 * :func:`inherit`: **weight inheritance**, the first way to compatibility in the CMP-NAS paper
   (Duggal et al. 2021): the gallery model is the supernet's largest sub-network, the query
   model a smaller one with the *same* shared weights and no further training. ``hvs evaluate``
@@ -117,7 +118,7 @@ def export_subnet(
     )
     card_compat = [[name, w] for name, w in trained if w > 0]
     mcard = ckpt.ModelCard(
-        model="ofa-mbv3",
+        model=model.model_name,
         embed_dim=card.embed_dim,
         in_chans=card.in_chans,
         image_size=card.image_size,
@@ -152,7 +153,7 @@ def export_subnet(
                 out=str(out),
                 data=data.name,
                 protocol=card.protocol,
-                model="ofa-mbv3",
+                model=model.model_name,
                 model_kwargs=model.subnet_kwargs(arch),
                 embed_dim=card.embed_dim,
                 gallery=str(gallery),
@@ -177,7 +178,7 @@ def export_subnet(
         )
     ckpt.save_model_folder(out, sub, mcard, classifier=head.weight.detach())
     log(
-        f"saved query model ofa-mbv3 [{model.space.key(arch)}] {flops / 1e6:.3f} MFLOPs to {out} "
+        f"saved query model {model.model_name} [{model.space.key(arch)}] {flops / 1e6:.3f} MFLOPs to {out} "
         f"(fingerprint {mcard.fingerprint}, compatible with gallery {g_card.fingerprint})"
     )
     return mcard
@@ -236,7 +237,7 @@ def inherit(
         sub = recalibrate_bn(model.get_active_subnet(), bn, card.mean, card.std)
         flops_a = model.flops(a, card.image_size)
         mcard = ckpt.ModelCard(
-            model="ofa-mbv3",
+            model=model.model_name,
             embed_dim=card.embed_dim,
             in_chans=card.in_chans,
             image_size=card.image_size,
@@ -253,7 +254,7 @@ def inherit(
         )
         ckpt.save_model_folder(folder, sub, mcard, classifier=head_w)
         log(
-            f"saved {role} model ofa-mbv3 [{model.space.key(a)}] {flops_a / 1e6:.3f} MFLOPs to {folder} "
+            f"saved {role} model {model.model_name} [{model.space.key(a)}] {flops_a / 1e6:.3f} MFLOPs to {folder} "
             f"(fingerprint {mcard.fingerprint})"
         )
         cards.append(mcard)

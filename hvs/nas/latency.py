@@ -73,16 +73,25 @@ Unit = tuple[str, Callable[[], nn.Module], tuple[int, int, int]]
 
 
 def latency_units(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_size: int) -> list[Unit]:
-    """(key, module factory, input shape) of every unit of ``arch``, in order."""
+    """(key, module factory, input shape) of every unit of ``arch``, in order, for the supernet's space."""
+    space_name = getattr(supernet, "space_name", "ofa-mbv3")
+    if space_name not in _UNITS:
+        raise LatencyError(f"no latency units for the search space {space_name!r}")
+    return _UNITS[space_name](supernet, arch, image_size)
+
+
+def _resize_unit(in_chans: int, image_size: int, r: int | None) -> tuple[list[Unit], int]:
+    if r and r != image_size:
+        return [(f"resize:c{in_chans},{image_size}->{r}", lambda: _Resize(r), (in_chans, image_size, image_size))], r
+    return [], image_size
+
+
+def _ofa_units(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_size: int) -> list[Unit]:
     shape, space = supernet.shape, supernet.space
     arch = space.validate(arch)
     plan = _layer_plan(shape, space, arch)
-    in_chans, units = supernet.in_chans, []
-    res = image_size
-    r = arch.get("r")
-    if r and r != image_size:
-        units.append((f"resize:c{in_chans},{image_size}->{r}", lambda: _Resize(r), (in_chans, image_size, image_size)))
-        res = r
+    in_chans = supernet.in_chans
+    units, res = _resize_unit(in_chans, image_size, arch.get("r"))
     stem, stride = plan[0]["cin"], shape["stem_stride"]
     units.append(
         (
@@ -114,6 +123,53 @@ def latency_units(supernet: OFAMobileNetV3Supernet, arch: dict[str, Any], image_
     )
     return units
 
+
+class _FastHead(nn.Module):
+    """fast-cnn's head unit: [1x1 head conv], pooling, the embedding neck."""
+
+    def __init__(self, cin: int, head: int, embed_dim: int) -> None:
+        super().__init__()
+        self.head = _conv_bn_act(cin, head, 1, 1, "relu") if head else None
+        self.neck = nn.Linear(head or cin, embed_dim, bias=False)
+        self.bn = nn.BatchNorm1d(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            x = self.head(x)
+        return F.normalize(self.bn(self.neck(F.adaptive_avg_pool2d(x, 1).flatten(1))), dim=-1)
+
+
+def _fast_units(supernet, arch: dict[str, Any], image_size: int) -> list[Unit]:
+    """fast-cnn: resize, stem, one unit per layer (block type, widths, expand, stride, act, SE,
+    residual, resolution), head."""
+    from ..models import fastcnn
+
+    shape, in_chans = supernet.shape, supernet.in_chans
+    arch = supernet.space.validate(arch)
+    units, res = _resize_unit(in_chans, image_size, arch.get("r"))
+    stem, stride = fastcnn.stem_width(shape, arch), shape["stem_stride"]
+    units.append(
+        (
+            f"fstem:c{in_chans}->{stem},s{stride},res{res}",
+            lambda: _conv_bn_act(in_chans, stem, 3, stride, "relu"),
+            (in_chans, res, res),
+        )
+    )
+    res = -(-res // stride)
+    for p in fastcnn.layer_plan(shape, arch):
+        e = "" if p["block"] == "plain" else f",e{p['e']}"
+        key = (
+            f"{p['block']}:{p['cin']}->{p['cout']}{e},s{p['stride']},{p['act']},se{int(p['se'])},"
+            f"skip{int(p['residual'])},res{res}"
+        )
+        units.append((key, lambda p=p: fastcnn.FastBlock(p, shape["divisor"]), (p["cin"], res, res)))
+        res = -(-res // p["stride"])
+    cin, head, dim = fastcnn.layer_plan(shape, arch)[-1]["cout"], shape["head_width"], supernet.embed_dim
+    units.append((f"fhead:{cin}->{head}->{dim},res{res}", lambda: _FastHead(cin, head, dim), (cin, res, res)))
+    return units
+
+
+_UNITS = {"ofa-mbv3": _ofa_units, "fast-cnn": _fast_units}
 
 RUNTIMES = ("torch", "ort", "ort-int8")
 

@@ -49,9 +49,11 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from ..data import RetrievalData
+from ..errors import HVSError
 from ..losses import MarginHead, create_compat_loss, parse_compat
 from ..models import stem_for
 from ..models.ofa import ELASTIC_DIMS, OFAMobileNetV3Supernet, default_resolution_list, stem_stride
+from ..models.supernets import DEFAULT_SPACE, create_supernet, supernet_entry
 from ..training import core
 from ..training.core import Batches, hooks, make_optimizer  # noqa: F401  (hooks: the test seam, shared)
 from ..training.gallery import CompatTerms, FrozenGallery, build_compat_terms, check_gallery_card, renormalizer
@@ -80,7 +82,8 @@ class SupernetTrainConfig:
     data_seed: int = 0
     gallery: str | None = None  # frozen gallery model folder: makes the supernet compatibility-aware
     embed_dim: int | None = None  # default: the gallery model's, else 128
-    supernet: dict = field(default_factory=dict)  # OFAMobileNetV3Supernet kwargs: shape and choice lists
+    space: str = DEFAULT_SPACE  # the search space (hvs.models.supernets): ofa-mbv3 | fast-cnn
+    supernet: dict = field(default_factory=dict)  # the space's supernet kwargs: shape and choice lists
     bct_weight: float = 1.0  # lambda of the BCT influence loss (needs --gallery)
     regress_weight: float = 0.0  # weight of feature regression onto the gallery embedding (needs --gallery)
     compat: list[str] = field(default_factory=list)  # further compatibility losses, e.g. ["simdist=1"]
@@ -116,17 +119,20 @@ class SupernetTrainConfig:
 
 
 def phase_plan(
-    progressive: list[str], epochs: int, phase_epochs: list[int] | None = None
+    progressive: list[str], epochs: int, phase_epochs: list[int] | None = None, dims: dict | None = None
 ) -> list[tuple[str, int, list[str] | None]]:
     """[(phase name, epochs, elastic dimensions or None for all)] for the whole run.
 
     ``full`` trains only the largest sub-network (elastic = []); each later phase adds its
-    dimension to those already elastic; dimensions never named are always elastic."""
+    dimension to those already elastic; dimensions never named are always elastic. ``dims``: the
+    space's elastic dimensions (default OFA's)."""
+    dims = ELASTIC_DIMS if dims is None else dims
     if not progressive:
         return [("all", epochs, None)]
-    bad = [p for p in progressive if p not in PHASES]
+    phases = ("full", *dims)
+    bad = [p for p in progressive if p not in phases]
     if bad or len(set(progressive)) != len(progressive):
-        raise NASError(f"progressive phases must be distinct names from {', '.join(PHASES)}; got {progressive}")
+        raise NASError(f"progressive phases must be distinct names from {', '.join(phases)}; got {progressive}")
     if "full" in progressive and progressive[0] != "full":
         raise NASError("progressive shrinking starts with the full network: put 'full' first")
     n = len(progressive)
@@ -140,7 +146,7 @@ def phase_plan(
         if epochs < n:
             raise NASError(f"progressive shrinking with {n} phases needs at least {n} epochs, got {epochs}")
         counts = [epochs // n + (1 if i >= n - epochs % n else 0) for i in range(n)]  # later phases get the rest
-    always = [d for d in ELASTIC_DIMS if d not in progressive]
+    always = [d for d in dims if d not in progressive]
     plan, named = [], []
     for name, count in zip(progressive, counts):
         if name == "full":
@@ -330,7 +336,11 @@ def _check_options(cfg: SupernetTrainConfig) -> tuple[set[str], list]:
         raise NASError("compatibility losses need a frozen gallery model: pass --gallery DIR")
     if {name for name, _ in extra} & {"bct", "l2"}:
         raise NASError("give BCT and regression by --bct-weight and --regress-weight, not --compat")
-    return aug, phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs)
+    try:
+        dims = supernet_entry(cfg.space).elastic_dims
+    except HVSError as e:
+        raise NASError(str(e)) from None
+    return aug, phase_plan(cfg.progressive, cfg.epochs, cfg.phase_epochs, dims)
 
 
 def _training_set(
@@ -393,8 +403,8 @@ def _build(
         **cfg.supernet,
     }
     try:
-        model = OFAMobileNetV3Supernet(embed_dim=embed_dim, in_chans=in_chans, **kwargs)
-    except TypeError as e:
+        model = create_supernet(cfg.space, embed_dim=embed_dim, in_chans=in_chans, **kwargs)
+    except HVSError as e:
         raise NASError(f"bad supernet argument: {e}") from None
     head = MarginHead(embed_dim, n_classes, cfg.loss, cfg.scale, cfg.margin)
     if cfg.channels_last:
@@ -432,12 +442,15 @@ def _card(
         scale=cfg.scale,
         margin=cfg.margin,
         epochs=cfg.epochs,
+        space=cfg.space,
     )
 
 
 class _MinRng(random.Random):
     """A 'random' source that always picks the smallest choice (the sandwich rule's smallest
-    sub-network within the currently elastic dimensions)."""
+    sub-network within the currently elastic dimensions). Every space lists its choices in cost
+    order (OFA's sorted numbers; fast-cnn's blocks dw < plain < fused, SE off < on, relu <
+    h_swish), so the smallest is the first."""
 
     def choice(self, seq):  # type: ignore[override]
-        return min(seq, key=lambda v: (v is not None, v if v is not None else 0))
+        return seq[0]
