@@ -79,6 +79,8 @@ KIND_LABEL = {
 class Runner(ProfileStages):
     """The benchmark's stages of one dataset and profile, seed by seed."""
 
+    space_model = "ofa-mbv3"  # the supernet's space (its sub-networks' model), set once it is loaded
+
     # -- one seed ---------------------------------------------------------------------------
     def run_seed(self, seed: int) -> dict:
         self.seed = seed
@@ -146,6 +148,7 @@ class Runner(ProfileStages):
             from hvs.nas.common import load_supernet
 
             sn, _, scard = load_supernet(supernet)
+            self.space_model = sn.model_name  # the static model of the space's sub-networks (ofa-mbv3, fast-cnn)
             smallest = float(sn.flops(sn.space.min_arch(), scard.image_size))
             largest = float(sn.flops(sn.space.max_arch(), scard.image_size))
             results["meta"]["supernet_flops_range"] = [smallest, largest]
@@ -176,7 +179,7 @@ class Runner(ProfileStages):
                         kind = "cmp-nas" if reward == "hetero" else f"nas-{reward}"
                         results["evals"][name] = {
                             "kind": kind,
-                            "arch": f"ofa-mbv3 [{best['key']}]",
+                            "arch": f"{self.space_model} [{best['key']}]",
                             "budget_ratio": ratio,
                             "budget_flops": limit,
                             "search": best,
@@ -189,7 +192,7 @@ class Runner(ProfileStages):
                     if mk is not None and self.train(
                         "nas",
                         ind_folder,
-                        model="ofa-mbv3",
+                        model=self.space_model,
                         model_kwargs=mk,
                         role="query",
                         compat=[],
@@ -200,7 +203,7 @@ class Runner(ProfileStages):
                         if r is not None:
                             results["evals"][ind_folder.name] = {
                                 "kind": "nas-independent",
-                                "arch": f"ofa-mbv3 [{best['key']}]",
+                                "arch": f"{self.space_model} [{best['key']}]",
                                 "twin_of": name,
                                 "budget_ratio": ratio,
                                 "budget_flops": limit,
@@ -293,7 +296,7 @@ class Runner(ProfileStages):
                 if r is not None:
                     results["evals"][name] = {
                         "kind": "cmp-nas-latency",
-                        "arch": f"ofa-mbv3 [{best['key']}]",
+                        "arch": f"{self.space_model} [{best['key']}]",
                         "latency_ratio": ratio,
                         "budget_latency_ms": limit,
                         "paragon_latency_ms": par_ms,
@@ -321,7 +324,7 @@ class Runner(ProfileStages):
             key = ckpt.read_card(q_out).extra["nas"]["arch_key"]
             results["evals"][folder.name] = {
                 "kind": "weight-inheritance",
-                "arch": f"ofa-mbv3 [{key}]",
+                "arch": f"{self.space_model} [{key}]",
                 "budget_ratio": ratio,
                 "budget_flops": limit,
                 "supernet": which,
@@ -557,7 +560,8 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
         else:
             vals = [r["metrics"][m0]["q->g"] for r in rs]
             size = key[1] if key[0] not in ("offshelf-bct", "offshelf-independent") else "-"
-            arch = key[1] if key[0] in ("offshelf-bct", "offshelf-independent") else "ofa-mbv3 @ " + size
+            space = rs[0]["arch"].split(" [")[0]  # the space's model name, e.g. ofa-mbv3
+            arch = key[1] if key[0] in ("offshelf-bct", "offshelf-independent") else f"{space} @ {size}"
             holds = sum(bool((r["metrics"][m0].get("criterion") or {}).get("holds")) for r in rs)
             cells = [
                 KIND_LABEL.get(key[0], key[0]),
