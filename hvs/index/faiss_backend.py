@@ -42,7 +42,11 @@ Why these choices:
   modified in place (removal is a tombstone until compaction), so HNSW, which cannot remove, needs
   no special case, and the base can be memory-mapped.
 * **The raw vectors are kept** (``vectors.npy``, memory-mapped: no RAM until read) because
-  compaction rebuilds the FAISS index and PQ codes are lossy; ``rebuild()`` retrains from them.
+  compaction rebuilds the FAISS index and PQ codes are lossy; ``rebuild()`` retrains from them,
+  and the search param ``rerank`` (``meta={"search_params": {"nprobe": 32, "rerank": 8}}`` at
+  creation) re-scores ``rerank * k`` compressed candidates with them, exactly. Compaction of a
+  trained IVF base with no removals keeps its inverted lists and encodes only the log's vectors;
+  otherwise it re-adds every vector to the trained (empty) index kept in ``trained.faiss``.
 * **Past RAM.** ``mmap=True`` at creation (sidecar ``"mmap": true``, or ``open_index(spec,
   mmap=True)``) opens ``index.faiss`` memory-mapped read-only (FAISS ``IO_FLAG_MMAP`` for IVF
   inverted lists, ``IO_FLAG_MMAP_IFC`` for flat codes), and item records are read by offset from
