@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ram-n", type=int, default=1_000_000)
     p.add_argument("--ram-factory", default="IVF1024,PQ16")
     p.add_argument("--ram-queries", type=int, default=1000)
-    p.add_argument("--ram-rerank", type=int, default=8, help="search param rerank (1: PQ scores as they are)")
+    p.add_argument("--ram-rerank", type=int, default=32, help="search param rerank (1: PQ scores as they are)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: writes,search,ram")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args(argv)
