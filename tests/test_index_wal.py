@@ -214,10 +214,22 @@ def test_ivf_compaction_keeps_its_training_and_rebuild_retrains_like_a_fresh_bui
             index.add(x[:2])
         index.add(x[:300])  # enough to train: trained by the automatic compaction
         assert index.info()["version"] == "v000002" and (tmp_path / "i" / "v000002" / fb.TRAINED).is_file()
-        index.add(x[300:])
+        assert index.meta["search_params"]["nprobe"] == 4  # every list: exact, so comparable to numpy
+
+        def exact_ok():
+            live = index.ids()
+            vecs = index.vectors(live)
+            np.testing.assert_array_equal(index.search(q, k=10)[1], live[np.argsort(-(q @ vecs.T), axis=1)[:, :10]])
+
+        index.add(x[300:350])
+        index.compact()  # in place: the base's lists keep their codes, only the log's vectors are added
+        exact_ok()
+        index.add(x[350:])
         index.remove([0, 350])
-        index.compact()
-        assert len(index) == 398
+        index.replace([5], x[:1], "sha256:m")
+        index.compact()  # removals: every vector re-added to the trained lists
+        exact_ok()
+        assert len(index) == 398 and index.records([5])[0]["model"] == "sha256:m"
         index.rebuild()
         got = index.search(q, k=10)
         live = index.ids()

@@ -24,7 +24,12 @@ Conventions every backend keeps (and the tests check on each one):
   ``stale()`` cheaply says whether a newer one was committed since (by another process: the
   CLI, another service) and ``refresh()`` loads it. A long-lived reader such as the search
   service calls them per request, so a removal from the command line is enforced at once.
-* **Real removal.** ``remove`` deletes the vectors: the count drops and they are never returned.
+* **Real removal.** ``remove`` takes the items out: the count drops and they are never returned.
+  (``faiss:DIR`` records a tombstone in its log; the bytes leave its files at the next
+  ``compact()``, automatic past a size ratio, or ``hvs index compact``.)
+* **Per-item gallery model.** Each item records the fingerprint of the model that embedded it
+  (``records()[i]["model"]``; None for items added before this existed); ``model_counts()``,
+  ``ids(exclude_model=...)`` and ``replace()`` let a newer gallery model take over item by item.
 * **Self-describing sidecar** (``meta``): dim, metric, normalisation, factory string, count,
   next_id, created/updated times, hvs version, plus whatever the caller passes in ``meta`` at
   creation: by convention ``gallery_model`` (name and weights fingerprint of the model that made

@@ -42,7 +42,11 @@ Why these choices:
   modified in place (removal is a tombstone until compaction), so HNSW, which cannot remove, needs
   no special case, and the base can be memory-mapped.
 * **The raw vectors are kept** (``vectors.npy``, memory-mapped: no RAM until read) because
-  compaction rebuilds the FAISS index and PQ codes are lossy; ``rebuild()`` retrains from them.
+  compaction rebuilds the FAISS index and PQ codes are lossy; ``rebuild()`` retrains from them,
+  and the search param ``rerank`` (``meta={"search_params": {"nprobe": 32, "rerank": 8}}`` at
+  creation) re-scores ``rerank * k`` compressed candidates with them, exactly. Compaction of a
+  trained IVF base with no removals keeps its inverted lists and encodes only the log's vectors;
+  otherwise it re-adds every vector to the trained (empty) index kept in ``trained.faiss``.
 * **Past RAM.** ``mmap=True`` at creation (sidecar ``"mmap": true``, or ``open_index(spec,
   mmap=True)``) opens ``index.faiss`` memory-mapped read-only (FAISS ``IO_FLAG_MMAP`` for IVF
   inverted lists, ``IO_FLAG_MMAP_IFC`` for flat codes), and item records are read by offset from
@@ -953,7 +957,8 @@ class FaissGalleryIndex(GalleryIndex):
             _warn_once(
                 (str(root), base.version, "torn", str(tail.end)),
                 f"index {root}: {base.version}/{WAL_NAME} ends in {tail.torn} byte(s) that are not a "
-                f"complete record (a write killed before it was acknowledged): ignored",
+                "complete record (a write killed before it was acknowledged, or one still being written): "
+                "ignored",
             )
         self = cls(root, base, mmap)
         self._delta, self._current_key, self._wal_seen = delta, key, tail.size
@@ -1532,21 +1537,37 @@ class FaissGalleryIndex(GalleryIndex):
         # The FAISS index: fresh for factories that need no training, else the trained template.
         names = list(FILES)
         index = make_index(self.dim, factory)
+        incremental = False
         if not index.is_trained:
             template = b.meta.get("trained") and (self.root / b.version / TRAINED)
             if not retrain and factory == old_factory and template and template.is_file():
-                index = faiss.read_index(str(template))
+                if b.count and not d.tombstones and _is_ivf(self.dim, factory):
+                    # Inverted lists of a trained IVF index take additions in place: keep the
+                    # base's codes and encode only the log's vectors. Not with removals:
+                    # IndexIDMap2.remove_ids renumbers its id map, which IVF lists (unlike Flat)
+                    # do not follow, so ids would shift; then everything is re-added below.
+                    index = faiss.read_index(str(self.root / b.version / "index.faiss"))
+                    incremental = True
+                    _write_faiss(tmp / TRAINED, faiss.read_index(str(template)))
+                else:
+                    index = faiss.read_index(str(template))
             elif n:
                 train_if_needed(index, _train_sample(vectors, min_train_size(index)), factory)
-            if index.is_trained:
+            if index.is_trained and not incremental:
                 _write_faiss(tmp / TRAINED, index)
+            if index.is_trained:
                 names.append(TRAINED)
         params = meta.get("search_params") if factory == old_factory else None
         params = default_search_params(index) if params is None else params
         apply_search_params(index, params)
-        if n:
+        if incremental:
+            if len(delta_rows):
+                index.add_with_ids(np.ascontiguousarray(dv[delta_rows]), d.ids[delta_rows])
+        elif n:
             for sl, block in chunks():
                 index.add_with_ids(block, all_ids[sl])
+        if index.ntotal != n:
+            raise IndexStoreError(f"compaction of {self.root}: the new FAISS index holds {index.ntotal} of {n} items")
         _write_faiss(tmp / "index.faiss", index)
         meta.update(
             format=FORMAT,
