@@ -17,6 +17,8 @@ except ImportError:
     HAVE_MILVUS = False
 
 FP_OLD, FP_NEW = "sha256:old", "sha256:new"
+# both gallery models known to the index (storage refuses vectors of a model it does not know)
+META = {"gallery_model": {"fingerprint": FP_OLD}, "gallery_models": {FP_NEW: {"model": "new"}}}
 
 
 def unit(seed: int, n: int, d: int = 8) -> np.ndarray:
@@ -26,7 +28,7 @@ def unit(seed: int, n: int, d: int = 8) -> np.ndarray:
 
 @pytest.fixture
 def index(tmp_path):
-    idx = open_index(f"faiss:{tmp_path / 'i'}", create=True, dim=8, meta={"gallery_model": {"fingerprint": FP_OLD}})
+    idx = open_index(f"faiss:{tmp_path / 'i'}", create=True, dim=8, meta=META)
     yield idx
     idx.close()
 
@@ -35,7 +37,7 @@ def index(tmp_path):
 def test_model_is_recorded_per_item_and_replace_swaps_vectors_and_model(tmp_path, factory):
     spec = f"faiss:{tmp_path / 'i'}"
     x = unit(1, 10)
-    with open_index(spec, create=True, dim=8, factory=factory, meta={"gallery_model": {"fingerprint": FP_OLD}}) as ix:
+    with open_index(spec, create=True, dim=8, factory=factory, meta=META) as ix:
         ix.add(x[:6], labels=[f"l{i}" for i in range(6)], sources=[f"s{i}" for i in range(6)])  # default model
         ix.add(x[6:], labels=["n"] * 4, model=FP_NEW)
         assert ix.records([0, 7]) == [

@@ -393,3 +393,22 @@ def test_a_batch_waits_for_another_writers_lock(world, tmp_path, monkeypatch):
         assert held and report.complete and report.replaced == report.todo
     held[0].join()
     other.close()
+
+
+def test_storage_refuses_a_vector_from_a_gallery_model_the_index_does_not_know(tmp_path):
+    """The last line of defence below the pairing rule: add and replace with an unregistered
+    fingerprint are one-line errors and write nothing; the registered and the primary model pass."""
+    from hvs.index.faiss_backend import FaissGalleryIndex
+
+    rng = np.random.default_rng(0)
+    meta = {"gallery_model": {"model": "g1", "fingerprint": "aaaa"}, "gallery_models": {"bbbb": {"model": "g2"}}}
+    index = FaissGalleryIndex.create(str(tmp_path / "ix"), dim=8, factory="Flat", meta=meta)
+    ids = index.add(rng.standard_normal((3, 8)).astype(np.float32))  # the primary model, by default
+    index.add(rng.standard_normal((1, 8)).astype(np.float32), model="bbbb")  # registered
+    with pytest.raises(IndexStoreError, match=r"gallery model cccc is not one it knows \(aaaa \(g1\), bbbb \(g2\)\)"):
+        index.add(rng.standard_normal((2, 8)).astype(np.float32), model="cccc")
+    with pytest.raises(IndexStoreError, match="gallery model cccc is not one it knows"):
+        index.replace(ids[:1], rng.standard_normal((1, 8)).astype(np.float32), model="cccc")
+    index.close()
+    again = open_index(f"faiss:{tmp_path / 'ix'}")
+    assert len(again) == 4 and again.model_counts() == {"aaaa": 3, "bbbb": 1}

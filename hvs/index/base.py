@@ -318,6 +318,21 @@ def check_model(model: Any) -> str | None:
     return model
 
 
+def check_known_model(meta: dict, model: str | None, where: Any) -> None:
+    """A vector's gallery model must be one the index knows (:func:`hvs.compat.gallery_models`: its
+    registry and its primary model); an index that records no gallery model takes any."""
+    from ..compat import gallery_models  # the registry's one reader
+
+    known = gallery_models(meta)
+    if model is None or not known or model in known:
+        return
+    names = ", ".join(f"{fp} ({(e.get('model') or '?')})" for fp, e in sorted(known.items()))
+    raise IndexStoreError(
+        f"index {where}: gallery model {model} is not one it knows ({names}); add with a gallery model trained "
+        "compatible with one of them (hvs index add --gallery-model DIR registers it)"
+    )
+
+
 def default_model(meta: dict) -> str | None:
     """The fingerprint ``add`` records when the caller gives none: the sidecar's gallery model."""
     g = meta.get("gallery_model")

@@ -95,6 +95,7 @@ from .base import (
     as_ids,
     as_matrix,
     as_texts,
+    check_known_model,
     check_meta,
     check_meta_patch,
     check_model,
@@ -1221,6 +1222,7 @@ class FaissGalleryIndex(GalleryIndex):
                         f"{have + n}: add at least {need} in the first write, or use 'Flat'"
                     )
             item_model = model if model is not None else default_model(self._meta_now())
+            check_known_model(self._meta_now(), item_model, self.root)
             op = {"op": "add", "ids": new.tolist(), "labels": labels, "sources": sources, "model": item_model}
             self._log(op, x)
         self._after_write()
@@ -1257,6 +1259,7 @@ class FaissGalleryIndex(GalleryIndex):
                 )
             if not len(want):
                 return 0
+            check_known_model(self._meta_now(), model, self.root)
             labels, sources = [], []
             d = self._delta
             for br, dr in zip(base_rows.tolist(), delta_rows.tolist()):
