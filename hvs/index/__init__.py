@@ -26,7 +26,15 @@ from __future__ import annotations
 
 import os
 
-from .base import GalleryIndex, IndexStoreError, backend_class, list_backends, parse_spec, register_backend
+from .base import (
+    GalleryIndex,
+    IndexLockedError,
+    IndexStoreError,
+    backend_class,
+    list_backends,
+    parse_spec,
+    register_backend,
+)
 from .build import build_index
 
 register_backend("faiss", "hvs.index.faiss_backend:FaissGalleryIndex")
@@ -63,4 +71,12 @@ def open_index(
     return cls.open(location, **extra)
 
 
-__all__ = ["GalleryIndex", "IndexStoreError", "build_index", "list_backends", "open_index", "register_backend"]
+__all__ = [
+    "GalleryIndex",
+    "IndexLockedError",
+    "IndexStoreError",
+    "build_index",
+    "list_backends",
+    "open_index",
+    "register_backend",
+]

@@ -49,7 +49,7 @@ import torch
 
 from ..compat import primary_patch
 from ..gallery import embed_gallery_images, load_gallery_encoder, register_gallery_model
-from .base import GalleryIndex, IndexStoreError
+from .base import GalleryIndex, IndexLockedError, IndexStoreError
 
 MAX_LISTED_MISSING = 20
 LOCK_WAIT_S = 10.0  # how long a batch waits for another writer's lock before giving up (rerun resumes)
@@ -234,7 +234,7 @@ def _backfill(
 
 
 def _locked(e: IndexStoreError) -> bool:
-    return "locked by another writer" in str(e)  # the FAISS backend's wording (no subclass of its own)
+    return isinstance(e, IndexLockedError)
 
 
 def _replace(index: GalleryIndex, ids: np.ndarray, emb: np.ndarray, fp: str) -> int:

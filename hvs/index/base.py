@@ -91,6 +91,10 @@ class IndexStoreError(HVSError):
     """
 
 
+class IndexLockedError(IndexStoreError):
+    """Another writer holds the index's writer lock (a caller may wait and retry)."""
+
+
 def hvs_version() -> str:
     try:
         from importlib.metadata import version

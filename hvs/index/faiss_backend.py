@@ -90,6 +90,7 @@ from ..errors import HVSWarning
 from .base import (
     METRIC,
     GalleryIndex,
+    IndexLockedError,
     IndexStoreError,
     RWLock,
     as_ids,
@@ -1095,7 +1096,7 @@ class FaissGalleryIndex(GalleryIndex):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise IndexStoreError(f"index {self.root} is locked by another writer (pid {holder})") from None
+                raise IndexLockedError(f"index {self.root} is locked by another writer (pid {holder})") from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
