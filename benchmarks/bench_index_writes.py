@@ -1,5 +1,5 @@
 """What a write to a ``faiss:DIR`` index costs, how searches fare while writes and a compaction
-run, and a gallery past RAM (issue #14). Synthetic 128-d unit vectors, Flat unless said.
+run, and a gallery past RAM. Synthetic 128-d unit vectors, Flat unless said.
 
     python benchmarks/bench_index_writes.py                              # 10k, 100k; past RAM at 1M
     python benchmarks/bench_index_writes.py --sizes 10000,100000,1000000 --ram-n 10000000
