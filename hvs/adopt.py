@@ -33,7 +33,6 @@ the data's channels.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -47,6 +46,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import fileio
 from .errors import HVSError
+from .fileio import sha256_file
 
 KIND_ONNX, KIND_WEIGHTS = "onnx", "weights"
 
@@ -335,11 +335,7 @@ def _probe(module: nn.Module, shape: tuple[int, int, int], where: Path) -> int:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _check_out(out: Path) -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from . import fileio
 from .errors import HVSError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, sha256_file
 from .models import EmbeddingModel, create_model
 
 CONFIG = "config.json"
@@ -83,11 +83,8 @@ def hvs_version() -> str:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """The first 64 bits (16 hex digits) of a file's SHA-256."""
+    return sha256_file(path)[:16]
 
 
 @dataclass

@@ -336,6 +336,26 @@ def _calibration_split(card: ckpt.ModelCard, spec: str | None, protocol: str | N
         return create_dataset(spec, protocol=protocol, image_size=card.image_size, channels=card.in_chans), spec
 
 
+def quantize_qdq(src: str | os.PathLike, dst: str | os.PathLike, reader: Any) -> None:
+    """hvs's one int8 recipe: static QDQ quantization of ``src`` into ``dst``, int8 per-channel weights,
+    uint8 activations, MinMax calibration on the batches ``reader`` (an ORT ``CalibrationDataReader``)
+    yields. Used by :func:`quantize_onnx_int8` and by the int8 latency tables of the search."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet():
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+
+
 def quantize_onnx_int8(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -352,13 +372,7 @@ def quantize_onnx_int8(
     with the fp32 file on up to 256 query-split images it was not calibrated on. Written
     atomically with the same metadata plus a ``quantization`` entry. Returns the report."""
     onnx, _ = import_onnx()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, out = Path(fp32_path), Path(out_path)
@@ -395,17 +409,7 @@ def quantize_onnx_int8(
         # ONNX shape inference + ORT graph optimisation; ORT's symbolic shape inference cannot
         # follow the Expand of the L2 normalisation, and static shapes are all it would add here.
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepped),
-            str(quant),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"CalibTensorRangeSymmetric": False},
-        )
+        quantize_qdq(prepped, quant, _Reader())
         proto = onnx.load(str(quant))
     method = {
         "format": "QDQ",

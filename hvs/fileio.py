@@ -10,6 +10,7 @@ Kept free of heavy imports so the index and data packages can use it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -130,3 +131,13 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[Path], T]) -> T:
     _fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return result
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks: the one digest every checksum hvs records uses
+    (model fingerprints are its first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

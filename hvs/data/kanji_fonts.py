@@ -80,7 +80,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, sha256_file
 from .base import SPLITS, DataError, RetrievalData, Split
 from .images import channel_stats
 from .registry import register_source
@@ -430,11 +430,7 @@ def render_glyph(font, char: str, size: int, jitter: float = 0.0, jitter_key: in
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _probe_chars() -> list[str]:

@@ -41,7 +41,6 @@ Backends register by spec prefix (``faiss:DIR``, ``milvus:URI``): see ``hvs.inde
 from __future__ import annotations
 
 import abc
-import hashlib
 import importlib
 import json
 import os
@@ -56,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import HVSError
+from ..fileio import sha256_file  # noqa: F401  (re-exported: index versions and build shards record it)
 
 METRIC = "ip"
 # Keys hvs writes into the sidecar itself; a caller's ``meta`` may repeat them only with the
@@ -272,15 +272,6 @@ def check_k(k: int) -> int:
 def result_width(k: int, count: int) -> int:
     """Columns a search returns for ``k`` on an index of ``count`` items (see the module docstring)."""
     return min(k, max(count, MAX_PADDED_K))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (what index versions and build shards record)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def padded(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:

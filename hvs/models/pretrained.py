@@ -24,7 +24,6 @@ The rules (:func:`load_pretrained`):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import HVSError
+from ..fileio import sha256_file
 from .embedding import EmbeddingModel
 
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.", "last_linear.")
@@ -45,11 +45,7 @@ class PretrainedError(HVSError):
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The full SHA-256 (hex) of a file: what a model folder records of its pretrained weights."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -206,8 +206,11 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
 
 
 def _int8_bytes(fp32: bytes, example: torch.Tensor) -> bytes:
-    """Static QDQ int8 (per-channel weights, uint8 activations, MinMax), as hvs.export quantizes."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """The graph quantized as ``hvs export onnx --int8`` quantizes (:func:`hvs.export.quantize_qdq`),
+    calibrated on random inputs: latency does not depend on the calibration's values."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from ..export import quantize_qdq
 
     rng = np.random.default_rng(0)
     batches = iter([{"x": rng.standard_normal(tuple(example.shape)).astype(np.float32)} for _ in range(4)])
@@ -219,26 +222,7 @@ def _int8_bytes(fp32: bytes, example: torch.Tensor) -> bytes:
     with tempfile.TemporaryDirectory(prefix="hvs-lat-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
-        import logging
-        import warnings
-
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_static(
-                    str(src),
-                    str(dst),
-                    _Reader(),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                )
-        finally:
-            root.setLevel(level)
+        quantize_qdq(src, dst, _Reader())
         return dst.read_bytes()
 
 
