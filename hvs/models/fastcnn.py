@@ -59,7 +59,7 @@ from .ofa import (
     make_divisible,
     stem_stride,
 )
-from .supernets import register_supernet
+from .supernets import ElasticSupernet, register_supernet
 
 BLOCKS = ("dw", "plain", "fused")  # in order of cost at equal settings: min_arch takes the first
 ACTS = ("relu", "h_swish")
@@ -556,7 +556,7 @@ class DynamicFastCNN(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-class FastCNNSupernet(EmbeddingModel):
+class FastCNNSupernet(ElasticSupernet):
     """The ``fast-cnn`` supernet; ``config()`` is a JSON dict from which ``FastCNNSupernet(**config)``
     rebuilds it. Same interface as :class:`hvs.models.ofa.OFAMobileNetV3Supernet`."""
 
@@ -614,32 +614,6 @@ class FastCNNSupernet(EmbeddingModel):
             "resolution_list": list(sp.resolution_list),
             **self.shape,
         }
-
-    def max_arch(self) -> dict[str, Any]:
-        return self.space.max_arch()
-
-    def min_arch(self) -> dict[str, Any]:
-        return self.space.min_arch()
-
-    @property
-    def active_arch(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.backbone.active_arch))
-
-    def set_active_subnet(self, arch: dict[str, Any]) -> None:
-        self.backbone.set_active_subnet(arch)
-
-    def sample_active_subnet(
-        self, rng: random.Random | int | None = None, elastic: Sequence[str] | None = None
-    ) -> dict[str, Any]:
-        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
-        arch = self.space.sample(rng, elastic)
-        self.set_active_subnet(arch)
-        return arch
-
-    def subnet_kwargs(self, arch: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``model_kwargs`` of the ``fast-cnn`` model of ``arch`` (default: the active one)."""
-        arch = self.space.canonical(self.space.validate(self.active_arch if arch is None else arch))
-        return {"arch": arch, **self.shape}
 
     @torch.no_grad()
     def get_active_subnet(self) -> EmbeddingModel:

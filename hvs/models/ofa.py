@@ -57,7 +57,7 @@ from torch import nn
 from ..errors import HVSError
 from ._registry import create_model, register_model
 from .embedding import EmbeddingModel
-from .supernets import register_supernet
+from .supernets import ElasticSupernet, register_supernet
 
 DEFAULT_SHAPE: dict[str, Any] = {
     "stem_width": 16,
@@ -763,7 +763,7 @@ class DynamicMobileNetV3(nn.Module):
         return self.feature_mix(self.pool(self.final_expand(x))).flatten(1)
 
 
-class OFAMobileNetV3Supernet(EmbeddingModel):
+class OFAMobileNetV3Supernet(ElasticSupernet):
     """The elastic query supernet: a dynamic MobileNetV3 backbone with the shared embedding neck.
 
     ``config()`` is a JSON dict from which ``OFAMobileNetV3Supernet(**config)`` rebuilds it."""
@@ -820,33 +820,6 @@ class OFAMobileNetV3Supernet(EmbeddingModel):
             "kernel_transform": self.backbone.kernel_transform,
             **self.shape,
         }
-
-    def max_arch(self) -> dict[str, Any]:
-        return self.space.max_arch()
-
-    def min_arch(self) -> dict[str, Any]:
-        return self.space.min_arch()
-
-    @property
-    def active_arch(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.backbone.active_arch))
-
-    def set_active_subnet(self, arch: dict[str, Any]) -> None:
-        self.backbone.set_active_subnet(arch)
-
-    def sample_active_subnet(
-        self, rng: random.Random | int | None = None, elastic: Sequence[str] | None = None
-    ) -> dict[str, Any]:
-        """Activate a random sub-network (seeded by ``rng``: a ``random.Random`` or an int)."""
-        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
-        arch = self.space.sample(rng, elastic)
-        self.set_active_subnet(arch)
-        return arch
-
-    def subnet_kwargs(self, arch: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``model_kwargs`` of the ``ofa-mbv3`` model of ``arch`` (default: the active one)."""
-        arch = self.space.canonical(self.space.validate(self.active_arch if arch is None else arch))
-        return {"arch": arch, **self.shape}
 
     @torch.no_grad()
     def get_active_subnet(self) -> EmbeddingModel:

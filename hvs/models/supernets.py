@@ -16,13 +16,54 @@ never names a space. Registered spaces:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import json
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..errors import ConfigError
+from .embedding import EmbeddingModel
+
+
+class ElasticSupernet(EmbeddingModel):
+    """What every supernet does the same way over its ``space`` and its elastic ``backbone``
+    (which keeps the active arch): the extreme archs, activating a given or a random sub-network,
+    and the ``model_kwargs`` of the static model ``model_name`` an arch is extracted as. A space
+    adds its dynamic layers, ``flops``, ``config`` and ``get_active_subnet`` (the weight copy)."""
+
+    space_name = ""  # in this registry
+    model_name = ""  # the registered static model of its sub-networks
+    shape: dict[str, Any]
+
+    def max_arch(self) -> dict[str, Any]:
+        return self.space.max_arch()
+
+    def min_arch(self) -> dict[str, Any]:
+        return self.space.min_arch()
+
+    @property
+    def active_arch(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.backbone.active_arch))
+
+    def set_active_subnet(self, arch: dict[str, Any]) -> None:
+        self.backbone.set_active_subnet(arch)
+
+    def sample_active_subnet(
+        self, rng: random.Random | int | None = None, elastic: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Activate a random sub-network (seeded by ``rng``: a ``random.Random`` or an int)."""
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        arch = self.space.sample(rng, elastic)
+        self.set_active_subnet(arch)
+        return arch
+
+    def subnet_kwargs(self, arch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``model_kwargs`` of the static model of ``arch`` (default: the active one)."""
+        arch = self.space.canonical(self.space.validate(self.active_arch if arch is None else arch))
+        return {"arch": arch, **self.shape}
 
 
 @dataclass(frozen=True)
