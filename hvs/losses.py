@@ -246,6 +246,8 @@ def _cosines(query_emb: torch.Tensor, ref_emb: torch.Tensor | None, what: str) -
     anchors; the gallery side is a target (detached)."""
     if ref_emb is None:
         raise ValueError(f"{what} compatibility loss needs the gallery embeddings (ref_emb)")
+    if ref_emb.shape[0] != query_emb.shape[0]:
+        raise ValueError(f"{what} needs the gallery embeddings of the same images as the queries")
     g = F.normalize(ref_emb.detach(), dim=-1)
     return F.normalize(query_emb, dim=-1) @ g.t(), g @ g.t()
 
@@ -264,8 +266,6 @@ class RelationalDistillation(CompatLoss):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         qg, gg = _cosines(query_emb, ref_emb, "relational")
-        if qg.shape[0] != gg.shape[0]:
-            raise ValueError("relational distillation needs the gallery embeddings of the same images as the queries")
         return (qg - gg).pow(2).mean()
 
 
@@ -289,8 +289,6 @@ class SimilarityDistributionDistillation(CompatLoss):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         qg, gg = _cosines(query_emb, ref_emb, "simdist")
-        if qg.shape[0] != gg.shape[0]:
-            raise ValueError("simdist needs the gallery embeddings of the same images as the queries")
         target = (gg / self.temperature).log_softmax(dim=1)
         return F.kl_div((qg / self.temperature).log_softmax(dim=1), target, log_target=True, reduction="batchmean")
 
