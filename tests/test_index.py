@@ -412,7 +412,8 @@ LOCK_HOLDER = textwrap.dedent("""
 """)
 
 
-def test_faiss_single_writer_lock(tmp_path):
+def test_faiss_single_writer_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("HVS_INDEX_LOCK_WAIT", "0.2")  # a held lock is waited for this long, then refused
     root = tmp_path / "l"
     spec = f"faiss:{root}"
     open_index(spec, create=True, dim=8).close()
@@ -821,3 +822,36 @@ def test_a_remote_milvus_build_needs_no_work_dir(monkeypatch, tmp_path):
     work = build_mod.default_work_dir("milvus", "http://db:19530#shoes")
     assert work.parent == tmp_path / "hvs" / "index-builds"
     assert work != build_mod.default_work_dir("milvus", "http://db:19530#bags")
+
+
+def test_a_second_writer_waits_for_the_first_to_release_the_lock(tmp_path, monkeypatch):
+    """Writers through two handles (two lock holders, as two processes are) are serialised: the second
+    waits while the first holds the lock and writes once it is released; both writes are kept."""
+    import threading
+    import time
+
+    monkeypatch.setenv("HVS_INDEX_LOCK_WAIT", "20")
+    spec = f"faiss:{tmp_path / 'w'}"
+    open_index(spec, create=True, dim=8).close()
+    first, second = open_index(spec), open_index(spec)
+    first.add(np.ones((1, 8), np.float32))  # takes the lock and keeps it until released
+    done = threading.Event()
+    errors = []
+
+    def write():
+        try:
+            second.add(np.full((1, 8), 2.0, np.float32))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set(), "the second writer did not wait for the lock"
+    first.release_writer()
+    t.join(timeout=20)
+    assert done.is_set() and not errors, errors
+    second.close()
+    first.close()
+    assert len(open_index(spec)) == 2

@@ -57,9 +57,10 @@ Why these choices:
   complete base whose log holds every acknowledged write; the debris is removed next time.
 * **Checksums.** Every base records the SHA-256 of each file in ``checksums.json``, verified at
   open (a base written before checksums existed opens with a warning after a value check).
-* **One writer, any number of readers.** A writer takes a non-blocking ``fcntl.flock`` on
-  ``writer.lock`` at its first write and keeps it until ``close()``/``release_writer()``; a second
-  writer gets "index DIR is locked by another writer (pid N)". In one process, writes through one
+* **One writer, any number of readers.** A writer takes an ``fcntl.flock`` on ``writer.lock`` at
+  its first write and keeps it until ``close()``/``release_writer()``; a second writer waits for
+  it up to ``$HVS_INDEX_LOCK_WAIT`` seconds (default 5) and then gets "index DIR is locked by
+  another writer (pid N)" (:class:`~hvs.index.base.IndexLockedError`). In one process, writes through one
   handle are serialised by a mutex. Readers never lock: ``stale()`` (two ``stat`` calls) says
   whether another process appended to the log or compacted; ``refresh()`` reads just the new log
   records, or the new base after a compaction. A writer catches up the same way when it takes
@@ -79,6 +80,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -876,6 +878,19 @@ def _load_records_v2(vdir: Path, meta: dict, vec_ids: np.ndarray, sums: dict | N
 
 
 # ----------------------------------------------------------------------------------------------
+LOCK_WAIT_ENV = "HVS_INDEX_LOCK_WAIT"
+DEFAULT_LOCK_WAIT_S = 5.0
+
+
+def lock_wait() -> float:
+    """Seconds a writer waits for another writer's lock (``$HVS_INDEX_LOCK_WAIT``, default 5; 0: fail at once)."""
+    raw = os.environ.get(LOCK_WAIT_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_LOCK_WAIT_S
+    except ValueError:
+        raise IndexStoreError(f"{LOCK_WAIT_ENV}={raw!r} is not a number of seconds") from None
+
+
 class FaissGalleryIndex(GalleryIndex):
     """``faiss:DIR``: see the module docstring for the folder layout and its guarantees."""
 
@@ -1087,17 +1102,25 @@ class FaissGalleryIndex(GalleryIndex):
 
     # -- locking ----------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
+        """The writer lock; a lock held by another writer is waited for up to ``lock_wait()`` seconds
+        (writers in several processes are serialised), then :class:`IndexLockedError`."""
         if self._lock_fd is not None:
             return
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise IndexLockedError(f"index {self.root} is locked by another writer (pid {holder})") from None
-            raise
+        deadline = time.monotonic() + lock_wait()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise IndexLockedError(f"index {self.root} is locked by another writer (pid {holder})") from None
+                time.sleep(0.02)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
