@@ -88,6 +88,12 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     if len(pairs) == 1:  # pooling one pair is that pair
         assert math.isclose(pooled["difference"], pairs[0]["difference"], abs_tol=1e-9)
     assert out["claims"]["pareto"]["verdict"].startswith(("met", "not met"))
+    # the same dominance on ONNX Runtime latency, and each pick's throughput against the dense paragon's
+    assert out["claims"]["pareto_ort"]["verdict"].startswith(("met", "not met"))
+    par = next(r for r in records if r["kind"] == "paragon")
+    thr = out["claims"]["throughput"]
+    assert math.isclose(thr["dense_gflops"], par["flops"] / par["ort_ms_batch1"] / 1e6)
+    assert thr["picks"] == sum(r["kind"] in ("cmp-nas", "cmp-nas-latency") for r in records)
     # TAR@FAR and TPIR@FPIR come with bootstrap intervals that bracket them
     ev = json.loads(Path(by["bct-cnn-nano"]["eval_json"]).read_text())
     boot = [k for k in ev["metrics"]["query->gallery"] if k.startswith(("tar@", "tpir@")) and k.endswith("_ci95")]
