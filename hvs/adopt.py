@@ -61,7 +61,7 @@ class OnnxModule(nn.Module):
     """An ONNX image encoder behind ``nn.Module``'s call: float (N, C, S, S) -> (N, D) unit vectors.
 
     Inference only (no parameters, no gradients): what a frozen gallery model is in every
-    downstream use. A graph with a fixed batch of 1 is run image by image. ``flops`` (counted
+    downstream use. A graph with a fixed batch B is run B images at a time. ``flops`` (counted
     from the graph when adopted, see :func:`onnx_flops`) is what :func:`hvs.models.cost.count_flops`
     reports for it."""
 
@@ -83,9 +83,18 @@ class OnnxModule(nn.Module):
         self.flops, self.params = flops, params
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if self.fixed_batch == 1 and len(x) != 1:
-            return np.concatenate([self.session.run(None, {self.input_name: x[i : i + 1]})[0] for i in range(len(x))])
-        return self.session.run(None, {self.input_name: x})[0]
+        b = self.fixed_batch
+        if b is None or len(x) == b:
+            return self.session.run(None, {self.input_name: x})[0]
+        # a graph of a fixed batch B: chunks of B, the last one padded with zeros and cut back
+        out = []
+        for i in range(0, len(x), b):
+            chunk = x[i : i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

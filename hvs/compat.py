@@ -314,15 +314,19 @@ def check_pair(
         verb = "holds" if gallery.kind == INDEX else "uses"
         raise CompatError(f"{query.label} embeds {q_dim}-d vectors but {gallery.label} {verb} {g_dim}-d vectors")
     q_pre, g_pre = query.preprocessing, gallery.preprocessing
+    # writing with the index's own model: the same size; an upgrade writer (rule 5) reads images at
+    # its own size (a new gallery model may take larger images), as every query side does
+    upgrade_writer = same_model and upgrade and bool(gallery.models) and query.role == "gallery"
+    size_must_match = same_model and not upgrade_writer
     if (
         q_pre is not None
         and g_pre is not None
-        and (q_pre.channels != g_pre.channels or (same_model and q_pre.image_size != g_pre.image_size))
+        and (q_pre.channels != g_pre.channels or (size_must_match and q_pre.image_size != g_pre.image_size))
     ):
         verb = "was built from" if gallery.kind == INDEX else "reads"
         raise CompatError(f"{query.label} reads {q_pre} images but {gallery.label} {verb} {g_pre} images")
 
-    if same_model and upgrade and gallery.models and query.role == "gallery":
+    if upgrade_writer:
         return _check_writer(query, gallery)
     if not same_model and gallery.models:
         mixed = _check_lineage(query, gallery, force=force, action=action, remedy=remedy)

@@ -393,3 +393,14 @@ def test_a_fixed_batch_graph_runs_image_by_image_but_does_not_export(tmp_path):
     with pytest.raises(ExportError, match="has a fixed batch of 1"):
         export_onnx(tmp_path / "g", tmp_path / "g.onnx")
     assert not (tmp_path / "g.onnx").exists()
+    # a graph of a fixed batch of 4 takes any number of images: chunks of 4, the last one padded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        torch.onnx.export(Encoder().eval(), (torch.zeros(4, 1, 12, 12),), str(tmp_path / "b4.onnx"), dynamo=False)
+    adopt_onnx(tmp_path / "b4.onnx", tmp_path / "g4", mean=[0.5], std=[0.25])
+    model, _ = ckpt.load_model(tmp_path / "g4")
+    for n in (1, 4, 7):
+        x = torch.randn(n, 1, 12, 12)
+        torch.manual_seed(0)
+        assert torch.allclose(model(x), F.normalize(Encoder().eval()(x), dim=-1), atol=1e-5), n

@@ -471,3 +471,30 @@ def test_rerank_rescores_compressed_candidates_with_the_raw_vectors(tmp_path):
     assert recall[8] > recall[1] + 0.2 and recall[8] > 0.9, recall
     with pytest.raises(IndexStoreError, match="rerank must be an integer"):
         open_index(f"faiss:{tmp_path / 'bad'}", create=True, dim=16, meta={"search_params": {"rerank": 0}})
+
+
+def test_a_write_whose_fsync_failed_is_not_applied_later(tmp_path, monkeypatch):
+    """An add that raised (its fsync failed: not acknowledged) must not land at the next write or
+    open: the log is cut back to where it was before the error is raised."""
+    spec = f"faiss:{tmp_path / 'f'}"
+    index = open_index(spec, create=True, dim=DIM)
+    index.add(unit(0, 5))
+    real = os.fsync
+    calls = {"n": 0}
+
+    def failing_once(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(fb.os, "fsync", failing_once)
+    with pytest.raises(OSError, match="Input/output error"):
+        index.add(unit(1, 1))
+    monkeypatch.setattr(fb.os, "fsync", real)
+    assert len(index) == 5
+    index.add(unit(2, 1))
+    assert len(index) == 6 and sorted(index.ids().tolist()) == [0, 1, 2, 3, 4, 5]
+    index.close()
+    again = open_index(spec)
+    assert len(again) == 6 and np.allclose(again.vectors([5]), unit(2, 1), atol=1e-6)

@@ -139,6 +139,14 @@ def test_writers_are_known_gallery_models_or_compatible_newcomers():
         check_pair(_q("g4", "g1", "gallery"), index, same_model=True)  # a build's shards are one model's
     with pytest.raises(CompatError, match="embeds 8-d"):
         check_pair(QuerySide("x", "g2", "g1", 8, PRE, role="gallery"), index, **kw)
+    # an upgrade to a model of larger inputs (a 224-px backbone for a 12-px index) reads at its own size ...
+    big = Preprocessing(1, 48, (0.5,), (0.25,))
+    assert check_pair(QuerySide("g4", "g4", "g1", 16, big, role="gallery"), index, **kw) is None
+    # ... but not with other channels, and the index's own writes keep its size
+    with pytest.raises(CompatError, match="reads 3x48px images but the index was built from 1x12px"):
+        check_pair(QuerySide("g4", "g4", "g1", 16, Preprocessing(3, 48), role="gallery"), index, **kw)
+    with pytest.raises(CompatError, match="reads 1x48px images but the index was built from 1x12px"):
+        check_pair(QuerySide("g1", "g1", None, 16, big, role="gallery"), index, same_model=True)
 
 
 def test_register_and_primary_patches():
@@ -412,3 +420,20 @@ def test_storage_refuses_a_vector_from_a_gallery_model_the_index_does_not_know(t
     index.close()
     again = open_index(f"faiss:{tmp_path / 'ix'}")
     assert len(again) == 4 and again.model_counts() == {"aaaa": 3, "bbbb": 1}
+
+
+def test_two_writers_registering_gallery_models_keep_both(tmp_path):
+    """Two handles, each registering a model from its own (older) view of the sidecar: the registry's
+    entries add up instead of the second write dropping the first's model."""
+    from hvs.index.faiss_backend import FaissGalleryIndex
+
+    meta = {"gallery_model": {"model": "g1", "fingerprint": "aaaa"}}
+    FaissGalleryIndex.create(str(tmp_path / "ix"), dim=8, factory="Flat", meta=meta).close()
+    a, b = open_index(f"faiss:{tmp_path / 'ix'}"), open_index(f"faiss:{tmp_path / 'ix'}")
+    a.update_meta({"gallery_models": {"bbbb": {"model": "g2"}}})
+    a.release_writer()
+    b.update_meta({"gallery_models": {"cccc": {"model": "g3"}}})  # b never saw bbbb
+    b.add(np.ones((1, 8), np.float32), model="bbbb")  # still known
+    b.close()
+    a.close()
+    assert set(open_index(f"faiss:{tmp_path / 'ix'}").meta["gallery_models"]) == {"bbbb", "cccc"}

@@ -143,7 +143,10 @@ class _Sources:
         row = self._rows.get(source)
         if row is None:
             return None, f"not a file, nor an item of {self.spec} {self.split}"
-        return self._images[row], None
+        try:  # a streamed split decodes here: a file changed or gone since the listing is left, not fatal
+            return self._images[row], None
+        except (ImageError, OSError) as e:
+            return None, " ".join(str(e).split())[:200]
 
 
 def _batches(ids: np.ndarray, size: int) -> list[np.ndarray]:

@@ -125,6 +125,8 @@ REC = struct.Struct("<4sIQI")  # record magic, payload bytes, sequence number, c
 REC_MAGIC = b"hvsR"
 UNIT_TOLERANCE = 1e-3  # |norm - 1| allowed for a stored (L2-normalised float32) vector
 LOCK_NAME = "writer.lock"
+# sidecar keys whose dict value a meta record merges into (not replaces): the gallery-model registry
+MERGED_META = ("gallery_models",)
 _VERSION_RE = re.compile(r"^v\d{6}$")
 FACTORY_EXAMPLES = "Flat, HNSW32, IVF64,Flat, IVF16,PQ8"
 CHUNK_ROWS = 65536  # rows per step when compaction streams vectors (bounded memory)
@@ -435,9 +437,13 @@ def _encode_record(seq: int, op: dict, vectors: np.ndarray | None) -> bytes:
 
 
 def _append_wal(path: Path, data: bytes) -> None:
-    """Append one encoded record and fsync it (creating the log, and fsync'ing its folder, if new)."""
+    """Append one encoded record and fsync it (creating the log, and fsync'ing its folder, if new).
+
+    A write that fails (a short write, a failed fsync) is not acknowledged, so it must not land
+    later either: the log is cut back to where it was and fsync'ed before the error is raised."""
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
     try:
         if created:
             os.write(fd, _wal_header(path.parent.name))
@@ -445,6 +451,13 @@ def _append_wal(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError:
+            pass  # the torn tail is detected (length / crc) and cut off at the next open or write
+        raise
     finally:
         os.close(fd)
     if created:
@@ -722,7 +735,11 @@ class _Delta:
             self.kill(base, op["ids"])
             self.put(op["ids"], vectors, op["labels"], op["sources"], op.get("model"))
         elif kind == "meta":
-            self.patch.update(op["patch"])
+            for key, value in op["patch"].items():
+                if key in MERGED_META and isinstance(value, dict):  # entries add up: two writers
+                    current = self.patch.get(key, base.meta.get(key))  # registering two models keep both
+                    value = {**current, **value} if isinstance(current, dict) else value
+                self.patch[key] = value
         else:
             raise IndexStoreError(f"log record of unknown kind {kind!r} (written by a newer hvs?)")
         self.next_id = max(self.next_id, int(op.get("next_id", 0)))
