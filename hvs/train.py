@@ -298,7 +298,7 @@ def _check_verdict(cfg: TrainConfig, data: RetrievalData, log: Callable[[str], N
 
     try:
         lines = quick_verdict(cfg.gallery, cfg.out, data, seed=cfg.data_seed)
-    except HVSError as e:  # the model is saved; a check that cannot run is a note, not a failed training
+    except (HVSError, OSError, RuntimeError, ValueError) as e:  # the model is saved: a note, not a failure
         log(f"note: after-training check skipped: {str(e).splitlines()[0]}")
         return
     for line in lines:
