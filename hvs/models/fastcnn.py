@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import create_model, register_model
-from .embedding import EmbeddingModel
+from ._registry import register_model
 from .ofa import (
     ArchError,
     DynamicBatchNorm2d,
@@ -562,6 +561,7 @@ class FastCNNSupernet(ElasticSupernet):
 
     space_name = "fast-cnn"
     model_name = "fast-cnn"
+    dynamic_ops = (DynamicConv2d, DynamicDepthwiseConv2d, DynamicBatchNorm2d, DynamicLinear)
 
     def __init__(
         self,
@@ -592,14 +592,6 @@ class FastCNNSupernet(ElasticSupernet):
         self.neck = DynamicLinear(self.backbone.num_features, embed_dim, bias=False)
         self.in_chans = in_chans
 
-    @property
-    def space(self) -> FastSpace:
-        return self.backbone.space
-
-    @property
-    def shape(self) -> dict[str, Any]:
-        return dict(self.backbone.shape)
-
     def config(self) -> dict[str, Any]:
         sp = self.space
         return {
@@ -614,22 +606,6 @@ class FastCNNSupernet(ElasticSupernet):
             "resolution_list": list(sp.resolution_list),
             **self.shape,
         }
-
-    @torch.no_grad()
-    def get_active_subnet(self) -> EmbeddingModel:
-        """A standalone ``fast-cnn`` :class:`EmbeddingModel` with the active weights copied, in the
-        supernet's mode."""
-        sub = create_model(self.model_name, embed_dim=self.embed_dim, in_chans=self.in_chans, **self.subnet_kwargs())
-        own = dict(self.named_modules())
-        for name, module in sub.named_modules():
-            src = own[name]
-            if isinstance(src, (DynamicConv2d, DynamicDepthwiseConv2d, DynamicBatchNorm2d, DynamicLinear)):
-                src.copy_to(module)
-            elif not list(module.children()) and (
-                list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
-            ):
-                module.load_state_dict(src.state_dict())
-        return sub.train(self.training)
 
     def flops(self, arch: dict[str, Any] | None = None, image_size: int = 28) -> int:
         """FLOPs (as ``FlopCounterMode`` counts them) of one ``image_size`` image through ``arch``."""

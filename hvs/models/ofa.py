@@ -55,8 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HVSError
-from ._registry import create_model, register_model
-from .embedding import EmbeddingModel
+from ._registry import register_model
 from .supernets import ElasticSupernet, register_supernet
 
 DEFAULT_SHAPE: dict[str, Any] = {
@@ -770,6 +769,7 @@ class OFAMobileNetV3Supernet(ElasticSupernet):
 
     space_name = "ofa-mbv3"  # in the supernet registry (hvs.models.supernets)
     model_name = "ofa-mbv3"  # the registered static model of its sub-networks
+    dynamic_ops = (DynamicConv2d, DynamicDepthwiseConv2d, DynamicBatchNorm2d)
 
     def __init__(
         self,
@@ -799,14 +799,6 @@ class OFAMobileNetV3Supernet(ElasticSupernet):
         )
         self.in_chans = in_chans
 
-    @property
-    def space(self) -> ArchSpace:
-        return self.backbone.space
-
-    @property
-    def shape(self) -> dict[str, Any]:
-        return dict(self.backbone.shape)
-
     def config(self) -> dict[str, Any]:
         sp = self.space
         return {
@@ -820,23 +812,6 @@ class OFAMobileNetV3Supernet(ElasticSupernet):
             "kernel_transform": self.backbone.kernel_transform,
             **self.shape,
         }
-
-    @torch.no_grad()
-    def get_active_subnet(self) -> EmbeddingModel:
-        """A standalone ``ofa-mbv3`` :class:`EmbeddingModel` with the active weights copied
-        (kernel transforms applied, running statistics included), in the supernet's mode."""
-        kwargs = self.subnet_kwargs()
-        sub = create_model(self.model_name, embed_dim=self.embed_dim, in_chans=self.in_chans, **kwargs)
-        own = dict(self.named_modules())
-        for name, module in sub.named_modules():
-            src = own[name]
-            if isinstance(src, (DynamicConv2d, DynamicDepthwiseConv2d, DynamicBatchNorm2d)):
-                src.copy_to(module)
-            elif not list(module.children()) and (
-                list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
-            ):
-                module.load_state_dict(src.state_dict())  # neck, embedding BN: shared as they are
-        return sub.train(self.training)
 
     def flops(self, arch: dict[str, Any] | None = None, image_size: int = 28) -> int:
         """FLOPs (2 x MACs of convs and matmuls, as ``FlopCounterMode`` counts them) of one

@@ -22,21 +22,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ._registry import create_model
 from .embedding import EmbeddingModel
 
 
 class ElasticSupernet(EmbeddingModel):
     """What every supernet does the same way over its ``space`` and its elastic ``backbone``
-    (which keeps the active arch): the extreme archs, activating a given or a random sub-network,
-    and the ``model_kwargs`` of the static model ``model_name`` an arch is extracted as. A space
-    adds its dynamic layers, ``flops``, ``config`` and ``get_active_subnet`` (the weight copy)."""
+    (which keeps the active arch and its shape): the extreme archs, activating a given or a random
+    sub-network, the ``model_kwargs`` of the static model ``model_name`` an arch is extracted as,
+    and the extraction itself. A space adds its dynamic layers (``dynamic_ops``: the modules that
+    slice their largest weights and copy the active slice out), ``flops`` and ``config``."""
 
     space_name = ""  # in this registry
     model_name = ""  # the registered static model of its sub-networks
-    shape: dict[str, Any]
+    dynamic_ops: tuple[type[nn.Module], ...] = ()
+
+    @property
+    def space(self) -> Any:
+        return self.backbone.space
+
+    @property
+    def shape(self) -> dict[str, Any]:
+        return dict(self.backbone.shape)
 
     def max_arch(self) -> dict[str, Any]:
         return self.space.max_arch()
@@ -64,6 +75,24 @@ class ElasticSupernet(EmbeddingModel):
         """``model_kwargs`` of the static model of ``arch`` (default: the active one)."""
         arch = self.space.canonical(self.space.validate(self.active_arch if arch is None else arch))
         return {"arch": arch, **self.shape}
+
+    @torch.no_grad()
+    def get_active_subnet(self) -> EmbeddingModel:
+        """A standalone :class:`EmbeddingModel` (the registered ``model_name``) of the active arch with
+        its weights copied: each dynamic op copies its active slice (an OFA kernel transform applied,
+        running statistics included), every other leaf with weights (neck, embedding BatchNorm) as
+        it is shared; in the supernet's mode."""
+        sub = create_model(self.model_name, embed_dim=self.embed_dim, in_chans=self.in_chans, **self.subnet_kwargs())
+        own = dict(self.named_modules())
+        for name, module in sub.named_modules():
+            src = own[name]
+            if isinstance(src, self.dynamic_ops):
+                src.copy_to(module)
+            elif not list(module.children()) and (
+                list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
+            ):
+                module.load_state_dict(src.state_dict())
+        return sub.train(self.training)
 
 
 @dataclass(frozen=True)
