@@ -278,6 +278,27 @@ def padded(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((q, k), -np.inf, dtype=np.float32), np.full((q, k), -1, dtype=np.int64)
 
 
+def new_sidecar(fmt: str, backend: str, dim: int, factory: str, user: dict | None, **own: Any) -> dict:
+    """A new index's sidecar: the keys every backend keeps (format, backend, dim, metric, normalised,
+    factory, zero count and next_id, creation times, hvs version), the backend's ``own`` ones, then
+    the caller's (:func:`merge_user_meta`)."""
+    stamp = now_iso()
+    keys = {
+        "format": fmt,
+        "backend": backend,
+        "dim": dim,
+        "metric": METRIC,
+        "normalised": True,
+        "factory": factory,
+        "count": 0,
+        "next_id": 0,
+        "created": stamp,
+        "updated": stamp,
+        "hvs_version": hvs_version(),
+    }
+    return merge_user_meta({**keys, **own}, user)
+
+
 def merge_user_meta(base: dict, user: dict | None) -> dict:
     """Sidecar = hvs' own keys + the caller's (reserved keys may only repeat the same value)."""
     out = dict(base)

@@ -90,7 +90,6 @@ import numpy as np
 
 from ..errors import HVSWarning
 from .base import (
-    METRIC,
     GalleryIndex,
     IndexLockedError,
     IndexStoreError,
@@ -104,8 +103,7 @@ from .base import (
     check_model,
     check_new_ids,
     default_model,
-    hvs_version,
-    merge_user_meta,
+    new_sidecar,
     now_iso,
     one_line,
     sha256_file,
@@ -1073,25 +1071,8 @@ class FaissGalleryIndex(GalleryIndex):
         mmap_mode = bool(user.pop("mmap", False) if mmap is None else mmap)
         user.pop("mmap", None)
         apply_search_params(index, search_params)
-        stamp = now_iso()
-        sidecar = merge_user_meta(
-            {
-                "format": FORMAT,
-                "backend": "faiss",
-                "dim": dim,
-                "metric": METRIC,
-                "normalised": True,
-                "factory": factory,
-                "count": 0,
-                "next_id": 0,
-                "created": stamp,
-                "updated": stamp,
-                "hvs_version": hvs_version(),
-                "search_params": search_params,
-                "mmap": mmap_mode,
-                "models": [],
-            },
-            user,
+        sidecar = new_sidecar(
+            FORMAT, "faiss", dim, factory, user, search_params=search_params, mmap=mmap_mode, models=[]
         )
         self = cls(root, _Base.empty(dim, sidecar, index), mmap_mode)
         # The first version is a compaction of an in-memory delta holding the initial items.

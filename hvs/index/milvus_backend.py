@@ -42,7 +42,6 @@ import numpy as np
 
 from .base import (
     MAX_TEXT,
-    METRIC,
     GalleryIndex,
     IndexStoreError,
     as_ids,
@@ -52,8 +51,7 @@ from .base import (
     check_meta_patch,
     check_model,
     check_new_ids,
-    hvs_version,
-    merge_user_meta,
+    new_sidecar,
     now_iso,
     one_line,
     padded,
@@ -214,24 +212,8 @@ class MilvusGalleryIndex(GalleryIndex):
         cls.check_creatable(location)
         user = dict(meta or {})
         user.pop("search_params", None)
-        stamp = now_iso()
-        sidecar = merge_user_meta(
-            {
-                "format": FORMAT,
-                "backend": "milvus",
-                "dim": dim,
-                "metric": METRIC,
-                "normalised": True,
-                "factory": factory,
-                "count": 0,
-                "next_id": 0,
-                "created": stamp,
-                "updated": stamp,
-                "hvs_version": hvs_version(),
-                "milvus_index": FACTORIES[factory],
-                "collection": collection,
-            },
-            user,
+        sidecar = new_sidecar(
+            FORMAT, "milvus", dim, factory, user, milvus_index=FACTORIES[factory], collection=collection
         )
         if lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
