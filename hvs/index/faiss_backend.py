@@ -1243,8 +1243,9 @@ class FaissGalleryIndex(GalleryIndex):
                         f"FAISS factory {factory!r} needs at least {need} vectors to train, got "
                         f"{have + n}: add at least {need} in the first write, or use 'Flat'"
                     )
-            item_model = model if model is not None else default_model(self._meta_now())
-            check_known_model(self._meta_now(), item_model, self.root)
+            meta = self._meta_now()
+            item_model = model if model is not None else default_model(meta)
+            check_known_model(meta, item_model, self.root)
             op = {"op": "add", "ids": new.tolist(), "labels": labels, "sources": sources, "model": item_model}
             self._log(op, x)
         self._after_write()
