@@ -53,7 +53,7 @@ import torch
 
 from hvs import checkpoint as ckpt
 from hvs.pipeline import FingerprintTable, PipelineError, folder_latency
-from hvs.profiles import ProfileStages, load_dataset, load_profile, profile_metrics
+from hvs.profiles import CURVE_JSON, ProfileStages, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
 ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
@@ -90,9 +90,10 @@ class Runner(ProfileStages):
         results: dict[str, Any] = {"seed": seed, "evals": {}, "infeasible": [], "meta": {}}
 
         gallery = sd / "paragon"
-        par = dict(p.get("paragon") or {})
-        if not self.train("paragon", gallery, role="gallery", seed=seed, **par):
+        if not self.paragon(gallery, dict(p.get("paragon") or {}), seed):
             return results  # nothing else can run without the paragon
+        if (sd / CURVE_JSON).is_file():  # trained to convergence: its learning curve
+            results["meta"]["paragon_curve"] = curve_summary(json.loads((sd / CURVE_JSON).read_text()))
         g_model, g_card = ckpt.load_model(gallery)
         from hvs.models.cost import count_flops
 
@@ -583,6 +584,57 @@ def summary_table(records: list[dict], metrics: list[str]) -> str:
     return "\n".join(rows)
 
 
+def curve_summary(curve: dict) -> dict:
+    """paragon-curve.json (hvs.convergence, via ProfileStages.paragon) without its per-query hits."""
+    keep = {k: v for k, v in curve.items() if k != "rungs"}
+    keep["rungs"] = [{k: v for k, v in r.items() if k != "hits"} for r in curve.get("rungs", [])]
+    return keep
+
+
+def curve_section(seed_results: list[dict]) -> str:
+    """The paragon's learning curve per seed (validation score against the length of the schedule,
+    each a whole run) and whether it converged; "" when no seed trained it to convergence."""
+    rows, lines = [], []
+    for sr in seed_results:
+        c = sr["meta"].get("paragon_curve")
+        if not c:
+            continue
+        m = c["metric"]
+        gain_of = {g["to"]: g for g in c["gains"]}
+        for r in c["rungs"]:
+            g = gain_of.get(r["epochs"])
+            cell = "" if g is None else f"{pct(g['gain'], True)}{ci_cell(g.get('ci95'), True)}"
+            mark = " (kept)" if r["epochs"] == c["best"] else ""
+            val = f"{pct(r['val']['recall@1'])} | {pct(r['val']['map'])}"
+            rows.append(f"| {sr['seed']} | {r['epochs']}{mark} | {val} | {cell} |")
+        last = c["gains"][-1] if c["gains"] else {"from": None, "to": None, "gain": None}
+        step = f"going from {last['from']} to {last['to']} epochs gained {pct(last['gain'], True)} {m}"
+        if c["converged"]:
+            verdict = f"**converged**: {step} (less than the {pct(c['min_gain'])} asked)"
+        else:
+            verdict = (
+                f"**not converged**: the schedules ran out and {step} (at least the {pct(c['min_gain'])} "
+                f"asked); the gaps below are measured against a paragon short of its best"
+            )
+        lines.append(
+            f"- seed {sr['seed']}: {verdict}; kept the {c['best']}-epoch run. Validation: {c['val_split']} split "
+            f"of the training data ({c['n_val_query']} queries, {c['n_val_gallery']} gallery images; the paragon "
+            f"trained on the other {c['n_train']} images)."
+        )
+    if not rows:
+        return ""
+    return (
+        "Each row is a whole run (cosine schedule annealed to zero) of that many epochs, scored on a "
+        "validation split held out of its training (never the test splits); gain = over the row above, "
+        "with a paired bootstrap 95% CI over the validation queries.\n\n"
+        "| seed | epochs | val R@1 | val mAP | gain |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple[str, dict]:
     """The issue's targets, each with what was measured and a verdict (markdown and a JSON-able dict)."""
     m0 = metrics[0]
@@ -1003,6 +1055,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     table = markdown_table(records, metrics, infeasible)
     claims_md, claims_d = claims(records, metrics, int((profile.get("evaluate") or {}).get("n_boot", 1000)))
     verdict_md, verdict_d = verdict_section(records)
+    curve_md = curve_section(seed_results)
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"
@@ -1013,7 +1066,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         f"## Summary (mean over seeds)\n\n{summary_table(records, metrics)}\n\n"
         f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
         f"measured in one pass after training; ratio = paragon / model.\n\n"
-        f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n"
+        + (f"## The paragon's learning curve\n\n{curve_md}\n" if curve_md else "")
+        + f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n"
     )
     log("\n" + md)
     plots = []

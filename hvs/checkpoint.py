@@ -146,6 +146,26 @@ def save_model_folder(
     return fileio.replace_folder(folder, write)
 
 
+def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> ModelCard:
+    """A copy of the complete model folder ``src`` as ``dst`` (replaced whole if it exists, as
+    :func:`save_model_folder` does): every file but a training run's resumable state, the
+    weights checked against the card's fingerprint first. Returns the (unchanged) card."""
+    src = Path(src)
+    card = read_card(src)
+    if file_fingerprint(src / WEIGHTS) != card.fingerprint:
+        raise CheckpointError(f"{src / WEIGHTS}: weights do not match the fingerprint in {CONFIG}; not copied")
+
+    def write(staging: Path) -> ModelCard:
+        for entry in src.iterdir():
+            if entry.is_file() and entry.name not in (CONFIG, "state.pt") and not fileio.is_temp_name(entry.name):
+                shutil.copy2(entry, staging / entry.name)
+                fileio.fsync_file(staging / entry.name)
+        atomic_write_json(staging / CONFIG, card.to_dict())  # last: a folder with a config.json is complete
+        return card
+
+    return fileio.replace_folder(dst, write)
+
+
 def _write_model_files(
     folder: Path, model: EmbeddingModel, card: ModelCard, classifier: torch.Tensor | None
 ) -> ModelCard:

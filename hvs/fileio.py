@@ -85,12 +85,17 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's contents to disk (a copy made with :func:`shutil.copy2`, say)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fsync_file(path)  # a folder is opened and fsynced as a file is
 
 
 def _swap_names(folder: Path) -> tuple[Path, Path]:

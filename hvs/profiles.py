@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 
+from . import checkpoint as ckpt
+from . import convergence
 from . import train as hvs_train
 from .data import RetrievalData, create_dataset
 from .pipeline import Event, Pipeline, PipelineError, file_logger
 
+CURVE_JSON = "paragon-curve.json"  # beside the paragon's folder: its learning curve and convergence
 DEFAULT_METRICS = {
     "fashion-mnist": ["recall@1", "recall@10", "map"],
     "kanji-fonts": ["recall@1", "tpir@fpir=1e-02", "tar@far=1e-03"],
@@ -29,13 +32,32 @@ DEFAULT_METRICS = {
 
 def load_profile(name: str, configs_dir: str | Path) -> tuple[dict, Path]:
     """(profile, its path): ``name`` is a path to a YAML file, or ``tiny`` / ``quick`` / ... for
-    ``configs_dir/tradeoff_<name>.yaml``."""
+    ``configs_dir/tradeoff_<name>.yaml``.
+
+    A profile may start from another: ``extends: quick`` (a name or a path, resolved the same way)
+    takes that profile's sections and replaces each one the file names, whole (a section is never
+    merged key by key, so a variant that swaps the search space cannot inherit the other space's
+    choice lists)."""
+    return _load_profile(name, Path(configs_dir), ())
+
+
+def _load_profile(name: str, configs_dir: Path, seen: tuple[Path, ...]) -> tuple[dict, Path]:
     path = Path(name)
     if not path.suffix:
-        path = Path(configs_dir) / f"tradeoff_{name}.yaml"
+        path = configs_dir / f"tradeoff_{name}.yaml"
     if not path.is_file():
         raise PipelineError(f"no profile {name!r} (looked for {path})")
-    return hvs_train.read_mapping(path), path
+    if path.resolve() in seen:
+        chain = " -> ".join(p.name for p in (*seen, path.resolve()))
+        raise PipelineError(f"profile {path.name}: 'extends' goes round in a circle ({chain})")
+    profile = hvs_train.read_mapping(path)
+    base_name = profile.pop("extends", None)
+    if base_name is None:
+        return profile, path
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise PipelineError(f"profile {path.name}: 'extends' must name one profile, got {base_name!r}")
+    base, _ = _load_profile(base_name.strip(), configs_dir, (*seen, path.resolve()))
+    return {**base, **profile}, path
 
 
 def data_entry(profile: dict, data: str) -> dict:
@@ -59,11 +81,16 @@ def load_dataset(profile: dict, data: str) -> tuple[RetrievalData, RetrievalData
     entry = data_entry(profile, data)
     seed = int(profile.get("data_seed", 0))
     full = create_dataset(entry["spec"], protocol=entry["protocol"], image_size=entry.get("image_size"), seed=seed)
-    n = profile.get("train_subset")
+    return full, train_subset(full, profile.get("train_subset"), seed)
+
+
+def train_subset(full: RetrievalData, n: int | None, seed: int = 0) -> RetrievalData:
+    """``full`` with its train split cut to a seeded ``n`` images (in their order); all of it for
+    None, 0 or an ``n`` at least its size."""
     if n and n < len(full.train):
         keep = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return full, dataclasses.replace(full, train=full.train.subset(keep))
-    return full, full
+        return dataclasses.replace(full, train=full.train.subset(keep))
+    return full
 
 
 def profile_metrics(profile: dict, data: str, fallback: list[str] | None = None) -> list[str]:
@@ -106,8 +133,9 @@ class ProfileStages:
     def event(self, stage: str, name: str, status: str, seconds: float = 0.0, **more: Any) -> Event:
         return self.pipe.event(stage, name, status, seconds, **more)
 
-    def train(self, stage: str, out: Path, **kw: Any) -> bool:
-        """A model folder trained on the profile's data (``kw``: TrainConfig fields)."""
+    def train(self, stage: str, out: Path, data: RetrievalData | None = None, **kw: Any) -> bool:
+        """A model folder trained on the profile's data (``kw``: TrainConfig fields; ``data``: other
+        training data than the profile's subset, same spec)."""
         cfg = hvs_train.TrainConfig(
             out=str(out),
             data=self.entry["spec"],
@@ -116,7 +144,78 @@ class ProfileStages:
             threads=self.profile.get("threads"),
             **kw,
         )
-        return self.pipe.train(stage, cfg, data=self.train_data)
+        return self.pipe.train(stage, cfg, data=self.train_data if data is None else data)
+
+    def paragon(self, out: Path, opts: dict, seed: int) -> bool:
+        """The profile's paragon (the gallery model every query model is measured against) in ``out``.
+
+        ``opts`` are TrainConfig fields, plus ``train_subset`` (this model's own training subset of
+        the full data; ``null``: all of it; default: the profile's) and ``converge`` (train to
+        convergence, :mod:`hvs.convergence`)::
+
+            converge: {schedules: [8, 16, 32], min_gain: 0.005, val_fraction: 0.1, val_split: auto}
+
+        With ``converge`` the rungs train in ``out.parent / "paragon-curve" / e<epochs>`` on the
+        training data less the validation split, the best one is copied to ``out`` and the curve
+        and decision are written to ``out.parent / "paragon-curve.json"`` (both reused when
+        complete). The stage is named ``paragon`` either way."""
+        opts = dict(opts)
+        data = self.train_data
+        if "train_subset" in opts:
+            data = train_subset(self.full, opts.pop("train_subset"), int(self.profile.get("data_seed", 0)))
+        conv = opts.pop("converge", None)
+        if not conv:
+            return self.train("paragon", out, data=data, role="gallery", seed=seed, **opts)
+        curve_json = out.parent / CURVE_JSON
+        if (out / ckpt.CONFIG).is_file() and curve_json.is_file():
+            self.event("paragon", "paragon", "reused")
+            return True
+        if not self.allowed("paragon"):
+            self.event("paragon", "paragon", "skipped", why="not in --only")
+            return False
+        conv = dict(conv)
+        schedules = convergence.check_schedules(conv.pop("schedules", []), conv.get("min_gain", 0.005))
+        min_gain = float(conv.pop("min_gain", 0.005))
+        metric = conv.pop("metric", convergence.DEFAULT_METRIC)
+        split_opts = {
+            "kind": conv.pop("val_split", "auto"),
+            "fraction": float(conv.pop("val_fraction", 0.1)),
+            "max_per_class": int(conv.pop("val_max_per_class", 100)),
+        }
+        if conv:
+            raise PipelineError(f"unknown paragon.converge option(s): {', '.join(sorted(conv))}")
+        opts.pop("epochs", None)  # the ladder's schedules say how long each rung trains
+        rest, vq, vg, kind = convergence.val_split(data, seed=seed, **split_opts)
+        rungs: list[convergence.Rung] = []
+        decision = convergence.decide(rungs, schedules, min_gain, metric)
+        while decision["next"] is not None:
+            epochs = decision["next"]
+            folder = out.parent / "paragon-curve" / f"e{epochs}"
+            if not self.train("paragon", folder, data=rest, role="gallery", seed=seed, epochs=epochs, **opts):
+                return False
+            s = convergence.score(folder, vq, vg)
+            rungs.append(convergence.Rung(epochs, str(folder), {k: s[k] for k in ("recall@1", "map")}, s["hits"]))
+            decision = convergence.decide(rungs, schedules, min_gain, metric)
+            self.log(f"  paragon-curve: {epochs} epochs, val {metric} {rungs[-1].val[metric]:.4f}")
+        for g in decision["gains"]:
+            a, b = (next(r for r in rungs if r.epochs == e) for e in (g["from"], g["to"]))
+            ci = convergence.gain_ci(a, b)
+            g["ci95"] = None if ci is None else [ci[1], ci[2]]
+        best = next(r for r in rungs if r.epochs == decision["best"])
+        ckpt.copy_model_folder(best.folder, out)
+        ckpt.atomic_write_json(
+            curve_json,
+            {
+                "schedules": schedules,
+                "val_split": kind,
+                "n_val_query": len(vq[1]),
+                "n_val_gallery": len(vg[1]),
+                "n_train": len(rest.train),
+                "rungs": [r.as_dict() for r in rungs],
+                **decision,
+            },
+        )
+        return True
 
     def supernet(self, out: Path, gallery: Path | None) -> bool:
         """The profile's supernet (BCT with ``gallery``; OFA's plain training without)."""
@@ -198,4 +297,12 @@ class ProfileStages:
         )
 
 
-__all__ = ["DEFAULT_METRICS", "ProfileStages", "data_entry", "load_dataset", "load_profile", "profile_metrics"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "ProfileStages",
+    "data_entry",
+    "load_dataset",
+    "load_profile",
+    "profile_metrics",
+    "train_subset",
+]
