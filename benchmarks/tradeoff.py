@@ -635,8 +635,26 @@ def curve_section(seed_results: list[dict]) -> str:
     )
 
 
-def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple[str, dict]:
-    """The issue's targets, each with what was measured and a verdict (markdown and a JSON-able dict)."""
+# the largest gap to the paragon (points of the headline metric) allowed at >= this FLOPs ratio; the
+# paper's figures (CMP-NAS: 1.6 at 23x on IJB-C, 0.3 at 80x on DeepFashion2), with kanji-fonts' 80x
+# target at 3.0 (the harder open-set data)
+GAP_TARGETS = {"kanji-fonts": {23: 1.6, 80: 3.0}, "fashion-mnist": {23: 1.6, 80: 0.3}}
+DEFAULT_GAP_TARGETS = {23: 1.6, 80: 0.3}
+LATENCY_TARGET = (10.0, 2.0)  # a pick >= 10x faster than the paragon in ORT batch 1, within 2 points of it
+
+
+def gap_target(ratio: float, targets: dict[float, float]) -> float | None:
+    """The target gap for a pick at ``ratio`` x fewer FLOPs: that of the largest listed ratio it reaches."""
+    reached = [r for r in targets if ratio >= r]
+    return targets[max(reached)] if reached else None
+
+
+def claims(
+    records: list[dict], metrics: list[str], n_boot: int = 1000, targets: dict[float, float] | None = None
+) -> tuple[str, dict]:
+    """The issue's targets, each with what was measured and a verdict (markdown and a JSON-able dict);
+    ``targets``: the gap targets by FLOPs ratio (default :data:`DEFAULT_GAP_TARGETS`)."""
+    targets = dict(DEFAULT_GAP_TARGETS if targets is None else targets)
     m0 = metrics[0]
     seeds = sorted({r["seed"] for r in records})
     by = {(r["seed"], r["name"]): r for r in records}
@@ -714,10 +732,10 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
         if p is None:
             continue
         ratio = p["flops"] / max(1, r["flops"])
-        if ratio < 23:
+        target = gap_target(ratio, targets)
+        if target is None:
             continue
         b = r["metrics"][m0]
-        target = 0.3 if ratio >= 80 else 1.6
         gap, ci = b.get("gap"), b.get("gap_ci95")
         if gap is None:
             verdict = "-"
@@ -767,13 +785,15 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
             "verdict",
         ]
         lines += [
-            f"### Gap to the paragon at >= 23x fewer query FLOPs ({m0})",
+            f"### Gap to the paragon at >= {min(targets):g}x fewer query FLOPs ({m0})",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "|".join("---" for _ in head) + "|",
             *rows,
             "",
-            "Targets: within 1.6 points at >= 23x, within 0.3 at >= 80x, judged on the upper end of the "
+            "Targets: "
+            + ", ".join(f"within {t:g} points at >= {r:g}x" for r, t in sorted(targets.items()))
+            + ", judged on the upper end of the "
             "paired 95% CI of the gap; headroom = paragon M(g->g) - M(q->q) of the same architecture "
             "trained alone (what the compatibility has to bridge).",
             "",
@@ -853,6 +873,50 @@ def claims(records: list[dict], metrics: list[str], n_boot: int = 1000) -> tuple
             "",
         ]
         out["throughput"] = {"dense_gflops": dense, "within_2x": within, "picks": len(picks)}
+
+    # 5. a pick far below the paragon in milliseconds and near it in accuracy: >= 10x lower ORT batch-1
+    # latency within 2 points, judged on the upper end of the gap's paired CI, in every seed
+    speedup, within = LATENCY_TARGET
+    rows, met_seeds, lat_rows = [], set(), []
+    for r in sorted(
+        (r for r in records if r["kind"] in ("cmp-nas", "cmp-nas-latency") and r.get("ort_ms_batch1")),
+        key=lambda r: (r["seed"], r["ort_ms_batch1"]),
+    ):
+        p = by.get((r["seed"], "paragon"))
+        if p is None or not p.get("ort_ms_batch1"):
+            continue
+        ratio = p["ort_ms_batch1"] / r["ort_ms_batch1"]
+        if ratio < speedup:
+            continue
+        b = r["metrics"][m0]
+        gap, ci = b.get("gap"), b.get("gap_ci95")
+        ok = ci is not None and 100 * ci[1] <= within
+        met_seeds |= {r["seed"]} if ok else set()
+        rows.append(
+            f"| {r['name']} | {r['seed']} | {r['ort_ms_batch1']:.3f} | {ratio:.1f}x | "
+            f"{pct(gap, True)}{ci_cell(ci, True)} | {'yes' if ok else 'no'} |"
+        )
+        lat_rows.append({"name": r["name"], "seed": r["seed"], "ort_ratio": ratio, "gap": gap, "gap_ci95": ci})
+    n_seeds = len({r["seed"] for r in records if r["kind"] == "paragon" and r.get("ort_ms_batch1")})
+    if n_seeds:
+        verdict = "met" if len(met_seeds) == n_seeds else f"not met ({len(met_seeds)}/{n_seeds} seeds)"
+        lines += [
+            f"### A CMP-NAS pick at >= {speedup:g}x lower ONNX Runtime latency within {within:g} points ({m0})",
+            "",
+            *(
+                [
+                    "| pick | seed | ORT ms | paragon ms / this | gap [95% CI] | within |",
+                    "|---|---|---|---|---|---|",
+                    *rows,
+                ]
+                if rows
+                else [f"No pick of any seed is {speedup:g}x faster than the paragon in ONNX Runtime."]
+            ),
+            "",
+            f"Target (in every seed, a pick whose gap's CI stays within {within:g} points): **{verdict}**.",
+            "",
+        ]
+        out["latency_target"] = {"picks": lat_rows, "seeds_met": sorted(met_seeds), "verdict": verdict}
     out["seeds"] = seeds
     return "\n".join(lines), out
 
@@ -1053,7 +1117,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
             e["result"]["_path"] = str(root / f"seed{sr['seed']}" / f"eval-{name}.json")
     records = build_records(seed_results, metrics)
     table = markdown_table(records, metrics, infeasible)
-    claims_md, claims_d = claims(records, metrics, int((profile.get("evaluate") or {}).get("n_boot", 1000)))
+    claims_md, claims_d = claims(
+        records,
+        metrics,
+        int((profile.get("evaluate") or {}).get("n_boot", 1000)),
+        GAP_TARGETS.get(args.data, DEFAULT_GAP_TARGETS),
+    )
     verdict_md, verdict_d = verdict_section(records)
     curve_md = curve_section(seed_results)
     title = (
