@@ -11,6 +11,9 @@ For each model, batch size and memory format, it times ``--steps`` steps (after 
 * **bare**: the same network and head (its margin-softmax cross-entropy), SGD, over tensors made
   once (no normalisation, no augmentation, no bookkeeping): what the step costs with nothing around it.
 
+* **compiled** (``--compile``): the bare loop with the network under ``torch.compile`` (inductor's
+  generated C++ kernels on CPU: fused elementwise ops around the convolutions), compile time apart.
+
 It prints images/s of both and their ratio (hvs / bare; 1.0 means the trainer adds nothing), so the
 figure says where the time goes before any optimisation: in the network (both slow) or in what
 surrounds it (hvs slower). Single process, CPU, ``torch.get_num_threads()`` threads (printed); on a
@@ -98,7 +101,7 @@ def measure(name: str, batch: int, channels_last: bool, args: argparse.Namespace
 
     t_bare = _time(bare_step, args.steps, args.warmup)
     ips_hvs, ips_bare = args.steps * batch / t_hvs, args.steps * batch / t_bare
-    return {
+    row = {
         "model": name,
         "batch": batch,
         "channels_last": channels_last,
@@ -106,6 +109,22 @@ def measure(name: str, batch: int, channels_last: bool, args: argparse.Namespace
         "bare_images_per_s": round(ips_bare, 1),
         "ratio_hvs_over_bare": round(ips_hvs / ips_bare, 3),
     }
+    if args.compile:  # the bare loop again, the network compiled (torch.compile, inductor's C++ CPU kernels)
+        model, head, opt = parts()
+        compiled = torch.compile(model)
+
+        def compiled_step():
+            opt.zero_grad(set_to_none=True)
+            head(compiled(x), y).backward()
+            opt.step()
+
+        t0 = time.perf_counter()
+        compiled_step()  # the compilation (forward and backward graphs)
+        row["compile_seconds"] = round(time.perf_counter() - t0, 1)
+        ips = args.steps * batch / _time(compiled_step, args.steps, args.warmup)
+        row["compiled_images_per_s"] = round(ips, 1)
+        row["ratio_compiled_over_bare"] = round(ips / ips_bare, 3)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument(
+        "--compile", action="store_true", help="also time the bare loop with the network under torch.compile"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"# training step, {args.channels}x{args.image_size}px, {threads} threads, torch {torch.__version__}")
-    print("| model | batch | memory format | hvs img/s | bare img/s | hvs / bare |")
-    print("|---|---|---|---|---|---|")
+    more = " compiled img/s | compiled / bare | compile s |" if args.compile else ""
+    print("| model | batch | memory format | hvs img/s | bare img/s | hvs / bare |" + more)
+    print("|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
     rows = []
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -137,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(
                     f"| {name} | {batch} | {fmt} | {r['hvs_images_per_s']:.0f} | {r['bare_images_per_s']:.0f} | "
-                    f"{r['ratio_hvs_over_bare']:.2f} |",
+                    f"{r['ratio_hvs_over_bare']:.2f} |"
+                    + (
+                        f" {r['compiled_images_per_s']:.0f} | {r['ratio_compiled_over_bare']:.2f} | "
+                        f"{r['compile_seconds']:.0f} |"
+                        if args.compile
+                        else ""
+                    ),
                     flush=True,
                 )
     if args.json:

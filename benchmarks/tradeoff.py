@@ -983,7 +983,11 @@ def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dic
     return "\n".join(lines)
 
 
-def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list[Path]:
+def plot(
+    records: list[dict], metric: str, out_prefix: Path, title: str, curves: dict[int, dict] | None = None
+) -> list[Path]:
+    """The trade-off against FLOPs, eager-PyTorch and ONNX Runtime latency (one PNG each) and, given
+    the paragon's learning curves by seed (:func:`curve_summary`), that curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1012,6 +1016,7 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
     for xkey, xlabel, suffix in (
         ("flops", "query MFLOPs", "flops"),
         ("torch_ms_batch1", "query CPU latency, eager PyTorch, batch 1 (ms)", "latency"),
+        ("ort_ms_batch1", "query CPU latency, ONNX Runtime fp32, batch 1 (ms)", "ort"),
     ):
         fig, ax = plt.subplots(figsize=(9.5, 4.5))
         par = [g for k, g in groups.items() if k[0] == "paragon"]
@@ -1055,6 +1060,27 @@ def plot(records: list[dict], metric: str, out_prefix: Path, title: str) -> list
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         path = out_prefix.parent / f"{out_prefix.name}_{suffix}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if curves:  # the paragon's learning curve: validation score against the length of the schedule
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for seed, c in sorted(curves.items()):
+            xs = [r["epochs"] for r in c["rungs"]]
+            ax.plot(xs, [100 * r["val"]["recall@1"] for r in c["rungs"]], "-o", label=f"seed {seed}")
+            best = next(r for r in c["rungs"] if r["epochs"] == c["best"])
+            ax.scatter([best["epochs"]], [100 * best["val"]["recall@1"]], s=160, facecolors="none", edgecolors="k")
+        ax.set_xscale("log", base=2)
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("epochs of the whole (cosine) schedule")
+        ax.set_ylabel("paragon val recall@1 (%), held-out split")
+        ax.set_title(f"paragon learning curve (circled: kept)\n{title}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_prefix.parent / f"{out_prefix.name}_paragon_curve.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
@@ -1142,7 +1168,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     plots = []
     if args.plot:
         try:
-            plots = [str(p) for p in plot(records, metrics[0], data_dir / profile_name, title)]
+            curves = {sr["seed"]: sr["meta"]["paragon_curve"] for sr in seed_results if sr["meta"].get("paragon_curve")}
+            plots = [str(p) for p in plot(records, metrics[0], data_dir / profile_name, title, curves)]
             log("wrote " + ", ".join(plots))
         except ImportError as e:
             log(f"no plot: {e}")

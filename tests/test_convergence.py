@@ -146,7 +146,8 @@ def test_the_benchmark_trains_its_paragon_to_convergence_and_reports_the_curve(t
     )
     bench = _load_benchmark()
     args = ["--data", "kanji-fonts", "--profile", str(profile), "--out", str(tmp_path), "--only", "paragon", "--quiet"]
-    assert bench.main(args) == 0
+    assert bench.main([*args, "--plot"]) == 0
+    assert (tmp_path / "kanji-fonts" / "conv_paragon_curve.png").stat().st_size > 0
     sd = tmp_path / "kanji-fonts" / "conv" / "seed0"
     curve = json.loads((sd / "paragon-curve.json").read_text())
     assert [r["epochs"] for r in curve["rungs"]] == [1, 2] and curve["converged"]
