@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['ratio_hvs_over_bare']:.2f} |"
                     + (
                         f" {r['compiled_images_per_s']:.0f} | {r['ratio_compiled_over_bare']:.2f} | "
-                        f"{r['compile_seconds']:.0f} |"
+                        f"{r['compile_seconds']:.1f} |"
                         if args.compile
                         else ""
                     ),

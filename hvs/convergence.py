@@ -34,7 +34,7 @@ import torch
 from .data import RetrievalData
 from .errors import HVSError
 
-DEFAULT_METRIC = "recall@1"
+METRIC = "recall@1"  # what the ladder is judged on (and its per-query hits paired)
 
 
 class ConvergenceError(HVSError):
@@ -55,27 +55,69 @@ class Rung:
 
 
 def check_schedules(schedules: Sequence[int], min_gain: float) -> list[int]:
-    """The ladder's schedules as ints, strictly increasing and positive; ``min_gain`` >= 0."""
-    try:
-        out = [int(e) for e in schedules]
-    except (TypeError, ValueError):
-        raise ConvergenceError(f"converge.schedules must be a list of epoch counts, got {schedules!r}") from None
+    """The ladder's schedules as ints, strictly increasing and positive; ``min_gain`` a number >= 0."""
+    if not isinstance(schedules, (list, tuple)) or not all(
+        isinstance(e, int) and not isinstance(e, bool) for e in schedules
+    ):
+        raise ConvergenceError(f"converge.schedules must be a list of whole epoch counts, got {schedules!r}")
+    out = list(schedules)
     if len(out) < 2:
         raise ConvergenceError(f"converge.schedules needs at least two schedules to compare, got {out}")
     if out[0] < 1 or any(b <= a for a, b in zip(out, out[1:])):
         raise ConvergenceError(f"converge.schedules must be positive and strictly increasing, got {out}")
-    if not float(min_gain) >= 0:
-        raise ConvergenceError(f"converge.min_gain must be >= 0, got {min_gain!r}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not min_gain >= 0:
+        raise ConvergenceError(f"converge.min_gain must be a number >= 0 (recall@1 as a fraction), got {min_gain!r}")
     return out
 
 
-def decide(rungs: Sequence[Rung], schedules: Sequence[int], min_gain: float, metric: str = DEFAULT_METRIC) -> dict:
-    """Where the ladder stands after ``rungs`` (in schedule order).
+@dataclass(frozen=True)
+class ConvergeOptions:
+    """A ladder as a profile asks for it (``converge:``): see the module docstring."""
+
+    schedules: tuple[int, ...]
+    min_gain: float = 0.005
+    val_split: str = "auto"  # auto | identities | images
+    val_fraction: float = 0.1
+    val_max_per_class: int = 100
+
+    @classmethod
+    def parse(cls, d: Any) -> ConvergeOptions:
+        """From a profile's ``converge`` mapping; anything else, an unknown key or a bad value is a
+        one-line :class:`ConvergenceError`."""
+        if not isinstance(d, dict):
+            raise ConvergenceError(f"converge must be a mapping (schedules, min_gain, ...), got {d!r}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConvergenceError(f"unknown converge option(s): {', '.join(map(str, unknown))}")
+        if "schedules" not in d:
+            raise ConvergenceError("converge needs schedules, e.g. [5, 10, 20]")
+        min_gain = d.get("min_gain", cls.min_gain)
+        schedules = check_schedules(d["schedules"], min_gain)
+        fraction = d.get("val_fraction", cls.val_fraction)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConvergenceError(f"converge.val_fraction must be in (0, 1), got {fraction!r}")
+        per_class = d.get("val_max_per_class", cls.val_max_per_class)
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 2:
+            raise ConvergenceError(f"converge.val_max_per_class must be a whole number >= 2, got {per_class!r}")
+        kind = d.get("val_split", cls.val_split)
+        if kind not in ("auto", "identities", "images"):
+            raise ConvergenceError(f"converge.val_split must be auto, identities or images, got {kind!r}")
+        return cls(tuple(schedules), float(min_gain), kind, float(fraction), per_class)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["schedules"] = list(self.schedules)
+        return d
+
+
+def decide(rungs: Sequence[Rung], schedules: Sequence[int], min_gain: float) -> dict:
+    """Where the ladder stands after ``rungs`` (in schedule order), judged on validation recall@1.
 
     Returns ``next`` (the next schedule to train, or None when the ladder stops), ``converged``
     (True once a rung gained less than ``min_gain`` over the one before), ``gains`` (one per
     consecutive pair: from, to, gain), ``best`` (epochs of the rung with the highest validation
-    ``metric``; the shorter on a tie) and ``last_gain``."""
+    recall@1; the shorter on a tie) and ``last_gain``."""
+    metric = METRIC
     schedules = check_schedules(schedules, min_gain)
     done = [r.epochs for r in rungs]
     if done != schedules[: len(done)]:
@@ -113,7 +155,8 @@ def val_split(
     tr, vq, vg = carve(data.train.labels, fraction, max_per_class, seed)
     if len(vq) == 0 or len(vg) == 0:
         raise ConvergenceError(
-            f"{data.name}: the {kind} validation split (fraction {fraction}) is empty; raise converge.val_fraction"
+            f"{data.name}: the {kind} validation split (fraction {fraction}) is empty: no training class has "
+            f"enough images to spare (an images split needs >= 4 per class)"
         )
     images, labels = data.train.images, data.train.labels
     rest = dataclasses.replace(data, train=data.train.subset(tr))
@@ -148,4 +191,14 @@ def gain_ci(a: Rung, b: Rung, n_boot: int = 1000, seed: int = 0) -> tuple[float,
     return paired_bootstrap_ci(np.asarray(b.hits), np.asarray(a.hits), n_boot=n_boot, seed=seed)
 
 
-__all__ = ["ConvergenceError", "Rung", "check_schedules", "decide", "gain_ci", "score", "val_split"]
+__all__ = [
+    "METRIC",
+    "ConvergeOptions",
+    "ConvergenceError",
+    "Rung",
+    "check_schedules",
+    "decide",
+    "gain_ci",
+    "score",
+    "val_split",
+]

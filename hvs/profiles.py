@@ -11,6 +11,7 @@ itself is :class:`hvs.pipeline.Pipeline`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,62 +152,84 @@ class ProfileStages:
 
         ``opts`` are TrainConfig fields, plus ``train_subset`` (this model's own training subset of
         the full data; ``null``: all of it; default: the profile's) and ``converge`` (train to
-        convergence, :mod:`hvs.convergence`)::
+        convergence, :mod:`hvs.convergence`, in place of ``epochs``)::
 
             converge: {schedules: [8, 16, 32], min_gain: 0.005, val_fraction: 0.1, val_split: auto}
 
         With ``converge`` the rungs train in ``out.parent / "paragon-curve" / e<epochs>`` on the
-        training data less the validation split, the best one is copied to ``out`` and the curve
-        and decision are written to ``out.parent / "paragon-curve.json"`` (both reused when
-        complete). The stage is named ``paragon`` either way."""
+        training data less the validation split; the curve and decision are written to
+        ``out.parent / "paragon-curve.json"``, then the best rung is copied to ``out``. A rerun
+        reuses the paragon when the curve was made with the same options and names its weights;
+        rungs and a paragon made otherwise (other options, or ``out`` trained without the ladder)
+        are refused with a one-line error rather than mixed in. The stage is ``paragon`` either way."""
         opts = dict(opts)
         data = self.train_data
         if "train_subset" in opts:
             data = train_subset(self.full, opts.pop("train_subset"), int(self.profile.get("data_seed", 0)))
-        conv = opts.pop("converge", None)
-        if not conv:
+        if opts.get("converge") is None:
+            opts.pop("converge", None)
             return self.train("paragon", out, data=data, role="gallery", seed=seed, **opts)
-        curve_json = out.parent / CURVE_JSON
-        if (out / ckpt.CONFIG).is_file() and curve_json.is_file():
+        conv = convergence.ConvergeOptions.parse(opts.pop("converge"))
+        opts.pop("epochs", None)  # the ladder's schedules say how long each rung trains
+        signature = json.loads(
+            json.dumps(
+                {
+                    "converge": conv.as_dict(),
+                    "train": opts,
+                    "seed": seed,
+                    "data": self.entry["spec"],
+                    "n": len(data.train),
+                },
+                sort_keys=True,
+                default=str,
+            )
+        )
+        curve_json, ladder = out.parent / CURVE_JSON, out.parent / "paragon-curve"
+        curve = json.loads(curve_json.read_text()) if curve_json.is_file() else None
+        if (out / ckpt.CONFIG).is_file():
+            fingerprint = ckpt.read_card(out).fingerprint
+            if curve is None or curve.get("signature") != signature or curve.get("paragon_fingerprint") != fingerprint:
+                raise PipelineError(
+                    f"{out} was not made by this convergence ladder (trained without converge, or with other "
+                    f"options); remove it, {curve_json.name}, {ladder.name}/ and what was trained against it"
+                )
             self.event("paragon", "paragon", "reused")
             return True
         if not self.allowed("paragon"):
             self.event("paragon", "paragon", "skipped", why="not in --only")
             return False
-        conv = dict(conv)
-        schedules = convergence.check_schedules(conv.pop("schedules", []), conv.get("min_gain", 0.005))
-        min_gain = float(conv.pop("min_gain", 0.005))
-        metric = conv.pop("metric", convergence.DEFAULT_METRIC)
-        split_opts = {
-            "kind": conv.pop("val_split", "auto"),
-            "fraction": float(conv.pop("val_fraction", 0.1)),
-            "max_per_class": int(conv.pop("val_max_per_class", 100)),
-        }
-        if conv:
-            raise PipelineError(f"unknown paragon.converge option(s): {', '.join(sorted(conv))}")
-        opts.pop("epochs", None)  # the ladder's schedules say how long each rung trains
-        rest, vq, vg, kind = convergence.val_split(data, seed=seed, **split_opts)
+        sig_json = ladder / "ladder.json"  # the options its rungs are trained with: never mixed
+        if sig_json.is_file() and json.loads(sig_json.read_text()) != signature:
+            raise PipelineError(
+                f"{ladder} was trained with other options; remove it (and {curve_json.name}) to retrain"
+            )
+        ckpt.atomic_write_json(sig_json, signature)
+        rest, vq, vg, kind = convergence.val_split(
+            data, conv.val_split, conv.val_fraction, conv.val_max_per_class, seed=seed
+        )
         rungs: list[convergence.Rung] = []
-        decision = convergence.decide(rungs, schedules, min_gain, metric)
+        decision = convergence.decide(rungs, conv.schedules, conv.min_gain)
         while decision["next"] is not None:
             epochs = decision["next"]
-            folder = out.parent / "paragon-curve" / f"e{epochs}"
+            folder = ladder / f"e{epochs}"
             if not self.train("paragon", folder, data=rest, role="gallery", seed=seed, epochs=epochs, **opts):
                 return False
             s = convergence.score(folder, vq, vg)
             rungs.append(convergence.Rung(epochs, str(folder), {k: s[k] for k in ("recall@1", "map")}, s["hits"]))
-            decision = convergence.decide(rungs, schedules, min_gain, metric)
-            self.log(f"  paragon-curve: {epochs} epochs, val {metric} {rungs[-1].val[metric]:.4f}")
+            decision = convergence.decide(rungs, conv.schedules, conv.min_gain)
+            self.log(f"  paragon-curve: {epochs} epochs, val recall@1 {rungs[-1].val['recall@1']:.4f}")
+        n_boot = int((self.profile.get("evaluate") or {}).get("n_boot", 1000))
         for g in decision["gains"]:
             a, b = (next(r for r in rungs if r.epochs == e) for e in (g["from"], g["to"]))
-            ci = convergence.gain_ci(a, b)
+            ci = convergence.gain_ci(a, b, n_boot=n_boot)
             g["ci95"] = None if ci is None else [ci[1], ci[2]]
         best = next(r for r in rungs if r.epochs == decision["best"])
-        ckpt.copy_model_folder(best.folder, out)
-        ckpt.atomic_write_json(
+        ckpt.atomic_write_json(  # first: a paragon/ without its curve is one this ladder did not make
             curve_json,
             {
-                "schedules": schedules,
+                "signature": signature,
+                "paragon_fingerprint": ckpt.read_card(best.folder).fingerprint,
+                "schedules": list(conv.schedules),
                 "val_split": kind,
                 "n_val_query": len(vq[1]),
                 "n_val_gallery": len(vg[1]),
@@ -215,6 +238,7 @@ class ProfileStages:
                 **decision,
             },
         )
+        ckpt.copy_model_folder(best.folder, out)
         return True
 
     def supernet(self, out: Path, gallery: Path | None) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hvs import checkpoint as ckpt
-from hvs.convergence import ConvergenceError, Rung, check_schedules, decide, gain_ci, val_split
+from hvs.convergence import ConvergenceError, ConvergeOptions, Rung, check_schedules, decide, gain_ci, val_split
 from hvs.data import create_dataset
 from hvs.pipeline import PipelineError
 from hvs.profiles import load_profile
@@ -50,14 +50,34 @@ def test_the_ladder_stops_at_the_first_doubling_that_gains_less_than_min_gain():
         ([8], 0.01, "at least two"),
         ([8, 8], 0.01, "strictly increasing"),
         ([0, 4], 0.01, "positive"),
-        (["x", 4], 0.01, "list of epoch counts"),
+        (["x", 4], 0.01, "whole epoch counts"),
+        ([5.7, 10], 0.01, "whole epoch counts"),
         ([4, 8], -0.1, "min_gain"),
+        ([4, 8], None, "min_gain"),
     ],
 )
 def test_bad_schedules_are_one_line_errors(schedules, min_gain, match):
     with pytest.raises(ConvergenceError, match=match) as e:
         check_schedules(schedules, min_gain)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "conv, match",
+    [
+        (True, "must be a mapping"),
+        ({"schedules": [1, 2], "metric": "map"}, "unknown converge option"),
+        ({"min_gain": 0.1}, "needs schedules"),
+        ({"schedules": [1, 2], "val_fraction": 1.5}, "val_fraction"),
+        ({"schedules": [1, 2], "val_split": "classes"}, "val_split"),
+        ({"schedules": [1, 2], "val_max_per_class": 1}, "val_max_per_class"),
+    ],
+)
+def test_bad_converge_options_are_one_line_errors(conv, match):
+    with pytest.raises(ConvergenceError, match=match) as e:
+        ConvergeOptions.parse(conv)
+    assert "\n" not in str(e.value)
+    assert ConvergeOptions.parse({"schedules": [2, 4]}).as_dict()["schedules"] == [2, 4]
 
 
 def test_rungs_out_of_order_are_refused():
@@ -162,7 +182,40 @@ def test_the_benchmark_trains_its_paragon_to_convergence_and_reports_the_curve(t
     again = json.loads((tmp_path / "kanji-fonts" / "conv.json").read_text())
     assert [e["status"] for e in again["stages"] if e["stage"] == "paragon"] == ["reused"]
     assert again["meta"]["0"]["paragon_curve"]["best"] == curve["best"]
-    # an unknown converge option is a one-line error
-    profile.write_text("extends: tiny\nparagon: {model: resnet8, converge: {schedules: [1, 2], bogus: 1}}\n")
-    (tmp_path / "x").mkdir()
-    assert bench.main([*args[:5], str(tmp_path / "x"), *args[6:]]) == 2
+
+
+def _conv_profile(path, converge="{schedules: [1, 2], min_gain: 1.0, val_fraction: 0.25, val_split: identities}"):
+    para = "{model: resnet8, epochs: 1, batch_size: 32, lr: 0.1" + (f", converge: {converge}" if converge else "") + "}"
+    path.write_text(f"extends: tiny\nparagon: {para}\n")
+    return ["--data", "kanji-fonts", "--profile", str(path), "--out", str(path.parent), "--only", "paragon", "--quiet"]
+
+
+def test_a_ladder_refuses_what_it_did_not_make(tmp_path, capsys):
+    """A paragon trained without the ladder, rungs trained with other options and a bad option: each a
+    one-line error before anything is trained or overwritten."""
+    import shutil
+
+    bench = _load_benchmark()
+    profile = tmp_path / "p.yaml"
+    assert bench.main(_conv_profile(profile, converge=None)) == 0  # a plain 1-epoch paragon
+    sd = tmp_path / "kanji-fonts" / "p" / "seed0"
+    plain = ckpt.read_card(sd / "paragon").fingerprint
+    capsys.readouterr()
+    assert bench.main(_conv_profile(profile)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was not made by this convergence ladder" in err and len(err.splitlines()) == 1
+    assert ckpt.read_card(sd / "paragon").fingerprint == plain, "the existing paragon is untouched"
+    # rungs of one ladder are not reused by a ladder with other options
+    shutil.rmtree(sd / "paragon")
+    assert bench.main(_conv_profile(profile)) == 0
+    shutil.rmtree(sd / "paragon")
+    (sd / "paragon-curve.json").unlink()
+    capsys.readouterr()
+    args = _conv_profile(profile, "{schedules: [1, 2], min_gain: 1.0, val_fraction: 0.5, val_split: identities}")
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained with other options" in err and len(err.splitlines()) == 1
+    # an unknown converge option
+    assert bench.main(_conv_profile(profile, "{schedules: [1, 2], bogus: 1}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown converge option(s): bogus" in err and len(err.splitlines()) == 1

@@ -221,7 +221,7 @@ def test_profiles_parse(name):
         assert key in profile
     assert set(profile["data"]) == {"fashion-mnist", "kanji-fonts"}
     # every stage's options are valid for the library function that receives them
-    from hvs.convergence import check_schedules
+    from hvs.convergence import ConvergeOptions
     from hvs.models import list_models
     from hvs.models.supernets import create_supernet
     from hvs.nas.search import SearchConfig
@@ -231,9 +231,7 @@ def test_profiles_parse(name):
     paragon = dict(profile["paragon"])
     paragon.pop("train_subset", None)
     if "converge" in paragon:  # a ladder of schedules in place of epochs
-        conv = paragon.pop("converge")
-        check_schedules(conv["schedules"], conv.get("min_gain", 0.005))
-        assert set(conv) <= {"schedules", "min_gain", "metric", "val_split", "val_fraction", "val_max_per_class"}
+        ConvergeOptions.parse(paragon.pop("converge"))
     TrainConfig(out="unused", role="gallery", **paragon)
     assert set(profile["offshelf"]["models"]) <= set(list_models("query"))
     TrainConfig(out="unused", **profile["offshelf"]["train"])
