@@ -879,3 +879,24 @@ def test_both_trainers_are_made_of_the_trainer_core():
         if rel == "nas/train.py":
             assert not any(m == "train" and level == 2 for m, level, _ in imported)
     assert "init_from" not in (root / "nas/export.py").read_text()
+
+
+def test_export_finetune_rows_cover_the_held_out_identities():
+    """A supernet trained with a held-out-identity split has no classifier rows for those classes; the
+    export fine-tune trains on every training class, so it gets the supernet's rows where they exist
+    and fresh ones for the rest, in the trainer's order (it crashed on a shape mismatch before)."""
+    from hvs.nas.export import _finetune_rows
+
+    data = create_dataset("synthetic:classes=60,train_per_class=4,test_per_class=2,size=16", protocol="open")
+    nd = prepare_data(data, 0.25, 50, 0, "auto")
+    ids = torch.unique(data.train.labels).tolist()
+    assert len(nd.classes) < len(ids)
+    head_w = torch.randn(len(nd.classes), 8)
+    rows = _finetune_rows(head_w, nd.classes, data)
+    assert rows.shape == (len(ids), 8)
+    for j, i in enumerate(ids):
+        name = data.classes[i]
+        if name in nd.classes:
+            assert torch.equal(rows[j], head_w[nd.classes.index(name)])
+    all_classes = [data.classes[i] for i in ids]
+    assert _finetune_rows(torch.randn(len(ids), 8), all_classes, data).shape == (len(ids), 8)
