@@ -205,12 +205,15 @@ def train(
     model: nn.Module | None = None,
     classifier: torch.Tensor | None = None,
     extra: dict[str, Any] | None = None,
+    classifier_classes: list[str] | None = None,
 ) -> ckpt.ModelCard:
     """Train a model as configured; returns the card of the finished model folder ``cfg.out``.
 
     ``model``: a module to train (in place) instead of a new ``cfg.model``, whose weights it must
-    fit; ``classifier``: starting rows of the margin-softmax head; ``extra``: provenance added to
-    the card. Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group (nccl for CUDA,
+    fit; ``classifier``: starting rows of the margin-softmax head, one per training class in the
+    trainer's order, or with ``classifier_classes`` (the class of each row) matched by name, a
+    training class without a row starting from the head's own initialisation; ``extra``:
+    provenance added to the card. Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group (nccl for CUDA,
     gloo for CPU; see :func:`hvs.distributed.init`) and trains data-parallel; every rank returns
     the card once rank 0 has written the model folder (see the module docstring)."""
     device = core.resolve_device(cfg.device, dist.env_info().local_rank)
@@ -260,7 +263,7 @@ def train(
         cfg.workers,
     )
     gallery, terms = _compat_terms(cfg, compat, data, classes, images, targets, log, size)
-    net = _build_net(cfg, data, classes, model, classifier, device, size).to(device)
+    net = _build_net(cfg, data, classes, model, classifier, device, size, classifier_classes).to(device)
     terms.to(device)
     opt, sched = make_optimizer(list(net.parameters()), cfg, batches.steps_per_epoch)
     dist.barrier()  # every rank has checked the old run folder before rank 0 writes into it
@@ -393,6 +396,7 @@ def _build_net(
     classifier: torch.Tensor | None,
     device: torch.device,
     size: int | None = None,
+    classifier_classes: list[str] | None = None,
 ) -> _Net:
     """The model (new from the registry, the given module, or --init-from's weights) and its head;
     ``size``: its input size (picks a resolution-aware model's stem)."""
@@ -409,6 +413,15 @@ def _build_net(
     head = MarginHead(cfg.embed_dim, len(classes), cfg.loss, cfg.scale, cfg.margin)
     if cfg.init_from:
         _init_weights(model, head, classes, cfg.init_from)
+    if classifier is not None and classifier_classes is not None:
+        if len(classifier_classes) != len(classifier):
+            raise TrainError(f"classifier of {len(classifier)} rows is given {len(classifier_classes)} class names")
+        row_of = {c: i for i, c in enumerate(classifier_classes)}
+        rows = head.weight.detach().clone()
+        for j, c in enumerate(classes):
+            if c in row_of:
+                rows[j] = classifier[row_of[c]]
+        classifier = rows
     if classifier is not None:
         if tuple(classifier.shape) != tuple(head.weight.shape):
             raise TrainError(

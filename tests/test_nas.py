@@ -881,22 +881,44 @@ def test_both_trainers_are_made_of_the_trainer_core():
     assert "init_from" not in (root / "nas/export.py").read_text()
 
 
-def test_export_finetune_rows_cover_the_held_out_identities():
+def test_export_finetune_rows_cover_the_held_out_identities(tmp_path):
     """A supernet trained with a held-out-identity split has no classifier rows for those classes; the
-    export fine-tune trains on every training class, so it gets the supernet's rows where they exist
-    and fresh ones for the rest, in the trainer's order (it crashed on a shape mismatch before)."""
-    from hvs.nas.export import _finetune_rows
+    export fine-tune trains on every training class, so the trainer takes the supernet's rows by class
+    name where they exist and fresh ones for the rest, in its own order (it crashed on a shape mismatch
+    before). lr 0: the saved classifier is the starting one."""
+    from hvs.train import TrainConfig, TrainError, train
 
     data = create_dataset("synthetic:classes=60,train_per_class=4,test_per_class=2,size=16", protocol="open")
     nd = prepare_data(data, 0.25, 50, 0, "auto")
     ids = torch.unique(data.train.labels).tolist()
     assert len(nd.classes) < len(ids)
-    head_w = torch.randn(len(nd.classes), 8)
-    rows = _finetune_rows(head_w, nd.classes, data)
-    assert rows.shape == (len(ids), 8)
-    for j, i in enumerate(ids):
-        name = data.classes[i]
+    head_w = torch.nn.functional.normalize(torch.randn(len(nd.classes), 8), dim=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "q"),
+        model="cnn-nano",
+        embed_dim=8,
+        epochs=1,
+        batch_size=32,
+        lr=0.0,
+        weight_decay=0.0,
+        warmup_epochs=0.0,
+        augment="none",
+        check=False,
+    )
+    card = train(
+        cfg, data=data, classifier=head_w, classifier_classes=list(nd.classes), progress=False, log=lambda s: None
+    )
+    rows = ckpt.load_classifier(tmp_path / "q")
+    assert rows.shape == (len(ids), 8) and card.classes == [data.classes[i] for i in ids]
+    for j, name in enumerate(card.classes):
         if name in nd.classes:
-            assert torch.equal(rows[j], head_w[nd.classes.index(name)])
-    all_classes = [data.classes[i] for i in ids]
-    assert _finetune_rows(torch.randn(len(ids), 8), all_classes, data).shape == (len(ids), 8)
+            assert torch.allclose(rows[j], head_w[nd.classes.index(name)])
+    with pytest.raises(TrainError, match="is given 3 class names"):
+        train(
+            TrainConfig(out=str(tmp_path / "bad"), model="cnn-nano", embed_dim=8, epochs=1),
+            data=data,
+            classifier=head_w,
+            classifier_classes=nd.classes[:3],
+            progress=False,
+            log=lambda s: None,
+        )

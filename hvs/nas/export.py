@@ -22,8 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import checkpoint as ckpt
 from ..compat import GallerySide, QuerySide, check_pair
 from ..data import RetrievalData
@@ -39,21 +37,6 @@ def _fresh(out: str | os.PathLike) -> Path:
     if out.exists() and any(out.iterdir()):
         raise NASError(f"{out} already holds files; choose another output folder")
     return out
-
-
-def _finetune_rows(head_w: torch.Tensor, classes: list[str], data: RetrievalData) -> torch.Tensor:
-    """Classifier rows for fine-tuning on every training class of ``data`` (in the trainer's order:
-    ascending global label): the supernet's row of a class it trained on, a fresh one (the margin
-    head's initialisation) for a class its held-out-identity validation split kept from it."""
-    ids = torch.unique(data.train.labels).tolist()
-    if [data.classes[i] for i in ids] == list(classes):
-        return head_w
-    row_of = {c: i for i, c in enumerate(classes)}
-    rows = MarginHead(head_w.shape[1], len(ids)).weight.detach().clone()
-    for j, i in enumerate(ids):
-        if data.classes[i] in row_of:
-            rows[j] = head_w[row_of[data.classes[i]]]
-    return rows
 
 
 def _nas_extra(card: SupernetCard, supernet_dir: str | os.PathLike, flops: int, **more: Any) -> dict:
@@ -190,7 +173,9 @@ def export_subnet(
             data=data,
             log=log,
             model=sub,
-            classifier=_finetune_rows(head.weight.detach(), card.classes, data),
+            # by name: a held-out-identity split kept some training classes out of the supernet's head
+            classifier=head.weight.detach(),
+            classifier_classes=list(card.classes),
             extra=mcard.extra,
         )
     ckpt.save_model_folder(out, sub, mcard, classifier=head.weight.detach())
