@@ -46,6 +46,7 @@ from .models import EmbeddingModel, create_model
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CLASSIFIER = "classifier.safetensors"
+STATE = "state.pt"  # a training run's resumable state, beside the model files of its folder
 ADOPTED_ONNX = "model.onnx"  # an adopted ONNX gallery encoder, kept in its folder
 # Loaders of adopted models by kind ("module:function", imported on first use): frozen encoders
 # that are not a registry EmbeddingModel (an ONNX file; a library backbone without embedding head).
@@ -157,7 +158,7 @@ def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> ModelCa
 
     def write(staging: Path) -> ModelCard:
         for entry in src.iterdir():
-            if entry.is_file() and entry.name not in (CONFIG, "state.pt") and not fileio.is_temp_name(entry.name):
+            if entry.is_file() and entry.name not in (CONFIG, STATE) and not fileio.is_temp_name(entry.name):
                 shutil.copy2(entry, staging / entry.name)
                 fileio.fsync_file(staging / entry.name)
         atomic_write_json(staging / CONFIG, card.to_dict())  # last: a folder with a config.json is complete

@@ -86,16 +86,13 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> None:
 
 
 def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file's contents to disk (a copy made with :func:`shutil.copy2`, say)."""
+    """Flush a written file's contents, or a folder's entries, to disk (a folder is opened and
+    fsynced as a file is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_file(path)  # a folder is opened and fsynced as a file is
 
 
 def _swap_names(folder: Path) -> tuple[Path, Path]:
@@ -111,7 +108,7 @@ def recover_folder(folder: str | os.PathLike) -> None:
     new, old = _swap_names(folder)
     if not folder.exists() and old.is_dir():
         os.replace(old, folder)
-        _fsync_dir(folder.parent)
+        fsync_file(folder.parent)
     for leftover in (new, old):
         if leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -129,11 +126,11 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[Path], T]) -> T:
     new, old = _swap_names(folder)
     new.mkdir()
     result = write(new)
-    _fsync_dir(new)
+    fsync_file(new)
     if folder.exists():
         os.replace(folder, old)
     os.replace(new, folder)  # the commit
-    _fsync_dir(folder.parent)
+    fsync_file(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return result
 

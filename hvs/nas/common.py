@@ -52,7 +52,7 @@ from ..models.supernets import DEFAULT_SPACE, create_supernet
 CONFIG = "config.json"
 WEIGHTS = "supernet.safetensors"
 HEAD = "head.safetensors"
-STATE = "state.pt"
+STATE = ckpt.STATE
 LOG = "log.csv"
 
 

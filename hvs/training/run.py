@@ -30,7 +30,7 @@ from .. import checkpoint as ckpt
 from .. import fileio
 from ..errors import HVSError
 
-STATE = "state.pt"
+STATE = ckpt.STATE
 LOG = "log.csv"
 TRAIN_CONFIG = "train_config.json"
 # What a start that never finished an epoch can have left behind (besides temporary files).
