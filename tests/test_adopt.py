@@ -376,15 +376,20 @@ def test_bad_weights_are_one_line_errors_and_write_nothing(weights_world, tmp_pa
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g*"))
 
 
+def _export_fixed_batch(path, batch: int) -> None:
+    """The seed-0 Encoder as an ONNX graph whose batch is fixed at ``batch`` (no dynamic axes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        torch.onnx.export(Encoder().eval(), (torch.zeros(batch, 1, 12, 12),), str(path), dynamo=False)
+
+
 def test_a_fixed_batch_graph_runs_image_by_image_but_does_not_export(tmp_path):
     from hvs.adopt import adopt_onnx
     from hvs.errors import ExportError
     from hvs.export import export_onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        torch.onnx.export(Encoder().eval(), (torch.zeros(1, 1, 12, 12),), str(tmp_path / "b1.onnx"), dynamo=False)
+    _export_fixed_batch(tmp_path / "b1.onnx", 1)
     adopt_onnx(tmp_path / "b1.onnx", tmp_path / "g", mean=[0.5], std=[0.25])
     model, _ = ckpt.load_model(tmp_path / "g")
     x = torch.randn(3, 1, 12, 12)
@@ -394,10 +399,7 @@ def test_a_fixed_batch_graph_runs_image_by_image_but_does_not_export(tmp_path):
         export_onnx(tmp_path / "g", tmp_path / "g.onnx")
     assert not (tmp_path / "g.onnx").exists()
     # a graph of a fixed batch of 4 takes any number of images: chunks of 4, the last one padded
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        torch.onnx.export(Encoder().eval(), (torch.zeros(4, 1, 12, 12),), str(tmp_path / "b4.onnx"), dynamo=False)
+    _export_fixed_batch(tmp_path / "b4.onnx", 4)
     adopt_onnx(tmp_path / "b4.onnx", tmp_path / "g4", mean=[0.5], std=[0.25])
     model, _ = ckpt.load_model(tmp_path / "g4")
     for n in (1, 4, 7):

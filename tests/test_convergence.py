@@ -1,12 +1,11 @@
 """hvs.convergence: the schedule ladder's rule, its validation split, and the paragon it gives a benchmark."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from hvs import checkpoint as ckpt
 from hvs.convergence import ConvergenceError, ConvergeOptions, Rung, check_schedules, decide, gain_ci, val_split
@@ -148,11 +147,7 @@ def test_a_profile_extends_another_section_by_section(tmp_path):
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("tradeoff_bench_conv", ROOT / "benchmarks" / "tradeoff.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tradeoff_bench_conv"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/tradeoff.py", "tradeoff_bench_conv")
 
 
 def test_the_benchmark_trains_its_paragon_to_convergence_and_reports_the_curve(tmp_path):

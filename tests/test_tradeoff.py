@@ -1,22 +1,17 @@
 """benchmarks/tradeoff.py: the `tiny` profile end to end on synthetic data, then a re-run that reuses every stage."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("tradeoff_bench", ROOT / "benchmarks" / "tradeoff.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tradeoff_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/tradeoff.py", "tradeoff_bench")
 
 
 def _brackets(value, ci):
@@ -268,9 +263,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     evaluated and paired against the benchmark's own CMP-NAS pick; re-running reuses it all."""
     bench = _load_benchmark()
     base = ["--data", "kanji-fonts", "--profile", "tiny", "--out", str(tmp_path), "--quiet"]
-    spec = importlib.util.spec_from_file_location("compat_ablation", ROOT / "benchmarks" / "compat_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
     capsys.readouterr()
     assert ablation.main(base) == 2  # nothing to build on yet: one line
     err = capsys.readouterr().err.strip()
