@@ -256,9 +256,29 @@ def test_onnx_runtime_latency_table_for_the_fast_space(tmp_path):
     pytest.importorskip("onnxruntime")
     net = _fast()
     table = LatencyTable(net, 12, folder=tmp_path, min_seconds=0.0, repeats=2, runtime="ort")
-    assert table.predict(net.min_arch()) > 0 and table.measured == 2 + 3
+    assert table.predict(net.min_arch()) > 0 and table.measured == 2 + 3 + 1  # stem, 3 layers, head, one call
+    assert any(k.startswith("call:") for k in table.entries)
     table.save()
     assert table.path.name.startswith("latency_table_ort_")
+
+
+@pytest.mark.parametrize("runtime", ["torch", "ort"])
+def test_table_counts_one_call_per_network_in_onnx_runtime(runtime):
+    """Each unit's own ORT session pays one call's fixed cost; the network pays it once. With the
+    units' and the call's latencies set by hand, the prediction is the sum less (units - 1) calls,
+    never below the slowest unit; eager PyTorch keeps the plain sum."""
+    pytest.importorskip("onnxruntime")
+    net = _fast()
+    table = LatencyTable(net, 12, min_seconds=0.0, repeats=2, runtime=runtime)
+    arch = net.min_arch()
+    units = latency_units(net, arch, 12)
+    table.entries = {key: 0.01 * (i + 1) for i, (key, _, _) in enumerate(units)}
+    table.entries["call:1,12,12"] = 0.004
+    total, n = sum(0.01 * (i + 1) for i in range(len(units))), len(units)
+    want = total - (n - 1) * 0.004 if runtime == "ort" else total
+    assert table.predict(arch) == pytest.approx(want) and table.measured == 0
+    table.entries["call:1,12,12"] = 1.0  # a call dearer than the units: the slowest unit is the floor
+    assert table.predict(arch) == pytest.approx(0.01 * n if runtime == "ort" else total)
 
 
 SUPERNET_YAML = """
