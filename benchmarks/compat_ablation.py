@@ -9,7 +9,12 @@ Each variant of the profile's ``ablation.variants`` changes the CMP-NAS recipe:
 * ``export``   -- overrides of the export step, e.g. ``{compat: [bct, l2=1]}``: the same searched
   architecture, fine-tuned with feature regression onto the paragon's embeddings besides BCT;
 * ``supernet`` -- overrides of supernet training, e.g. ``{regress_weight: 1}``: a new supernet,
-  trained with the regression term, searched again (hetero reward) at each budget.
+  trained with the regression term, searched again (hetero reward) at each budget;
+* ``scratch``  -- ``{epochs: E, lr: LR[, batch_size: B]}``: the benchmark's searched architecture
+  trained from random weights (``hvs.train``) for E epochs with the export's compatibility losses
+  (default BCT) instead of fine-tuned from the supernet's weights. Beside export variants with
+  other ``finetune_epochs`` / ``lr``, it tells whether a pick is held back by its schedule or by
+  the shared weights it starts from.
 
 Every variant's query model is evaluated against the paragon like the benchmark's own models, and
 compared with the benchmark's CMP-NAS pick at the same budget and seed (``nas-hetero-<B>x``):
@@ -44,9 +49,18 @@ ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 
 def variant_profile(profile: dict, spec: dict) -> dict:
-    unknown = set(spec) - {"export", "supernet"}
+    unknown = set(spec) - {"export", "supernet", "scratch"}
     if unknown:
-        raise PipelineError(f"ablation variant keys must be export and/or supernet, got {sorted(unknown)}")
+        raise PipelineError(f"ablation variant keys must be export, supernet or scratch, got {sorted(unknown)}")
+    if "scratch" in spec:
+        sc = spec["scratch"]
+        if spec.get("supernet") or not isinstance(sc, dict) or set(sc) - {"epochs", "lr", "batch_size"}:
+            raise PipelineError(
+                "an ablation scratch variant is {epochs: E, lr: LR[, batch_size: B]} and trains the "
+                f"benchmark's architecture (no supernet overrides), got {spec}"
+            )
+        if int(sc.get("epochs", 0)) < 1 or float(sc.get("lr", 0)) <= 0:
+            raise PipelineError(f"an ablation scratch variant needs epochs >= 1 and lr > 0, got {sc}")
     out = copy.deepcopy(profile)
     for key in ("export", "supernet"):
         out[key] = {**(out.get(key) or {}), **(spec.get(key) or {})}
@@ -99,7 +113,26 @@ def run_seed(
             else:
                 best = base_best
             folder, eval_json = vd / f"nas-hetero-{tag}", vd / f"eval-nas-hetero-{tag}.json"
-            runner.export(folder, supernet, gallery, best)
+            if spec.get("scratch"):
+                base_card = ckpt.read_card(sd / f"nas-hetero-{tag}")
+                sc, ex = spec["scratch"], vp.get("export") or {}
+                ok = runner.train(
+                    "ablation",
+                    folder,
+                    model=base_card.model,
+                    model_kwargs=base_card.model_kwargs,
+                    gallery=str(gallery),
+                    compat=list(ex.get("compat") or ["bct"]),
+                    role="query",
+                    epochs=int(sc["epochs"]),
+                    lr=float(sc["lr"]),
+                    batch_size=int(sc.get("batch_size", ex.get("batch_size", 256))),
+                    seed=seed,
+                )
+            else:
+                ok = runner.export(folder, supernet, gallery, best)
+            if not ok:
+                raise PipelineError(f"{folder}: not made")
             result = runner.evaluate("ablation", gallery, folder, eval_json)
             base = json.loads(base_json.read_text())
             row: dict[str, Any] = {
@@ -212,7 +245,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         for r in run_seed(root, profile, args.data, full, train_data, s, budgets, variants, metrics, log)
     ]
     md = (
-        f"# Compatibility-loss ablation: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
+        f"# Ablation of the CMP-NAS recipe: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
         f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed; "
         f"* = the paired 95% CI excludes 0. val R@1 = the search's reward on the validation split "
         f"(training identities) for the architecture used.\n\n{markdown(rows, metrics)}\n"

@@ -272,13 +272,19 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     assert ablation.main(base) == 0
     out = json.loads((tmp_path / "kanji-fonts" / "tiny_ablation.json").read_text())
     rows = {r["variant"]: r for r in out["rows"]}
-    assert set(rows) == {"ft-l2", "sn-l2"} and all(r["budget_ratio"] == 40 for r in rows.values())
+    assert set(rows) == {"ft-l2", "sn-l2", "scratch"} and all(r["budget_ratio"] == 40 for r in rows.values())
     sd = tmp_path / "kanji-fonts" / "tiny" / "seed0"
     best = json.loads((sd / "search-hetero-40x" / "best.json").read_text())
     assert rows["ft-l2"]["arch"] == best["key"]  # same architecture, other fine-tuning
     cfg = json.loads((sd / "ablation" / "ft-l2" / "nas-hetero-40x" / "train_config.json").read_text())
     assert cfg["compat"] == ["bct=1.0", "l2=1.0"] and cfg["epochs"] == 1
     assert json.loads((sd / "ablation" / "sn-l2" / "supernet" / "config.json").read_text())["regress_weight"] == 1
+    # scratch: the benchmark's architecture trained from random weights, with BCT against the paragon
+    assert rows["scratch"]["arch"] == best["key"]
+    cfg = json.loads((sd / "ablation" / "scratch" / "nas-hetero-40x" / "train_config.json").read_text())
+    base_card = json.loads((sd / "nas-hetero-40x" / "config.json").read_text())
+    assert cfg["compat"] == ["bct"] and cfg["epochs"] == 1 and cfg["lr"] == 0.05
+    assert cfg["model_kwargs"] == base_card["model_kwargs"] and cfg["gallery"] == str(sd / "paragon")
     for r in rows.values():
         m = r["metrics"]["recall@1"]
         assert 0 <= m["q->g"] <= 1 and m["baseline_q->g"] is not None
@@ -286,11 +292,29 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         assert m["diff_vs_baseline"] == pytest.approx(m["q->g"] - m["baseline_q->g"], abs=1e-9)
         lo, hi = m["diff_vs_baseline_ci95"]
         assert lo <= m["diff_vs_baseline"] <= hi
-    assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 4
+    assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 5
     # everything is reused on a second run
     mtime = (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns
     assert ablation.main(base) == 0
     assert (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"scratch": {"epochs": 0, "lr": 0.1}},
+        {"scratch": {"epochs": 2}},
+        {"scratch": {"epochs": 2, "lr": 0.1, "warmup": 1}},
+        {"scratch": {"epochs": 2, "lr": 0.1}, "supernet": {"regress_weight": 1.0}},
+        {"scratch": 3},
+        {"retrain": {}},
+    ],
+)
+def test_a_bad_ablation_variant_is_a_one_line_error(spec):
+    ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
+    with pytest.raises(ablation.PipelineError) as e:
+        ablation.variant_profile({"export": {}}, spec)
+    assert len(str(e.value).splitlines()) == 1 and "ablation" in str(e.value)
 
 
 def _claim_record(kind, name, seed, flops, ort_ms, gap=None, ci=None):
