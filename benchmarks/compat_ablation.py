@@ -48,6 +48,38 @@ from hvs.results import ci_cell, diff_cell, load_q2g, metric_block, paired_diffe
 ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 
+SCRATCH_EXPORT_KEYS = ("compat", "bct_weight", "batch_size")  # what a scratch variant takes from the export
+
+
+def scratch_compat(export: dict, supernet_bct: float) -> list[str]:
+    """The compatibility losses the export fine-tune would use, as trainer specs: the export's
+    ``compat`` (a list or a comma string; [] for none), else BCT at the export's ``bct_weight``,
+    else at the supernet's (``hvs.nas.export.export_subnet``'s rule)."""
+    compat = export.get("compat")
+    if compat is not None:
+        return [c.strip() for c in compat.split(",") if c.strip()] if isinstance(compat, str) else list(compat)
+    w = export.get("bct_weight")
+    w = float(w) if w is not None else (supernet_bct if supernet_bct > 0 else 1.0)
+    return [f"bct={w:g}"] if w > 0 else []
+
+
+def check_scratch_folder(folder: Path, want: dict) -> None:
+    """A scratch model folder made under other settings is an error, not reused or resumed."""
+    saved = folder / "train_config.json"
+    if not saved.is_file():
+        return
+    from hvs.losses import parse_compat
+
+    have = json.loads(saved.read_text())
+    same = {"compat": lambda a, b: parse_compat(a or []) == parse_compat(b or [])}  # "bct" is "bct=1"
+    diff = sorted(k for k, v in want.items() if not same.get(k, lambda a, b: a == b)(have.get(k), v))
+    if diff:
+        raise PipelineError(
+            f"{folder} was trained with other settings ({', '.join(f'{k}={have.get(k)!r}' for k in diff)}); "
+            f"remove it or name the variant anew"
+        )
+
+
 def variant_profile(profile: dict, spec: dict) -> dict:
     unknown = set(spec) - {"export", "supernet", "scratch"}
     if unknown:
@@ -61,6 +93,12 @@ def variant_profile(profile: dict, spec: dict) -> dict:
             )
         if int(sc.get("epochs", 0)) < 1 or float(sc.get("lr", 0)) <= 0:
             raise PipelineError(f"an ablation scratch variant needs epochs >= 1 and lr > 0, got {sc}")
+        ignored = sorted(set(spec.get("export") or {}) - set(SCRATCH_EXPORT_KEYS))
+        if ignored:
+            raise PipelineError(
+                f"an ablation scratch variant trains no export: its export overrides {ignored} would be "
+                f"ignored (it reads only {', '.join(SCRATCH_EXPORT_KEYS)})"
+            )
     out = copy.deepcopy(profile)
     for key in ("export", "supernet"):
         out[key] = {**(out.get(key) or {}), **(spec.get(key) or {})}
@@ -116,19 +154,18 @@ def run_seed(
             if spec.get("scratch"):
                 base_card = ckpt.read_card(sd / f"nas-hetero-{tag}")
                 sc, ex = spec["scratch"], vp.get("export") or {}
-                ok = runner.train(
-                    "ablation",
-                    folder,
-                    model=base_card.model,
-                    model_kwargs=base_card.model_kwargs,
-                    gallery=str(gallery),
-                    compat=list(ex.get("compat") or ["bct"]),
-                    role="query",
-                    epochs=int(sc["epochs"]),
-                    lr=float(sc["lr"]),
-                    batch_size=int(sc.get("batch_size", ex.get("batch_size", 256))),
-                    seed=seed,
-                )
+                sn_bct = float(json.loads((sd / "supernet" / "config.json").read_text()).get("bct_weight", 1.0))
+                settings = {
+                    "model": base_card.model,
+                    "model_kwargs": base_card.model_kwargs,
+                    "compat": scratch_compat(ex, sn_bct),
+                    "epochs": int(sc["epochs"]),
+                    "lr": float(sc["lr"]),
+                    "batch_size": int(sc.get("batch_size", ex.get("batch_size", 256))),
+                    "seed": seed,
+                }
+                check_scratch_folder(folder, settings)
+                ok = runner.train("ablation", folder, gallery=str(gallery), role="query", **settings)
             else:
                 ok = runner.export(folder, supernet, gallery, best)
             if not ok:
@@ -141,7 +178,7 @@ def run_seed(
                 "spec": spec,
                 "budget_ratio": ratio,
                 "arch": best["key"],
-                "val_reward": best.get("reward"),
+                "val_reward": None if spec.get("scratch") else best.get("reward"),  # the supernet's, not this model's
                 "flops": result["cost"]["query"]["flops"],
                 "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"],
                 "eval_json": str(eval_json),

@@ -245,7 +245,11 @@ def test_profiles_parse(name):
     export_args = set(inspect.signature(export_subnet).parameters)
     assert set(profile.get("export") or {}) <= export_args
     for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
-        assert set(spec) <= {"export", "supernet"}
+        assert set(spec) <= {"export", "supernet", "scratch"}
+        ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
+        ablation.variant_profile(profile, spec)  # a bad variant is refused here
+        if spec.get("scratch"):
+            TrainConfig(out="unused", **spec["scratch"])
         SupernetTrainConfig.from_dict({**profile["supernet"], **(spec.get("supernet") or {}), "out": "unused"})
         assert set(spec.get("export") or {}) <= export_args
         from hvs.losses import parse_compat
@@ -283,7 +287,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     assert rows["scratch"]["arch"] == best["key"]
     cfg = json.loads((sd / "ablation" / "scratch" / "nas-hetero-40x" / "train_config.json").read_text())
     base_card = json.loads((sd / "nas-hetero-40x" / "config.json").read_text())
-    assert cfg["compat"] == ["bct"] and cfg["epochs"] == 1 and cfg["lr"] == 0.05
+    assert cfg["compat"] == ["bct=1"] and cfg["epochs"] == 1 and cfg["lr"] == 0.05  # the supernet's BCT weight
     assert cfg["model_kwargs"] == base_card["model_kwargs"] and cfg["gallery"] == str(sd / "paragon")
     for r in rows.values():
         m = r["metrics"]["recall@1"]
@@ -293,6 +297,13 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         lo, hi = m["diff_vs_baseline_ci95"]
         assert lo <= m["diff_vs_baseline"] <= hi
     assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 5
+    # a scratch folder made under other settings is refused, not reused
+    other = ablation.check_scratch_folder
+    with pytest.raises(ablation.PipelineError, match="trained with other settings \\(epochs=1\\)"):
+        other(sd / "ablation" / "scratch" / "nas-hetero-40x", {"epochs": 3, "compat": ["bct"]})
+    compat = ablation.scratch_compat
+    assert compat({}, 0.0) == ["bct=1"] and compat({"bct_weight": 2}, 1.0) == ["bct=2"]
+    assert compat({"compat": "bct,l2=1"}, 1.0) == ["bct", "l2=1"] and compat({"compat": []}, 1.0) == []
     # everything is reused on a second run
     mtime = (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns
     assert ablation.main(base) == 0
@@ -308,6 +319,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         {"scratch": {"epochs": 2, "lr": 0.1}, "supernet": {"regress_weight": 1.0}},
         {"scratch": 3},
         {"retrain": {}},
+        {"scratch": {"epochs": 2, "lr": 0.1}, "export": {"finetune_epochs": 5}},
     ],
 )
 def test_a_bad_ablation_variant_is_a_one_line_error(spec):
