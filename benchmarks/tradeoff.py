@@ -188,6 +188,7 @@ class Runner(ProfileStages):
                             "budget_ratio": ratio,
                             "budget_flops": limit,
                             "search": best,
+                            **recipe_of(folder),
                         }
                         results["evals"][name]["result"] = r
                 ind = dict(p.get("nas_independent") or {})
@@ -306,6 +307,7 @@ class Runner(ProfileStages):
                         "budget_latency_ms": limit,
                         "paragon_latency_ms": par_ms,
                         "search": best,
+                        **recipe_of(folder),
                         "result": r,
                     }
 
@@ -389,6 +391,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 "budget_latency_ms",
                 "paragon_latency_ms",
                 "twin_of",
+                "recipe",
             ):
                 if k in e:
                     rec[k] = e[k]
@@ -925,6 +928,48 @@ def claims(
     return "\n".join(lines), out
 
 
+def recipe_of(folder: Path) -> dict:
+    """``{"recipe": ...}``: the export recipe chosen on the validation split for a pick (the
+    profile's ``export.recipes``), each recipe's val R@1 q->g and its paired CI against the best;
+    ``{}`` for a pick exported by one recipe."""
+    from hvs.nas.export import DECISION, recipes_folder
+
+    path = recipes_folder(folder) / DECISION
+    if not path.is_file():
+        return {}
+    d = json.loads(path.read_text())
+    rows = {r["recipe"]: {"val_recall@1": r["val"]["recall@1"], "vs_best": r["vs_best"]} for r in d["recipes"]}
+    return {"recipe": {"best": d["best"], "n_val_query": d["n_val_query"], "recipes": rows}}
+
+
+def recipe_section(records: list[dict]) -> str:
+    """One row per pick whose fine-tune recipe was chosen on validation: every recipe's val R@1."""
+    picks = [r for r in records if r.get("recipe")]
+    if not picks:
+        return ""
+    names = list(dict.fromkeys(n for r in picks for n in r["recipe"]["recipes"]))
+    lines = [
+        "Each pick was exported by every recipe with the supernet's validation split held out, and the one "
+        "with the best val R@1 q->g (query model against the gallery model, as the search's hetero reward) "
+        "was kept; the test split took no part. Val R@1 per recipe, its paired 95% CI against the kept one:",
+        "",
+        "| seed | pick | kept | " + " | ".join(names) + " |",
+        "|" + "---|" * (3 + len(names)),
+    ]
+    for r in picks:
+        rc = r["recipe"]["recipes"]
+        cells = []
+        for n in names:
+            if n not in rc:
+                cells.append("-")
+                continue
+            _, lo, hi = rc[n]["vs_best"]
+            ci = "" if n == r["recipe"]["best"] else f" ({100 * lo:+.1f}, {100 * hi:+.1f})"
+            cells.append(pct(rc[n]["val_recall@1"]) + ci)
+        lines.append(f"| {r['seed']} | {r['name']} | {r['recipe']['best']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dict]) -> str:
     head = ["kind", "architecture", "seed", "MFLOPs", "FLOPs ratio", "torch b1 ms", "ORT b1 ms", "torch batched ms"]
     for m in metrics:
@@ -1157,6 +1202,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     )
     verdict_md, verdict_d = verdict_section(records)
     curve_md = curve_section(seed_results)
+    recipe_md = recipe_section(records)
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"
@@ -1168,7 +1214,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         f"Latency: batch 1 on this CPU ({torch.get_num_threads()} threads), eager PyTorch and ONNX Runtime, "
         f"measured in one pass after training; ratio = paragon / model.\n\n"
         + (f"## The paragon's learning curve\n\n{curve_md}\n" if curve_md else "")
-        + f"## Claims\n\n{claims_md}\n## Every model, every seed\n\n{table}\n"
+        + f"## Claims\n\n{claims_md}\n"
+        + (f"## The picks' export recipe, chosen on validation\n\n{recipe_md}\n" if recipe_md else "")
+        + f"## Every model, every seed\n\n{table}\n"
     )
     log("\n" + md)
     plots = []

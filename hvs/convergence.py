@@ -163,16 +163,20 @@ def val_split(
     return rest, (images[vq], labels[vq]), (images[vg], labels[vg]), kind
 
 
-def score(folder: str | Path, val_query: tuple, val_gallery: tuple) -> dict[str, Any]:
-    """A model folder's validation scores, its own embeddings on both sides: ``recall@1``,
-    ``map`` and the per-query ``hits`` at rank 1."""
+def score(
+    folder: str | Path, val_query: tuple, val_gallery: tuple, gallery: str | Path | None = None
+) -> dict[str, Any]:
+    """A model folder's validation scores: ``recall@1``, ``map`` and the per-query ``hits`` at
+    rank 1, its own embeddings on both sides, or with ``gallery`` (a gallery model folder) its
+    query embeddings against that model's gallery embeddings (heterogeneous search)."""
     from . import checkpoint as ckpt
     from .embed import embed_images
     from .metrics import retrieval_metrics
 
     model, card = ckpt.load_model(folder)
+    g_model, g_card = (model, card) if gallery is None else ckpt.load_model(gallery)
     q = embed_images(model, val_query[0], card.mean, card.std, image_size=card.image_size)
-    g = embed_images(model, val_gallery[0], card.mean, card.std, image_size=card.image_size)
+    g = embed_images(g_model, val_gallery[0], g_card.mean, g_card.std, image_size=g_card.image_size)
     m = retrieval_metrics(q, val_query[1], g, val_gallery[1], ks=(1,), far_targets=(), fpir_targets=())
     return {
         "recall@1": float(m["recall@1"]),

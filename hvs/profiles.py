@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import convergence
 from . import train as hvs_train
 from .data import RetrievalData, create_dataset
-from .pipeline import Event, Pipeline, PipelineError, file_logger
+from .pipeline import Event, Pipeline, PipelineError, check_made_for, file_logger
 
 CURVE_JSON = "paragon-curve.json"  # beside the paragon's folder: its learning curve and convergence
 DEFAULT_METRICS = {
@@ -294,10 +294,52 @@ class ProfileStages:
         return self.pipe.search(cfg, data=self.train_data)
 
     def export(self, out: Path, supernet: Path, gallery: Path, best: dict) -> bool:
-        """A search's pick exported and fine-tuned per the profile's ``export`` options."""
+        """A search's pick exported and fine-tuned per the profile's ``export`` options. With
+        ``recipes`` ({name: export options over the others}) each recipe is trained with the
+        supernet's validation split held out and the best on it is kept
+        (:func:`hvs.nas.export.export_best_recipe`)::
+
+            export: {finetune_epochs: 5, lr: 0.1, recipes: {finetune: {}, scratch: {init: scratch}}}
+        """
         opts = dict(self.profile.get("export") or {})
+        recipes = opts.pop("recipes", None)
+        if recipes is not None:
+            return self._export_best(out, supernet, gallery, best, recipes, opts)
         return self.pipe.export(
             out, supernet, best["arch"], gallery=gallery, data=self.train_data, seed=opts.pop("seed", self.seed), **opts
+        )
+
+    def _export_best(self, out: Path, supernet: Path, gallery: Path, best: dict, recipes: dict, opts: dict) -> bool:
+        import hvs.nas.export as nas_export
+
+        common = {"seed": self.seed, **opts}
+        nas_export.check_recipes(recipes, common)
+
+        def done() -> bool:
+            if not (out / ckpt.CONFIG).is_file():
+                return False
+            check_made_for(out, gallery)
+            nas_export.check_decision(out, recipes, common, best.get("key"))
+            return True
+
+        n_boot = int((self.profile.get("evaluate") or {}).get("n_boot", 1000))
+        return self.pipe.stage(
+            "nas",
+            out.name,
+            done=done,
+            redo=out,
+            run=lambda: nas_export.export_best_recipe(
+                supernet,
+                best["arch"],
+                out,
+                gallery=gallery,
+                recipes=recipes,
+                data=self.train_data,
+                n_boot=n_boot,
+                progress=self.pipe.progress,
+                log=self.pipe.lib_log,
+                **common,
+            ),
         )
 
     def inherit(self, out: Path, supernet: Path, flops: float, opts: dict) -> tuple[Path, Path] | None:

@@ -922,3 +922,160 @@ def test_export_finetune_rows_cover_the_held_out_identities(tmp_path):
             progress=False,
             log=lambda s: None,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Export recipes: from scratch, validation held out, the best recipe chosen on validation
+# ---------------------------------------------------------------------------------------------
+
+ARCH = {"ks": [3, 3, 3, 3], "e": [3, 3, 3, 3], "d": [1, 1]}
+
+
+def _export(root, out, **kw):
+    from hvs.nas.export import export_subnet
+
+    opts = {"bn_images": 16, "batch_size": 32, "progress": False, "log": lambda _: None, **kw}
+    return export_subnet(root / "s", ARCH, out, gallery=root / "g", **opts)
+
+
+def test_export_from_scratch_trains_the_architecture_from_random_weights(nas_runs, tmp_path):
+    """init=scratch: the same architecture and card, but random starting weights and the trainer's
+    warm-up; lr 0 keeps the starting weights, so they are seen to be the random ones."""
+    from hvs.train import TrainConfig
+
+    sup = _export(nas_runs, tmp_path / "sup")  # no fine-tune: the supernet's weights
+    card = _export(nas_runs, tmp_path / "scr", init="scratch", finetune_epochs=1, lr=0.0, seed=3)
+    assert card.model_kwargs["arch"] == ckpt.read_card(tmp_path / "sup").model_kwargs["arch"]
+    assert card.extra["nas"]["init"] == "scratch" and card.extra["nas"]["bn_images"] == 0
+    cfg = json.loads((tmp_path / "scr" / "train_config.json").read_text())
+    assert cfg["warmup_epochs"] == TrainConfig.warmup_epochs and cfg["compat"] == ["bct=1.0"]
+    a = ckpt.load_model(tmp_path / "sup")[0].state_dict()
+    b = ckpt.load_model(tmp_path / "scr")[0].state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}  # the same network
+    convs = [k for k, v in a.items() if v.dim() == 4]
+    assert convs and all(not torch.equal(a[k], b[k]) for k in convs)
+    assert sup.extra["nas"]["init"] == "supernet"
+    with pytest.raises(NASError, match="needs finetune_epochs >= 1"):
+        _export(nas_runs, tmp_path / "bad", init="scratch")
+    with pytest.raises(NASError, match="init must be one of supernet, scratch"):
+        _export(nas_runs, tmp_path / "bad", init="random", finetune_epochs=1)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_hold_out_val_fine_tunes_on_the_supernets_training_images_only(nas_runs, tmp_path, monkeypatch):
+    import hvs.nas.export as nas_export
+    from hvs.nas.common import load_supernet
+
+    seen = []
+    real = nas_export.train
+    monkeypatch.setattr(nas_export, "train", lambda cfg, **kw: seen.append(kw["data"]) or real(cfg, **kw))
+    _export(nas_runs, tmp_path / "q", finetune_epochs=1, hold_out_val=True)
+    _export(nas_runs, tmp_path / "all", finetune_epochs=1)
+    card = load_supernet(nas_runs / "s")[2]
+    data = create_dataset(DATA)
+    nd = prepare_data(data, card.val_fraction, card.val_max_per_class, card.data_seed, card.val_split)
+    assert len(nd.val_query_labels) > 0
+    assert torch.equal(seen[0].train.images, nd.train_images)  # the validation images left out
+    assert len(seen[1].train) == len(data.train) > len(seen[0].train)
+    assert ckpt.read_card(tmp_path / "q").extra["nas"]["hold_out_val"] is True
+
+
+def test_finetune_compat_is_the_one_rule_for_the_exports_losses():
+    from hvs.nas.export import finetune_compat
+
+    assert finetune_compat(None, None, 0.5) == [("bct", 0.5)]
+    assert finetune_compat(None, None, 0.0) == [("bct", 1.0)]  # a plain supernet: BCT at 1
+    assert finetune_compat(None, 2.0, 0.5) == [("bct", 2.0)]
+    assert finetune_compat(None, 0.0, 0.5) == []
+    assert finetune_compat("bct,l2=0.5", None, 0.5) == [("bct", 1.0), ("l2", 0.5)]
+    assert finetune_compat([], None, 0.5) == []
+    with pytest.raises(NASError, match="either bct_weight or compat"):
+        finetune_compat(["l2"], 1.0)
+    with pytest.raises(NASError, match="unknown compatibility loss 'l3'"):
+        finetune_compat(["l3"])
+
+
+def test_convergence_score_against_a_gallery_model_is_heterogeneous_recall(nas_runs, tmp_path):
+    """score(gallery=G): query embeddings of the model against G's gallery embeddings, checked
+    against recall@1 by brute force."""
+    from hvs.convergence import score
+    from hvs.embed import embed_images
+
+    _export(nas_runs, tmp_path / "q")
+    data = create_dataset(DATA)
+    vq, vg = (data.query.images, data.query.labels), (data.gallery.images, data.gallery.labels)
+    s = score(tmp_path / "q", vq, vg, gallery=nas_runs / "g")
+    (qm, qc), (gm, gc) = ckpt.load_model(tmp_path / "q"), ckpt.load_model(nas_runs / "g")
+    q = torch.nn.functional.normalize(embed_images(qm, vq[0], qc.mean, qc.std), dim=1)
+    g = torch.nn.functional.normalize(embed_images(gm, vg[0], gc.mean, gc.std), dim=1)
+    hits = (vg[1][(q @ g.T).argmax(1)] == vq[1]).float()
+    assert s["hits"] == hits.tolist() and s["recall@1"] == pytest.approx(float(hits.mean()))
+    own = score(tmp_path / "q", vq, vg)
+    assert len(own["hits"]) == len(hits)
+
+
+def _fake_scores(monkeypatch, by_recipe):
+    """convergence.score replaced: each recipe folder's hits set by hand (so the winner is known)."""
+    import hvs.convergence as conv
+
+    def fake(folder, vq, vg, gallery=None):
+        assert gallery is not None  # the choice is on heterogeneous search
+        hits = [float(i < by_recipe[folder.name] * len(vq[1])) for i in range(len(vq[1]))]
+        return {"recall@1": sum(hits) / len(hits), "map": 0.0, "hits": hits}
+
+    monkeypatch.setattr(conv, "score", fake)
+
+
+def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_runs, tmp_path, monkeypatch):
+    from hvs.nas.export import DECISION, check_decision, export_best_recipe, recipes_folder
+
+    root, out = nas_runs, tmp_path / "pick"
+    recipes = {"ft": {"lr": 0.0}, "scratch": {"init": "scratch", "lr": 0.0}}
+    common = {"finetune_epochs": 1, "batch_size": 32, "bn_images": 16}
+    _fake_scores(monkeypatch, {"ft": 0.25, "scratch": 0.75})
+    kw = {"gallery": root / "g", "progress": False, "log": lambda _: None, **common}
+    rd = recipes_folder(out)
+    (rd / "scratch").mkdir(parents=True)
+    (rd / "scratch" / "stray").write_text("an interrupted recipe")  # redone, not refused
+    decision = export_best_recipe(root / "s", ARCH, out, recipes=recipes, **kw)
+    assert decision["best"] == "scratch"
+    assert ckpt.read_card(out).fingerprint == ckpt.read_card(rd / "scratch").fingerprint == decision["fingerprint"]
+    assert ckpt.read_card(out).extra["nas"]["hold_out_val"] is True
+    rows = {r["recipe"]: r for r in decision["recipes"]}
+    assert rows["ft"]["val"]["recall@1"] == pytest.approx(0.25) and rows["ft"]["vs_best"][2] < 0
+    assert rows["scratch"]["vs_best"] == [0.0, 0.0, 0.0]
+    assert json.loads((rd / DECISION).read_text())["best"] == "scratch"
+    assert check_decision(out, recipes, common)["best"] == "scratch"
+    with pytest.raises(NASError, match="chosen among other export recipes"):
+        check_decision(out, {"ft": {"lr": 0.1}}, common)
+    # the finished recipes are reused; a tie goes to the first listed
+    _fake_scores(monkeypatch, {"ft": 0.5, "scratch": 0.5})
+    before = (rd / "ft" / ckpt.WEIGHTS).stat().st_mtime_ns
+    with pytest.raises(NASError, match="already holds files"):
+        export_best_recipe(root / "s", ARCH, out, recipes=recipes, **kw)
+    import shutil
+
+    shutil.rmtree(out)
+    assert export_best_recipe(root / "s", ARCH, out, recipes=recipes, **kw)["best"] == "ft"
+    assert (rd / "ft" / ckpt.WEIGHTS).stat().st_mtime_ns == before
+    shutil.rmtree(out)
+    with pytest.raises(NASError, match="made for other recipes"):
+        export_best_recipe(root / "s", ARCH, out, recipes={"ft": {"lr": 0.1}}, **kw)
+
+
+@pytest.mark.parametrize(
+    "recipes, message",
+    [
+        ({}, "must be a mapping of name -> export options"),
+        ([{"lr": 0.1}], "must be a mapping of name -> export options"),
+        ({"a/b": {}}, "plain folder names"),
+        ({"a": 0.1}, "options must be a mapping"),
+        ({"a": {"epochs": 3}}, r"unknown options \['epochs'\]"),
+    ],
+)
+def test_export_recipes_refuse_bad_specs(nas_runs, tmp_path, recipes, message):
+    from hvs.nas.export import export_best_recipe
+
+    with pytest.raises(NASError, match=message):
+        export_best_recipe(nas_runs / "s", ARCH, tmp_path / "q", gallery=nas_runs / "g", recipes=recipes)
+    assert not (tmp_path / "q").exists()

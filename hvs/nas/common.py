@@ -244,6 +244,7 @@ class NASData:
     val_query_labels: torch.Tensor
     val_gallery_images: torch.Tensor
     val_gallery_labels: torch.Tensor
+    train_index: torch.Tensor | None = None  # rows of data.train that train (the validation split's left out)
 
     def bn_subset(self, n: int, seed: int = 0) -> torch.Tensor:
         """A fixed seeded subset of ``n`` training images for BatchNorm re-calibration."""
@@ -279,6 +280,7 @@ def prepare_data(
         labels[vq],
         data.train.images[vg],
         labels[vg],
+        torch.as_tensor(tr, dtype=torch.long),
     )
 
 
