@@ -52,15 +52,12 @@ SCRATCH_EXPORT_KEYS = ("compat", "bct_weight", "batch_size")  # what a scratch v
 
 
 def scratch_compat(export: dict, supernet_bct: float) -> list[str]:
-    """The compatibility losses the export fine-tune would use, as trainer specs: the export's
-    ``compat`` (a list or a comma string; [] for none), else BCT at the export's ``bct_weight``,
-    else at the supernet's (``hvs.nas.export.export_subnet``'s rule)."""
-    compat = export.get("compat")
-    if compat is not None:
-        return [c.strip() for c in compat.split(",") if c.strip()] if isinstance(compat, str) else list(compat)
-    w = export.get("bct_weight")
-    w = float(w) if w is not None else (supernet_bct if supernet_bct > 0 else 1.0)
-    return [f"bct={w:g}"] if w > 0 else []
+    """The compatibility losses the export fine-tune would use, as trainer specs
+    (:func:`hvs.nas.export.finetune_compat`, the export's one rule)."""
+    from hvs.nas.export import finetune_compat
+
+    terms = finetune_compat(export.get("compat"), export.get("bct_weight"), supernet_bct)
+    return [f"{name}={w:g}" for name, w in terms]
 
 
 def check_scratch_folder(folder: Path, want: dict) -> None:
@@ -129,6 +126,7 @@ def run_seed(
     g_model, g_card = ckpt.load_model(gallery)
     paragon_flops = count_flops(g_model, g_card.input_shape)
     n_boot = int((profile.get("evaluate") or {}).get("n_boot", 1000))
+    sn_bct = float(json.loads((sd / "supernet" / "config.json").read_text()).get("bct_weight", 1.0))
     rows = []
     for name, spec in variants.items():
         vp = variant_profile(profile, spec)
@@ -154,7 +152,6 @@ def run_seed(
             if spec.get("scratch"):
                 base_card = ckpt.read_card(sd / f"nas-hetero-{tag}")
                 sc, ex = spec["scratch"], vp.get("export") or {}
-                sn_bct = float(json.loads((sd / "supernet" / "config.json").read_text()).get("bct_weight", 1.0))
                 settings = {
                     "model": base_card.model,
                     "model_kwargs": base_card.model_kwargs,

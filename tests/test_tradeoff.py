@@ -240,10 +240,13 @@ def test_profiles_parse(name):
     assert all(float(b) > 0 for b in profile["search"].get("latency_budgets", []))
     import inspect
 
-    from hvs.nas.export import export_subnet
+    from hvs.nas.export import check_recipes, export_subnet
 
-    export_args = set(inspect.signature(export_subnet).parameters)
+    export_args = set(inspect.signature(export_subnet).parameters) | {"recipes"}
     assert set(profile.get("export") or {}) <= export_args
+    export = dict(profile.get("export") or {})
+    if export.get("recipes") is not None:
+        check_recipes(export.pop("recipes"), export)
     for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
         assert set(spec) <= {"export", "supernet", "scratch"}
         ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
@@ -303,7 +306,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         other(sd / "ablation" / "scratch" / "nas-hetero-40x", {"epochs": 3, "compat": ["bct"]})
     compat = ablation.scratch_compat
     assert compat({}, 0.0) == ["bct=1"] and compat({"bct_weight": 2}, 1.0) == ["bct=2"]
-    assert compat({"compat": "bct,l2=1"}, 1.0) == ["bct", "l2=1"] and compat({"compat": []}, 1.0) == []
+    assert compat({"compat": "bct,l2=1"}, 1.0) == ["bct=1", "l2=1"] and compat({"compat": []}, 1.0) == []
     # everything is reused on a second run
     mtime = (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns
     assert ablation.main(base) == 0
