@@ -1079,3 +1079,16 @@ def test_export_recipes_refuse_bad_specs(nas_runs, tmp_path, recipes, message):
     with pytest.raises(NASError, match=message):
         export_best_recipe(nas_runs / "s", ARCH, tmp_path / "q", gallery=nas_runs / "g", recipes=recipes)
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_export_from_scratch_and_its_refusal(nas_runs, tmp_path, capsys):
+    base = ["nas", "export", "--supernet", str(nas_runs / "s"), "--arch", json.dumps(ARCH)]
+    base += ["--gallery", str(nas_runs / "g"), "--batch-size", "32", "--no-progress", "--init", "scratch"]
+    assert main([*base, "--finetune-epochs", "1", "--hold-out-val", "--out", str(tmp_path / "q")]) == 0
+    nas = ckpt.read_card(tmp_path / "q").extra["nas"]
+    assert nas["init"] == "scratch" and nas["hold_out_val"] is True
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs finetune_epochs >= 1" in err
+    assert not (tmp_path / "bad").exists()

@@ -2,7 +2,7 @@
 
 hvs nas train-supernet --gallery-model G --data SPEC --out S [--epochs N --progressive kernel,depth,expand]
 hvs nas search --supernet S --gallery-model G (--flops 5M | --latency-ms 2) --out R [--reward hetero|homo|penalized]
-hvs nas export --supernet S --arch R/best.json --gallery-model G --out Q [--finetune-epochs N]
+hvs nas export --supernet S --arch R/best.json --gallery-model G --out Q [--finetune-epochs N] [--init scratch]
 hvs nas inherit --supernet S --out-gallery G2 --out-query Q2 (--arch A | --flops 5M)
 hvs nas info --supernet S [--arch A]       search space, FLOPs range, training state
 hvs nas plot --search R [--out FILE]       reward vs iteration and vs MFLOPs
@@ -138,6 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         bct_weight=args.bct_weight,
         compat=_csv(args.compat),
         bn_images=args.bn_images,
+        init=args.init,
+        hold_out_val=args.hold_out_val,
         seed=args.seed,
         force=args.force,
         progress=not args.no_progress,
@@ -305,6 +307,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     e.add_argument("--bct-weight", type=float, help="default: the supernet's (1 for a plain supernet)")
     e.add_argument("--compat", help="fine-tuning compatibility losses instead of BCT alone, e.g. bct,l2=1")
     e.add_argument("--bn-images", type=int, default=2000)
+    e.add_argument(
+        "--init",
+        choices=("supernet", "scratch"),
+        default="supernet",
+        help="start from the supernet's weights (default) or train the architecture from random ones "
+        "(needs --finetune-epochs)",
+    )
+    e.add_argument(
+        "--hold-out-val",
+        action="store_true",
+        help="fine-tune on the supernet's training images only, its validation split left unseen",
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--force", action="store_true", help="export for a gallery the supernet was not trained for")
     e.add_argument("--no-progress", action="store_true")
