@@ -16,6 +16,11 @@ Each variant of the profile's ``ablation.variants`` changes the CMP-NAS recipe:
   other ``finetune_epochs`` / ``lr``, it tells whether a pick is held back by its schedule or by
   the shared weights it starts from.
 
+A profile whose ``export`` has ``recipes`` (hvs.nas.export_best_recipe) passes them on: an export
+variant then trains every recipe with its overrides and keeps the best on the supernet's
+validation split, as the benchmark did; ``export: {recipes: null}`` makes it one plain export on
+every training image.
+
 Every variant's query model is evaluated against the paragon like the benchmark's own models, and
 compared with the benchmark's CMP-NAS pick at the same budget and seed (``nas-hetero-<B>x``):
 the difference in M(q->g) with a paired bootstrap 95% CI over queries. Output:

@@ -935,9 +935,11 @@ def recipe_of(folder: Path) -> dict:
     from hvs.nas.export import DECISION, recipes_folder
 
     path = recipes_folder(folder) / DECISION
-    if not path.is_file():
+    if not path.is_file() or not (folder / ckpt.CONFIG).is_file():
         return {}
     d = json.loads(path.read_text())
+    if d.get("fingerprint") != ckpt.read_card(folder).fingerprint:
+        return {}  # a choice that did not make this folder (exported otherwise since)
     rows = {r["recipe"]: {"val_recall@1": r["val"]["recall@1"], "vs_best": r["vs_best"]} for r in d["recipes"]}
     return {"recipe": {"best": d["best"], "n_val_query": d["n_val_query"], "recipes": rows}}
 

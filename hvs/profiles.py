@@ -319,7 +319,7 @@ class ProfileStages:
             if not (out / ckpt.CONFIG).is_file():
                 return False
             check_made_for(out, gallery)
-            nas_export.check_decision(out, recipes, common, best.get("key"))
+            nas_export.check_decision(out, recipes, common, best.get("key"), supernet)
             return True
 
         n_boot = int((self.profile.get("evaluate") or {}).get("n_boot", 1000))

@@ -1010,8 +1010,9 @@ def test_convergence_score_against_a_gallery_model_is_heterogeneous_recall(nas_r
     g = torch.nn.functional.normalize(embed_images(gm, vg[0], gc.mean, gc.std), dim=1)
     hits = (vg[1][(q @ g.T).argmax(1)] == vq[1]).float()
     assert s["hits"] == hits.tolist() and s["recall@1"] == pytest.approx(float(hits.mean()))
-    own = score(tmp_path / "q", vq, vg)
-    assert len(own["hits"]) == len(hits)
+    own = score(tmp_path / "q", vq, vg)  # its own embeddings on both sides
+    g_own = torch.nn.functional.normalize(embed_images(qm, vg[0], qc.mean, qc.std), dim=1)
+    assert own["hits"] == (vg[1][(q @ g_own.T).argmax(1)] == vq[1]).float().tolist()
 
 
 def _fake_scores(monkeypatch, by_recipe):
@@ -1045,7 +1046,15 @@ def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_
     assert rows["ft"]["val"]["recall@1"] == pytest.approx(0.25) and rows["ft"]["vs_best"][2] < 0
     assert rows["scratch"]["vs_best"] == [0.0, 0.0, 0.0]
     assert json.loads((rd / DECISION).read_text())["best"] == "scratch"
-    assert check_decision(out, recipes, common)["best"] == "scratch"
+    assert check_decision(out, recipes, common, supernet=root / "s")["best"] == "scratch"
+    import types
+
+    import hvs.nas.export as nas_export
+
+    with monkeypatch.context() as m:  # the supernet retrained since: the choice is stale
+        m.setattr(nas_export, "read_supernet_card", lambda _: types.SimpleNamespace(fingerprint="other"))
+        with pytest.raises(NASError, match="chosen among other export recipes or for another pick"):
+            check_decision(out, recipes, common, supernet=root / "s")
     with pytest.raises(NASError, match="chosen among other export recipes"):
         check_decision(out, {"ft": {"lr": 0.1}}, common)
     # the finished recipes are reused; a tie goes to the first listed
@@ -1071,13 +1080,19 @@ def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_
         ({"a/b": {}}, "plain folder names"),
         ({"a": 0.1}, "options must be a mapping"),
         ({"a": {"epochs": 3}}, r"unknown options \['epochs'\]"),
+        # each recipe as it will run, with the common options: refused before any trains
+        ({"ok": {}, "a": {"init": "scratch"}}, "export recipe a: init scratch needs finetune_epochs >= 1"),
+        ({"a": {"init": "random"}}, "export recipe a: init must be one of supernet, scratch"),
+        ({"ok": {}, "a": {"compat": ["l2"], "bct_weight": 1.0}}, "export recipe a: pass either bct_weight"),
+        ({"a": {"compat": ["l3"]}}, "export recipe a: unknown compatibility loss 'l3'"),
     ],
 )
-def test_export_recipes_refuse_bad_specs(nas_runs, tmp_path, recipes, message):
-    from hvs.nas.export import export_best_recipe
+def test_export_recipes_refuse_bad_specs(nas_runs, tmp_path, recipes, message, monkeypatch):
+    import hvs.nas.export as nas_export
 
+    monkeypatch.setattr(nas_export, "export_subnet", lambda *a, **k: pytest.fail("a recipe trained"))
     with pytest.raises(NASError, match=message):
-        export_best_recipe(nas_runs / "s", ARCH, tmp_path / "q", gallery=nas_runs / "g", recipes=recipes)
+        nas_export.export_best_recipe(nas_runs / "s", ARCH, tmp_path / "q", gallery=nas_runs / "g", recipes=recipes)
     assert not (tmp_path / "q").exists()
 
 

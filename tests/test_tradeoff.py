@@ -369,3 +369,31 @@ def test_the_latency_target_and_the_per_dataset_gap_targets():
     md, d = bench.claims(recs, ["recall@1"], n_boot=50)
     assert d["latency_target"]["verdict"] == "not met (0/2 seeds)" and "No pick of any seed is 10x faster" in md
     assert bench.gap_target(40, {23: 1.6, 80: 0.3}) == 1.6 and bench.gap_target(10, {23: 1.6}) is None
+
+
+def test_the_report_shows_an_export_recipe_only_for_the_folder_it_made(tmp_path, monkeypatch):
+    """recipe_of reads <pick>.recipes/decision.json only when its choice is the folder's weights (a
+    pick exported otherwise since is not reported as chosen); recipe_section renders it."""
+    import types
+
+    bench = _load_benchmark()
+    from hvs.nas.export import DECISION, recipes_folder
+
+    folder = tmp_path / "nas-hetero-23x"
+    folder.mkdir()
+    (folder / bench.ckpt.CONFIG).write_text("{}")
+    recipes_folder(folder).mkdir()
+    rows = [
+        {"recipe": "finetune", "val": {"recall@1": 0.9}, "vs_best": [0.0, 0.0, 0.0]},
+        {"recipe": "scratch", "val": {"recall@1": 0.8}, "vs_best": [-0.1, -0.15, -0.05]},
+    ]
+    decision = {"best": "finetune", "fingerprint": "abc", "n_val_query": 40, "recipes": rows}
+    (recipes_folder(folder) / DECISION).write_text(json.dumps(decision))
+    monkeypatch.setattr(bench.ckpt, "read_card", lambda _: types.SimpleNamespace(fingerprint="abc"))
+    got = bench.recipe_of(folder)
+    assert got["recipe"]["best"] == "finetune" and got["recipe"]["recipes"]["scratch"]["val_recall@1"] == 0.8
+    md = bench.recipe_section([{"seed": 0, "name": folder.name, **got}, {"seed": 0, "name": "bct-cnn-tiny"}])
+    assert "| 0 | nas-hetero-23x | finetune | 90.00 | 80.00 (-15.0, -5.0) |" in md
+    assert bench.recipe_section([{"seed": 0, "name": "bct-cnn-tiny"}]) == ""
+    monkeypatch.setattr(bench.ckpt, "read_card", lambda _: types.SimpleNamespace(fingerprint="other"))
+    assert bench.recipe_of(folder) == {}

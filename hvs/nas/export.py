@@ -45,6 +45,7 @@ from .common import (
     load_data,
     load_supernet,
     prepare_data,
+    read_supernet_card,
     recalibrate_bn,
 )
 from .search import Budget, check_feasible, sample_under_budget
@@ -187,7 +188,7 @@ def export_subnet(
             finetune_epochs=finetune_epochs,
             bn_images=min(bn_images, len(nd.train_images)) if init == "supernet" else 0,
             init=init,
-            hold_out_val=bool(hold_out_val),
+            hold_out_val=bool(hold_out_val) and finetune_epochs > 0,  # without training there is nothing to hold out
         ),
     )
     if finetune_epochs > 0:
@@ -216,6 +217,8 @@ def export_subnet(
                 seed=seed,
                 data_seed=card.data_seed,
                 role="query",
+                # a recipe's candidate is judged on validation data: no notes from the test splits
+                check=not hold_out_val,
             ),
             progress=progress,
             data=held_in(data, nd) if hold_out_val else data,
@@ -256,6 +259,18 @@ def check_recipes(recipes: Any, common: dict | None = None) -> dict[str, dict]:
         unknown = sorted(set(opts) - set(RECIPE_KEYS))
         if unknown:
             raise NASError(f"export recipe {name}: unknown options {unknown} (known: {', '.join(RECIPE_KEYS)})")
+    for name, opts in recipes.items():  # each as it will run: refused now, not after the others trained
+        run = {**(common or {}), **opts}
+        init = run.get("init", "supernet")
+        if init not in INITS:
+            raise NASError(f"export recipe {name}: init must be one of {', '.join(INITS)}, got {init!r}")
+        if init == "scratch" and not (run.get("finetune_epochs") or 0) >= 1:
+            raise NASError(f"export recipe {name}: init scratch needs finetune_epochs >= 1")
+        if run.get("compat") is not None or run.get("bct_weight") is not None:
+            try:
+                finetune_compat(run.get("compat"), run.get("bct_weight"))
+            except NASError as e:
+                raise NASError(f"export recipe {name}: {e}") from None
     return recipes
 
 
@@ -264,9 +279,16 @@ def _signature(arch_key: str, recipes: dict, common: dict, gallery_fp: str, supe
     return json.loads(json.dumps(sig, sort_keys=True, default=str))
 
 
-def check_decision(out: str | os.PathLike, recipes: dict, common: dict, arch_key: str | None = None) -> dict:
+def check_decision(
+    out: str | os.PathLike,
+    recipes: dict,
+    common: dict,
+    arch_key: str | None = None,
+    supernet: str | os.PathLike | None = None,
+) -> dict:
     """The decision that made the model folder ``out``, checked to be for these ``recipes`` and
-    ``common`` options (and ``arch_key``) and to name ``out``'s weights; one-line error otherwise."""
+    ``common`` options (and ``arch_key``, and the supernet folder ``supernet`` as it is now) and
+    to name ``out``'s weights; one-line error otherwise."""
     out = Path(out)
     path = recipes_folder(out) / DECISION
     if not path.is_file():
@@ -278,6 +300,7 @@ def check_decision(out: str | os.PathLike, recipes: dict, common: dict, arch_key
         sig.get("recipes") != want["recipes"]
         or sig.get("common") != want["common"]
         or (arch_key is not None and sig.get("arch") != arch_key)
+        or (supernet is not None and sig.get("supernet") != read_supernet_card(supernet).fingerprint)
         or decision.get("fingerprint") != ckpt.read_card(out).fingerprint
     ):
         raise NASError(
