@@ -410,6 +410,8 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                         "evaluations",
                         "seconds",
                         "latency_ms_measured",
+                        "latency_ms_predicted",
+                        "latency_agreement",
                     )
                     if k in e["search"]
                 }
@@ -972,6 +974,42 @@ def recipe_section(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latency_table_section(records: list[dict]) -> str:
+    """One row per latency-budget pick: the budget, the latency table's prediction, the pick
+    measured end to end at the search and in the final pass, and the table's agreement with
+    measurement over the pick and four others of the search (hvs.nas.latency.latency_agreement)."""
+    picks = [r for r in records if r.get("kind") == "cmp-nas-latency" and r.get("search")]
+    if not picks:
+        return ""
+    lines = [
+        "| pick | seed | budget ms | table ms | measured at search | final pass ms "
+        "| Spearman, table vs measured | table / measured, median (range) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    for r in picks:
+        s, agr = r["search"], r["search"].get("latency_agreement")
+        ratio = "-"
+        if agr and agr.get("ratio_median") is not None:
+            lo, hi = agr["ratio_range"]
+            ratio = f"{agr['ratio_median']:.2f} ({lo:.2f}-{hi:.2f}), n={agr['n']}"
+        lines.append(
+            f"| {r['name']} | {r['seed']} | {ms(r.get('budget_latency_ms'))} | {ms(s.get('latency_ms_predicted'))} "
+            f"| {ms(s.get('latency_ms_measured'))} | {ms(r.get('ort_ms_batch1'))} "
+            f"| {'-' if not agr or agr.get('spearman') is None else agr['spearman']} | {ratio} |"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\nThe search keeps a sub-network whose table prediction fits the budget (the table: per-unit "
+        "latencies in the search's runtime, less the fixed cost of a call each unit's own session pays; "
+        "hvs.nas.latency.LatencyTable), measured end to end after the search and again with every model in "
+        "the final pass. A budget found infeasible is listed under the last table.\n"
+    )
+
+
 def markdown_table(records: list[dict], metrics: list[str], infeasible: list[dict]) -> str:
     head = ["kind", "architecture", "seed", "MFLOPs", "FLOPs ratio", "torch b1 ms", "ORT b1 ms", "torch batched ms"]
     for m in metrics:
@@ -1205,6 +1243,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     verdict_md, verdict_d = verdict_section(records)
     curve_md = curve_section(seed_results)
     recipe_md = recipe_section(records)
+    latency_md = latency_table_section(records)
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"
@@ -1218,6 +1257,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         + (f"## The paragon's learning curve\n\n{curve_md}\n" if curve_md else "")
         + f"## Claims\n\n{claims_md}\n"
         + (f"## The picks' export recipe, chosen on validation\n\n{recipe_md}\n" if recipe_md else "")
+        + (f"## The latency budget's table against measurement\n\n{latency_md}\n" if latency_md else "")
         + f"## Every model, every seed\n\n{table}\n"
     )
     log("\n" + md)

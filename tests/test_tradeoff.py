@@ -397,3 +397,27 @@ def test_the_report_shows_an_export_recipe_only_for_the_folder_it_made(tmp_path,
     assert bench.recipe_section([{"seed": 0, "name": "bct-cnn-tiny"}]) == ""
     monkeypatch.setattr(bench.ckpt, "read_card", lambda _: types.SimpleNamespace(fingerprint="other"))
     assert bench.recipe_of(folder) == {}
+
+
+def test_the_report_sets_each_latency_pick_against_its_table():
+    bench = _load_benchmark()
+    search = {
+        "key": "r- | plain d1 w0.25 relu",
+        "latency_ms_measured": 0.061,
+        "latency_ms_predicted": 0.0652,
+        "latency_agreement": {"n": 5, "spearman": 0.9, "ratio_median": 1.07, "ratio_range": [0.8, 1.3]},
+    }
+    pick = {
+        "kind": "cmp-nas-latency",
+        "name": "nas-hetero-lat20x",
+        "seed": 1,
+        "budget_latency_ms": 0.07,
+        "ort_ms_batch1": 0.0644,
+        "search": search,
+    }
+    md = bench.latency_table_section([pick, {"kind": "offshelf-bct", "name": "bct-cnn-tiny", "seed": 1}])
+    row = "| nas-hetero-lat20x | 1 | 0.0700 | 0.0652 | 0.0610 | 0.0644 | 0.9 | 1.07 (0.80-1.30), n=5 |"
+    assert row in md and "bct-cnn-tiny" not in md
+    older = {**pick, "search": {k: v for k, v in search.items() if k != "latency_agreement"}}
+    assert "| 0.0610 | 0.0644 | - | - |" in bench.latency_table_section([older])  # a search without the check
+    assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""

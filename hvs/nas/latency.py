@@ -26,8 +26,16 @@ under ~0.06 ms look infeasible. The table therefore measures that cost once
 a unit, it is multiplied by the unit count) and predicts ``sum(units) - (n_units - 1) * call``,
 never below the slowest unit: median 1.10 on the same archs (ofa-mbv3: 1.35 -> 1.03). It can
 over-correct: a kanji-fonts run at 32 px read 0.75x on fused-block networks, where part of each
-unit's call cost is not paid separately. Eager PyTorch pays a module call's overhead per unit
-inside the network as well, so its table is the plain sum (which runs ~0.8x of the measurement).
+unit's call cost is not paid separately. Two refinements were measured and dropped
+(2026-12-03, 14 fast-cnn archs at 32 px, 2 threads): a call cost per pair of unit input and output
+shapes, and a scale fitted to whole sub-networks measured end to end: Spearman 0.82 against this
+table's 0.92, mean |log(predicted / measured)| 0.167 against 0.151. Neither beats the noise of the
+measurement itself: one network's batch-1 ORT latency moves by up to 1.5x between windows of
+0.3 s on this 2-core VM, and a table measured while other jobs run reads high for good (a
+kanji-fonts run whose table was measured beside a test suite found a 20x budget infeasible: "the
+smallest sub-network needs 0.112 ms"; on the quiet machine the table reads 0.072 ms for it and the
+network measures 0.048 ms). Eager PyTorch pays a module call's overhead per unit inside the
+network as well, so its table is the plain sum (which runs ~0.8x of the measurement).
 
 Where a query model runs decides its latency, so the **runtime** is part of every number
 (``RUNTIMES``): ``torch`` (eager PyTorch), ``ort`` (ONNX Runtime fp32: what ``hvs export``
