@@ -47,7 +47,7 @@ import torch
 
 from hvs import checkpoint as ckpt
 from hvs.pipeline import PipelineError
-from hvs.profiles import ProfileStages, load_dataset, load_profile, profile_metrics
+from hvs.profiles import ProfileStages, check_export, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, diff_cell, load_q2g, metric_block, paired_difference, pct
 
 ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
@@ -266,6 +266,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         if missing:
             raise PipelineError(f"no ablation variant(s) {missing} in profile {name}; it has {sorted(variants)}")
         variants = {v: variants[v] for v in pick}
+    for spec in variants.values():  # every variant's export as it will run, before anything trains
+        check_export(variant_profile(profile, spec))
     seeds = (
         [int(s) for s in args.seeds.split(",") if s.strip()]
         if args.seeds

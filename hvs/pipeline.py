@@ -214,6 +214,15 @@ class Pipeline:
                 return False
             if gallery is not None and ckpt.read_card(out).compatible_with:
                 check_made_for(out, gallery)
+            chosen = nas_export.recipes_folder(out) / nas_export.DECISION
+            if (
+                chosen.is_file()
+                and json.loads(chosen.read_text()).get("fingerprint") == ckpt.read_card(out).fingerprint
+            ):
+                raise PipelineError(
+                    f"{out} was chosen among export recipes (trained without the validation split), not "
+                    f"exported as asked now; remove it and {chosen.parent.name}/ to export it again"
+                )
             return True
 
         return self.stage(

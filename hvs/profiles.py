@@ -39,7 +39,20 @@ def load_profile(name: str, configs_dir: str | Path) -> tuple[dict, Path]:
     takes that profile's sections and replaces each one the file names, whole (a section is never
     merged key by key, so a variant that swaps the search space cannot inherit the other space's
     choice lists)."""
-    return _load_profile(name, Path(configs_dir), ())
+    profile, path = _load_profile(name, Path(configs_dir), ())
+    check_export(profile)
+    return profile, path
+
+
+def check_export(profile: dict) -> None:
+    """The profile's ``export`` section checked as it will run (each recipe over the other
+    options): a bad one is refused before the paragon trains, not hours later at the first pick."""
+    opts = dict(profile.get("export") or {})
+    recipes = opts.pop("recipes", None)
+    if recipes is not None:
+        from .nas.export import check_recipes
+
+        check_recipes(recipes, {"seed": 0, **opts})
 
 
 def _load_profile(name: str, configs_dir: Path, seen: tuple[Path, ...]) -> tuple[dict, Path]:
@@ -318,7 +331,10 @@ class ProfileStages:
         def done() -> bool:
             if not (out / ckpt.CONFIG).is_file():
                 return False
-            check_made_for(out, gallery)
+            try:
+                check_made_for(out, gallery)
+            except PipelineError as e:  # the recipes there were trained for that gallery too
+                raise PipelineError(f"{e}; remove {nas_export.recipes_folder(out).name}/ too") from None
             nas_export.check_decision(out, recipes, common, best.get("key"), supernet)
             return True
 

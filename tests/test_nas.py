@@ -1047,6 +1047,10 @@ def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_
     assert rows["scratch"]["vs_best"] == [0.0, 0.0, 0.0]
     assert json.loads((rd / DECISION).read_text())["best"] == "scratch"
     assert check_decision(out, recipes, common, supernet=root / "s")["best"] == "scratch"
+    from hvs.pipeline import Pipeline, PipelineError
+
+    with pytest.raises(PipelineError, match="was chosen among export recipes"):  # not reused as a plain export
+        Pipeline(log=lambda _: None).export(out, root / "s", ARCH, gallery=root / "g", data=None)
     import types
 
     import hvs.nas.export as nas_export
@@ -1067,6 +1071,13 @@ def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_
     shutil.rmtree(out)
     assert export_best_recipe(root / "s", ARCH, out, recipes=recipes, **kw)["best"] == "ft"
     assert (rd / "ft" / ckpt.WEIGHTS).stat().st_mtime_ns == before
+    shutil.rmtree(out)  # listed the other way round: the same trained recipes, the tie to the other
+    flipped = {"scratch": recipes["scratch"], "ft": recipes["ft"]}
+    assert export_best_recipe(root / "s", ARCH, out, recipes=flipped, **kw)["best"] == "scratch"
+    assert (rd / "ft" / ckpt.WEIGHTS).stat().st_mtime_ns == before
+    assert check_decision(out, flipped, common)["best"] == "scratch"
+    with pytest.raises(NASError, match="chosen among other export recipes"):  # the order decided the tie
+        check_decision(out, recipes, common)
     shutil.rmtree(out)
     with pytest.raises(NASError, match="made for other recipes"):
         export_best_recipe(root / "s", ARCH, out, recipes={"ft": {"lr": 0.1}}, **kw)
@@ -1085,6 +1096,9 @@ def test_export_best_recipe_keeps_the_best_on_validation_and_refuses_mixing(nas_
         ({"a": {"init": "random"}}, "export recipe a: init must be one of supernet, scratch"),
         ({"ok": {}, "a": {"compat": ["l2"], "bct_weight": 1.0}}, "export recipe a: pass either bct_weight"),
         ({"a": {"compat": ["l3"]}}, "export recipe a: unknown compatibility loss 'l3'"),
+        ({"a": {"finetune_epochs": "5"}}, "export recipe a: finetune_epochs must be an integer, got '5'"),
+        ({"a": {"lr": True}}, "export recipe a: lr must be a number, got True"),
+        ({"decision.json": {}}, "is taken by a file of the recipes folder"),
     ],
 )
 def test_export_recipes_refuse_bad_specs(nas_runs, tmp_path, recipes, message, monkeypatch):

@@ -241,6 +241,7 @@ def test_profiles_parse(name):
     import inspect
 
     from hvs.nas.export import check_recipes, export_subnet
+    from hvs.profiles import check_export
 
     export_args = set(inspect.signature(export_subnet).parameters) | {"recipes"}
     assert set(profile.get("export") or {}) <= export_args
@@ -250,7 +251,7 @@ def test_profiles_parse(name):
     for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
         assert set(spec) <= {"export", "supernet", "scratch"}
         ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
-        ablation.variant_profile(profile, spec)  # a bad variant is refused here
+        check_export(ablation.variant_profile(profile, spec))  # a bad variant is refused here
         if spec.get("scratch"):
             TrainConfig(out="unused", **spec["scratch"])
         SupernetTrainConfig.from_dict({**profile["supernet"], **(spec.get("supernet") or {}), "out": "unused"})
@@ -421,3 +422,17 @@ def test_the_report_sets_each_latency_pick_against_its_table():
     older = {**pick, "search": {k: v for k, v in search.items() if k != "latency_agreement"}}
     assert "| 0.0610 | 0.0644 | - | - |" in bench.latency_table_section([older])  # a search without the check
     assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""
+
+
+def test_a_bad_export_recipe_is_refused_when_the_profile_loads(tmp_path):
+    from hvs.errors import HVSError
+    from hvs.profiles import load_profile
+
+    root = Path(__file__).resolve().parent.parent
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: tiny\nexport: {finetune_epochs: 1, recipes: {a: {init: scratch, epochs: 3}}}\n")
+    with pytest.raises(HVSError, match=r"export recipe a: unknown options \['epochs'\]"):
+        load_profile(str(bad), root / "configs")
+    bad.write_text("extends: tiny\nexport: {recipes: {a: {init: scratch}}}\n")
+    with pytest.raises(HVSError, match="export recipe a: init scratch needs finetune_epochs >= 1"):
+        load_profile(str(bad), root / "configs")

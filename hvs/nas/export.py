@@ -116,6 +116,7 @@ def export_subnet(
     hold_out_val: bool = False,
     seed: int = 0,
     force: bool = False,
+    check: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ckpt.ModelCard:
@@ -127,7 +128,9 @@ def export_subnet(
     ``init``: ``"supernet"`` (its shared weights and head, BatchNorm re-estimated, no warm-up) or
     ``"scratch"`` (the architecture alone, from random weights, with the trainer's warm-up; needs
     ``finetune_epochs``). ``hold_out_val``: fine-tune on the supernet's training images only, so
-    that its validation split stays unseen (what :func:`export_best_recipe` scores on)."""
+    that its validation split stays unseen (what :func:`export_best_recipe` scores on).
+    ``check``: the trainer's check after fine-tuning (notes from the test splits on the card);
+    :func:`export_best_recipe` turns it off for its candidates, which are judged on validation."""
     if init not in INITS:
         raise NASError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if init == "scratch" and finetune_epochs <= 0:
@@ -217,8 +220,7 @@ def export_subnet(
                 seed=seed,
                 data_seed=card.data_seed,
                 role="query",
-                # a recipe's candidate is judged on validation data: no notes from the test splits
-                check=not hold_out_val,
+                check=check,
             ),
             progress=progress,
             data=held_in(data, nd) if hold_out_val else data,
@@ -239,6 +241,8 @@ def export_subnet(
 
 RECIPE_KEYS = ("finetune_epochs", "lr", "batch_size", "bct_weight", "compat", "init", "bn_images", "seed")
 DECISION = "decision.json"  # in <out>.recipes/: each recipe's validation scores and the choice
+SIGNATURE = "recipes.json"  # in <out>.recipes/: what the recipes there were trained for
+_NUMBERS = {"finetune_epochs": int, "batch_size": int, "bn_images": int, "seed": int, "lr": float, "bct_weight": float}
 
 
 def recipes_folder(out: str | os.PathLike) -> Path:
@@ -254,11 +258,18 @@ def check_recipes(recipes: Any, common: dict | None = None) -> dict[str, dict]:
     for name, opts in {"(common)": common or {}, **recipes}.items():
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise NASError(f"export recipe names must be plain folder names, got {name!r}")
+        if name in (DECISION, SIGNATURE):
+            raise NASError(f"export recipe name {name!r} is taken by a file of the recipes folder; rename it")
         if not isinstance(opts, dict):
             raise NASError(f"export recipe {name}: options must be a mapping, got {opts!r}")
         unknown = sorted(set(opts) - set(RECIPE_KEYS))
         if unknown:
             raise NASError(f"export recipe {name}: unknown options {unknown} (known: {', '.join(RECIPE_KEYS)})")
+        for key, kind in _NUMBERS.items():
+            v = opts.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int,) if kind is int else (int, float))):
+                what = "an integer" if kind is int else "a number"
+                raise NASError(f"export recipe {name}: {key} must be {what}, got {v!r}")
     for name, opts in recipes.items():  # each as it will run: refused now, not after the others trained
         run = {**(common or {}), **opts}
         init = run.get("init", "supernet")
@@ -275,7 +286,9 @@ def check_recipes(recipes: Any, common: dict | None = None) -> dict[str, dict]:
 
 
 def _signature(arch_key: str, recipes: dict, common: dict, gallery_fp: str, supernet_fp: str) -> dict:
-    sig = {"arch": arch_key, "recipes": recipes, "common": common, "gallery": gallery_fp, "supernet": supernet_fp}
+    # "order": a tie goes to the first listed, so the order is part of what was chosen
+    sig = {"arch": arch_key, "recipes": recipes, "order": list(recipes), "common": common}
+    sig.update(gallery=gallery_fp, supernet=supernet_fp)
     return json.loads(json.dumps(sig, sort_keys=True, default=str))
 
 
@@ -298,6 +311,7 @@ def check_decision(
     want = json.loads(json.dumps({"recipes": recipes, "common": common}, sort_keys=True, default=str))
     if (
         sig.get("recipes") != want["recipes"]
+        or sig.get("order") != list(recipes)
         or sig.get("common") != want["common"]
         or (arch_key is not None and sig.get("arch") != arch_key)
         or (supernet is not None and sig.get("supernet") != read_supernet_card(supernet).fingerprint)
@@ -329,7 +343,8 @@ def export_best_recipe(
 
     Every recipe trains in ``<out>.recipes/<name>`` with the supernet's validation split held out
     (``hold_out_val``) and is scored on that split the way the search's ``hetero`` reward is: the
-    query model's val-query embeddings against the gallery model's val-gallery ones, recall@1.
+    query model's val-query embeddings against the gallery model's val-gallery ones, on recall@1
+    (whatever metric the search used).
     The highest wins (the first listed on a tie); each recipe's paired 95% CI against the winner
     is recorded. So the kept model trained without the validation images, and the test splits
     never entered the choice. A rerun reuses finished recipes and refuses a folder made for other
@@ -348,8 +363,13 @@ def export_best_recipe(
         raise NASError(f"{data.name}: the supernet's validation split is empty; there is nothing to choose a recipe on")
     signature = _signature(model.space.key(arch), recipes, common, g_card.fingerprint, card.fingerprint)
     rd = recipes_folder(out)
-    sig_json = rd / "recipes.json"
-    if sig_json.is_file() and json.loads(sig_json.read_text()) != signature:
+    sig_json = rd / SIGNATURE
+
+    # what the recipes there trained for; the tie order is the decision's only, so a new order reuses them
+    def trained_for(sig: dict) -> dict:
+        return {k: v for k, v in sig.items() if k != "order"}
+
+    if sig_json.is_file() and trained_for(json.loads(sig_json.read_text())) != trained_for(signature):
         raise NASError(f"{rd} was made for other recipes, pick, gallery or supernet; remove it to redo the choice")
     rd.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(sig_json, signature)
@@ -367,6 +387,7 @@ def export_best_recipe(
                 gallery=gallery,
                 data=data,
                 hold_out_val=True,
+                check=False,  # judged on validation data here: no notes from the test splits
                 progress=progress,
                 log=log,
                 **{**common, **opts},
