@@ -100,6 +100,16 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     md = (tmp_path / "fashion-mnist" / "tiny.md").read_text()
     assert "## Summary (mean over seeds)" in md and "## Claims" in md
     assert md.index("## Verdict") < md.index("## Summary"), "the verdict is what a user reads first"
+    # every pick was chosen among the tiny profile's export recipes on validation, and the report says so
+    picks = [r for r in records if r["kind"] in ("cmp-nas", "nas-homo", "cmp-nas-latency")]
+    assert picks and all(set(r["recipe"]["recipes"]) == {"supernet", "scratch"} for r in picks)
+    assert all(r["recipe"]["best"] in r["recipe"]["recipes"] for r in picks)
+    assert "## The picks' export recipe, chosen on validation" in md
+    assert all(f"| {r['seed']} | {r['name']} | {r['recipe']['best']} |" in md for r in picks)
+    # the latency pick against its table: the search's own check of prediction against measurement
+    assert "## The latency budget's table against measurement" in md
+    assert all(r["search"]["latency_agreement"]["n"] >= 1 for r in lat)
+    assert all(f"| {r['name']} | {r['seed']} | {r['budget_latency_ms']:.4f} |" in md for r in lat)
     for r in records:  # every query model's lines are in the verdict section, under its group
         if r["kind"] not in ("paragon", "offshelf-independent", "nas-independent"):
             assert isinstance(r["verdict"], list) and all(line in md for line in r["verdict"]), r["name"]
