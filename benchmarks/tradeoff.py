@@ -412,6 +412,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                         "latency_ms_measured",
                         "latency_ms_predicted",
                         "latency_agreement",
+                        "latency_fit",
                     )
                     if k in e["search"]
                 }
@@ -983,12 +984,21 @@ def latency_table_section(records: list[dict]) -> str:
         return ""
     lines = [
         "| pick | seed | budget ms | table ms | measured after the search | final pass ORT fp32 ms "
-        "| Spearman, table vs measured | table / measured, median (range) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Spearman, table vs measured | table / measured, median (range) | kept by |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(v):
         return "-" if v is None else f"{v:.4f}"
+
+    def kept_by(s):
+        fit = s.get("latency_fit")
+        if not fit:
+            return "table"
+        n = len(fit["checked"])
+        if fit["kept_by"] == "measured":
+            return "table, measured within" if n == 1 else f"measurement: candidate {n} by reward (the table's over)"
+        return f"table: none of the best {n} measured within"
 
     for r in picks:
         s, agr = r["search"], r["search"].get("latency_agreement")
@@ -999,14 +1009,16 @@ def latency_table_section(records: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['seed']} | {ms(r.get('budget_latency_ms'))} | {ms(s.get('latency_ms_predicted'))} "
             f"| {ms(s.get('latency_ms_measured'))} | {ms(r.get('ort_ms_batch1'))} "
-            f"| {'-' if not agr or agr.get('spearman') is None else agr['spearman']} | {ratio} |"
+            f"| {'-' if not agr or agr.get('spearman') is None else agr['spearman']} | {ratio} | {kept_by(s)} |"
         )
     return (
         "\n".join(lines)
         + "\n\nThe search keeps a sub-network whose table prediction fits the budget (the table: per-unit "
         "latencies in the search's runtime, less the fixed cost of a call each unit's own session pays; "
-        "hvs.nas.latency.LatencyTable), measured end to end after the search and again with every model in "
-        "the final pass. A budget found infeasible is listed under the last table.\n"
+        "hvs.nas.latency.LatencyTable); since 2026-12-03 its best candidates are then measured end to end in "
+        "reward order and the first within the budget is kept (hvs.nas.search.keep_measured_fit; 'kept by'). "
+        "Every model is measured again in the final pass. A budget found infeasible is listed under the last "
+        "table.\n"
     )
 
 

@@ -307,6 +307,57 @@ def test_latency_agreement_against_hand_computed_ranks():
     assert latency_agreement(tied)["spearman"] is None  # a constant side has no ranking
 
 
+def test_keep_measured_fit_walks_down_the_rewards_until_a_measurement_fits():
+    from hvs.nas.search import keep_measured_fit
+
+    history = [
+        {"key": "a", "arch": "A", "reward": 0.5},
+        {"key": "b", "arch": "B", "reward": 0.9},
+        {"key": "b", "arch": "B", "reward": 0.9},  # the same network again: measured once
+        {"key": "c", "arch": "C", "reward": 0.7},
+        {"key": "d", "arch": "D", "reward": 0.7},  # equal to c, later: after it
+    ]
+    ms = {"A": 1.0, "B": 3.0, "C": 2.5, "D": 2.0}
+    calls = []
+
+    def measure(arch):
+        calls.append(arch)
+        return ms[arch]
+
+    kept, kept_ms, checks = keep_measured_fit(history, measure, limit=2.0)
+    assert kept["key"] == "d" and kept_ms == 2.0 and calls == ["B", "C", "D"]  # <= the limit fits
+    assert [c["key"] for c in checks] == ["b", "c", "d"]
+    assert checks[0] == {"key": "b", "reward": 0.9, "measured_ms": 3.0}
+    calls.clear()
+    assert keep_measured_fit(history, measure, limit=0.5, max_checks=2)[:2] == (None, None) and calls == ["B", "C"]
+    assert keep_measured_fit(history, measure, limit=9.0)[0]["key"] == "b"  # the table's pick fits: kept
+
+
+def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(nas_runs, tmp_path, monkeypatch):
+    """The table's pick measured over the budget: the next best candidate that measures within it
+    is kept, and best.json says how; when none of the checks fits, the table's pick stays, flagged."""
+    import hvs.nas.search as nas_search
+
+    measured = []
+
+    def fake(supernet, arch, image_size, batch_size=1, min_seconds=0.3, runtime="torch"):
+        measured.append(supernet.space.key(arch))
+        return 100.0 if len(measured) == 1 else 1.0
+
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", fake)
+    cfg = dict(supernet=str(nas_runs / "s"), gallery=str(nas_runs / "g"), latency_ms=50.0, latency_runtime="torch")
+    cfg.update(population=6, iterations=6, bn_images=16)
+    best = nas_search.run_search(nas_search.SearchConfig(out=str(tmp_path / "a"), **cfg), progress=False, log=print)
+    fit = best["latency_fit"]
+    assert fit["kept_by"] == "measured" and [c["measured_ms"] for c in fit["checked"]] == [100.0, 1.0]
+    assert best["key"] == fit["checked"][1]["key"] != fit["checked"][0]["key"] and best["latency_ms_measured"] == 1.0
+    assert json.loads((tmp_path / "a" / "best.json").read_text())["key"] == best["key"]
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", lambda *a, **k: 100.0)
+    best = nas_search.run_search(nas_search.SearchConfig(out=str(tmp_path / "b"), **cfg), progress=False, log=print)
+    assert best["latency_fit"]["kept_by"] == "table" and len(best["latency_fit"]["checked"]) >= 2
+    assert best["key"] == best["latency_fit"]["checked"][0]["key"] and best["latency_ms_measured"] == 100.0
+
+
 def test_unknown_latency_runtime_is_a_one_line_error():
     from hvs.nas.latency import LatencyError
 

@@ -417,6 +417,7 @@ def test_the_report_sets_each_latency_pick_against_its_table():
         "latency_ms_measured": 0.061,
         "latency_ms_predicted": 0.0652,
         "latency_agreement": {"n": 5, "spearman": 0.9, "ratio_median": 1.07, "ratio_range": [0.8, 1.3]},
+        "latency_fit": {"kept_by": "measured", "checked": [{"measured_ms": 0.09}, {"measured_ms": 0.061}]},
     }
     pick = {
         "kind": "cmp-nas-latency",
@@ -427,10 +428,13 @@ def test_the_report_sets_each_latency_pick_against_its_table():
         "search": search,
     }
     md = bench.latency_table_section([pick, {"kind": "offshelf-bct", "name": "bct-cnn-tiny", "seed": 1}])
-    row = "| nas-hetero-lat20x | 1 | 0.0700 | 0.0652 | 0.0610 | 0.0644 | 0.9 | 1.07 (0.80-1.30), n=5 |"
+    row = "| nas-hetero-lat20x | 1 | 0.0700 | 0.0652 | 0.0610 | 0.0644 | 0.9 | 1.07 (0.80-1.30), n=5 | measurement: "
+    row += "candidate 2 by reward (the table's over) |"
     assert row in md and "bct-cnn-tiny" not in md
-    older = {**pick, "search": {k: v for k, v in search.items() if k != "latency_agreement"}}
-    assert "| 0.0610 | 0.0644 | - | - |" in bench.latency_table_section([older])  # a search without the check
+    older = {**pick, "search": {k: v for k, v in search.items() if k not in ("latency_agreement", "latency_fit")}}
+    assert "| 0.0610 | 0.0644 | - | - | table |" in bench.latency_table_section([older])  # a search before the checks
+    none = {**pick, "search": {**search, "latency_fit": {"kept_by": "table", "checked": [{}] * 8}}}
+    assert "| table: none of the best 8 measured within |" in bench.latency_table_section([none])
     assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""
 
 
