@@ -955,7 +955,7 @@ def recipe_section(records: list[dict]) -> str:
     names = list(dict.fromkeys(n for r in picks for n in r["recipe"]["recipes"]))
     lines = [
         "Each pick was exported by every recipe with the supernet's validation split held out, and the one "
-        "with the best val R@1 q->g (query model against the gallery model, as the search's hetero reward, on R@1) "
+        "with the best val R@1 q->g (query model against the gallery model, as the search's hetero reward) "
         "was kept; the test split took no part. Val R@1 per recipe, its paired 95% CI against the kept one:",
         "",
         "| seed | pick | kept | " + " | ".join(names) + " |",

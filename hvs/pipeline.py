@@ -212,13 +212,11 @@ class Pipeline:
         def done() -> bool:
             if not (out / ckpt.CONFIG).is_file():
                 return False
-            if gallery is not None and ckpt.read_card(out).compatible_with:
+            card = ckpt.read_card(out)
+            if gallery is not None and card.compatible_with:
                 check_made_for(out, gallery)
             chosen = nas_export.recipes_folder(out) / nas_export.DECISION
-            if (
-                chosen.is_file()
-                and json.loads(chosen.read_text()).get("fingerprint") == ckpt.read_card(out).fingerprint
-            ):
+            if chosen.is_file() and json.loads(chosen.read_text()).get("fingerprint") == card.fingerprint:
                 raise PipelineError(
                     f"{out} was chosen among export recipes (trained without the validation split), not "
                     f"exported as asked now; remove it and {chosen.parent.name}/ to export it again"

@@ -250,14 +250,12 @@ def test_profiles_parse(name):
     assert all(float(b) > 0 for b in profile["search"].get("latency_budgets", []))
     import inspect
 
-    from hvs.nas.export import check_recipes, export_subnet
+    from hvs.nas.export import export_subnet
     from hvs.profiles import check_export
 
     export_args = set(inspect.signature(export_subnet).parameters) | {"recipes"}
     assert set(profile.get("export") or {}) <= export_args
-    export = dict(profile.get("export") or {})
-    if export.get("recipes") is not None:
-        check_recipes(export.pop("recipes"), export)
+    check_export(profile)
     for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
         assert set(spec) <= {"export", "supernet", "scratch"}
         ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")

@@ -562,7 +562,7 @@ def run_search(
 
     best = result.best
     runtime = cfg.latency_runtime if budget.kind == "latency" else "torch"  # a FLOPs search: eager PyTorch, as before
-    fit = None
+    fit = measured = None
     if table is not None and cfg.latency_checks > 0:  # the table's absolute numbers drift: the kept pick is measured
         kept, kept_ms, checks = keep_measured_fit(
             result.history,
@@ -583,12 +583,10 @@ def run_search(
                 f"the best of {len(checks)} candidates measured that fits ({kept_ms:.4f} ms, "
                 f"reward {kept['reward']:.4f})"
             )
-        best = kept or best
-    measured = (
-        kept_ms
-        if fit is not None and fit["kept_by"] == "measured"
-        else measure_subnet_latency(supernet, best["arch"], card.image_size, cfg.latency_batch, runtime=runtime)
-    )
+        if kept is not None:
+            best, measured = kept, kept_ms
+    if measured is None:
+        measured = measure_subnet_latency(supernet, best["arch"], card.image_size, cfg.latency_batch, runtime=runtime)
     latency_check = agreement = None
     if table is not None:  # predicted vs measured: the best and a few others of the final population
         others = {r["key"]: r["arch"] for r in reversed(result.history) if r["key"] != best["key"]}
