@@ -64,8 +64,12 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
         assert math.isclose(r["metrics"]["recall@1"]["headroom"], g_r1 - twin["metrics"]["recall@1"]["q->q"])
 
     # the quiet latency pass: eager PyTorch and ONNX Runtime batch 1 for every model
+    # ... ORT at 1 and 2 threads (the tiny profile's latency_threads), each model's fastest kept
     for r in records:
         assert r["torch_ms_batch1"] > 0 and r["ort_ms_batch1"] > 0, r["name"]
+        by_threads = r["ort_ms_batch1_by_threads"]
+        assert set(by_threads) == {"1", "2"} and r["ort_ms_batch1"] == by_threads[str(r["ort_threads"])]
+        assert r["ort_ms_batch1"] == min(by_threads.values()), r["name"]
 
     # claims: aware - agnostic differences are the q->g differences of the two picks, with a CI
     by = {r["name"]: r for r in records}
@@ -434,6 +438,26 @@ def test_the_report_sets_each_latency_pick_against_its_table():
     none = {**pick, "search": {**search, "latency_fit": {"kept_by": "table", "checked": [{}] * 8}}}
     assert "| table: none of the best 8 measured within |" in bench.latency_table_section([none])
     assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""
+    # the final pass at several thread counts: the table is set against the count the search used
+    both = {
+        **pick,
+        "threads": 2,
+        "ort_threads": 1,
+        "ort_ms_batch1": 0.05,
+        "ort_ms_batch1_by_threads": {"1": 0.05, "2": 0.0644},
+    }
+    assert "| 0.0610 | 0.0644 | 0.9 |" in bench.latency_table_section([both])
+
+
+def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
+    bench = _load_benchmark()
+    one = {"threads": 2, "ort_ms_batch1": 0.1}
+    two = {"threads": 2, "ort_ms_batch1": 0.05, "ort_threads": 1, "ort_ms_batch1_by_threads": {"1": 0.05, "2": 0.1}}
+    assert bench.latency_row_current(one, 2, None) and not bench.latency_row_current(one, 2, [1, 2])
+    assert bench.latency_row_current(two, 2, [2, 1]) and not bench.latency_row_current(two, 2, None)
+    assert not bench.latency_row_current(two, 4, [1, 2]) and not bench.latency_row_current(two, 2, [1, 2, 4])
+    fields = bench.latency_fields({**two, "fingerprint": "f", "torch_ms_batch1": 0.3})
+    assert fields == {"torch_ms_batch1": 0.3, **two}
 
 
 def test_a_bad_export_recipe_is_refused_when_the_profile_loads(tmp_path):
