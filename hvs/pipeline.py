@@ -346,9 +346,9 @@ def folder_latency(
     "torch_ms_batch<B>", "ort_ms_batch<B>"}``. When the export or ORT fails, ``"ort_error"`` says
     why instead (one line) and the PyTorch figure stands.
 
-    ``ort_threads`` (e.g. ``[1, 2]``): ORT is timed at each of these intra-op thread counts, in
-    rounds that alternate between them (so a drift of the machine falls on each alike), and
-    ``"ort_ms_batch<B>"`` is the fastest, as a deployment would configure each model;
+    ``ort_threads`` (e.g. ``[1, 2]``): ORT is timed at each of these intra-op thread counts and at
+    ``threads``, in rounds that alternate between them (so a drift of the machine falls on each
+    alike), and ``"ort_ms_batch<B>"`` is the fastest, as a deployment would configure each model;
     ``"ort_threads"`` names its count and ``"ort_ms_batch<B>_by_threads"`` keeps every figure. A
     small network often runs faster on one thread than on two: its per-operator work is too small
     to split, and the split's synchronisation is paid per operator."""
@@ -356,7 +356,7 @@ def folder_latency(
     from .models.cost import measure_latency
 
     threads = int(threads or torch.get_num_threads())
-    counts = sorted({int(t) for t in ort_threads}) if ort_threads else [threads]
+    counts = sorted({*map(int, ort_threads), threads}) if ort_threads else [threads]
     if any(t < 1 for t in counts):
         raise PipelineError(f"ort_threads {list(ort_threads or [])}: thread counts must be >= 1")
     model, card = ckpt.load_model(folder)

@@ -91,7 +91,8 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert out["claims"]["pareto_ort"]["verdict"].startswith(("met", "not met"))
     par = next(r for r in records if r["kind"] == "paragon")
     thr = out["claims"]["throughput"]
-    assert math.isclose(thr["dense_gflops"], par["flops"] / par["ort_ms_batch1"] / 1e6)
+    # (both at the profile's thread count: a pick on 1 thread of 2 would use half the machine)
+    assert math.isclose(thr["dense_gflops"], par["flops"] / par["ort_ms_batch1_by_threads"]["2"] / 1e6)
     assert thr["picks"] == sum(r["kind"] in ("cmp-nas", "cmp-nas-latency") for r in records)
     # TAR@FAR and TPIR@FPIR come with bootstrap intervals that bracket them
     ev = json.loads(Path(by["bct-cnn-nano"]["eval_json"]).read_text())
@@ -163,6 +164,17 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert {e["status"] for e in again["stages"]} <= {"reused", "infeasible", "not-cheaper"}
     strip = lambda rs: [{k: v for k, v in r.items() if k != "eval_json"} for r in rs]  # noqa: E731
     assert strip(again["records"]) == strip(records)
+
+    # a saved latency row measured otherwise (at one thread count, by an older profile) does not reach a
+    # report that does not measure it again: the model has no ORT figure rather than a mixed one
+    table = tmp_path / "fashion-mnist" / "tiny" / "seed0" / "latency.json"
+    rows = json.loads(table.read_text())
+    rows["paragon"] = {k: v for k, v in rows["paragon"].items() if k not in ("ort_threads", "ort_ms_batch1_by_threads")}
+    table.write_text(json.dumps(rows))
+    assert bench.main([*args, "--only", "report"]) == 0
+    third = json.loads((tmp_path / "fashion-mnist" / "tiny.json").read_text())
+    assert next(r for r in third["records"] if r["kind"] == "paragon")["ort_ms_batch1"] is None
+    assert any(e["stage"] == "latency" and e["status"] == "skipped" for e in third["stages"])
 
 
 def _fake_result(gg: float, qq: float, qg: float, half_width: float) -> dict:
@@ -456,6 +468,13 @@ def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
     assert bench.latency_row_current(one, 2, None) and not bench.latency_row_current(one, 2, [1, 2])
     assert bench.latency_row_current(two, 2, [2, 1]) and not bench.latency_row_current(two, 2, None)
     assert not bench.latency_row_current(two, 4, [1, 2]) and not bench.latency_row_current(two, 2, [1, 2, 4])
+    assert bench.latency_row_current(two, 2, [1]) and bench.latency_row_current(one, 2, [2])  # `threads` is timed too
+    failed = {"threads": 2, "torch_ms_batch1": 0.3, "ort_error": "ExportError: x"}
+    assert bench.latency_row_current(failed, 2, [1, 2])  # its export fails again: not measured again
+    assert bench.at_search_threads(two) == 0.1 and bench.at_search_threads(one) == 0.1
+    assert bench.at_search_threads({**two, "threads": 4}) is None
+    assert bench.threads_tag(two) == " (1t)" and bench.threads_tag(one) == ""
+    assert bench.ort_threads_note([one, two]) == " (fastest of 1, 2 threads)" and bench.ort_threads_note([one]) == ""
     fields = bench.latency_fields({**two, "fingerprint": "f", "torch_ms_batch1": 0.3})
     assert fields == {"torch_ms_batch1": 0.3, **two}
 
