@@ -288,15 +288,19 @@ class Runner(ProfileStages):
             out = sd / f"search-hetero-{tag}"
             limit = par_ms / ratio
             known = out / "infeasible.json"  # an infeasible budget is a result too: not searched again
+            measured = int((self.profile.get("search") or {}).get("latency_checks", SearchConfig.latency_checks)) > 0
             try:
                 if known.is_file():
-                    raise InfeasibleBudget(json.loads(known.read_text())["why"])
+                    saved_why = json.loads(known.read_text())
+                    if saved_why.get("checked_end_to_end") or not measured:
+                        raise InfeasibleBudget(saved_why["why"])
+                    known.unlink()  # found on the table alone, before the search measured the smallest: search again
                 best = self.search(out, supernet, gallery, None, "hetero", latency_ms=limit)
             except InfeasibleBudget as e:
                 why = str(e).splitlines()[0]
                 if not known.is_file():
                     out.mkdir(parents=True, exist_ok=True)
-                    ckpt.atomic_write_json(known, {"why": why, "latency_ms": limit})
+                    ckpt.atomic_write_json(known, {"why": why, "latency_ms": limit, "checked_end_to_end": measured})
                 results["infeasible"].append({"latency_ratio": ratio, "budget_latency_ms": limit, "why": why})
                 self.event("nas", tag, "infeasible", why=why)
                 continue
@@ -1061,8 +1065,16 @@ def latency_table_section(records: list[dict]) -> str:
             return "table"
         n = len(fit["checked"])
         if fit["kept_by"] == "measured":
-            return "table, measured within" if n == 1 else f"measurement: candidate {n} by reward (the table's over)"
-        return f"table: none of the best {n} measured within"
+            how = "table, measured within" if n == 1 else f"measurement: candidate {n} by reward (the table's over)"
+        else:
+            how = f"table: none of the best {n} measured within"
+        r = fit.get("rescaled")
+        if r:  # the table called the budget infeasible; the smallest sub-network measured within it
+            how += (
+                f"; the table read the smallest at {r['smallest_predicted_ms']:.4f} ms, measured "
+                f"{r['smallest_measured_ms']:.4f}: searched under {r['table_limit_ms']:.4f} on the table"
+            )
+        return how
 
     for r in picks:
         s, agr = r["search"], r["search"].get("latency_agreement")

@@ -358,6 +358,52 @@ def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(na
     assert best["key"] == best["latency_fit"]["checked"][0]["key"] and best["latency_ms_measured"] == 100.0
 
 
+def test_a_budget_the_table_calls_infeasible_is_measured_end_to_end():
+    from hvs.nas.common import InfeasibleBudget
+    from hvs.nas.search import Budget, measured_feasibility
+
+    class Space:  # the smallest sub-network is all a feasibility check reads
+        def min_arch(self):
+            return "S"
+
+    table = {"S": 0.06, "T": 0.05}.__getitem__
+    budget = Budget("latency", 0.04, table)
+    same, info = measured_feasibility(Space(), Budget("latency", 0.07, table), lambda a: 1 / 0)
+    assert info is None and same.limit == 0.07  # feasible on the table: nothing measured
+    scaled, info = measured_feasibility(Space(), budget, lambda a: 0.03)  # the table reads it 2x high
+    assert scaled.limit == pytest.approx(0.04 * 0.06 / 0.03) and scaled.ok("S") and scaled.cost is table
+    assert info == {
+        "limit_ms": 0.04,
+        "table_limit_ms": 0.08,
+        "smallest_predicted_ms": 0.06,
+        "smallest_measured_ms": 0.03,
+    }
+    with pytest.raises(InfeasibleBudget, match="needs 0.06 ms on the latency table, 0.045 ms measured end to end"):
+        measured_feasibility(Space(), budget, lambda a: 0.045)
+
+
+def test_a_latency_search_the_table_calls_infeasible_runs_when_the_smallest_measures_within(
+    nas_runs, tmp_path, monkeypatch
+):
+    import hvs.nas.search as nas_search
+    from hvs.nas.common import InfeasibleBudget
+
+    # 1 us: below any table's smallest sub-network; every measurement (faked) 0.1 us
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", lambda *a, **k: 1e-4)
+    cfg = dict(supernet=str(nas_runs / "s"), gallery=str(nas_runs / "g"), latency_ms=1e-3, latency_runtime="torch")
+    cfg.update(population=4, iterations=4, bn_images=16)
+    best = nas_search.run_search(nas_search.SearchConfig(out=str(tmp_path / "a"), **cfg), progress=False, log=print)
+    r = best["latency_fit"]["rescaled"]
+    assert r["limit_ms"] == 1e-3 and r["smallest_measured_ms"] == 1e-4
+    assert r["table_limit_ms"] == pytest.approx(10 * r["smallest_predicted_ms"], rel=1e-4)
+    assert best["budget"]["limit"] == 1e-3 and best["budget"]["table_limit"] > 1e-3
+    assert best["latency_fit"]["kept_by"] == "measured" and best["latency_fit"]["checked"][0]["measured_ms"] == 1e-4
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", lambda *a, **k: 1.0)
+    with pytest.raises(InfeasibleBudget, match="measured end to end"):
+        nas_search.run_search(nas_search.SearchConfig(out=str(tmp_path / "b"), **cfg), progress=False, log=print)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
 def test_unknown_latency_runtime_is_a_one_line_error():
     from hvs.nas.latency import LatencyError
 

@@ -51,6 +51,10 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     assert out["infeasible_budgets"] and out["infeasible_budgets"][0]["budget_ratio"] == 1000
     # ... and one latency budget (1000x below the paragon's batch-1 latency)
     assert any(i.get("latency_ratio") == 1000 for i in out["infeasible_budgets"])
+    known = json.loads(
+        (tmp_path / "fashion-mnist" / "tiny" / "seed0" / "search-hetero-lat1000x" / "infeasible.json").read_text()
+    )
+    assert known["checked_end_to_end"] and "measured end to end" in known["why"]  # not the table's word alone
     lat = [r for r in records if r["kind"] == "cmp-nas-latency"]
     failed = [e for e in out["stages"] if e["status"] not in ("ran", "reused", "infeasible", "not-cheaper")]
     assert lat, f"no latency-budget pick; stages that did not run: {failed}"
@@ -450,6 +454,11 @@ def test_the_report_sets_each_latency_pick_against_its_table():
     none = {**pick, "search": {**search, "latency_fit": {"kept_by": "table", "checked": [{}] * 8}}}
     assert "| table: none of the best 8 measured within |" in bench.latency_table_section([none])
     assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""
+    rescaled = {"smallest_predicted_ms": 0.06, "smallest_measured_ms": 0.03, "table_limit_ms": 0.14}
+    scaled = {**pick, "search": {**search, "latency_fit": {**search["latency_fit"], "rescaled": rescaled}}}
+    assert "the table read the smallest at 0.0600 ms, measured 0.0300: searched under 0.1400 on the table |" in (
+        bench.latency_table_section([scaled])
+    )
     # the final pass at several thread counts: the table is set against the count the search used
     both = {
         **pick,
