@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from hvs import checkpoint as ckpt
-from hvs.pipeline import FingerprintTable, PipelineError, folder_latency
+from hvs.pipeline import FingerprintTable, PipelineError, folder_latency, ort_thread_counts
 from hvs.profiles import CURVE_JSON, ProfileStages, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
@@ -363,7 +363,7 @@ def latency_row_current(row: dict, threads: int, ort_threads: list[int] | None) 
     if "ort_error" in row:
         return True
     measured = sorted(int(t) for t in row.get("ort_ms_batch1_by_threads", {}))
-    wanted = sorted({*map(int, ort_threads), threads}) if ort_threads else [threads]
+    wanted = ort_thread_counts(threads, ort_threads)
     return measured == wanted or (not measured and wanted == [threads])
 
 
@@ -895,14 +895,14 @@ def claims(
     dense = _mean([r["flops"] / at_search_threads(r) / 1e6 for r in par])
     picks = [r for r in records if r["kind"] in ("cmp-nas", "cmp-nas-latency") and at_search_threads(r)]
     if dense and picks:
-        rows = []
+        rows, within = [], 0
         for r in sorted(picks, key=lambda r: (r["seed"], -r["flops"])):
             ms = at_search_threads(r)
             g = r["flops"] / ms / 1e6
+            within += dense / g <= 2
             rows.append(
                 f"| {r['name']} | {r['seed']} | {r['flops'] / 1e6:.2f} | {ms:.3f} | {g:.1f} | {dense / g:.1f}x |"
             )
-        within = sum(dense / (r["flops"] / at_search_threads(r) / 1e6) <= 2 for r in picks)
         counts = sorted({r.get("threads") for r in par + picks} - {None})
         at = f" at {', '.join(map(str, counts))} threads" if counts else ""
         lines += [
@@ -931,7 +931,8 @@ def claims(
         if p is None or not p.get("ort_ms_batch1"):
             continue
         ratio = p["ort_ms_batch1"] / r["ort_ms_batch1"]
-        same = at_search_threads(p) / at_search_threads(r) if at_search_threads(p) and at_search_threads(r) else None
+        p_same, r_same = at_search_threads(p), at_search_threads(r)
+        same = p_same / r_same if p_same and r_same else None
         if ratio < speedup:
             continue
         b = r["metrics"][m0]
@@ -1335,7 +1336,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     curve_md = curve_section(seed_results)
     recipe_md = recipe_section(records)
     latency_md = latency_table_section(records)
-    latency_counts = sorted({*map(int, profile.get("latency_threads") or []), torch.get_num_threads()})
+    latency_counts = ort_thread_counts(torch.get_num_threads(), profile.get("latency_threads"))
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -334,6 +335,15 @@ class FingerprintTable:
             self.changed = False
 
 
+def ort_thread_counts(threads: int, ort_threads: Sequence[int] | None = None) -> list[int]:
+    """The ORT intra-op thread counts :func:`folder_latency` times: ``ort_threads`` and ``threads``
+    (sorted, each once), or ``threads`` alone."""
+    counts = sorted({*map(int, ort_threads), int(threads)}) if ort_threads else [int(threads)]
+    if any(t < 1 for t in counts):
+        raise PipelineError(f"ort_threads {list(ort_threads or [])}: thread counts must be >= 1")
+    return counts
+
+
 def folder_latency(
     folder: str | Path,
     threads: int | None = None,
@@ -356,9 +366,7 @@ def folder_latency(
     from .models.cost import measure_latency
 
     threads = int(threads or torch.get_num_threads())
-    counts = sorted({*map(int, ort_threads), threads}) if ort_threads else [threads]
-    if any(t < 1 for t in counts):
-        raise PipelineError(f"ort_threads {list(ort_threads or [])}: thread counts must be >= 1")
+    counts = ort_thread_counts(threads, ort_threads)
     model, card = ckpt.load_model(folder)
     key = f"ort_ms_batch{batch_size}"
     row: dict[str, Any] = {
@@ -381,7 +389,7 @@ def folder_latency(
                             sessions[t], card.input_shape, batch_size, min_seconds=min_seconds / rounds
                         )
                     )
-            by_threads = {t: sorted(v)[len(v) // 2] for t, v in runs.items()}
+            by_threads = {t: statistics.median(v) for t, v in runs.items()}
             best = min(by_threads, key=by_threads.__getitem__)
             row[key] = by_threads[best]
             if ort_threads:
@@ -401,4 +409,5 @@ __all__ = [
     "evaluation_is_current",
     "file_logger",
     "folder_latency",
+    "ort_thread_counts",
 ]
