@@ -45,6 +45,8 @@ import argparse
 import json
 import math
 import shlex
+import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -267,26 +269,44 @@ class Runner(ProfileStages):
         results: dict,
     ) -> None:
         from hvs.nas.common import InfeasibleBudget
-        from hvs.nas.latency import module_latency
+        from hvs.nas.latency import check_threads
         from hvs.nas.search import SearchConfig
 
-        # the budget is a ratio of the paragon's latency in the runtime the search measures (ORT by default)
-        runtime = (self.profile.get("search") or {}).get("latency_runtime", SearchConfig.latency_runtime)
+        # the budget is a ratio of the paragon's latency in the runtime the search measures (ORT by default),
+        # at its fastest of the final pass's thread counts: the figure the report compares every model by
+        search_p = self.profile.get("search") or {}
+        runtime = search_p.get("latency_runtime", SearchConfig.latency_runtime)
+        threads = int(self.profile.get("threads") or torch.get_num_threads())
+        counts = ort_thread_counts(threads, self.profile.get("latency_threads"))
+        search_threads = check_threads(search_p.get("latency_threads"))  # the picks' latency: the device's count
         ref = sd / "paragon_latency.json"  # measured once: every latency budget of the seed derives from it
         saved = json.loads(ref.read_text()) if ref.is_file() else {}
-        if saved.get("runtime", "torch") == runtime and "latency_ms_batch1" in saved:
+        if paragon_reference_current(saved, runtime, counts):
             par_ms = float(saved["latency_ms_batch1"])
+            par_threads = saved.get("threads") if saved.get("latency_ms_batch1_by_threads") else None
+        elif not self.allowed("nas"):
+            self.event("nas", "latency budgets", "skipped", why="not in --only; the paragon's reference is not current")
+            return
         else:
-            par_ms = module_latency(g_model, g_card.input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0)
-            record = {"latency_ms_batch1": par_ms, "runtime": runtime, "threads": torch.get_num_threads()}
+            record = paragon_reference(g_model, g_card.input_shape, runtime, counts)
             ckpt.atomic_write_json(ref, record)
+            par_ms, par_threads = record["latency_ms_batch1"], record["threads"]
         results["meta"]["paragon_latency_ms_batch1_at_search"] = par_ms
         results["meta"]["latency_runtime_at_search"] = runtime
+        results["meta"]["latency_threads_at_search"] = search_threads
         for ratio in ratios:
             tag = f"lat{ratio:g}x"
             name = f"nas-hetero-{tag}"
             out = sd / f"search-hetero-{tag}"
             limit = par_ms / ratio
+            if stale_latency_search(out, limit, search_threads, threads):  # under another budget: search again
+                if not self.allowed("nas"):
+                    self.event("nas", tag, "skipped", why="not in --only; searched under another budget, left out")
+                    continue
+                for old in (out, sd / name, sd / f"{name}.recipes"):
+                    if old.exists():
+                        shutil.rmtree(old)
+                self.event("nas", tag, "stale", why=f"searched under another budget than {limit:.4f} ms")
             known = out / "infeasible.json"  # an infeasible budget is a result too: not searched again
             measured = int((self.profile.get("search") or {}).get("latency_checks", SearchConfig.latency_checks)) > 0
             try:
@@ -300,7 +320,10 @@ class Runner(ProfileStages):
                 why = str(e).splitlines()[0]
                 if not known.is_file():
                     out.mkdir(parents=True, exist_ok=True)
-                    ckpt.atomic_write_json(known, {"why": why, "latency_ms": limit, "checked_end_to_end": measured})
+                    ckpt.atomic_write_json(
+                        known,
+                        {"why": why, "latency_ms": limit, "threads": search_threads, "checked_end_to_end": measured},
+                    )
                 results["infeasible"].append({"latency_ratio": ratio, "budget_latency_ms": limit, "why": why})
                 self.event("nas", tag, "infeasible", why=why)
                 continue
@@ -316,6 +339,7 @@ class Runner(ProfileStages):
                         "latency_ratio": ratio,
                         "budget_latency_ms": limit,
                         "paragon_latency_ms": par_ms,
+                        **({"paragon_latency_threads": par_threads} if par_threads else {}),
                         "search": best,
                         **recipe_of(folder),
                         "result": r,
@@ -352,6 +376,57 @@ class Runner(ProfileStages):
 # ------------------------------------------------------------------------------------------
 # Records, table, plots
 # ------------------------------------------------------------------------------------------
+
+
+def paragon_reference(
+    model: torch.nn.Module, input_shape: tuple[int, ...], runtime: str, counts: list[int], rounds: int = 3
+) -> dict:
+    """The paragon's batch-1 latency in ``runtime`` at each thread count of ``counts``, in
+    ``rounds`` alternating rounds (a drift of the machine falls on each alike), median per count;
+    ``latency_ms_batch1`` is the fastest count's, the reference of every latency budget."""
+    from hvs.nas.latency import module_latency
+
+    runs: dict[int, list[float]] = {t: [] for t in counts}
+    for _ in range(rounds):
+        for t in counts:
+            runs[t].append(
+                module_latency(model, input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0, threads=t)
+            )
+    by = {t: statistics.median(v) for t, v in runs.items()}
+    best = min(by, key=by.__getitem__)
+    return {
+        "latency_ms_batch1": by[best],
+        "runtime": runtime,
+        "threads": best,
+        "latency_ms_batch1_by_threads": {str(t): by[t] for t in counts},
+    }
+
+
+def paragon_reference_current(saved: dict, runtime: str, counts: list[int]) -> bool:
+    """Whether a saved paragon reference was measured in ``runtime`` at exactly ``counts``
+    (a reference from before the thread choice holds one count, ``threads``)."""
+    if saved.get("runtime", "torch") != runtime or "latency_ms_batch1" not in saved:
+        return False
+    have = sorted(int(t) for t in saved.get("latency_ms_batch1_by_threads") or {}) or [saved.get("threads")]
+    return have == counts
+
+
+def stale_latency_search(out: Path, limit: float, threads: int, searched_on: int) -> bool:
+    """Whether the latency search in ``out`` (its best.json, or the infeasible.json of a budget
+    found infeasible) was made under another limit or thread count than ``limit`` ms on
+    ``threads`` threads; one that recorded no thread count ran on ``searched_on`` (the
+    profile's)."""
+    for f in ("best.json", "infeasible.json"):
+        path = out / f
+        if not path.is_file():
+            continue
+        saved = json.loads(path.read_text())
+        budget = saved.get("budget") or {"limit": saved.get("latency_ms"), "latency_threads": saved.get("threads")}
+        have = budget.get("limit")
+        if have is None or not math.isclose(float(have), limit, rel_tol=1e-9):
+            return True
+        return int(budget.get("latency_threads") or searched_on) != threads
+    return False
 
 
 def latency_row_current(row: dict, threads: int, ort_threads: list[int] | None) -> bool:
@@ -422,6 +497,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 "latency_ratio",
                 "budget_latency_ms",
                 "paragon_latency_ms",
+                "paragon_latency_threads",
                 "twin_of",
                 "recipe",
             ):
@@ -444,6 +520,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                         "latency_ms_predicted",
                         "latency_agreement",
                         "latency_fit",
+                        "budget",
                     )
                     if k in e["search"]
                 }
@@ -891,13 +968,13 @@ def claims(
     # 4. throughput: each pick's GFLOP/s in ONNX Runtime against the dense paragon's, measured in the
     # same pass (a dense-convolution network is what this runtime runs fastest on this CPU), both at
     # the profile's thread count (one thread of two would halve a pick's share of the machine)
-    par = [r for r in records if r["kind"] == "paragon" and at_search_threads(r)]
-    dense = _mean([r["flops"] / at_search_threads(r) / 1e6 for r in par])
-    picks = [r for r in records if r["kind"] in ("cmp-nas", "cmp-nas-latency") and at_search_threads(r)]
+    par = [r for r in records if r["kind"] == "paragon" and at_threads(r)]
+    dense = _mean([r["flops"] / at_threads(r) / 1e6 for r in par])
+    picks = [r for r in records if r["kind"] in ("cmp-nas", "cmp-nas-latency") and at_threads(r)]
     if dense and picks:
         rows, within = [], 0
         for r in sorted(picks, key=lambda r: (r["seed"], -r["flops"])):
-            ms = at_search_threads(r)
+            ms = at_threads(r)
             g = r["flops"] / ms / 1e6
             within += dense / g <= 2
             rows.append(
@@ -931,7 +1008,7 @@ def claims(
         if p is None or not p.get("ort_ms_batch1"):
             continue
         ratio = p["ort_ms_batch1"] / r["ort_ms_batch1"]
-        p_same, r_same = at_search_threads(p), at_search_threads(r)
+        p_same, r_same = at_threads(p), at_threads(r)
         same = p_same / r_same if p_same and r_same else None
         if ratio < speedup:
             continue
@@ -1029,19 +1106,41 @@ def ort_threads_note(records: list[dict]) -> str:
     return f" (fastest of {', '.join(map(str, counts))} threads)" if len(counts) > 1 else ""
 
 
+def latency_search_note(records: list[dict], threads: int) -> str:
+    """How the latency-budget searches of ``records`` measured: their thread counts and the
+    paragon figure their budgets divide."""
+    picks = [r for r in records if r.get("kind") == "cmp-nas-latency"]
+    if not picks:
+        return f"the latency searches measure on {threads} threads."
+    counts = sorted({search_threads(r) for r in picks} - {None})
+    fastest = all(r.get("paragon_latency_threads") for r in picks)
+    ref = "its fastest thread count" if fastest else f"{threads} threads"
+    return (
+        f"the latency searches measure their picks on {', '.join(map(str, counts))} thread"
+        f"{'s' if counts != [1] else ''}, under budgets of the paragon's latency at {ref} / ratio."
+    )
+
+
 def threads_tag(r: dict) -> str:
     """ " (1t)": the thread count of a record's ORT figure, when the final pass chose it."""
     return f" ({r['ort_threads']}t)" if "ort_threads" in r else ""
 
 
-def at_search_threads(r: dict) -> float | None:
-    """A record's final-pass ORT batch-1 latency at the thread count the search measured with (the
-    profile's), not at the fastest count: what the latency table predicts. None when that count
-    was not measured."""
+def at_threads(r: dict, threads: int | None = None) -> float | None:
+    """A record's final-pass ORT batch-1 latency at ``threads`` (default: the profile's count), not
+    at the fastest count. None when that count was not measured."""
+    threads = threads or r.get("threads")
     by = r.get("ort_ms_batch1_by_threads")
     if by:
-        return by.get(str(r.get("threads")))
-    return r.get("ort_ms_batch1")
+        return by.get(str(threads))
+    return r.get("ort_ms_batch1") if threads == r.get("threads") else None
+
+
+def search_threads(r: dict) -> int | None:
+    """The thread count a latency-budget pick's search measured latency on (its best.json; a search
+    from before it was recorded measured on the profile's count)."""
+    budget = (r.get("search") or {}).get("budget") or {}
+    return budget.get("latency_threads") or r.get("threads")
 
 
 def latency_table_section(records: list[dict]) -> str:
@@ -1052,7 +1151,7 @@ def latency_table_section(records: list[dict]) -> str:
     if not picks:
         return ""
     lines = [
-        "| pick | seed | budget ms | table ms | measured after the search | final pass ORT fp32 ms, same threads "
+        "| pick | seed | budget ms | table ms | measured after the search | final pass ORT fp32 ms, search's threads "
         "| Spearman, table vs measured | table / measured, median (range) | kept by |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -1085,7 +1184,7 @@ def latency_table_section(records: list[dict]) -> str:
             ratio = f"{agr['ratio_median']:.2f} ({lo:.2f}-{hi:.2f}), n={agr['n']}"
         lines.append(
             f"| {r['name']} | {r['seed']} | {ms(r.get('budget_latency_ms'))} | {ms(s.get('latency_ms_predicted'))} "
-            f"| {ms(s.get('latency_ms_measured'))} | {ms(at_search_threads(r))} "
+            f"| {ms(s.get('latency_ms_measured'))} | {ms(at_threads(r, search_threads(r)))} "
             f"| {'-' if not agr or agr.get('spearman') is None else agr['spearman']} | {ratio} | {kept_by(s)} |"
         )
     return (
@@ -1350,8 +1449,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         + (
             f" ONNX Runtime is timed at {', '.join(map(str, latency_counts))} intra-op threads and each "
             "model's fastest is kept, as a deployment would configure it (the per-seed table names the count, "
-            "e.g. 1t); the latency searches, their budgets and the throughput claim stay at the profile's "
-            f"{torch.get_num_threads()} threads.\n\n"
+            f"e.g. 1t); {latency_search_note(records, torch.get_num_threads())} The throughput claim stays at "
+            f"the profile's {torch.get_num_threads()} threads.\n\n"
             if profile.get("latency_threads")
             else "\n\n"
         )

@@ -404,6 +404,46 @@ def test_a_latency_search_the_table_calls_infeasible_runs_when_the_smallest_meas
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+def test_a_latency_search_measures_on_the_thread_count_it_is_given(nas_runs, tmp_path, monkeypatch):
+    """--latency-threads: the table, the end-to-end checks and best.json all on the device's count,
+    while the search itself keeps torch's; a count below 1 is refused before anything is written."""
+    import hvs.nas.search as nas_search
+
+    seen = []
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", lambda *a, **k: seen.append(k["threads"]) or 1e-4)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2  # a count other than torch's, so a default would show
+    cfg = dict(supernet=str(nas_runs / "s"), gallery=str(nas_runs / "g"), latency_ms=100.0, latency_runtime="torch")
+    cfg.update(population=4, iterations=4, bn_images=16)
+    best = nas_search.run_search(
+        nas_search.SearchConfig(out=str(tmp_path / "a"), latency_threads=want, **cfg), progress=False, log=print
+    )
+    assert best["budget"]["latency_threads"] == want and seen and set(seen) == {want}
+    table = json.loads((nas_runs / "s" / f"latency_table_b1_t{want}.json").read_text())
+    assert table["meta"]["threads"] == want and table["entries"]
+    assert torch.get_num_threads() == before  # the units were timed on `want`, torch's count put back
+    with pytest.raises(NASError, match="a latency thread count must be >= 1, got 0"):
+        nas_search.run_search(
+            nas_search.SearchConfig(out=str(tmp_path / "b"), latency_threads=0, **cfg), progress=False, log=print
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_latency_is_timed_on_the_threads_asked_and_torchs_count_restored(monkeypatch):
+    import hvs.nas.latency as lat
+
+    seen = []
+    monkeypatch.setattr(lat, "measure_latency", lambda *a, **k: seen.append(torch.get_num_threads()) or 0.5)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    assert lat.module_latency(torch.nn.Identity(), (1, 4, 4), threads=want) == 0.5 and seen == [want]
+    assert torch.get_num_threads() == before
+    assert lat.module_latency(torch.nn.Identity(), (1, 4, 4)) == 0.5 and seen[-1] == before  # default: torch's
+    assert LatencyTable(_supernet(), 12, threads=want).meta["threads"] == want
+    with pytest.raises(lat.LatencyError, match="^a latency thread count must be >= 1, got 0$"):
+        LatencyTable(_supernet(), 12, threads=0)
+
+
 def test_unknown_latency_runtime_is_a_one_line_error():
     from hvs.nas.latency import LatencyError
 

@@ -5,7 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from script_loader import load_script
+
+from hvs import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +62,13 @@ def test_tiny_profile_records_every_kind_and_resumes(tmp_path, monkeypatch):
     failed = [e for e in out["stages"] if e["status"] not in ("ran", "reused", "infeasible", "not-cheaper")]
     assert lat, f"no latency-budget pick; stages that did not run: {failed}"
     assert all(r["latency_ratio"] == 0.01 and r["budget_latency_ms"] > 0 for r in lat)
+    # the budget divides the paragon's fastest of 1 and 2 threads; the search measured on 1 (search.latency_threads)
+    ref = json.loads((tmp_path / "fashion-mnist" / "tiny" / "seed0" / "paragon_latency.json").read_text())
+    assert set(ref["latency_ms_batch1_by_threads"]) == {"1", "2"}
+    assert ref["latency_ms_batch1"] == min(ref["latency_ms_batch1_by_threads"].values())
+    assert all(math.isclose(r["budget_latency_ms"], ref["latency_ms_batch1"] / 0.01) for r in lat)
+    assert all(r["search"]["budget"]["latency_threads"] == 1 and r["paragon_latency_threads"] for r in lat)
+    assert known["threads"] == 1
 
     # each CMP-NAS pick trained alone too: its M(q->q) is the headroom of the CMP-NAS row
     ind_nas = {r["twin_of"]: r for r in records if r["kind"] == "nas-independent"}
@@ -470,6 +480,43 @@ def test_the_report_sets_each_latency_pick_against_its_table():
     assert "| 0.0610 | 0.0644 | 0.9 |" in bench.latency_table_section([both])
 
 
+def test_a_latency_search_is_redone_when_its_budget_or_threads_change(tmp_path):
+    bench = _load_benchmark()
+    out = tmp_path / "search-hetero-lat10x"
+    assert not bench.stale_latency_search(out, 0.05, 1, 2)  # nothing searched yet
+    out.mkdir()
+    ckpt.atomic_write_json(out / "best.json", {"budget": {"kind": "latency", "limit": 0.05, "latency_threads": 1}})
+    assert not bench.stale_latency_search(out, 0.05, 1, 2)
+    assert bench.stale_latency_search(out, 0.04, 1, 2) and bench.stale_latency_search(out, 0.05, 2, 2)
+    ckpt.atomic_write_json(out / "best.json", {"budget": {"kind": "latency", "limit": 0.05}})  # no threads kept
+    assert bench.stale_latency_search(out, 0.05, 1, 2) and not bench.stale_latency_search(out, 0.05, 2, 2)
+    (out / "best.json").unlink()
+    ckpt.atomic_write_json(out / "infeasible.json", {"why": "x", "latency_ms": 0.05, "threads": 1})
+    assert not bench.stale_latency_search(out, 0.05, 1, 2) and bench.stale_latency_search(out, 0.03, 1, 2)
+    # the paragon's reference: measured in the runtime at each count of the final pass
+    by = {"latency_ms_batch1": 0.8, "runtime": "ort", "threads": 2}
+    by["latency_ms_batch1_by_threads"] = {"1": 1.1, "2": 0.8}
+    assert bench.paragon_reference_current(by, "ort", [1, 2]) and not bench.paragon_reference_current(by, "ort", [2])
+    assert not bench.paragon_reference_current(by, "torch", [1, 2])
+    old = {"latency_ms_batch1": 0.8, "runtime": "ort", "threads": 2}
+    assert bench.paragon_reference_current(old, "ort", [2]) and not bench.paragon_reference_current(old, "ort", [1, 2])
+
+
+def test_paragon_reference_keeps_the_fastest_thread_count(monkeypatch):
+    import hvs.nas.latency as lat
+
+    bench = _load_benchmark()
+    ms = {1: iter([1.3, 1.1, 1.2]), 2: iter([0.9, 0.7, 0.8])}
+    monkeypatch.setattr(lat, "module_latency", lambda *a, threads, **k: next(ms[threads]))
+    ref = bench.paragon_reference(torch.nn.Identity(), (1, 4, 4), "ort", [1, 2])
+    assert ref == {
+        "latency_ms_batch1": 0.8,
+        "runtime": "ort",
+        "threads": 2,
+        "latency_ms_batch1_by_threads": {"1": 1.2, "2": 0.8},
+    }
+
+
 def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
     bench = _load_benchmark()
     one = {"threads": 2, "ort_ms_batch1": 0.1}
@@ -480,8 +527,15 @@ def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
     assert bench.latency_row_current(two, 2, [1]) and bench.latency_row_current(one, 2, [2])  # `threads` is timed too
     failed = {"threads": 2, "torch_ms_batch1": 0.3, "ort_error": "ExportError: x"}
     assert bench.latency_row_current(failed, 2, [1, 2])  # its export fails again: not measured again
-    assert bench.at_search_threads(two) == 0.1 and bench.at_search_threads(one) == 0.1
-    assert bench.at_search_threads({**two, "threads": 4}) is None
+    assert bench.at_threads(two) == 0.1 and bench.at_threads(one) == 0.1
+    assert bench.at_threads({**two, "threads": 4}) is None
+    assert bench.at_threads(two, 1) == 0.05 and bench.at_threads(one, 1) is None
+    pick = {**two, "kind": "cmp-nas-latency", "search": {"budget": {"latency_threads": 1}}}
+    pick["paragon_latency_threads"] = 2
+    assert bench.search_threads(pick) == 1 and bench.search_threads({**two, "search": {"budget": {}}}) == 2
+    note = bench.latency_search_note([pick], 2)
+    assert "on 1 thread," in note and "the paragon's latency at its fastest thread count" in note
+    assert "at 2 threads / ratio" in bench.latency_search_note([{**pick, "paragon_latency_threads": None}], 2)
     assert bench.threads_tag(two) == " (1t)" and bench.threads_tag(one) == ""
     assert bench.ort_threads_note([one, two]) == " (fastest of 1, 2 threads)" and bench.ort_threads_note([one]) == ""
     fields = bench.latency_fields({**two, "fingerprint": "f", "torch_ms_batch1": 0.3})

@@ -58,6 +58,7 @@ _SEARCH_FLAGS = (
     "latency_mode",
     "latency_runtime",
     "latency_batch",
+    "latency_threads",
     "reward",
     "metric",
     "penalty",
@@ -277,6 +278,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--latency-runtime",
         choices=["ort", "ort-int8", "torch"],
         help="where the latency budget is measured: ONNX Runtime fp32 (default), int8, or eager PyTorch",
+    )
+    s.add_argument(
+        "--latency-threads",
+        type=int,
+        help="threads the latency budget is measured on, the device's (ORT intra-op threads; default: --threads)",
     )
     s.add_argument("--reward", help="hetero (M(q->g), default), homo (M(q->q)), penalized")
     s.add_argument("--metric", choices=["recall@1", "recall@5", "map"])

@@ -48,11 +48,12 @@ threads as torch uses; the table file is keyed by runtime, batch size and thread
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,15 +256,20 @@ def module_latency(
     warmup: int = 3,
     repeats: int = 10,
     min_seconds: float = 0.05,
+    threads: int | None = None,
 ) -> float:
     """Median latency (ms) of one call of ``module`` (eval mode) on a (batch, *input_shape) input in
     ``runtime``: channels-last eager PyTorch, or the module exported to ONNX and run by ONNX Runtime
-    (fp32 or int8) with torch's thread count."""
+    (fp32 or int8), on ``threads`` threads (default: torch's count; ORT's intra-op threads)."""
     check_runtime(runtime)
+    threads = check_threads(threads)
     module = module.eval()
     if runtime == "torch":
         module = module.to(memory_format=torch.channels_last)
-        return measure_latency(module, input_shape, batch_size, warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+        with torch_threads(threads):
+            return measure_latency(
+                module, input_shape, batch_size, warmup=warmup, repeats=repeats, min_seconds=min_seconds
+            )
     from ..encoders import measure_ort_latency, ort_session
 
     example = torch.randn(batch_size, *input_shape)
@@ -271,10 +277,32 @@ def module_latency(
         blob = _onnx_bytes(module, example)
     if runtime == "ort-int8":
         blob = _int8_bytes(blob, example)
-    session = ort_session(blob, threads=torch.get_num_threads())
+    session = ort_session(blob, threads=threads)
     return measure_ort_latency(
         session, tuple(input_shape), batch_size, warmup=warmup, repeats=repeats, min_seconds=min_seconds
     )
+
+
+def check_threads(threads: int | None) -> int:
+    """The thread count a latency is measured at: ``threads``, or torch's when None."""
+    if threads is None:
+        return torch.get_num_threads()
+    if int(threads) < 1:
+        raise LatencyError(f"a latency thread count must be >= 1, got {threads}")
+    return int(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, then put back."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _runtime_meta(runtime: str) -> dict[str, str]:
@@ -306,10 +334,12 @@ class LatencyTable:
         min_seconds: float = 0.05,
         repeats: int = 10,
         runtime: str = "torch",
+        threads: int | None = None,
     ) -> None:
         self.supernet, self.image_size, self.batch_size = supernet, image_size, batch_size
         self.min_seconds, self.repeats, self.runtime = min_seconds, repeats, check_runtime(runtime)
-        self.meta = {"batch_size": batch_size, "threads": torch.get_num_threads(), **_runtime_meta(runtime)}
+        self.threads = check_threads(threads)
+        self.meta = {"batch_size": batch_size, "threads": self.threads, **_runtime_meta(runtime)}
         prefix = "latency_table" if runtime == "torch" else f"latency_table_{runtime}"  # torch: the older name
         self.path = None if folder is None else (Path(folder) / f"{prefix}_b{batch_size}_t{self.meta['threads']}.json")
         self.entries: dict[str, float] = {}
@@ -331,6 +361,7 @@ class LatencyTable:
                 self.runtime,
                 repeats=self.repeats,
                 min_seconds=self.min_seconds,
+                threads=self.threads,
             )
             self.measured += 1
             self._dirty = True
@@ -351,6 +382,7 @@ class LatencyTable:
                 self.runtime,
                 repeats=max(50, self.repeats),
                 min_seconds=max(0.2, self.min_seconds),
+                threads=self.threads,
             )
             self.measured += 1
             self._dirty = True
@@ -375,8 +407,10 @@ def measure_subnet_latency(
     batch_size: int = 1,
     min_seconds: float = 0.3,
     runtime: str = "torch",
+    threads: int | None = None,
 ) -> float:
-    """Median latency (ms) of the extracted sub-network in ``runtime`` (:func:`module_latency`)."""
+    """Median latency (ms) of the extracted sub-network in ``runtime`` on ``threads`` threads
+    (:func:`module_latency`)."""
     supernet.set_active_subnet(arch)
     sub = supernet.get_active_subnet()
     return module_latency(
@@ -387,18 +421,25 @@ def measure_subnet_latency(
         warmup=5,
         repeats=20,
         min_seconds=min_seconds,
+        threads=threads,
     )
 
 
 def compare_latency(
     supernet: OFAMobileNetV3Supernet, table: LatencyTable, archs: list[dict[str, Any]], min_seconds: float = 0.3
 ) -> list[dict[str, Any]]:
-    """Predicted (table) vs measured (extracted sub-network, same runtime) latency for each arch."""
+    """Predicted (table) vs measured (extracted sub-network, same runtime and threads) latency for each arch."""
     rows = []
     for arch in archs:
         predicted = table.predict(arch)
         measured = measure_subnet_latency(
-            supernet, arch, table.image_size, table.batch_size, min_seconds, runtime=table.runtime
+            supernet,
+            arch,
+            table.image_size,
+            table.batch_size,
+            min_seconds,
+            runtime=table.runtime,
+            threads=table.threads,
         )
         rows.append(
             {

@@ -66,6 +66,7 @@ from .latency import (
     LatencyError,
     LatencyTable,
     check_runtime,
+    check_threads,
     compare_latency,
     latency_agreement,
     measure_subnet_latency,
@@ -421,6 +422,8 @@ class SearchConfig:
     latency_mode: str = "table"  # table (per-layer lookup table) | measure (time each extracted sub-network)
     latency_batch: int = 1
     latency_runtime: str = "ort"  # where the latency budget is measured: ort (ONNX Runtime fp32) | ort-int8 | torch
+    # the thread count the latency budget is measured at (the device's; ORT's intra-op threads): default the search's
+    latency_threads: int | None = None
     # a table budget: the best candidates measured end to end, in reward order, until one fits (0: keep the table's)
     latency_checks: int = 8
     reward: str = "hetero"
@@ -453,8 +456,10 @@ def make_budget(
     latency_batch: int = 1,
     folder: str | Path | None = None,
     latency_runtime: str = "torch",
+    latency_threads: int | None = None,
 ) -> tuple[Budget | None, LatencyTable | None]:
-    """The budget (None for none) and, for a table-based latency budget, the table."""
+    """The budget (None for none) and, for a table-based latency budget, the table; a latency is
+    measured on ``latency_threads`` threads (default: torch's count)."""
     if flops is not None and latency_ms is not None:
         raise NASError("give one budget: --flops or --latency-ms, not both")
     if flops is not None:
@@ -465,10 +470,13 @@ def make_budget(
         raise NASError(f"a latency budget must be positive, got {latency_ms}")
     try:
         check_runtime(latency_runtime)
+        check_threads(latency_threads)
     except LatencyError as e:
         raise NASError(str(e)) from None
     if latency_mode == "table":
-        table = LatencyTable(supernet, image_size, folder, latency_batch, runtime=latency_runtime)
+        table = LatencyTable(
+            supernet, image_size, folder, latency_batch, runtime=latency_runtime, threads=latency_threads
+        )
         return Budget("latency", float(latency_ms), table.predict), table
     if latency_mode == "measure":
         cache: dict[str, float] = {}
@@ -477,7 +485,13 @@ def make_budget(
             key = supernet.space.key(arch)
             if key not in cache:
                 cache[key] = measure_subnet_latency(
-                    supernet, arch, image_size, latency_batch, min_seconds=0.1, runtime=latency_runtime
+                    supernet,
+                    arch,
+                    image_size,
+                    latency_batch,
+                    min_seconds=0.1,
+                    runtime=latency_runtime,
+                    threads=latency_threads,
                 )
             return cache[key]
 
@@ -508,13 +522,17 @@ def run_search(
         latency_batch=cfg.latency_batch,
         folder=cfg.supernet,
         latency_runtime=cfg.latency_runtime,
+        latency_threads=cfg.latency_threads,
     )
     if budget is None:
         raise NASError("no budget: pass --flops (e.g. 5M) or --latency-ms")
     runtime = cfg.latency_runtime if budget.kind == "latency" else "torch"  # a FLOPs search: eager PyTorch, as before
+    lat_threads = check_threads(cfg.latency_threads if budget.kind == "latency" else None)
 
     def measure(arch: dict) -> float:
-        return measure_subnet_latency(supernet, arch, card.image_size, cfg.latency_batch, runtime=runtime)
+        return measure_subnet_latency(
+            supernet, arch, card.image_size, cfg.latency_batch, runtime=runtime, threads=lat_threads
+        )
 
     limit = budget.limit  # what the pick must meet, in milliseconds for a latency budget
     rescaled = None
@@ -619,7 +637,7 @@ def run_search(
         if kept is None:
             log(
                 f"warning: none of the {len(checks)} best candidates measures within {limit:.4f} ms "
-                f"({runtime}); keeping the table's pick"
+                f"({runtime}, {lat_threads} threads); keeping the table's pick"
             )
         elif kept["key"] != best["key"]:
             log(
@@ -639,7 +657,7 @@ def run_search(
         table.save()
         for row in latency_check:
             log(
-                f"latency ({runtime}) {row['key']}: table {row['predicted_ms']:.3f} ms, "
+                f"latency ({runtime}, {lat_threads} threads) {row['key']}: table {row['predicted_ms']:.3f} ms, "
                 f"measured {row['measured_ms']:.3f} ms"
             )
         log(
@@ -664,6 +682,7 @@ def run_search(
                     "latency_mode": cfg.latency_mode,
                     "latency_batch": cfg.latency_batch,
                     "latency_runtime": cfg.latency_runtime,
+                    "latency_threads": lat_threads,
                 }
                 if budget.kind == "latency"
                 else {}
