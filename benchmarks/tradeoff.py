@@ -45,8 +45,6 @@ import argparse
 import json
 import math
 import shlex
-import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -57,7 +55,7 @@ import numpy as np
 import torch
 
 from hvs import checkpoint as ckpt
-from hvs.pipeline import FingerprintTable, PipelineError, folder_latency, ort_thread_counts
+from hvs.pipeline import FingerprintTable, PipelineError, fastest_thread_count, folder_latency, ort_thread_counts
 from hvs.profiles import CURVE_JSON, ProfileStages, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
@@ -273,19 +271,28 @@ class Runner(ProfileStages):
         from hvs.nas.search import SearchConfig
 
         # the budget is a ratio of the paragon's latency in the runtime the search measures (ORT by default),
-        # at its fastest of the final pass's thread counts: the figure the report compares every model by
+        # at its fastest of the final pass's thread counts (timed here, on its own export: the final pass's
+        # figure for the paragon is measured again and may differ by the machine's drift)
         search_p = self.profile.get("search") or {}
         runtime = search_p.get("latency_runtime", SearchConfig.latency_runtime)
         threads = int(self.profile.get("threads") or torch.get_num_threads())
         counts = ort_thread_counts(threads, self.profile.get("latency_threads"))
-        search_threads = check_threads(search_p.get("latency_threads"))  # the picks' latency: the device's count
+        lat_threads = check_threads(search_p.get("latency_threads") or threads)  # the picks' count: the device's
+        if lat_threads not in counts:
+            raise PipelineError(
+                f"search.latency_threads {lat_threads} is not among the final latency pass's thread counts "
+                f"{counts}: add it to latency_threads"
+            )
         ref = sd / "paragon_latency.json"  # measured once: every latency budget of the seed derives from it
         saved = json.loads(ref.read_text()) if ref.is_file() else {}
-        if paragon_reference_current(saved, runtime, counts):
+        current = paragon_reference_current(saved, runtime, counts)
+        if current or (not self.allowed("nas") and "latency_ms_batch1" in saved):
+            if not current:  # an --only run without nas: the searches as they were made, each with its own budget
+                self.event("nas", "latency budgets", "reused", why="not in --only; the paragon measured otherwise")
             par_ms = float(saved["latency_ms_batch1"])
             par_threads = saved.get("threads") if saved.get("latency_ms_batch1_by_threads") else None
         elif not self.allowed("nas"):
-            self.event("nas", "latency budgets", "skipped", why="not in --only; the paragon's reference is not current")
+            self.event("nas", "latency budgets", "skipped", why="not in --only; no reference of the paragon")
             return
         else:
             record = paragon_reference(g_model, g_card.input_shape, runtime, counts)
@@ -293,22 +300,26 @@ class Runner(ProfileStages):
             par_ms, par_threads = record["latency_ms_batch1"], record["threads"]
         results["meta"]["paragon_latency_ms_batch1_at_search"] = par_ms
         results["meta"]["latency_runtime_at_search"] = runtime
-        results["meta"]["latency_threads_at_search"] = search_threads
+        results["meta"]["latency_threads_at_search"] = lat_threads
+        measured = int(search_p.get("latency_checks", SearchConfig.latency_checks)) > 0
         for ratio in ratios:
             tag = f"lat{ratio:g}x"
             name = f"nas-hetero-{tag}"
             out = sd / f"search-hetero-{tag}"
             limit = par_ms / ratio
-            if stale_latency_search(out, limit, search_threads, threads):  # under another budget: search again
-                if not self.allowed("nas"):
-                    self.event("nas", tag, "skipped", why="not in --only; searched under another budget, left out")
-                    continue
-                for old in (out, sd / name, sd / f"{name}.recipes"):
-                    if old.exists():
-                        shutil.rmtree(old)
-                self.event("nas", tag, "stale", why=f"searched under another budget than {limit:.4f} ms")
+            had = recorded_budget(out, threads)
+            if self.allowed("nas") and stale_budget(had, limit, lat_threads):  # made under another budget: again
+                made = [out, sd / name, sd / f"{name}.recipes", sd / f"eval-{name}.json", sd / f"eval-{name}.npz"]
+                aside = set_aside(made, sd / "stale" / tag)
+                self.event(
+                    "nas",
+                    tag,
+                    "stale",
+                    why=f"searched under {fmt_ms(had['limit'])} ms on {had['latency_threads']} threads, asked "
+                    f"{limit:.4f} ms on {lat_threads}: set aside in {aside}",
+                )
+                had = None
             known = out / "infeasible.json"  # an infeasible budget is a result too: not searched again
-            measured = int((self.profile.get("search") or {}).get("latency_checks", SearchConfig.latency_checks)) > 0
             try:
                 if known.is_file():
                     saved_why = json.loads(known.read_text())
@@ -322,13 +333,15 @@ class Runner(ProfileStages):
                     out.mkdir(parents=True, exist_ok=True)
                     ckpt.atomic_write_json(
                         known,
-                        {"why": why, "latency_ms": limit, "threads": search_threads, "checked_end_to_end": measured},
+                        {"why": why, "latency_ms": limit, "threads": lat_threads, "checked_end_to_end": measured},
                     )
-                results["infeasible"].append({"latency_ratio": ratio, "budget_latency_ms": limit, "why": why})
+                used = recorded_budget(out, threads) or {"limit": limit}
+                results["infeasible"].append({"latency_ratio": ratio, "budget_latency_ms": used["limit"], "why": why})
                 self.event("nas", tag, "infeasible", why=why)
                 continue
             if best is None:
                 continue
+            used = recorded_budget(out, threads) or {"limit": limit, "latency_threads": lat_threads}
             folder = sd / name
             if self.export(folder, supernet, gallery, best):
                 r = self.evaluate("nas", gallery, folder, sd / f"eval-{name}.json")
@@ -337,7 +350,8 @@ class Runner(ProfileStages):
                         "kind": "cmp-nas-latency",
                         "arch": f"{self.space_model} [{best['key']}]",
                         "latency_ratio": ratio,
-                        "budget_latency_ms": limit,
+                        "budget_latency_ms": used["limit"],  # as searched (an --only run may keep an older one)
+                        "search_latency_threads": used["latency_threads"],
                         "paragon_latency_ms": par_ms,
                         **({"paragon_latency_threads": par_threads} if par_threads else {}),
                         "search": best,
@@ -382,18 +396,16 @@ def paragon_reference(
     model: torch.nn.Module, input_shape: tuple[int, ...], runtime: str, counts: list[int], rounds: int = 3
 ) -> dict:
     """The paragon's batch-1 latency in ``runtime`` at each thread count of ``counts``, in
-    ``rounds`` alternating rounds (a drift of the machine falls on each alike), median per count;
+    alternating rounds (hvs.pipeline.fastest_thread_count, 1 s per count as in the final pass);
     ``latency_ms_batch1`` is the fastest count's, the reference of every latency budget."""
     from hvs.nas.latency import module_latency
 
-    runs: dict[int, list[float]] = {t: [] for t in counts}
-    for _ in range(rounds):
-        for t in counts:
-            runs[t].append(
-                module_latency(model, input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0, threads=t)
-            )
-    by = {t: statistics.median(v) for t, v in runs.items()}
-    best = min(by, key=by.__getitem__)
+    n = 1 if len(counts) == 1 else rounds
+    by, best = fastest_thread_count(
+        lambda t: module_latency(model, input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0 / n, threads=t),
+        counts,
+        n,
+    )
     return {
         "latency_ms_batch1": by[best],
         "runtime": runtime,
@@ -411,22 +423,52 @@ def paragon_reference_current(saved: dict, runtime: str, counts: list[int]) -> b
     return have == counts
 
 
-def stale_latency_search(out: Path, limit: float, threads: int, searched_on: int) -> bool:
-    """Whether the latency search in ``out`` (its best.json, or the infeasible.json of a budget
-    found infeasible) was made under another limit or thread count than ``limit`` ms on
-    ``threads`` threads; one that recorded no thread count ran on ``searched_on`` (the
-    profile's)."""
-    for f in ("best.json", "infeasible.json"):
-        path = out / f
-        if not path.is_file():
-            continue
-        saved = json.loads(path.read_text())
-        budget = saved.get("budget") or {"limit": saved.get("latency_ms"), "latency_threads": saved.get("threads")}
-        have = budget.get("limit")
-        if have is None or not math.isclose(float(have), limit, rel_tol=1e-9):
-            return True
-        return int(budget.get("latency_threads") or searched_on) != threads
-    return False
+def recorded_budget(out: Path, searched_on: int) -> dict | None:
+    """The budget a latency search in ``out`` was made under, ``{"limit", "latency_threads"}``:
+    from its best.json, or the infeasible.json of a budget found infeasible; None when nothing was
+    searched. A search from before thread counts were recorded measured on its own ``threads``
+    (search_config.json), or on ``searched_on`` (the profile's)."""
+    best, known = out / "best.json", out / "infeasible.json"
+    if best.is_file():
+        budget = json.loads(best.read_text()).get("budget") or {}
+        limit, t = budget.get("limit"), budget.get("latency_threads")
+        cfg = out / "search_config.json"
+        if t is None and cfg.is_file():
+            t = json.loads(cfg.read_text()).get("threads")
+    elif known.is_file():
+        saved = json.loads(known.read_text())
+        limit, t = saved.get("latency_ms"), saved.get("threads")
+    else:
+        return None
+    return {"limit": None if limit is None else float(limit), "latency_threads": int(t or searched_on)}
+
+
+def stale_budget(had: dict | None, limit: float, threads: int) -> bool:
+    """Whether a search made under ``had`` (:func:`recorded_budget`) was under another limit or
+    thread count than ``limit`` ms on ``threads`` threads."""
+    if had is None:
+        return False
+    if had["limit"] is None or not math.isclose(had["limit"], limit, rel_tol=1e-9):
+        return True
+    return had["latency_threads"] != threads
+
+
+def fmt_ms(v: float | None) -> str:
+    return "?" if v is None else f"{v:.4f}"
+
+
+def set_aside(paths: list[Path], where: Path) -> Path:
+    """Move the existing ``paths`` into a new numbered folder under ``where`` (nothing is deleted:
+    a stale search and the models made from it stay on disk, out of the way); that folder."""
+    n = 0
+    while (where / str(n)).exists():
+        n += 1
+    dest = where / str(n)
+    dest.mkdir(parents=True)
+    for p in paths:
+        if p.exists():
+            p.rename(dest / p.name)
+    return dest
 
 
 def latency_row_current(row: dict, threads: int, ort_threads: list[int] | None) -> bool:
@@ -498,6 +540,7 @@ def build_records(seed_results: list[dict], metrics: list[str]) -> list[dict]:
                 "budget_latency_ms",
                 "paragon_latency_ms",
                 "paragon_latency_threads",
+                "search_latency_threads",
                 "twin_of",
                 "recipe",
             ):
@@ -1106,13 +1149,14 @@ def ort_threads_note(records: list[dict]) -> str:
     return f" (fastest of {', '.join(map(str, counts))} threads)" if len(counts) > 1 else ""
 
 
-def latency_search_note(records: list[dict], threads: int) -> str:
+def latency_search_note(records: list[dict], threads: int, search_threads_asked: int) -> str:
     """How the latency-budget searches of ``records`` measured: their thread counts and the
-    paragon figure their budgets divide."""
+    paragon figure their budgets divide (``search_threads_asked``: the profile's, when no pick says)."""
     picks = [r for r in records if r.get("kind") == "cmp-nas-latency"]
     if not picks:
-        return f"the latency searches measure on {threads} threads."
-    counts = sorted({search_threads(r) for r in picks} - {None})
+        plural = "s" if search_threads_asked != 1 else ""
+        return f"the latency searches measure on {search_threads_asked} thread{plural}."
+    counts = sorted({search_threads(r) for r in picks} - {None}) or [search_threads_asked]
     fastest = all(r.get("paragon_latency_threads") for r in picks)
     ref = "its fastest thread count" if fastest else f"{threads} threads"
     return (
@@ -1137,10 +1181,10 @@ def at_threads(r: dict, threads: int | None = None) -> float | None:
 
 
 def search_threads(r: dict) -> int | None:
-    """The thread count a latency-budget pick's search measured latency on (its best.json; a search
-    from before it was recorded measured on the profile's count)."""
+    """The thread count a latency-budget pick's search measured latency on (recorded with the pick;
+    a record from before it was kept measured on the profile's count)."""
     budget = (r.get("search") or {}).get("budget") or {}
-    return budget.get("latency_threads") or r.get("threads")
+    return r.get("search_latency_threads") or budget.get("latency_threads") or r.get("threads")
 
 
 def latency_table_section(records: list[dict]) -> str:
@@ -1436,6 +1480,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     recipe_md = recipe_section(records)
     latency_md = latency_table_section(records)
     latency_counts = ort_thread_counts(torch.get_num_threads(), profile.get("latency_threads"))
+    search_threads_asked = int((profile.get("search") or {}).get("latency_threads") or torch.get_num_threads())
     title = (
         f"{args.data}, profile {profile_name}, seeds {','.join(map(str, seeds))}\n"
         f"({runner.entry['spec']}, {full.protocol}-set)"
@@ -1449,8 +1494,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         + (
             f" ONNX Runtime is timed at {', '.join(map(str, latency_counts))} intra-op threads and each "
             "model's fastest is kept, as a deployment would configure it (the per-seed table names the count, "
-            f"e.g. 1t); {latency_search_note(records, torch.get_num_threads())} The throughput claim stays at "
-            f"the profile's {torch.get_num_threads()} threads.\n\n"
+            f"e.g. 1t); {latency_search_note(records, torch.get_num_threads(), search_threads_asked)} The "
+            f"throughput claim stays at the profile's {torch.get_num_threads()} threads.\n\n"
             if profile.get("latency_threads")
             else "\n\n"
         )

@@ -344,6 +344,21 @@ def ort_thread_counts(threads: int, ort_threads: Sequence[int] | None = None) ->
     return counts
 
 
+def fastest_thread_count(
+    measure: Callable[[int], float], counts: Sequence[int], rounds: int = 3
+) -> tuple[dict[int, float], int]:
+    """``measure(t)`` (ms) at each thread count of ``counts`` in ``rounds`` rounds that alternate
+    between the counts, so a drift of the machine falls on each alike (one round for one count):
+    the median per count, and the fastest count."""
+    rounds = 1 if len(counts) == 1 else rounds
+    runs: dict[int, list[float]] = {int(t): [] for t in counts}
+    for _ in range(rounds):
+        for t in runs:
+            runs[t].append(measure(t))
+    by_threads = {t: statistics.median(v) for t, v in runs.items()}
+    return by_threads, min(by_threads, key=by_threads.__getitem__)
+
+
 def folder_latency(
     folder: str | Path,
     threads: int | None = None,
@@ -381,16 +396,13 @@ def folder_latency(
             hvs_export.export_onnx(folder, onnx)
             sessions = {t: hvs_export.ort_session(onnx, t) for t in counts}
             rounds = 1 if len(counts) == 1 else 3
-            runs: dict[int, list[float]] = {t: [] for t in counts}
-            for _ in range(rounds):
-                for t in counts:
-                    runs[t].append(
-                        hvs_export.measure_ort_latency(
-                            sessions[t], card.input_shape, batch_size, min_seconds=min_seconds / rounds
-                        )
-                    )
-            by_threads = {t: statistics.median(v) for t, v in runs.items()}
-            best = min(by_threads, key=by_threads.__getitem__)
+            by_threads, best = fastest_thread_count(
+                lambda t: hvs_export.measure_ort_latency(
+                    sessions[t], card.input_shape, batch_size, min_seconds=min_seconds / rounds
+                ),
+                counts,
+                rounds,
+            )
             row[key] = by_threads[best]
             if ort_threads:
                 row["ort_threads"] = best
@@ -407,6 +419,7 @@ __all__ = [
     "check_made_for",
     "default_event_line",
     "evaluation_is_current",
+    "fastest_thread_count",
     "file_logger",
     "folder_latency",
     "ort_thread_counts",

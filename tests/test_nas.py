@@ -340,7 +340,7 @@ def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(na
 
     measured = []
 
-    def fake(supernet, arch, image_size, batch_size=1, min_seconds=0.3, runtime="torch"):
+    def fake(supernet, arch, image_size, batch_size=1, min_seconds=0.3, runtime="torch", threads=None):
         measured.append(supernet.space.key(arch))
         return 100.0 if len(measured) == 1 else 1.0
 
@@ -407,10 +407,18 @@ def test_a_latency_search_the_table_calls_infeasible_runs_when_the_smallest_meas
 def test_a_latency_search_measures_on_the_thread_count_it_is_given(nas_runs, tmp_path, monkeypatch):
     """--latency-threads: the table, the end-to-end checks and best.json all on the device's count,
     while the search itself keeps torch's; a count below 1 is refused before anything is written."""
+    import hvs.nas.latency as lat
     import hvs.nas.search as nas_search
 
-    seen = []
+    seen, compared, scored = [], [], []
     monkeypatch.setattr(nas_search, "measure_subnet_latency", lambda *a, **k: seen.append(k["threads"]) or 1e-4)
+    monkeypatch.setattr(lat, "measure_subnet_latency", lambda *a, **k: compared.append(k["threads"]) or 1e-4)
+    scores = nas_search.SubnetScorer.scores
+    monkeypatch.setattr(
+        nas_search.SubnetScorer,
+        "scores",
+        lambda self, arch: scored.append(torch.get_num_threads()) or scores(self, arch),
+    )
     before = torch.get_num_threads()
     want = 1 if before > 1 else 2  # a count other than torch's, so a default would show
     cfg = dict(supernet=str(nas_runs / "s"), gallery=str(nas_runs / "g"), latency_ms=100.0, latency_runtime="torch")
@@ -419,6 +427,8 @@ def test_a_latency_search_measures_on_the_thread_count_it_is_given(nas_runs, tmp
         nas_search.SearchConfig(out=str(tmp_path / "a"), latency_threads=want, **cfg), progress=False, log=print
     )
     assert best["budget"]["latency_threads"] == want and seen and set(seen) == {want}
+    assert compared and set(compared) == {want}  # the table's check against measurement too
+    assert scored and set(scored) == {before}  # the search itself keeps torch's count
     table = json.loads((nas_runs / "s" / f"latency_table_b1_t{want}.json").read_text())
     assert table["meta"]["threads"] == want and table["entries"]
     assert torch.get_num_threads() == before  # the units were timed on `want`, torch's count put back
@@ -440,6 +450,15 @@ def test_a_latency_is_timed_on_the_threads_asked_and_torchs_count_restored(monke
     assert torch.get_num_threads() == before
     assert lat.module_latency(torch.nn.Identity(), (1, 4, 4)) == 0.5 and seen[-1] == before  # default: torch's
     assert LatencyTable(_supernet(), 12, threads=want).meta["threads"] == want
+    import hvs.encoders as enc
+
+    sessions = []
+    real = enc.ort_session
+    monkeypatch.setattr(
+        enc, "ort_session", lambda blob, threads: sessions.append(threads) or real(blob, threads=threads)
+    )
+    assert lat.module_latency(torch.nn.Conv2d(1, 2, 3), (1, 8, 8), runtime="ort", threads=want, min_seconds=0.0) > 0
+    assert sessions == [want]  # ONNX Runtime's intra-op threads
     with pytest.raises(lat.LatencyError, match="^a latency thread count must be >= 1, got 0$"):
         LatencyTable(_supernet(), 12, threads=0)
 

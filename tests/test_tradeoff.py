@@ -483,16 +483,21 @@ def test_the_report_sets_each_latency_pick_against_its_table():
 def test_a_latency_search_is_redone_when_its_budget_or_threads_change(tmp_path):
     bench = _load_benchmark()
     out = tmp_path / "search-hetero-lat10x"
-    assert not bench.stale_latency_search(out, 0.05, 1, 2)  # nothing searched yet
+    assert bench.recorded_budget(out, 2) is None and not bench.stale_budget(None, 0.05, 1)  # nothing searched yet
     out.mkdir()
     ckpt.atomic_write_json(out / "best.json", {"budget": {"kind": "latency", "limit": 0.05, "latency_threads": 1}})
-    assert not bench.stale_latency_search(out, 0.05, 1, 2)
-    assert bench.stale_latency_search(out, 0.04, 1, 2) and bench.stale_latency_search(out, 0.05, 2, 2)
-    ckpt.atomic_write_json(out / "best.json", {"budget": {"kind": "latency", "limit": 0.05}})  # no threads kept
-    assert bench.stale_latency_search(out, 0.05, 1, 2) and not bench.stale_latency_search(out, 0.05, 2, 2)
+    had = bench.recorded_budget(out, 2)
+    assert had == {"limit": 0.05, "latency_threads": 1} and not bench.stale_budget(had, 0.05, 1)
+    assert bench.stale_budget(had, 0.04, 1) and bench.stale_budget(had, 0.05, 2)
+    # a search from before the count was recorded: its own --threads, else the profile's
+    ckpt.atomic_write_json(out / "best.json", {"budget": {"kind": "latency", "limit": 0.05}})
+    assert bench.recorded_budget(out, 2) == {"limit": 0.05, "latency_threads": 2}
+    ckpt.atomic_write_json(out / "search_config.json", {"threads": 4})
+    assert bench.recorded_budget(out, 2)["latency_threads"] == 4
     (out / "best.json").unlink()
     ckpt.atomic_write_json(out / "infeasible.json", {"why": "x", "latency_ms": 0.05, "threads": 1})
-    assert not bench.stale_latency_search(out, 0.05, 1, 2) and bench.stale_latency_search(out, 0.03, 1, 2)
+    assert bench.recorded_budget(out, 2) == {"limit": 0.05, "latency_threads": 1}
+    assert bench.stale_budget({"limit": None, "latency_threads": 1}, 0.05, 1)
     # the paragon's reference: measured in the runtime at each count of the final pass
     by = {"latency_ms_batch1": 0.8, "runtime": "ort", "threads": 2}
     by["latency_ms_batch1_by_threads"] = {"1": 1.1, "2": 0.8}
@@ -502,12 +507,31 @@ def test_a_latency_search_is_redone_when_its_budget_or_threads_change(tmp_path):
     assert bench.paragon_reference_current(old, "ort", [2]) and not bench.paragon_reference_current(old, "ort", [1, 2])
 
 
+def test_a_stale_search_is_set_aside_not_deleted(tmp_path):
+    bench = _load_benchmark()
+    made = [tmp_path / "search-hetero-lat10x", tmp_path / "nas-hetero-lat10x", tmp_path / "eval-nas-hetero-lat10x.json"]
+    made[0].mkdir()
+    (made[0] / "best.json").write_text("{}")
+    made[2].write_text("{}")
+    other = tmp_path / "nas-hetero-lat20x"
+    other.mkdir()
+    first = bench.set_aside(made, tmp_path / "stale" / "lat10x")
+    assert first == tmp_path / "stale" / "lat10x" / "0" and not any(p.exists() for p in made)
+    assert (first / "search-hetero-lat10x" / "best.json").read_text() == "{}" and (first / made[2].name).is_file()
+    assert not (first / "nas-hetero-lat10x").exists() and other.is_dir()  # what did not exist, and the rest, untouched
+    made[0].mkdir()
+    assert (
+        bench.set_aside(made, tmp_path / "stale" / "lat10x").name == "1" and (first / "search-hetero-lat10x").is_dir()
+    )
+
+
 def test_paragon_reference_keeps_the_fastest_thread_count(monkeypatch):
     import hvs.nas.latency as lat
 
     bench = _load_benchmark()
     ms = {1: iter([1.3, 1.1, 1.2]), 2: iter([0.9, 0.7, 0.8])}
-    monkeypatch.setattr(lat, "module_latency", lambda *a, threads, **k: next(ms[threads]))
+    order = []
+    monkeypatch.setattr(lat, "module_latency", lambda *a, threads, **k: order.append(threads) or next(ms[threads]))
     ref = bench.paragon_reference(torch.nn.Identity(), (1, 4, 4), "ort", [1, 2])
     assert ref == {
         "latency_ms_batch1": 0.8,
@@ -515,6 +539,7 @@ def test_paragon_reference_keeps_the_fastest_thread_count(monkeypatch):
         "threads": 2,
         "latency_ms_batch1_by_threads": {"1": 1.2, "2": 0.8},
     }
+    assert order == [1, 2, 1, 2, 1, 2]  # rounds alternate between the counts
 
 
 def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
@@ -533,9 +558,11 @@ def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():
     pick = {**two, "kind": "cmp-nas-latency", "search": {"budget": {"latency_threads": 1}}}
     pick["paragon_latency_threads"] = 2
     assert bench.search_threads(pick) == 1 and bench.search_threads({**two, "search": {"budget": {}}}) == 2
-    note = bench.latency_search_note([pick], 2)
+    assert bench.search_threads({**pick, "search_latency_threads": 4}) == 4  # what the pick recorded comes first
+    note = bench.latency_search_note([pick], 2, 1)
     assert "on 1 thread," in note and "the paragon's latency at its fastest thread count" in note
-    assert "at 2 threads / ratio" in bench.latency_search_note([{**pick, "paragon_latency_threads": None}], 2)
+    assert "at 2 threads / ratio" in bench.latency_search_note([{**pick, "paragon_latency_threads": None}], 2, 1)
+    assert bench.latency_search_note([one], 2, 1) == "the latency searches measure on 1 thread."  # no latency pick
     assert bench.threads_tag(two) == " (1t)" and bench.threads_tag(one) == ""
     assert bench.ort_threads_note([one, two]) == " (fastest of 1, 2 threads)" and bench.ort_threads_note([one]) == ""
     fields = bench.latency_fields({**two, "fingerprint": "f", "torch_ms_batch1": 0.3})

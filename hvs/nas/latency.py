@@ -42,8 +42,9 @@ Where a query model runs decides its latency, so the **runtime** is part of ever
 ships to a device, and the search's default) and ``ort-int8`` (ONNX Runtime after the static
 int8 quantization of :func:`hvs.export.quantize_onnx_int8`, calibrated here on random inputs:
 latency does not depend on the calibration's values). In ONNX Runtime each unit is exported
-alone (TorchScript exporter, fixed shape) and timed in its own session with as many intra-op
-threads as torch uses; the table file is keyed by runtime, batch size and thread count.
+alone (TorchScript exporter, fixed shape) and timed in its own session with the table's thread
+count (``threads``: the device's; default torch's), as intra-op threads, or torch's for eager
+PyTorch; the table file is keyed by runtime, batch size and thread count.
 """
 
 from __future__ import annotations
