@@ -1208,8 +1208,16 @@ def latency_table_section(records: list[dict]) -> str:
         if not fit:
             return "table"
         n = len(fit["checked"])
+        fast = sum(c.get("by") == "latency" for c in fit["checked"])
         if fit["kept_by"] == "measured":
             how = "table, measured within" if n == 1 else f"measurement: candidate {n} by reward (the table's over)"
+        elif fit["kept_by"] == "measured, fastest predicted":
+            how = (
+                f"measurement: none of the best {n - fast} by reward within; the best by reward of the "
+                f"{fast} fastest predicted that fit"
+            )
+        elif fast:
+            how = f"table: none of the best {n - fast} by reward nor the {fast} fastest predicted measured within"
         else:
             how = f"table: none of the best {n} measured within"
         r = fit.get("rescaled")

@@ -329,8 +329,31 @@ def test_keep_measured_fit_walks_down_the_rewards_until_a_measurement_fits():
     assert [c["key"] for c in checks] == ["b", "c", "d"]
     assert checks[0] == {"key": "b", "reward": 0.9, "measured_ms": 3.0}
     calls.clear()
-    assert keep_measured_fit(history, measure, limit=0.5, max_checks=2)[:2] == (None, None) and calls == ["B", "C"]
+    none = keep_measured_fit(history, measure, limit=0.5, max_checks=2)
+    assert none[:2] == (None, None) and calls == ["B", "C", "A", "D"]  # 2 by reward, then 2 more (no prediction)
+    assert [c.get("by") for c in none[2]] == [None, None, "latency", "latency"]
     assert keep_measured_fit(history, measure, limit=9.0)[0]["key"] == "b"  # the table's pick fits: kept
+
+
+def test_keep_measured_fit_falls_back_to_the_fastest_predicted_and_keeps_the_best_that_fits():
+    """None of the best by reward fits: the fastest-predicted candidates are measured next, and of
+    those that fit the one with the highest reward is kept, not the first or the fastest."""
+    from hvs.nas.search import keep_measured_fit
+
+    rewards = {"p": 0.9, "q": 0.8, "r": 0.3, "s": 0.5, "t": 0.4, "u": 0.2}
+    predicted = {"p": 0.05, "q": 0.05, "r": 0.01, "s": 0.02, "t": 0.03, "u": 0.04}
+    measured = {"p": 0.07, "q": 0.06, "r": 0.03, "s": 0.039, "t": 0.041, "u": 0.02}
+    history = [{"key": k, "arch": k, "reward": rewards[k], "latency_ms": predicted[k]} for k in rewards]
+    calls = []
+
+    def measure(arch):
+        calls.append(arch)
+        return measured[arch]
+
+    kept, kept_ms, checks = keep_measured_fit(history, measure, limit=0.04, max_checks=2)
+    assert calls == ["p", "q", "r", "s"]  # by reward (p, q), then by prediction (r, s); t and u never measured
+    assert kept["key"] == "s" and kept_ms == 0.039  # r and s fit; s has the higher reward
+    assert [c.get("by") for c in checks] == [None, None, "latency", "latency"]
 
 
 def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(nas_runs, tmp_path, monkeypatch):

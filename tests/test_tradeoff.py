@@ -463,6 +463,16 @@ def test_the_report_sets_each_latency_pick_against_its_table():
     assert "| 0.0610 | 0.0644 | - | - | table |" in bench.latency_table_section([older])  # a search before the checks
     none = {**pick, "search": {**search, "latency_fit": {"kept_by": "table", "checked": [{}] * 8}}}
     assert "| table: none of the best 8 measured within |" in bench.latency_table_section([none])
+    both = [{}] * 8 + [{"by": "latency"}] * 8
+    fell = {**pick, "search": {**search, "latency_fit": {"kept_by": "measured, fastest predicted", "checked": both}}}
+    assert (
+        "| measurement: none of the best 8 by reward within; the best by reward of the 8 fastest predicted that fit |"
+        in bench.latency_table_section([fell])
+    )
+    over = {**pick, "search": {**search, "latency_fit": {"kept_by": "table", "checked": both}}}
+    assert "| table: none of the best 8 by reward nor the 8 fastest predicted measured within |" in (
+        bench.latency_table_section([over])
+    )
     assert bench.latency_table_section([{"kind": "cmp-nas", "name": "nas-hetero-23x", "seed": 0}]) == ""
     rescaled = {"smallest_predicted_ms": 0.06, "smallest_measured_ms": 0.03, "table_limit_ms": 0.14}
     scaled = {**pick, "search": {**search, "latency_fit": {**search["latency_fit"], "rescaled": rescaled}}}
