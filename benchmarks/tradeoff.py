@@ -318,7 +318,6 @@ class Runner(ProfileStages):
                     why=f"searched under {fmt_ms(had['limit'])} ms on {had['latency_threads']} threads, asked "
                     f"{limit:.4f} ms on {lat_threads}: set aside in {aside}",
                 )
-                had = None
             known = out / "infeasible.json"  # an infeasible budget is a result too: not searched again
             try:
                 if known.is_file():
@@ -400,11 +399,13 @@ def paragon_reference(
     ``latency_ms_batch1`` is the fastest count's, the reference of every latency budget."""
     from hvs.nas.latency import module_latency
 
-    n = 1 if len(counts) == 1 else rounds
     by, best = fastest_thread_count(
-        lambda t: module_latency(model, input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=1.0 / n, threads=t),
+        lambda t, seconds: module_latency(
+            model, input_shape, 1, runtime, warmup=5, repeats=20, min_seconds=seconds, threads=t
+        ),
         counts,
-        n,
+        1.0,
+        rounds,
     )
     return {
         "latency_ms_batch1": by[best],
@@ -1153,16 +1154,12 @@ def latency_search_note(records: list[dict], threads: int, search_threads_asked:
     """How the latency-budget searches of ``records`` measured: their thread counts and the
     paragon figure their budgets divide (``search_threads_asked``: the profile's, when no pick says)."""
     picks = [r for r in records if r.get("kind") == "cmp-nas-latency"]
-    if not picks:
-        plural = "s" if search_threads_asked != 1 else ""
-        return f"the latency searches measure on {search_threads_asked} thread{plural}."
     counts = sorted({search_threads(r) for r in picks} - {None}) or [search_threads_asked]
-    fastest = all(r.get("paragon_latency_threads") for r in picks)
-    ref = "its fastest thread count" if fastest else f"{threads} threads"
-    return (
-        f"the latency searches measure their picks on {', '.join(map(str, counts))} thread"
-        f"{'s' if counts != [1] else ''}, under budgets of the paragon's latency at {ref} / ratio."
-    )
+    on = f"{', '.join(map(str, counts))} thread{'s' if counts != [1] else ''}"
+    if not picks:
+        return f"the latency searches measure on {on}."
+    ref = "its fastest thread count" if all(r.get("paragon_latency_threads") for r in picks) else f"{threads} threads"
+    return f"the latency searches measure their picks on {on}, under budgets of the paragon's latency at {ref} / ratio."
 
 
 def threads_tag(r: dict) -> str:

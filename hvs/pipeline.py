@@ -345,16 +345,17 @@ def ort_thread_counts(threads: int, ort_threads: Sequence[int] | None = None) ->
 
 
 def fastest_thread_count(
-    measure: Callable[[int], float], counts: Sequence[int], rounds: int = 3
+    measure: Callable[[int, float], float], counts: Sequence[int], min_seconds: float, rounds: int = 3
 ) -> tuple[dict[int, float], int]:
-    """``measure(t)`` (ms) at each thread count of ``counts`` in ``rounds`` rounds that alternate
-    between the counts, so a drift of the machine falls on each alike (one round for one count):
+    """``measure(t, seconds)`` (ms, timed over at least ``seconds``) at each thread count of
+    ``counts`` in ``rounds`` rounds that alternate between the counts, so a drift of the machine
+    falls on each alike (one round for one count), each count's rounds sharing ``min_seconds``:
     the median per count, and the fastest count."""
     rounds = 1 if len(counts) == 1 else rounds
     runs: dict[int, list[float]] = {int(t): [] for t in counts}
     for _ in range(rounds):
         for t in runs:
-            runs[t].append(measure(t))
+            runs[t].append(measure(t, min_seconds / rounds))
     by_threads = {t: statistics.median(v) for t, v in runs.items()}
     return by_threads, min(by_threads, key=by_threads.__getitem__)
 
@@ -395,13 +396,12 @@ def folder_latency(
         try:
             hvs_export.export_onnx(folder, onnx)
             sessions = {t: hvs_export.ort_session(onnx, t) for t in counts}
-            rounds = 1 if len(counts) == 1 else 3
             by_threads, best = fastest_thread_count(
-                lambda t: hvs_export.measure_ort_latency(
-                    sessions[t], card.input_shape, batch_size, min_seconds=min_seconds / rounds
+                lambda t, seconds: hvs_export.measure_ort_latency(
+                    sessions[t], card.input_shape, batch_size, min_seconds=seconds
                 ),
                 counts,
-                rounds,
+                min_seconds,
             )
             row[key] = by_threads[best]
             if ort_threads:

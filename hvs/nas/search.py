@@ -732,34 +732,29 @@ def keep_measured_fit(
     (their checks say ``"by": "latency"``); (None, None, checks) when none fits. A latency table
     ranks well but its absolute numbers drift from one run to the next (a budget is absolute):
     this keeps the pick within the budget as measured, at the cost of a few measurements."""
-    order = sorted(range(len(history)), key=lambda i: (-history[i]["reward"], i))
     seen: set[str] = set()
     checks: list[dict] = []
-    for i in order:
-        rec = history[i]
-        if rec["key"] in seen:
-            continue
-        seen.add(rec["key"])
-        ms = float(measure(rec["arch"]))
-        checks.append({"key": rec["key"], "reward": rec["reward"], "measured_ms": round(ms, 5)})
+
+    def walk(order: list[int], by: str | None):  # up to max_checks networks of ``order`` not yet measured
+        n = 0
+        for rec in (history[i] for i in order):
+            if n >= max_checks:
+                return
+            if rec["key"] in seen:
+                continue
+            seen.add(rec["key"])
+            n += 1
+            ms = float(measure(rec["arch"]))
+            checks.append({"key": rec["key"], "reward": rec["reward"], "measured_ms": round(ms, 5)})
+            checks[-1].update({"by": by} if by else {})
+            yield rec, ms
+
+    for rec, ms in walk(sorted(range(len(history)), key=lambda i: (-history[i]["reward"], i)), None):
         if ms <= limit:
             return rec, ms, checks
-        if len(checks) >= max_checks:
-            break
     # the table reads low here: the fastest-predicted candidates next, the best of those that fit
     fastest = sorted(range(len(history)), key=lambda i: (history[i].get("latency_ms", math.inf), i))
-    fits: list[tuple[dict, float]] = []
-    more = 0
-    for i in fastest:
-        rec = history[i]
-        if rec["key"] in seen or more >= max_checks:
-            continue
-        seen.add(rec["key"])
-        more += 1
-        ms = float(measure(rec["arch"]))
-        checks.append({"key": rec["key"], "reward": rec["reward"], "measured_ms": round(ms, 5), "by": "latency"})
-        if ms <= limit:
-            fits.append((rec, ms))
+    fits = [(rec, ms) for rec, ms in walk(fastest, "latency") if ms <= limit]
     if fits:
         rec, ms = max(fits, key=lambda f: f[0]["reward"])  # max keeps the first of equals
         return rec, ms, checks
