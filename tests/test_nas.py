@@ -330,7 +330,8 @@ def test_keep_measured_fit_walks_down_the_rewards_until_a_measurement_fits():
     assert checks[0] == {"key": "b", "reward": 0.9, "measured_ms": 3.0}
     calls.clear()
     none = keep_measured_fit(history, measure, limit=0.5, max_checks=2)
-    assert none[:2] == (None, None) and calls == ["B", "C", "A", "D"]  # 2 by reward, then 2 more (no prediction)
+    assert none[:2] == (None, None) and calls == ["B", "C", "D", "A"]  # 2 by reward, then 2 more (no prediction:
+    # equal, so by reward)
     assert [c.get("by") for c in none[2]] == [None, None, "latency", "latency"]
     assert keep_measured_fit(history, measure, limit=9.0)[0]["key"] == "b"  # the table's pick fits: kept
 
@@ -354,6 +355,12 @@ def test_keep_measured_fit_falls_back_to_the_fastest_predicted_and_keeps_the_bes
     assert calls == ["p", "q", "r", "s"]  # by reward (p, q), then by prediction (r, s); t and u never measured
     assert kept["key"] == "s" and kept_ms == 0.039  # r and s fit; s has the higher reward
     assert [c.get("by") for c in checks] == [None, None, "latency", "latency"]
+    tied = [{**h, "latency_ms": 0.01} for h in history]  # one prediction for all: best reward first
+    calls.clear()
+    keep_measured_fit(tied, measure, limit=0.0, max_checks=2)
+    assert calls == ["p", "q", "s", "t"]
+    with pytest.raises(NASError, match="latency checks must be >= 1, got 0"):
+        keep_measured_fit(history, measure, limit=1.0, max_checks=0)
 
 
 def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(nas_runs, tmp_path, monkeypatch):
@@ -379,6 +386,14 @@ def test_a_latency_search_keeps_the_best_pick_that_measures_within_the_budget(na
     best = nas_search.run_search(nas_search.SearchConfig(out=str(tmp_path / "b"), **cfg), progress=False, log=print)
     assert best["latency_fit"]["kept_by"] == "table" and len(best["latency_fit"]["checked"]) >= 2
     assert best["key"] == best["latency_fit"]["checked"][0]["key"] and best["latency_ms_measured"] == 100.0
+    measured.clear()  # one check by reward over the budget, then the fastest predicted fits
+    monkeypatch.setattr(nas_search, "measure_subnet_latency", fake)
+    one = nas_search.SearchConfig(out=str(tmp_path / "c"), latency_checks=1, **cfg)
+    best = nas_search.run_search(one, progress=False, log=print)
+    fit = best["latency_fit"]
+    assert fit["kept_by"] == "measured, fastest predicted"
+    assert [c.get("by") for c in fit["checked"]] == [None, "latency"]
+    assert best["key"] == fit["checked"][1]["key"] != fit["checked"][0]["key"] and best["latency_ms_measured"] == 1.0
 
 
 def test_a_budget_the_table_calls_infeasible_is_measured_end_to_end():

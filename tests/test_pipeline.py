@@ -13,7 +13,14 @@ from hvs import checkpoint as ckpt
 from hvs.data import create_dataset
 from hvs.errors import HVSError
 from hvs.metrics import paired_bootstrap_ci, resample_weights, tpir_bootstrap
-from hvs.pipeline import FingerprintTable, Pipeline, PipelineError, evaluation_is_current, folder_latency
+from hvs.pipeline import (
+    FingerprintTable,
+    Pipeline,
+    PipelineError,
+    evaluation_is_current,
+    fastest_thread_count,
+    folder_latency,
+)
 from hvs.profiles import data_entry, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
@@ -154,6 +161,17 @@ def test_fingerprint_table_keeps_entries_for_one_fingerprint(tmp_path):
 
 
 @pytest.mark.slow  # an ONNX export: ~20 s on 2 loaded cores
+def test_fastest_thread_count_alternates_rounds_that_share_the_time():
+    calls = []
+    ms = {1: iter([3.0, 1.0, 2.0]), 4: iter([2.5, 2.5, 0.5])}
+    by, fastest = fastest_thread_count(lambda t, sec: calls.append((t, sec)) or next(ms[t]), [1, 4], 0.6)
+    assert by == {1: 2.0, 4: 2.5} and fastest == 1  # medians, not the single fastest reading
+    assert calls == [(1, pytest.approx(0.2)), (4, pytest.approx(0.2))] * 3
+    calls.clear()
+    assert fastest_thread_count(lambda t, sec: calls.append((t, sec)) or 7.0, [2], 0.6) == ({2: 7.0}, 2)
+    assert calls == [(2, 0.6)]  # one count: one round with the whole time
+
+
 def test_folder_latency_times_torch_and_onnx_runtime(world):
     pytest.importorskip("onnxruntime")
     root, _ = world

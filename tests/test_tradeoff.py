@@ -541,7 +541,14 @@ def test_paragon_reference_keeps_the_fastest_thread_count(monkeypatch):
     bench = _load_benchmark()
     ms = {1: iter([1.3, 1.1, 1.2]), 2: iter([0.9, 0.7, 0.8])}
     order = []
-    monkeypatch.setattr(lat, "module_latency", lambda *a, threads, **k: order.append(threads) or next(ms[threads]))
+    seconds = []
+
+    def fake(*a, threads, min_seconds, **k):
+        order.append(threads)
+        seconds.append(min_seconds)
+        return next(ms[threads])
+
+    monkeypatch.setattr(lat, "module_latency", fake)
     ref = bench.paragon_reference(torch.nn.Identity(), (1, 4, 4), "ort", [1, 2])
     assert ref == {
         "latency_ms_batch1": 0.8,
@@ -550,6 +557,7 @@ def test_paragon_reference_keeps_the_fastest_thread_count(monkeypatch):
         "latency_ms_batch1_by_threads": {"1": 1.2, "2": 0.8},
     }
     assert order == [1, 2, 1, 2, 1, 2]  # rounds alternate between the counts
+    assert seconds == pytest.approx([1 / 3] * 6)  # the rounds share the one second, not a second each
 
 
 def test_a_saved_latency_row_is_measured_again_when_the_thread_counts_change():

@@ -631,16 +631,15 @@ def run_search(
     fit = measured = None
     if table is not None and cfg.latency_checks > 0:  # the table's absolute numbers drift: the kept pick is measured
         kept, kept_ms, checks = keep_measured_fit(result.history, measure, limit, cfg.latency_checks)
+        fell_back = any(c.get("by") == "latency" for c in checks)  # none of the best by reward fit
         fit = {"limit_ms": round(limit, 5), "checked": checks}
-        fit["kept_by"] = "table" if kept is None else "measured"
-        if kept is not None and any(c.get("by") == "latency" for c in checks):
-            fit["kept_by"] = "measured, fastest predicted"  # none of the best by reward fit
+        fit["kept_by"] = "table" if kept is None else "measured, fastest predicted" if fell_back else "measured"
         if rescaled:
             fit["rescaled"] = rescaled
         if kept is None:
+            walks = "best by reward, then fastest predicted" if fell_back else "best by reward"
             log(
-                f"warning: none of the {len(checks)} candidates measured (best by reward, then fastest "
-                f"predicted) is within {limit:.4f} ms "
+                f"warning: none of the {len(checks)} candidates measured ({walks}) is within {limit:.4f} ms "
                 f"({runtime}, {lat_threads} threads); keeping the table's pick"
             )
         elif kept["key"] != best["key"]:
@@ -731,7 +730,11 @@ def keep_measured_fit(
     latency (``latency_ms``, fastest first), and the best by reward of those that fit is kept
     (their checks say ``"by": "latency"``); (None, None, checks) when none fits. A latency table
     ranks well but its absolute numbers drift from one run to the next (a budget is absolute):
-    this keeps the pick within the budget as measured, at the cost of a few measurements."""
+    this keeps the pick within the budget as measured, at the cost of a few measurements. Equal
+    predictions (rounded to 0.1 us) are walked best reward first; among fits of equal reward the
+    first in that walk is kept."""
+    if max_checks < 1:
+        raise NASError(f"latency checks must be >= 1, got {max_checks}")
     seen: set[str] = set()
     checks: list[dict] = []
 
@@ -753,7 +756,9 @@ def keep_measured_fit(
         if ms <= limit:
             return rec, ms, checks
     # the table reads low here: the fastest-predicted candidates next, the best of those that fit
-    fastest = sorted(range(len(history)), key=lambda i: (history[i].get("latency_ms", math.inf), i))
+    fastest = sorted(
+        range(len(history)), key=lambda i: (history[i].get("latency_ms", math.inf), -history[i]["reward"], i)
+    )
     fits = [(rec, ms) for rec, ms in walk(fastest, "latency") if ms <= limit]
     if fits:
         rec, ms = max(fits, key=lambda f: f[0]["reward"])  # max keeps the first of equals
