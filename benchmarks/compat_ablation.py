@@ -14,7 +14,11 @@ Each variant of the profile's ``ablation.variants`` changes the CMP-NAS recipe:
   trained from random weights (``hvs.train``) for E epochs with the export's compatibility losses
   (default BCT) instead of fine-tuned from the supernet's weights. Beside export variants with
   other ``finetune_epochs`` / ``lr``, it tells whether a pick is held back by its schedule or by
-  the shared weights it starts from.
+  the shared weights it starts from;
+* ``offshelf`` -- ``{model: M, epochs: E, lr: LR[, batch_size: B]}`` alone: the benchmark's
+  off-the-shelf query net ``bct-<M>`` trained again for E epochs (same data, BCT against the same
+  paragon), once per seed and paired against the benchmark's: the control for the picks' longer
+  schedules (a pick that gains from 15 epochs is compared with ``cnn-tiny`` at 15 epochs).
 
 A profile whose ``export`` has ``recipes`` (hvs.nas.export_best_recipe) passes them on: an export
 variant then trains every recipe with its overrides and keeps the best on the supernet's
@@ -23,7 +27,14 @@ every training image.
 
 Every variant's query model is evaluated against the paragon like the benchmark's own models, and
 compared with the benchmark's CMP-NAS pick at the same budget and seed (``nas-hetero-<B>x``):
-the difference in M(q->g) with a paired bootstrap 95% CI over queries. Output:
+the difference in M(q->g) with a paired bootstrap 95% CI over queries.
+
+Budgets are the profile's ``ablation.budgets`` (FLOPs ratios, tagged ``<B>x``) and
+``ablation.latency_budgets`` (the benchmark's ONNX Runtime latency searches, tagged ``lat<B>x``),
+or ``--budgets 23x,lat10x``. A latency pick's export and scratch variants keep its architecture,
+so the row carries the benchmark's own ORT batch-1 measurement of it (``latency.json``, each
+model at its fastest thread count) and the paragon's; a supernet variant searches again under the
+benchmark's recorded limit (its ``best.json``), and its new architecture is not timed here. Output:
 ``results/<data>/<profile>_ablation.{json,md}`` (every number and the command). Everything it
 trains lives in ``seed<S>/ablation/<variant>/`` and is reused when complete.
 
@@ -41,7 +52,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -82,10 +92,59 @@ def check_scratch_folder(folder: Path, want: dict) -> None:
         )
 
 
+def budget_ratio(tag: str) -> float:
+    """``"23x"`` -> 23.0, ``"lat10x"`` -> 10.0."""
+    return float(tag.removeprefix("lat").removesuffix("x"))
+
+
+def parse_budgets(text: str) -> list[str]:
+    """``--budgets 23x,lat10x`` (the ``x`` optional): the budget tags, each checked."""
+    tags = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        tag = part if part.endswith("x") else f"{part}x"
+        try:
+            ok = budget_ratio(tag) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise PipelineError(f"--budgets: {part!r} is not a FLOPs ratio (23x) or a latency ratio (lat10x)")
+        tags.append(f"lat{budget_ratio(tag):g}x" if tag.startswith("lat") else f"{budget_ratio(tag):g}x")
+    if not tags:
+        raise PipelineError("--budgets: no budget given")
+    return tags
+
+
+def profile_budgets(profile: dict) -> list[str]:
+    """The ablation's budget tags from the profile: ``ablation.budgets`` (else the search's FLOPs
+    budgets) and ``ablation.latency_budgets``."""
+    ab = profile.get("ablation") or {}
+    flops = ab.get("budgets", (profile.get("search") or {}).get("budgets", []))
+    return [f"{float(b):g}x" for b in flops] + [f"lat{float(b):g}x" for b in ab.get("latency_budgets", [])]
+
+
+def ort_ms(row: dict | None) -> float | None:
+    """A benchmark latency.json row's ORT batch-1 figure (its fastest thread count), if any."""
+    return None if not row or row.get("ort_ms_batch1") is None else float(row["ort_ms_batch1"])
+
+
+VARIANT_KEYS = ("export", "supernet", "scratch", "offshelf")
+
+
 def variant_profile(profile: dict, spec: dict) -> dict:
-    unknown = set(spec) - {"export", "supernet", "scratch"}
+    unknown = set(spec) - set(VARIANT_KEYS)
     if unknown:
-        raise PipelineError(f"ablation variant keys must be export, supernet or scratch, got {sorted(unknown)}")
+        raise PipelineError(f"ablation variant keys must be {', '.join(VARIANT_KEYS)}, got {sorted(unknown)}")
+    if "offshelf" in spec:
+        oc = spec["offshelf"]
+        if len(spec) != 1 or not isinstance(oc, dict) or set(oc) - {"model", "epochs", "lr", "batch_size"}:
+            raise PipelineError(
+                "an ablation offshelf variant is {model: M, epochs: E, lr: LR[, batch_size: B]} alone: the "
+                f"benchmark's off-the-shelf query net trained longer with BCT, got {spec}"
+            )
+        if not oc.get("model") or int(oc.get("epochs", 0)) < 1 or float(oc.get("lr", 0)) <= 0:
+            raise PipelineError(f"an ablation offshelf variant needs a model, epochs >= 1 and lr > 0, got {oc}")
     if "scratch" in spec:
         sc = spec["scratch"]
         if spec.get("supernet") or not isinstance(sc, dict) or set(sc) - {"epochs", "lr", "batch_size"}:
@@ -114,7 +173,7 @@ def run_seed(
     full,
     train_data,
     seed: int,
-    budgets: list[float],
+    budgets: list[str],
     variants: dict[str, dict],
     metrics: list[str],
     log: Callable[[str], None],
@@ -132,25 +191,38 @@ def run_seed(
     paragon_flops = count_flops(g_model, g_card.input_shape)
     n_boot = int((profile.get("evaluate") or {}).get("n_boot", 1000))
     sn_bct = float(json.loads((sd / "supernet" / "config.json").read_text()).get("bct_weight", 1.0))
+    lat_rows = json.loads((sd / "latency.json").read_text()) if (sd / "latency.json").is_file() else {}
     rows = []
     for name, spec in variants.items():
         vp = variant_profile(profile, spec)
         runner = ProfileStages(root, vp, data, full, train_data, set(), log, seed=seed)
         vd = sd / "ablation" / name
         vd.mkdir(parents=True, exist_ok=True)
+        if spec.get("offshelf"):  # one model per seed, whatever the budgets
+            row = run_offshelf(sd, runner, name, spec, lat_rows, metrics, n_boot)
+            if row is None:
+                log(f"[skip] {name}: the benchmark has no bct-{spec['offshelf']['model']} for seed {seed}")
+            else:
+                rows.append(row)
+            continue
         supernet = sd / "supernet"
         if spec.get("supernet"):
             supernet = vd / "supernet"
             runner.supernet(supernet, gallery)
-        for ratio in budgets:
-            tag = f"{ratio:g}x"
+        for tag in budgets:
+            latency = tag.startswith("lat")
             base_json = sd / f"eval-nas-hetero-{tag}.json"
             if not base_json.is_file():
                 log(f"[skip] {name} {tag}: the benchmark has no nas-hetero-{tag} for seed {seed}")
                 continue
             base_best = json.loads((sd / f"search-hetero-{tag}" / "best.json").read_text())
-            if spec.get("supernet"):
-                best = runner.search(vd / f"search-hetero-{tag}", supernet, gallery, paragon_flops / ratio, "hetero")
+            if spec.get("supernet") and latency:  # the benchmark's limit, as it searched
+                limit_ms = float(base_best["budget"]["limit"])
+                search_out = vd / f"search-hetero-{tag}"
+                best = runner.search(search_out, supernet, gallery, None, "hetero", latency_ms=limit_ms)
+            elif spec.get("supernet"):
+                flops_limit = paragon_flops / budget_ratio(tag)
+                best = runner.search(vd / f"search-hetero-{tag}", supernet, gallery, flops_limit, "hetero")
             else:
                 best = base_best
             folder, eval_json = vd / f"nas-hetero-{tag}", vd / f"eval-nas-hetero-{tag}.json"
@@ -174,11 +246,13 @@ def run_seed(
                 raise PipelineError(f"{folder}: not made")
             result = runner.evaluate("ablation", gallery, folder, eval_json)
             base = json.loads(base_json.read_text())
-            row: dict[str, Any] = {
+            row = {
                 "seed": seed,
                 "variant": name,
                 "spec": spec,
-                "budget_ratio": ratio,
+                "budget": tag,
+                "budget_ratio": budget_ratio(tag),
+                "budget_kind": "latency" if latency else "flops",
                 "arch": best["key"],
                 "val_reward": None if spec.get("scratch") else best.get("reward"),  # the supernet's, not this model's
                 "flops": result["cost"]["query"]["flops"],
@@ -187,35 +261,101 @@ def run_seed(
                 "baseline_eval_json": str(base_json),
                 "metrics": {},
                 "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]},
+                # the same architecture as the benchmark's pick (not a supernet variant): its ORT figure
+                "ort_ms": None if spec.get("supernet") else ort_ms(lat_rows.get(f"nas-hetero-{tag}")),
+                "paragon_ort_ms": ort_ms(lat_rows.get("paragon")),
             }
-            a, b = (load_q2g(p.with_suffix(".npz")) for p in (eval_json, base_json))
-            for metric in metrics:
-                blk, bblk = metric_block(result, metric), metric_block(base, metric)
-                d = paired_difference(a, b, metric, n_boot)
-                blk["baseline_q->g"] = bblk["q->g"]
-                blk["diff_vs_baseline"] = None if d is None else d[0]
-                blk["diff_vs_baseline_ci95"] = None if d is None else d[1]
-                row["metrics"][metric] = blk
-            rows.append(row)
+            rows.append(paired(row, result, base, eval_json, base_json, metrics, n_boot))
     return rows
+
+
+def run_offshelf(
+    sd: Path, runner: ProfileStages, name: str, spec: dict, lat_rows: dict, metrics: list[str], n_boot: int
+) -> dict | None:
+    """An off-the-shelf variant: the benchmark's ``bct-<model>`` trained again, longer (the same
+    data, BCT against the same paragon), paired against the benchmark's: the control for a pick's
+    longer schedule. None when the benchmark has no such model."""
+    oc, vd = spec["offshelf"], sd / "ablation" / name
+    model = str(oc["model"])
+    base_json, base_dir = sd / f"eval-bct-{model}.json", sd / f"bct-{model}"
+    if not base_json.is_file() or not (base_dir / "train_config.json").is_file():
+        return None
+    have = json.loads((base_dir / "train_config.json").read_text())
+    settings = {
+        "model": model,
+        "model_kwargs": have.get("model_kwargs") or {},
+        "compat": have.get("compat") or ["bct"],
+        "epochs": int(oc["epochs"]),
+        "lr": float(oc["lr"]),
+        "batch_size": int(oc.get("batch_size", have.get("batch_size", 256))),
+        "seed": int(have.get("seed", 0)),
+    }
+    folder, eval_json = vd / f"bct-{model}", vd / f"eval-bct-{model}.json"
+    check_scratch_folder(folder, settings)
+    if not runner.train("ablation", folder, gallery=str(sd / "paragon"), **settings):
+        raise PipelineError(f"{folder}: not made")
+    result = runner.evaluate("ablation", sd / "paragon", folder, eval_json)
+    base = json.loads(base_json.read_text())
+    row = {
+        "seed": runner.seed,
+        "variant": name,
+        "spec": spec,
+        "budget": "-",
+        "budget_ratio": None,
+        "budget_kind": "offshelf",
+        "arch": model,
+        "val_reward": None,
+        "flops": result["cost"]["query"]["flops"],
+        "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"],
+        "eval_json": str(eval_json),
+        "baseline_eval_json": str(base_json),
+        "metrics": {},
+        "baseline": {"arch": model, "flops": base["cost"]["query"]["flops"], "epochs": have.get("epochs")},
+        "ort_ms": ort_ms(lat_rows.get(f"bct-{model}")),  # the same network as the benchmark's: its ORT figure
+        "paragon_ort_ms": ort_ms(lat_rows.get("paragon")),
+    }
+    return paired(row, result, base, eval_json, base_json, metrics, n_boot)
+
+
+def paired(
+    row: dict, result: dict, base: dict, eval_json: Path, base_json: Path, metrics: list[str], n_boot: int
+) -> dict:
+    """``row`` with each metric's block of ``result`` and its paired difference from ``base`` (the
+    benchmark's model), a bootstrap over queries."""
+    a, b = (load_q2g(p.with_suffix(".npz")) for p in (eval_json, base_json))
+    for metric in metrics:
+        blk, bblk = metric_block(result, metric), metric_block(base, metric)
+        d = paired_difference(a, b, metric, n_boot)
+        blk["baseline_q->g"] = bblk["q->g"]
+        blk["diff_vs_baseline"] = None if d is None else d[0]
+        blk["diff_vs_baseline_ci95"] = None if d is None else d[1]
+        row["metrics"][metric] = blk
+    return row
+
+
+def ms_cell(ms: float | None, paragon_ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" + (f" ({paragon_ms / ms:.1f}x)" if paragon_ms else "")
 
 
 def markdown(rows: list[dict], metrics: list[str]) -> str:
     m0 = metrics[0]
     lines = [
-        f"| seed | budget | variant | MFLOPs | val R@1 (search) | {m0} q->g | vs benchmark's CMP-NAS "
-        f"(paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
+        f"| seed | budget | variant | MFLOPs | ORT b1 ms (x paragon) | val R@1 (search) | {m0} q->g | vs "
+        f"benchmark's CMP-NAS (paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
         + "".join(f" {m} q->g | vs benchmark |" for m in metrics[1:]),
-        "|" + "---|" * (10 + 2 * (len(metrics) - 1)),
+        "|" + "---|" * (11 + 2 * (len(metrics) - 1)),
     ]
     for r in rows:
         b = r["metrics"][m0]
         crit = b.get("criterion") or {}
         cells = [
             str(r["seed"]),
-            f"{r['budget_ratio']:g}x",
+            r.get("budget") or f"{r['budget_ratio']:g}x",
             r["variant"],
             f"{r['flops'] / 1e6:.2f}",
+            ms_cell(r.get("ort_ms"), r.get("paragon_ort_ms")),
             pct(r.get("val_reward")),
             pct(b["q->g"]) + ci_cell(b["q->g_ci95"]),
             diff_cell(None if b["diff_vs_baseline"] is None else (b["diff_vs_baseline"], b["diff_vs_baseline_ci95"])),
@@ -241,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick")
     p.add_argument("--seeds", help="comma list (default: the profile's ablation.seeds, else its seeds)")
     p.add_argument("--variants", help="comma list of the profile's ablation variants to run (default: all)")
+    p.add_argument("--budgets", help="comma list of budget tags, e.g. 23x,lat10x (default: the profile's ablation)")
+    p.add_argument("--report", help="report name under results/<data>/ (default: <profile>_ablation)")
     p.add_argument("--out", default="results")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -273,7 +415,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         if args.seeds
         else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))]
     )
-    budgets = [float(b) for b in ab.get("budgets", (profile.get("search") or {}).get("budgets", []))]
+    budgets = parse_budgets(args.budgets) if args.budgets else profile_budgets(profile)
+    report = args.report or f"{name}_ablation"
+    if not report or "/" in report or "\\" in report or report.startswith("."):
+        raise PipelineError(f"--report {report!r}: a file name without folders (e.g. {name}_ablation-latency)")
     metrics = profile_metrics(profile, args.data, ["recall@1"])
     if profile.get("threads"):
         torch.set_num_threads(int(profile["threads"]))
@@ -308,9 +453,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    ckpt.atomic_write_json(data_dir / f"{name}_ablation.json", json.loads(json.dumps(summary, default=float)))
-    (data_dir / f"{name}_ablation.md").write_text(md)
-    log(f"wrote {data_dir / (name + '_ablation.json')} and .md; {summary['wall_seconds']:.0f} s")
+    ckpt.atomic_write_json(data_dir / f"{report}.json", json.loads(json.dumps(summary, default=float)))
+    (data_dir / f"{report}.md").write_text(md)
+    log(f"wrote {data_dir / (report + '.json')} and .md; {summary['wall_seconds']:.0f} s")
     return 0
 
 

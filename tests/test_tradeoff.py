@@ -287,11 +287,14 @@ def test_profiles_parse(name):
     assert set(profile.get("export") or {}) <= export_args
     check_export(profile)
     for spec in ((profile.get("ablation") or {}).get("variants") or {}).values():
-        assert set(spec) <= {"export", "supernet", "scratch"}
+        assert set(spec) <= {"export", "supernet", "scratch", "offshelf"}
         ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
         check_export(ablation.variant_profile(profile, spec))  # a bad variant is refused here
         if spec.get("scratch"):
             TrainConfig(out="unused", **spec["scratch"])
+        if spec.get("offshelf"):
+            assert spec["offshelf"]["model"] in profile["offshelf"]["models"]  # the benchmark trains it
+            TrainConfig(out="unused", **spec["offshelf"])
         SupernetTrainConfig.from_dict({**profile["supernet"], **(spec.get("supernet") or {}), "out": "unused"})
         assert set(spec.get("export") or {}) <= export_args
         from hvs.losses import parse_compat
@@ -314,12 +317,21 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     assert ablation.main(base) == 2  # nothing to build on yet: one line
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run benchmarks/tradeoff.py" in err
-    assert bench.main([*base, "--only", "paragon,supernet,nas"]) == 0
+    assert bench.main([*base, "--only", "paragon,offshelf,supernet,nas"]) == 0
     assert ablation.main(base) == 0
     out = json.loads((tmp_path / "kanji-fonts" / "tiny_ablation.json").read_text())
     rows = {r["variant"]: r for r in out["rows"]}
-    assert set(rows) == {"ft-l2", "sn-l2", "scratch"} and all(r["budget_ratio"] == 40 for r in rows.values())
+    assert set(rows) == {"ft-l2", "sn-l2", "scratch", "control"}
+    assert all(r["budget"] == "40x" and r["budget_ratio"] == 40 for k, r in rows.items() if k != "control")
+    # the control: the benchmark's off-the-shelf net trained again, longer, paired against the benchmark's
     sd = tmp_path / "kanji-fonts" / "tiny" / "seed0"
+    control = rows["control"]
+    assert (control["budget"], control["budget_kind"], control["arch"]) == ("-", "offshelf", "cnn-nano")
+    assert control["baseline_eval_json"] == str(sd / "eval-bct-cnn-nano.json")
+    cfg = json.loads((sd / "ablation" / "control" / "bct-cnn-nano" / "train_config.json").read_text())
+    have = json.loads((sd / "bct-cnn-nano" / "train_config.json").read_text())
+    assert cfg["epochs"] == 2 != have["epochs"] and cfg["compat"] == have["compat"] == ["bct"]
+    assert cfg["gallery"] == have["gallery"] == str(sd / "paragon") and cfg["batch_size"] == have["batch_size"]
     best = json.loads((sd / "search-hetero-40x" / "best.json").read_text())
     assert rows["ft-l2"]["arch"] == best["key"]  # same architecture, other fine-tuning
     cfg = json.loads((sd / "ablation" / "ft-l2" / "nas-hetero-40x" / "train_config.json").read_text())
@@ -338,7 +350,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         assert m["diff_vs_baseline"] == pytest.approx(m["q->g"] - m["baseline_q->g"], abs=1e-9)
         lo, hi = m["diff_vs_baseline_ci95"]
         assert lo <= m["diff_vs_baseline"] <= hi
-    assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 5
+    assert (tmp_path / "kanji-fonts" / "tiny_ablation.md").read_text().count("\n|") == 6
     # a scratch folder made under other settings is refused, not reused
     other = ablation.check_scratch_folder
     with pytest.raises(ablation.PipelineError, match="trained with other settings \\(epochs=1\\)"):
@@ -350,6 +362,34 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     mtime = (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns
     assert ablation.main(base) == 0
     assert (sd / "ablation" / "ft-l2" / "eval-nas-hetero-40x.json").stat().st_mtime_ns == mtime
+    # a latency pick (the benchmark's ORT budgets; 1000x is infeasible and skipped), in its own report
+    lat = [*base, "--variants", "scratch", "--budgets", "lat0.01,lat1000x", "--report", "tiny_ablation-latency"]
+    flops_report = (tmp_path / "kanji-fonts" / "tiny_ablation.json").stat().st_mtime_ns
+    assert ablation.main(lat) == 0
+    out = json.loads((tmp_path / "kanji-fonts" / "tiny_ablation-latency.json").read_text())
+    assert [(r["variant"], r["budget"], r["budget_kind"]) for r in out["rows"]] == [("scratch", "lat0.01x", "latency")]
+    best = json.loads((sd / "search-hetero-lat0.01x" / "best.json").read_text())
+    assert out["rows"][0]["arch"] == best["key"] and out["rows"][0]["ort_ms"] is None  # no latency pass was run
+    cfg = json.loads((sd / "ablation" / "scratch" / "nas-hetero-lat0.01x" / "train_config.json").read_text())
+    assert cfg["model_kwargs"] == json.loads((sd / "nas-hetero-lat0.01x" / "config.json").read_text())["model_kwargs"]
+    assert (tmp_path / "kanji-fonts" / "tiny_ablation.json").stat().st_mtime_ns == flops_report  # left as it was
+    assert ablation.main([*lat[:-1], "../x"]) == 2  # a report name with a folder: refused
+
+
+def test_ablation_budget_tags_are_parsed_and_bad_ones_refused():
+    ablation = load_script("benchmarks/compat_ablation.py", "compat_ablation")
+    assert ablation.parse_budgets("23, 80x,lat10,lat2.5x") == ["23x", "80x", "lat10x", "lat2.5x"]
+    assert [ablation.budget_ratio(t) for t in ("23x", "lat2.5x")] == [23.0, 2.5]
+    profile = {"search": {"budgets": [23, 80]}, "ablation": {"latency_budgets": [10]}}
+    assert ablation.profile_budgets(profile) == ["23x", "80x", "lat10x"]
+    assert ablation.profile_budgets({"ablation": {"budgets": [40]}}) == ["40x"]
+    for bad in ("fast", "lat", "0", "-5x", "latx", ",", "nan"):
+        with pytest.raises(ablation.PipelineError, match="--budgets") as e:
+            ablation.parse_budgets(bad)
+        assert len(str(e.value).splitlines()) == 1
+    assert ablation.ort_ms({"ort_ms_batch1": 0.05, "torch_ms_batch1": 0.3}) == 0.05
+    assert ablation.ort_ms({"torch_ms_batch1": 0.3, "ort_error": "x"}) is None and ablation.ort_ms(None) is None
+    assert ablation.ms_cell(0.05, 0.8) == "0.050 (16.0x)" and ablation.ms_cell(None, 0.8) == "-"
 
 
 @pytest.mark.parametrize(
@@ -362,6 +402,10 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
         {"scratch": 3},
         {"retrain": {}},
         {"scratch": {"epochs": 2, "lr": 0.1}, "export": {"finetune_epochs": 5}},
+        {"offshelf": {"model": "cnn-tiny", "epochs": 2, "lr": 0.1}, "export": {"finetune_epochs": 5}},
+        {"offshelf": {"epochs": 2, "lr": 0.1}},
+        {"offshelf": {"model": "cnn-tiny", "epochs": 0, "lr": 0.1}},
+        {"offshelf": {"model": "cnn-tiny", "epochs": 2, "lr": 0.1, "warmup": 1}},
     ],
 )
 def test_a_bad_ablation_variant_is_a_one_line_error(spec):
