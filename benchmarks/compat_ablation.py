@@ -64,6 +64,20 @@ ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
 
 
 SCRATCH_EXPORT_KEYS = ("compat", "bct_weight", "batch_size")  # what a scratch variant takes from the export
+# what an offshelf control copies from the benchmark's model (hvs.train.TrainConfig fields): all but the schedule
+OFFSHELF_SAME = (
+    "image_size",
+    "loss",
+    "scale",
+    "margin",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "augment",
+    "data_seed",
+    "channels_last",
+)
 
 
 def scratch_compat(export: dict, supernet_bct: float) -> list[str]:
@@ -124,9 +138,14 @@ def profile_budgets(profile: dict) -> list[str]:
     return [f"{float(b):g}x" for b in flops] + [f"lat{float(b):g}x" for b in ab.get("latency_budgets", [])]
 
 
-def ort_ms(row: dict | None) -> float | None:
-    """A benchmark latency.json row's ORT batch-1 figure (its fastest thread count), if any."""
-    return None if not row or row.get("ort_ms_batch1") is None else float(row["ort_ms_batch1"])
+def ort_ms(row: dict | None, folder: Path | None = None) -> float | None:
+    """A benchmark latency.json row's ORT batch-1 figure (its fastest thread count), if any; with
+    ``folder``, only when the row was measured for that model's weights (its fingerprint)."""
+    if not row or row.get("ort_ms_batch1") is None:
+        return None
+    if folder is not None and row.get("fingerprint") != ckpt.read_card(folder).fingerprint:
+        return None  # measured for another model of that name (e.g. searched again since)
+    return float(row["ort_ms_batch1"])
 
 
 VARIANT_KEYS = ("export", "supernet", "scratch", "offshelf")
@@ -262,8 +281,10 @@ def run_seed(
                 "metrics": {},
                 "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]},
                 # the same architecture as the benchmark's pick (not a supernet variant): its ORT figure
-                "ort_ms": None if spec.get("supernet") else ort_ms(lat_rows.get(f"nas-hetero-{tag}")),
-                "paragon_ort_ms": ort_ms(lat_rows.get("paragon")),
+                "ort_ms": None
+                if spec.get("supernet")
+                else ort_ms(lat_rows.get(f"nas-hetero-{tag}"), sd / f"nas-hetero-{tag}"),
+                "paragon_ort_ms": ort_ms(lat_rows.get("paragon"), gallery),
             }
             rows.append(paired(row, result, base, eval_json, base_json, metrics, n_boot))
     return rows
@@ -281,15 +302,16 @@ def run_offshelf(
     if not base_json.is_file() or not (base_dir / "train_config.json").is_file():
         return None
     have = json.loads((base_dir / "train_config.json").read_text())
-    settings = {
-        "model": model,
-        "model_kwargs": have.get("model_kwargs") or {},
-        "compat": have.get("compat") or ["bct"],
-        "epochs": int(oc["epochs"]),
-        "lr": float(oc["lr"]),
-        "batch_size": int(oc.get("batch_size", have.get("batch_size", 256))),
-        "seed": int(have.get("seed", 0)),
-    }
+    settings = {k: have[k] for k in OFFSHELF_SAME if k in have}  # the benchmark's recipe but its length
+    settings.update(
+        model=model,
+        model_kwargs=have.get("model_kwargs") or {},
+        compat=have.get("compat") or ["bct"],
+        epochs=int(oc["epochs"]),
+        lr=float(oc["lr"]),
+        batch_size=int(oc.get("batch_size", have.get("batch_size", 256))),
+        seed=int(have.get("seed", runner.seed)),
+    )
     folder, eval_json = vd / f"bct-{model}", vd / f"eval-bct-{model}.json"
     check_scratch_folder(folder, settings)
     if not runner.train("ablation", folder, gallery=str(sd / "paragon"), **settings):
@@ -311,8 +333,8 @@ def run_offshelf(
         "baseline_eval_json": str(base_json),
         "metrics": {},
         "baseline": {"arch": model, "flops": base["cost"]["query"]["flops"], "epochs": have.get("epochs")},
-        "ort_ms": ort_ms(lat_rows.get(f"bct-{model}")),  # the same network as the benchmark's: its ORT figure
-        "paragon_ort_ms": ort_ms(lat_rows.get("paragon")),
+        "ort_ms": ort_ms(lat_rows.get(f"bct-{model}"), base_dir),  # the same network as the benchmark's
+        "paragon_ort_ms": ort_ms(lat_rows.get("paragon"), sd / "paragon"),
     }
     return paired(row, result, base, eval_json, base_json, metrics, n_boot)
 
@@ -343,7 +365,7 @@ def markdown(rows: list[dict], metrics: list[str]) -> str:
     m0 = metrics[0]
     lines = [
         f"| seed | budget | variant | MFLOPs | ORT b1 ms (x paragon) | val R@1 (search) | {m0} q->g | vs "
-        f"benchmark's CMP-NAS (paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
+        f"benchmark's model (paired) | {m0} q->q | gap to paragon | criterion q->g - q->q |"
         + "".join(f" {m} q->g | vs benchmark |" for m in metrics[1:]),
         "|" + "---|" * (11 + 2 * (len(metrics) - 1)),
     ]
@@ -416,6 +438,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
         else [int(s) for s in ab.get("seeds", profile.get("seeds", [0]))]
     )
     budgets = parse_budgets(args.budgets) if args.budgets else profile_budgets(profile)
+    if args.budgets and not args.report:  # not the profile's ablation: not over its report
+        raise PipelineError(f"--budgets needs --report NAME, so as not to replace {name}_ablation's report")
+    offshelf_models = set((profile.get("offshelf") or {}).get("models") or [])
+    for vname, spec in variants.items():
+        if spec.get("offshelf") and spec["offshelf"]["model"] not in offshelf_models:
+            raise PipelineError(
+                f"ablation variant {vname}: {spec['offshelf']['model']!r} is not among the benchmark's "
+                f"off-the-shelf models {sorted(offshelf_models)}"
+            )
     report = args.report or f"{name}_ablation"
     if not report or "/" in report or "\\" in report or report.startswith("."):
         raise PipelineError(f"--report {report!r}: a file name without folders (e.g. {name}_ablation-latency)")
@@ -432,7 +463,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
     ]
     md = (
         f"# Ablation of the CMP-NAS recipe: {args.data}, profile {name}, seeds {','.join(map(str, seeds))}\n\n"
-        f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed; "
+        f"Paired against the benchmark's CMP-NAS pick (supernet BCT, fine-tune BCT) at the same budget and seed "
+        f"(budget '-', the offshelf controls: against the benchmark's own bct-<model>); "
         f"* = the paired 95% CI excludes 0. val R@1 = the search's reward on the validation split "
         f"(training identities) for the architecture used.\n\n{markdown(rows, metrics)}\n"
     )

@@ -160,7 +160,6 @@ def test_fingerprint_table_keeps_entries_for_one_fingerprint(tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.slow  # an ONNX export: ~20 s on 2 loaded cores
 def test_fastest_thread_count_alternates_rounds_that_share_the_time():
     calls = []
     ms = {1: iter([3.0, 1.0, 2.0]), 4: iter([2.5, 2.5, 0.5])}
@@ -172,6 +171,7 @@ def test_fastest_thread_count_alternates_rounds_that_share_the_time():
     assert calls == [(2, 0.6)]  # one count: one round with the whole time
 
 
+@pytest.mark.slow  # an ONNX export: ~20 s on 2 loaded cores
 def test_folder_latency_times_torch_and_onnx_runtime(world):
     pytest.importorskip("onnxruntime")
     root, _ = world

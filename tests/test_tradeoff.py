@@ -332,6 +332,7 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     have = json.loads((sd / "bct-cnn-nano" / "train_config.json").read_text())
     assert cfg["epochs"] == 2 != have["epochs"] and cfg["compat"] == have["compat"] == ["bct"]
     assert cfg["gallery"] == have["gallery"] == str(sd / "paragon") and cfg["batch_size"] == have["batch_size"]
+    assert all(cfg[k] == have[k] for k in ablation.OFFSHELF_SAME)  # the benchmark's recipe, only longer
     best = json.loads((sd / "search-hetero-40x" / "best.json").read_text())
     assert rows["ft-l2"]["arch"] == best["key"]  # same architecture, other fine-tuning
     cfg = json.loads((sd / "ablation" / "ft-l2" / "nas-hetero-40x" / "train_config.json").read_text())
@@ -374,6 +375,8 @@ def test_compat_ablation_on_the_tiny_profile(tmp_path, capsys):
     assert cfg["model_kwargs"] == json.loads((sd / "nas-hetero-lat0.01x" / "config.json").read_text())["model_kwargs"]
     assert (tmp_path / "kanji-fonts" / "tiny_ablation.json").stat().st_mtime_ns == flops_report  # left as it was
     assert ablation.main([*lat[:-1], "../x"]) == 2  # a report name with a folder: refused
+    assert ablation.main([*lat[:-2]]) == 2  # --budgets without --report: the profile's report is not replaced
+    assert ablation.ort_ms({"ort_ms_batch1": 0.05, "fingerprint": "other"}, sd / "nas-hetero-40x") is None
 
 
 def test_ablation_budget_tags_are_parsed_and_bad_ones_refused():
