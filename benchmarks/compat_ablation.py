@@ -35,7 +35,8 @@ or ``--budgets 23x,lat10x``. A latency pick's export and scratch variants keep i
 so the row carries the benchmark's own ORT batch-1 measurement of it (``latency.json``, each
 model at its fastest thread count) and the paragon's; a supernet variant searches again under the
 benchmark's recorded limit (its ``best.json``), and its new architecture is not timed here. Output:
-``results/<data>/<profile>_ablation.{json,md}`` (every number and the command). Everything it
+``results/<data>/<profile>_ablation.{json,md}``, or ``<NAME>.{json,md}`` with ``--report NAME``
+(every number and the command). Everything it
 trains lives in ``seed<S>/ablation/<variant>/`` and is reused when complete.
 
 This is an ablation on the test split, to find out where the gap comes from. The benchmark's
