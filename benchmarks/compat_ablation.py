@@ -58,7 +58,7 @@ import torch
 
 from hvs import checkpoint as ckpt
 from hvs.pipeline import PipelineError
-from hvs.profiles import ProfileStages, check_export, load_dataset, load_profile, profile_metrics
+from hvs.profiles import ProfileStages, budget_tag, check_export, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, diff_cell, load_q2g, metric_block, paired_difference, pct
 
 ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
@@ -125,7 +125,7 @@ def parse_budgets(text: str) -> list[str]:
             ok = False
         if not ok:
             raise PipelineError(f"--budgets: {part!r} is not a FLOPs ratio (23x) or a latency ratio (lat10x)")
-        tags.append(f"lat{budget_ratio(tag):g}x" if tag.startswith("lat") else f"{budget_ratio(tag):g}x")
+        tags.append(budget_tag(budget_ratio(tag), tag.startswith("lat")))
     if not tags:
         raise PipelineError("--budgets: no budget given")
     return tags
@@ -136,7 +136,7 @@ def profile_budgets(profile: dict) -> list[str]:
     budgets) and ``ablation.latency_budgets``."""
     ab = profile.get("ablation") or {}
     flops = ab.get("budgets", (profile.get("search") or {}).get("budgets", []))
-    return [f"{float(b):g}x" for b in flops] + [f"lat{float(b):g}x" for b in ab.get("latency_budgets", [])]
+    return [budget_tag(b) for b in flops] + [budget_tag(b, True) for b in ab.get("latency_budgets", [])]
 
 
 def ort_ms(row: dict | None, folder: Path | None = None) -> float | None:
@@ -212,6 +212,7 @@ def run_seed(
     n_boot = int((profile.get("evaluate") or {}).get("n_boot", 1000))
     sn_bct = float(json.loads((sd / "supernet" / "config.json").read_text()).get("bct_weight", 1.0))
     lat_rows = json.loads((sd / "latency.json").read_text()) if (sd / "latency.json").is_file() else {}
+    paragon_ms = ort_ms(lat_rows.get("paragon"), gallery)
     rows = []
     for name, spec in variants.items():
         vp = variant_profile(profile, spec)
@@ -219,7 +220,7 @@ def run_seed(
         vd = sd / "ablation" / name
         vd.mkdir(parents=True, exist_ok=True)
         if spec.get("offshelf"):  # one model per seed, whatever the budgets
-            row = run_offshelf(sd, runner, name, spec, lat_rows, metrics, n_boot)
+            row = run_offshelf(sd, runner, name, spec, lat_rows, paragon_ms, metrics, n_boot)
             if row is None:
                 log(f"[skip] {name}: the benchmark has no bct-{spec['offshelf']['model']} for seed {seed}")
             else:
@@ -275,24 +276,25 @@ def run_seed(
                 "budget_kind": "latency" if latency else "flops",
                 "arch": best["key"],
                 "val_reward": None if spec.get("scratch") else best.get("reward"),  # the supernet's, not this model's
-                "flops": result["cost"]["query"]["flops"],
-                "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"],
-                "eval_json": str(eval_json),
-                "baseline_eval_json": str(base_json),
-                "metrics": {},
                 "baseline": {"arch": base_best["key"], "flops": base["cost"]["query"]["flops"]},
                 # the same architecture as the benchmark's pick (not a supernet variant): its ORT figure
                 "ort_ms": None
                 if spec.get("supernet")
                 else ort_ms(lat_rows.get(f"nas-hetero-{tag}"), sd / f"nas-hetero-{tag}"),
-                "paragon_ort_ms": ort_ms(lat_rows.get("paragon"), gallery),
             }
-            rows.append(paired(row, result, base, eval_json, base_json, metrics, n_boot))
+            rows.append(paired(row, result, base, eval_json, base_json, paragon_ms, metrics, n_boot))
     return rows
 
 
 def run_offshelf(
-    sd: Path, runner: ProfileStages, name: str, spec: dict, lat_rows: dict, metrics: list[str], n_boot: int
+    sd: Path,
+    runner: ProfileStages,
+    name: str,
+    spec: dict,
+    lat_rows: dict,
+    paragon_ms: float | None,
+    metrics: list[str],
+    n_boot: int,
 ) -> dict | None:
     """An off-the-shelf variant: the benchmark's ``bct-<model>`` trained again, longer (the same
     data, BCT against the same paragon), paired against the benchmark's: the control for a pick's
@@ -328,23 +330,33 @@ def run_offshelf(
         "budget_kind": "offshelf",
         "arch": model,
         "val_reward": None,
-        "flops": result["cost"]["query"]["flops"],
-        "flops_ratio": result["cost"]["ratio_gallery_over_query"]["flops"],
-        "eval_json": str(eval_json),
-        "baseline_eval_json": str(base_json),
-        "metrics": {},
         "baseline": {"arch": model, "flops": base["cost"]["query"]["flops"], "epochs": have.get("epochs")},
         "ort_ms": ort_ms(lat_rows.get(f"bct-{model}"), base_dir),  # the same network as the benchmark's
-        "paragon_ort_ms": ort_ms(lat_rows.get("paragon"), sd / "paragon"),
     }
-    return paired(row, result, base, eval_json, base_json, metrics, n_boot)
+    return paired(row, result, base, eval_json, base_json, paragon_ms, metrics, n_boot)
 
 
 def paired(
-    row: dict, result: dict, base: dict, eval_json: Path, base_json: Path, metrics: list[str], n_boot: int
+    row: dict,
+    result: dict,
+    base: dict,
+    eval_json: Path,
+    base_json: Path,
+    paragon_ms: float | None,
+    metrics: list[str],
+    n_boot: int,
 ) -> dict:
-    """``row`` with each metric's block of ``result`` and its paired difference from ``base`` (the
+    """``row`` completed with what every row has: this model's cost and files, the paragon's ORT
+    figure, and each metric's block of ``result`` with its paired difference from ``base`` (the
     benchmark's model), a bootstrap over queries."""
+    row.update(
+        flops=result["cost"]["query"]["flops"],
+        flops_ratio=result["cost"]["ratio_gallery_over_query"]["flops"],
+        eval_json=str(eval_json),
+        baseline_eval_json=str(base_json),
+        paragon_ort_ms=paragon_ms,
+        metrics={},
+    )
     a, b = (load_q2g(p.with_suffix(".npz")) for p in (eval_json, base_json))
     for metric in metrics:
         blk, bblk = metric_block(result, metric), metric_block(base, metric)
@@ -375,7 +387,7 @@ def markdown(rows: list[dict], metrics: list[str]) -> str:
         crit = b.get("criterion") or {}
         cells = [
             str(r["seed"]),
-            r.get("budget") or f"{r['budget_ratio']:g}x",
+            r["budget"],
             r["variant"],
             f"{r['flops'] / 1e6:.2f}",
             ms_cell(r.get("ort_ms"), r.get("paragon_ort_ms")),
@@ -449,7 +461,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, log: Callable[[str],
                 f"off-the-shelf models {sorted(offshelf_models)}"
             )
     report = args.report or f"{name}_ablation"
-    if not report or "/" in report or "\\" in report or report.startswith("."):
+    if "/" in report or "\\" in report or report.startswith("."):
         raise PipelineError(f"--report {report!r}: a file name without folders (e.g. {name}_ablation-latency)")
     metrics = profile_metrics(profile, args.data, ["recall@1"])
     if profile.get("threads"):

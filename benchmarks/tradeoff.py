@@ -56,7 +56,7 @@ import torch
 
 from hvs import checkpoint as ckpt
 from hvs.pipeline import FingerprintTable, PipelineError, fastest_thread_count, folder_latency, ort_thread_counts
-from hvs.profiles import CURVE_JSON, ProfileStages, load_dataset, load_profile, profile_metrics
+from hvs.profiles import CURVE_JSON, ProfileStages, budget_tag, load_dataset, load_profile, profile_metrics
 from hvs.results import ci_cell, cost_block, diff_cell, load_q2g, metric_block, paired_difference, pct, per_query_array
 
 ROOT = Path(__file__).resolve().parent.parent  # configs/ lives here
@@ -159,7 +159,7 @@ class Runner(ProfileStages):
             results["meta"]["supernet_flops_range"] = [smallest, largest]
         for ratio in budgets if have_supernet else []:
             limit = paragon_flops / ratio
-            tag = f"{ratio:g}x"
+            tag = budget_tag(ratio)
             if smallest > limit:
                 why = (
                     f"budget {limit / 1e6:.4g} MFLOPs (paragon / {tag}) is below the smallest sub-network "
@@ -303,7 +303,7 @@ class Runner(ProfileStages):
         results["meta"]["latency_threads_at_search"] = lat_threads
         measured = int(search_p.get("latency_checks", SearchConfig.latency_checks)) > 0
         for ratio in ratios:
-            tag = f"lat{ratio:g}x"
+            tag = budget_tag(ratio, latency=True)
             name = f"nas-hetero-{tag}"
             out = sd / f"search-hetero-{tag}"
             limit = par_ms / ratio
@@ -360,7 +360,7 @@ class Runner(ProfileStages):
 
     def inherit_at_budget(self, sd: Path, supernet: Path, ratio: float, limit: float, inh: dict, results: dict) -> None:
         """Weight inheritance at one FLOPs budget, from the BCT supernet or a plain one, evaluated."""
-        tag = f"{ratio:g}x"
+        tag = budget_tag(ratio)
         which = inh.pop("supernet", "bct")
         if which == "plain":  # a supernet trained without the gallery model (OFA as such)
             supernet = sd / "supernet-plain"
@@ -645,8 +645,8 @@ def _group_key(r: dict) -> tuple:
     if r["kind"] in ("paragon", "offshelf-bct", "offshelf-independent"):
         return (r["kind"], r["arch"])
     if r["kind"] == "cmp-nas-latency":
-        return (r["kind"], f"lat{r['latency_ratio']:g}x")
-    return (r["kind"], f"{r.get('budget_ratio', 0):g}x")
+        return (r["kind"], budget_tag(r["latency_ratio"], latency=True))
+    return (r["kind"], budget_tag(r.get("budget_ratio", 0)))
 
 
 def _mean(vals: list) -> float | None:

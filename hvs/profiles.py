@@ -31,6 +31,12 @@ DEFAULT_METRICS = {
 }
 
 
+def budget_tag(ratio: float, latency: bool = False) -> str:
+    """A search budget's name in a benchmark run's folders (``search-hetero-<tag>``,
+    ``nas-hetero-<tag>``): ``23x`` for FLOPs, ``lat10x`` for latency, ratios to the paragon."""
+    return f"{'lat' if latency else ''}{float(ratio):g}x"
+
+
 def load_profile(name: str, configs_dir: str | Path) -> tuple[dict, Path]:
     """(profile, its path): ``name`` is a path to a YAML file, or ``tiny`` / ``quick`` / ... for
     ``configs_dir/tradeoff_<name>.yaml``.
